@@ -1,0 +1,50 @@
+"""Objectives as pure functions of tensors.
+
+Everything in airvae (training, validation, every evaluator) goes through one path: the log
+importance weights ``log w = log p(x, z) - log q(z|x)`` of shape ``[m, k, batch]`` (``m`` Monte
+Carlo repeats of ``k`` importance samples), from which the bounds below are computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -(0.5 * z.square() + HALF_LOG_2PI).sum(-1)
+
+
+def gaussian_log_prob_from_noise(eps: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(mean + std * eps; mean, diag(std^2)), summed over the last dimension.
+
+    Written in terms of the standard-normal draw ``eps`` instead of ``z``: this avoids the
+    cancellation in ``(z - mean) / std`` and is exact for reparameterized samples.
+    """
+    return -(0.5 * eps.square() + std.log() + HALF_LOG_2PI).sum(-1)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag(std^2)), summed over the last dimension."""
+    return gaussian_log_prob_from_noise((z - mean) / std, std)
+
+
+def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log Bernoulli(x; sigmoid(logits)) summed over the last dimension; ``x`` broadcasts."""
+    # x * l - softplus(l) is the numerically stable form of x log s(l) + (1 - x) log(1 - s(l)).
+    return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+
+def iwae_bound(log_w: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """IWAE-k bound (eq. 20): log (1/k) sum_i w_i over the ``k`` axis (``dim``)."""
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
+def elbo(log_w: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """ELBO (eq. 5): the average log weight over the sample axis; equals ``iwae_bound`` at k = 1."""
+    return log_w.mean(dim=dim)

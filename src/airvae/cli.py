@@ -1,0 +1,173 @@
+"""The ``airvae`` command line: ``train``, ``evaluate``, ``datasets``.
+
+Every user error (bad value, missing data, existing run) is reported as one line naming what is
+wrong and how to fix it, with exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from .config import ARCHITECTURES, BUDGETS, ConfigError, Regularizer, resolve_run_config
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True,
+                   help="mnist, omniglot, caltech, or a path to your own .npz with train/valid/test 0/1 arrays")
+    p.add_argument("--budget", default="quick", choices=sorted(BUDGETS),
+                   help="smoke: seconds; quick: minutes on a laptop CPU (1%% of the paper's iterations); "
+                        "paper: appendix E exactly (default: quick)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES),
+                   help="architecture preset of Table 6 (default: the dataset's own)")
+    p.add_argument("--encoder", help="encoder hidden layers, e.g. d300-d300 (overrides --arch)")
+    p.add_argument("--decoder", help="decoder hidden layers, e.g. d300-d300 (overrides --arch)")
+    p.add_argument("--z-dim", type=int, help="latent dimension (default 64)")
+    p.add_argument("--k", type=int, default=1, help="importance samples: 1 = VAE (ELBO), k > 1 = IWAE-k")
+    p.add_argument("--m", type=int, default=1, help="Monte Carlo repeats of the bound per example")
+    reg = p.add_argument_group("amortized inference regularization")
+    sigma = reg.add_mutually_exclusive_group()
+    sigma.add_argument("--sigma", type=float, help="denoising noise std of eq. 13 (0 = off)")
+    sigma.add_argument("--sigma-sqrt-d", type=float,
+                       help="denoising strength in Table 7's parameterization sigma*sqrt(d)")
+    reg.add_argument("--alpha", type=float, default=1.0,
+                     help="partial denoising weight of eq. 16, in [0, 1] (default 1)")
+    cap = reg.add_mutually_exclusive_group()
+    cap.add_argument("--H", dest="max_norm", type=float, help="WNI weight-norm cap H of eq. 18 (inf = off)")
+    cap.add_argument("--ten-over-h", type=float, help="WNI strength in Table 7's parameterization 10/H (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, help="training steps (default: from the budget)")
+    p.add_argument("--batch-size", type=int, help="default: Table 6")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: Table 6)")
+    p.add_argument("--val-every", type=int, help="steps between validation estimates")
+    p.add_argument("--val-k", type=int, help="importance samples of the validation IWAE estimate")
+    p.add_argument("--val-examples", type=int, help="validation examples used (default: from the budget)")
+    p.add_argument("--patience", type=int, help="stop after this many validations without improvement")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/DATASET/MODEL-seedN)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    mode.add_argument("--overwrite", action="store_true", help="discard an existing run in --run-dir")
+    _add_common(p)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="local folder with the dataset files (or set AIRVAE_DATA_DIR)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _regularizer(args, x_dim: int) -> Regularizer:
+    sigma = args.sigma
+    if args.sigma_sqrt_d is not None:
+        if args.sigma_sqrt_d < 0:
+            raise ConfigError(f"invalid --sigma-sqrt-d = {args.sigma_sqrt_d}: allowed >= 0")
+        sigma = args.sigma_sqrt_d / math.sqrt(x_dim)
+    max_norm = args.max_norm
+    if args.ten_over_h is not None:
+        if args.ten_over_h < 0:
+            raise ConfigError(f"invalid --ten-over-h = {args.ten_over_h}: allowed >= 0 (0 means H = inf)")
+        max_norm = math.inf if args.ten_over_h == 0 else 10.0 / args.ten_over_h
+    return Regularizer(sigma=sigma or 0.0, alpha=args.alpha, max_norm=math.inf if max_norm is None else max_norm)
+
+
+def _check_dataset_name(name: str) -> None:
+    from .data import DATASETS
+
+    if name not in DATASETS and not (name.endswith(".npz") and Path(name).exists()):
+        raise ConfigError(f"invalid dataset = {name!r}: allowed {', '.join(DATASETS)}, "
+                          "or the path of an existing .npz file with train/valid/test arrays")
+
+
+def default_run_dir(cfg) -> Path:
+    reg = cfg.regularizer
+    name = cfg.model_name.replace(" ", "").replace("(alpha=", "-a").replace(")", "")
+    if reg.sigma > 0:
+        name += f"-s{reg.sigma * math.sqrt(cfg.x_dim):g}"
+    if math.isfinite(reg.max_norm):
+        name += f"-h{10 / reg.max_norm:g}"
+    dataset = Path(cfg.dataset).stem if cfg.dataset.endswith(".npz") else cfg.dataset
+    return Path("runs") / dataset / f"{name}-seed{cfg.seed}"
+
+
+def cmd_train(args) -> int:
+    from .data import load_dataset
+    from .train import train
+
+    _check_dataset_name(args.dataset)
+    # Validate everything that does not need the data before loading it.
+    if args.alpha is not None and not 0 <= args.alpha <= 1:
+        raise ConfigError(f"invalid alpha = {args.alpha}: allowed [0, 1]")
+    if args.k < 1 or args.m < 1:
+        raise ConfigError(f"invalid {'k' if args.k < 1 else 'm'} = {min(args.k, args.m)}: allowed an integer >= 1")
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
+    cfg = resolve_run_config(
+        args.dataset, x_dim=dataset.dim, budget=args.budget, architecture=args.arch, encoder=args.encoder,
+        decoder=args.decoder, z_dim=args.z_dim, regularizer=_regularizer(args, dataset.dim), k=args.k,
+        m=args.m, seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        val_every=args.val_every, val_k=args.val_k, val_examples=args.val_examples, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, device=args.device,
+    )
+    run_dir = args.run_dir or default_run_dir(cfg)
+    if dataset.deviation:
+        print(f"note: {dataset.deviation}", file=sys.stderr)
+    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress, dataset=dataset)
+    best = "n/a" if result.best_val_log_likelihood is None else f"{result.best_val_log_likelihood:.2f}"
+    print(f"\n| model | dataset | steps | best valid IWAE-{cfg.val_k} log-lik. (step) | status | seconds |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {cfg.model_name} | {cfg.dataset} | {result.steps} | {best} ({result.best_step}) | "
+          f"{result.status} | {result.seconds:.1f} |")
+    print(f"\nrun written to {run_dir}")
+    return 0 if result.status != "interrupted" else 130
+
+
+def cmd_datasets(args) -> int:
+    from .data import DATASETS, load_dataset
+
+    print("| dataset | train | valid | test | dim | source |")
+    print("|---|---|---|---|---|---|")
+    for name in args.names or DATASETS:
+        d = load_dataset(name, data_dir=args.data_dir, progress=not args.no_progress)
+        print(f"| {d.name} | {len(d.train)} | {len(d.valid)} | {len(d.test)} | {d.dim} | {d.source} |")
+        if d.deviation:
+            print(f"|  | deviation: {d.deviation} |||||")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airvae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one VAE/IWAE, optionally with AIR (denoising, WNI)")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
+    p.add_argument("names", nargs="*", help="default: all three")
+    _add_common(p)
+    p.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DatasetError
+    from .runs import RunError
+    from .train import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError) as error:
+        if os.environ.get("AIRVAE_DEBUG"):
+            raise
+        print(f"airvae: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("airvae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Training per appendix E: Adam, exponential learning-rate decay (eq. 43), periodic validation
+on an IWAE-k log-likelihood estimate with early stopping, checkpoints and exact resume.
+
+Exact resume rests on three choices: the minibatch of step t is a pure function of (seed, t), the
+learning rate of step t is a pure function of t, and the global RNG state (which draws the
+reparameterization and denoising noise) is saved with the model and optimizer. Validation uses its
+own per-example random streams and never touches the training RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .devices import resolve_device
+from .estimators import iwae_log_likelihood
+from .model import air_objective
+from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, load_checkpoint, load_config,
+                   model_from_config, read_json, save_checkpoint, write_json)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training objective became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "early-stopped" | "interrupted" | "diverged"
+    steps: int
+    best_step: int | None
+    best_val_log_likelihood: float | None
+    seconds: float
+
+
+class MinibatchSchedule:
+    """Shuffled epochs without replacement; batch ``t`` depends only on (seed, t)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a run stops at a consistent
+    state and saves it instead of dying mid-update."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> RunConfig:
+    """Create the run directory, or check that resuming it is consistent. Returns the config."""
+    if (run_dir / CONFIG).exists():
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif resume:
+            stored = load_config(run_dir)
+            changed = {key: (old, new) for key, old, new in _diff(stored.to_json(), cfg.to_json())
+                       if key not in ("device", "data_dir")}
+            if changed:
+                details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+                raise RunError(f"cannot resume {run_dir} with a different configuration ({details}); "
+                               "resume with the stored settings or use --overwrite to start again")
+            return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
+        else:
+            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                           "or --overwrite to discard it and start again")
+    elif resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"cannot resume {run_dir}: it has no {CONFIG}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG, cfg.to_json())
+    return cfg
+
+
+def _diff(a: dict, b: dict, prefix: str = ""):
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            yield f"{prefix}{key}", va, vb
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, dataset=None) -> TrainResult:
+    """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
+    already loaded :class:`airvae.data.BinaryDataset`."""
+    run_dir = Path(run_dir)
+    cfg = prepare_run_dir(cfg, run_dir, resume, overwrite)
+    device = resolve_device(cfg.device)
+    if dataset is None:
+        from .data import load_dataset
+
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, progress=progress)
+    if dataset.dim != cfg.x_dim:
+        raise RunError(f"dataset {cfg.dataset!r} has dimension {dataset.dim} but the config says "
+                       f"x_dim = {cfg.x_dim}")
+    # The whole (small) dataset lives on the device: no per-step host-to-device copies.
+    train_x = torch.as_tensor(dataset.train, device=device).float()
+    val_x = torch.as_tensor(dataset.valid[:cfg.val_examples], device=device).float()
+
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
+    schedule = MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed)
+    state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0}
+
+    if (run_dir / LAST).exists():
+        checkpoint = load_checkpoint(run_dir / LAST, device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        state = checkpoint["state"]
+        _truncate_metrics(run_dir / METRICS, state["step"])
+        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else {}
+        if summary.get("status") in ("completed", "early-stopped"):
+            return _result(run_dir, summary["status"], state)
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / LAST, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        })
+
+    def finish(status: str, message: str | None = None) -> TrainResult:
+        write_json(run_dir / SUMMARY, {
+            "status": status, "message": message, "model": cfg.model_name, "dataset": cfg.dataset,
+            "data_deviation": getattr(dataset, "deviation", None), "steps": state["step"],
+            "best_step": state["best_step"],
+            "best_val_log_likelihood": state["best_val"] if state["best_step"] is not None else None,
+            "val_k": cfg.val_k, "seconds": state["seconds"],
+        })
+        return _result(run_dir, status, state)
+
+    write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
+    bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"{cfg.model_name} {cfg.dataset}",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    loss_sum, loss_count = 0.0, 0
+    started = time.perf_counter() - state["seconds"]
+    alpha = cfg.regularizer.alpha
+    model.train()
+    with _StopFlag() as stop:
+        try:
+            while state["step"] < cfg.iterations:
+                step = state["step"]
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(step)
+                x = train_x[schedule.indices(step).to(device)]
+                loss = -air_objective(model, x, cfg.k, cfg.m, alpha).mean()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    state["seconds"] = time.perf_counter() - started
+                    message = (f"training objective became {loss_value} at step {step}; the last "
+                               f"checkpoint ({run_dir / LAST}) holds step "
+                               f"{_checkpoint_step(run_dir)}. Try a lower learning rate (--lr) or "
+                               "a different seed.")
+                    finish("diverged", message)
+                    raise TrainingDiverged(message)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state["step"] = step = step + 1
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                bar.update(1)
+
+                validated = step % cfg.val_every == 0 or step == cfg.iterations
+                if validated:
+                    val = iwae_log_likelihood(model, val_x, cfg.val_k, seed=cfg.seed + 1).mean
+                    model.train()
+                    improved = val > state["best_val"]
+                    if improved:
+                        state.update(best_val=val, best_step=step, bad_validations=0)
+                        save_checkpoint(run_dir / BEST, {"model": model.state_dict(), "step": step,
+                                                         "val_log_likelihood": val})
+                    else:
+                        state["bad_validations"] += 1
+                    state["seconds"] = time.perf_counter() - started
+                    _append_metrics(run_dir / METRICS, {
+                        "step": step, "train_loss": loss_sum / loss_count, "val_log_likelihood": val,
+                        "lr": cfg.lr_at(step - 1), "seconds": state["seconds"]})
+                    loss_sum, loss_count = 0.0, 0
+                    bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{state['best_val']:.2f}")
+                if validated or step % cfg.checkpoint_every == 0:
+                    state["seconds"] = time.perf_counter() - started
+                    checkpoint()
+                if validated and cfg.patience is not None and state["bad_validations"] >= cfg.patience:
+                    return finish("early-stopped", f"no improvement in {cfg.patience} validations")
+                if stop.signal is not None:
+                    state["seconds"] = time.perf_counter() - started
+                    checkpoint()
+                    return finish("interrupted", f"stopped by signal {stop.signal} at step {step}; "
+                                  f"resume with `airvae train --resume --run-dir {run_dir}`")
+        finally:
+            bar.close()
+    return finish("completed")
+
+
+def _fast_adam_options(device: torch.device) -> dict:
+    # The fused kernel updates all parameters in one call: 1.2-2x faster than the default
+    # per-tensor loop on CPU, and it makes optimizer.step() atomic with respect to signals.
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def _checkpoint_step(run_dir: Path):
+    try:
+        return load_checkpoint(run_dir / LAST)["state"]["step"]
+    except RunError:
+        return "none yet"
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from: they will be logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _result(run_dir: Path, status: str, state: dict) -> TrainResult:
+    best = state["best_val"] if state["best_step"] is not None else None
+    return TrainResult(run_dir, status, state["step"], state["best_step"], best, state["seconds"])
