@@ -141,7 +141,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     model = model_from_config(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
     schedule = MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed)
-    state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0}
+    # Everything the loop carries from step to step; checkpointed so resume continues exactly.
+    state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
+             "loss_sum": 0.0, "loss_count": 0}
 
     if (run_dir / LAST).exists():
         checkpoint = load_checkpoint(run_dir / LAST, device)
@@ -176,7 +178,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"{cfg.model_name} {cfg.dataset}",
                unit="step", disable=not progress, dynamic_ncols=True)
-    loss_sum, loss_count = 0.0, 0
     started = time.perf_counter() - state["seconds"]
     alpha = cfg.regularizer.alpha
     model.train()
@@ -201,7 +202,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 loss.backward()
                 optimizer.step()
                 state["step"] = step = step + 1
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                state["loss_sum"] += loss_value
+                state["loss_count"] += 1
                 bar.update(1)
 
                 validated = step % cfg.val_every == 0 or step == cfg.iterations
@@ -217,9 +219,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                         state["bad_validations"] += 1
                     state["seconds"] = time.perf_counter() - started
                     _append_metrics(run_dir / METRICS, {
-                        "step": step, "train_loss": loss_sum / loss_count, "val_log_likelihood": val,
+                        "step": step, "train_loss": state["loss_sum"] / state["loss_count"], "val_log_likelihood": val,
                         "lr": cfg.lr_at(step - 1), "seconds": state["seconds"]})
-                    loss_sum, loss_count = 0.0, 0
+                    state.update(loss_sum=0.0, loss_count=0)
                     bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{state['best_val']:.2f}")
                 if validated or step % cfg.checkpoint_every == 0:
                     state["seconds"] = time.perf_counter() - started
