@@ -123,6 +123,8 @@ class RunConfig:
     val_k: int = 100
     val_examples: int | None = 1000
     patience: int | None = None  # validations without improvement before stopping; None: never
+    track_test_examples: int = 0  # >0: log the amortized bound L_k on this many test examples at each
+    # validation (Figure 4's curves). Monitoring only: early stopping never looks at it.
     checkpoint_every: int = 100
     data_dir: str | None = None
     device: str = "auto"
@@ -140,6 +142,7 @@ class RunConfig:
         _check(self.val_examples is None or self.val_examples >= 1, "val_examples", self.val_examples,
                "an integer >= 1, or None for the whole split")
         _check(self.patience is None or self.patience >= 1, "patience", self.patience, ">= 1 or None")
+        _check(self.track_test_examples >= 0, "track_test_examples", self.track_test_examples, "an integer >= 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.x_dim >= 1, "x_dim", self.x_dim, "an integer >= 1")
         _check(self.architecture.z_dim >= 1, "z_dim", self.architecture.z_dim, "an integer >= 1")

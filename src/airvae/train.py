@@ -136,6 +136,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     # The whole (small) dataset lives on the device: no per-step host-to-device copies.
     train_x = torch.as_tensor(dataset.train, device=device).float()
     val_x = torch.as_tensor(dataset.valid[:cfg.val_examples], device=device).float()
+    test_x = (torch.as_tensor(dataset.test[:cfg.track_test_examples], device=device).float()
+              if cfg.track_test_examples else None)
 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg).to(device)
@@ -209,6 +211,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 validated = step % cfg.val_every == 0 or step == cfg.iterations
                 if validated:
                     val = iwae_log_likelihood(model, val_x, cfg.val_k, seed=cfg.seed + 1).mean
+                    record = {"step": step, "train_loss": state["loss_sum"] / state["loss_count"],
+                              "val_log_likelihood": val, "lr": cfg.lr_at(step - 1)}
+                    if test_x is not None:
+                        record["test_bound"] = iwae_log_likelihood(model, test_x, cfg.k, seed=cfg.seed + 2).mean
                     model.train()
                     improved = val > state["best_val"]
                     if improved:
@@ -218,9 +224,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                     else:
                         state["bad_validations"] += 1
                     state["seconds"] = time.perf_counter() - started
-                    _append_metrics(run_dir / METRICS, {
-                        "step": step, "train_loss": state["loss_sum"] / state["loss_count"], "val_log_likelihood": val,
-                        "lr": cfg.lr_at(step - 1), "seconds": state["seconds"]})
+                    _append_metrics(run_dir / METRICS, {**record, "seconds": state["seconds"]})
                     state.update(loss_sum=0.0, loss_count=0)
                     bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{state['best_val']:.2f}")
                 if validated or step % cfg.checkpoint_every == 0:

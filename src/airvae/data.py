@@ -1,0 +1,568 @@
+"""Binarized image datasets of Shu et al. (2018): MNIST, OMNIGLOT, Caltech 101 Silhouettes.
+
+Loading works like torchvision's datasets: on first use the source files are taken
+from a local folder or downloaded from their canonical public URL, verified by
+checksum, converted once to a compact cache and read from that cache afterwards.
+
+Resolution order for a named dataset (``load_dataset("mnist")``):
+
+1. the converted cache ``<cache_dir>/<key>.npz`` (``cache_dir`` argument, else
+   ``$AIRVAE_CACHE_DIR``, else ``~/.cache/airvae``);
+2. source files in ``data_dir`` (argument, else ``$AIRVAE_DATA_DIR``), looked up in
+   the folder itself, in its ``originals/`` subfolder and in ``<cache_dir>/raw``;
+3. a download into ``<cache_dir>/raw`` (only if ``download=True``).
+
+Offline machines: put the files in a folder and pass ``data_dir`` (``--data-dir DIR``
+on the command line) or set ``AIRVAE_DATA_DIR``. ``download=False`` never touches the
+network.
+
+The cache holds ``np.packbits(x, axis=-1)`` of each split (``train``, ``valid``,
+``test``), the int ``dim`` and a one-line ``origin``; it is written atomically.
+
+All returned arrays are ``(N, 784)`` uint8 in {0, 1}: row-major 28x28 images
+(``x.reshape(-1, 28, 28)`` is upright, except OMNIGLOT from chardata.mat, which keeps
+the IWAE pixel order used by published code), 1 = foreground (ink / object).
+
+Dataset-specific conventions:
+
+* **MNIST**: Larochelle & Murray's static binarization, 50000/10000/10000, rows in
+  the order of the original ``.amat`` files. Accepted as the Toronto text files
+  ``binarized_mnist_{train,valid,test}.amat``, the same data as MATLAB v5 files
+  ``binarized_mnist_{train,valid,test}.mat`` (variable ``X``) or the converted
+  ``binarized_mnist.npz``.
+* **Caltech 101 Silhouettes** (28x28, split1, 4100/2264/2307): Marlin's files store
+  1 = background and column-major pixels. We convert to the usual VAE convention,
+  1 = object and row-major: ``img = 1 - x.reshape(-1, 28, 28).transpose(0, 2, 1)``.
+  (For a fully connected Bernoulli VAE both are reparametrisations; the likelihood
+  achievable is unchanged.)
+* **OMNIGLOT**: Burda et al.'s ``chardata.mat`` (IWAE repository; verified by its git
+  blob id because no sha256 of it is published). Grey values ``p`` (float32) are
+  binarized statically as in rebar: ``rng = RandomState(5)``; ``train_pool =
+  rng.rand(24345, 784) < p_train``, then ``test = rng.rand(8070, 784) < p_test``
+  (the same stream; identical to ``np.random.seed(5)`` + ``np.random.rand``); then
+  ``perm = RandomState(123).permutation(24345)`` on the pool, last 1345 rows =
+  valid, first 23000 = train. If chardata.mat cannot be found the rebuilt
+  ``omniglot_28x28_from_lake_DEVIATION.npz`` is used (23000/1345/8115); its
+  ``BinaryDataset.deviation`` says why its numbers are not comparable with the paper.
+  The two variants have different cache files so they never mix.
+
+A user's own ``.npz`` (arrays ``train``, ``valid``, ``test`` of 0/1 values, shape
+``(N, D)``, any D, any integer/float/bool dtype) is loaded by passing its path; it is
+validated but not cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "BinaryDataset",
+    "CACHE_DIR_ENV",
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "DatasetError",
+    "load_dataset",
+]
+
+DATASETS: tuple[str, ...] = ("mnist", "omniglot", "caltech")
+DATA_DIR_ENV = "AIRVAE_DATA_DIR"
+CACHE_DIR_ENV = "AIRVAE_CACHE_DIR"
+SPLITS = ("train", "valid", "test")
+_PIXELS = 784  # all three datasets are 28x28
+_CACHE_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+_HOW_TO_PROVIDE = (
+    f"Put the files in a folder (or its originals/ subfolder) and pass --data-dir DIR "
+    f"(data_dir=DIR in Python) or set {DATA_DIR_ENV}=DIR."
+)
+
+
+class DatasetError(ValueError):
+    """A data problem the user can fix; the message says which file, what and how."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
+class BinaryDataset:
+    """Three splits of binary vectors plus where they came from."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    source: str
+    deviation: str | None = None
+
+    def __post_init__(self) -> None:
+        for s in SPLITS:
+            x = getattr(self, s)
+            if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.uint8:
+                raise DatasetError(f"{self.name}: split {s!r} must be a 2-D uint8 array")
+        if len({getattr(self, s).shape[1] for s in SPLITS}) != 1:
+            raise DatasetError(f"{self.name}: splits have different dimensions")
+
+    @property
+    def dim(self) -> int:
+        return int(self.train.shape[1])
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise DatasetError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------- registry
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One accepted set of source files for a dataset and how to turn it into splits."""
+
+    key: str  # cache file stem; equal for variants that give identical arrays
+    files: dict[str, str]  # file name -> "sha256:<hex>" or "gitblob:<hex>"
+    read: Callable[[list[Path], "_Variant"], Arrays]
+    sizes: tuple[int, int, int]  # expected rows of train, valid, test
+    label: str  # shown in "file missing" messages
+    provenance: str  # ends up in BinaryDataset.source
+    url: str | None = None  # base URL the files can be downloaded from (None: no public copy)
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied after validation
+    deviation: str | None = None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    variants: tuple[_Variant, ...]  # in order of preference
+
+
+def _read_packed_npz(paths: list[Path], v: _Variant) -> Arrays:
+    with np.load(paths[0], allow_pickle=False) as d:
+        return tuple(np.unpackbits(d[s], axis=-1, count=_PIXELS) for s in SPLITS)
+
+
+def _read_mat(paths: list[Path], v: _Variant, names: tuple[str, str, str]) -> Arrays:
+    # One file per split (MNIST, variable X each) or one file with three variables
+    # (Caltech); `i % len(paths)` covers both.
+    from scipy.io import loadmat
+
+    return tuple(
+        loadmat(paths[i % len(paths)], variable_names=[n])[n] for i, n in enumerate(names)
+    )
+
+
+def _read_amat(paths: list[Path], v: _Variant) -> Arrays:
+    # Text: one image per line, 784 '0'/'1' separated by spaces. Keeping only the
+    # digit bytes is ~100x faster than np.loadtxt and ignores \r\n or extra spaces.
+    out = []
+    for p in paths:
+        buf = np.fromfile(p, dtype=np.uint8)
+        digits = buf[(buf == ord("0")) | (buf == ord("1"))] - ord("0")
+        if digits.size % _PIXELS:
+            raise DatasetError(f"{p}: {digits.size} digits is not a whole number of 784-pixel rows")
+        out.append(digits.reshape(-1, _PIXELS))
+    return tuple(out)
+
+
+def _read_chardata(paths: list[Path], v: _Variant) -> Arrays:
+    from scipy.io import loadmat
+
+    m = loadmat(paths[0], variable_names=["data", "testdata"])
+
+    def rows(x: np.ndarray) -> np.ndarray:
+        # Stored as (784, N) columns; this is the IWAE/rebar pixel order (float32 p,
+        # as rebar uses, so the binarization below reproduces theirs exactly).
+        x = np.asarray(x, dtype=np.float32).T
+        return x.reshape(-1, 28, 28).reshape(-1, _PIXELS, order="F")
+
+    pool, test = rows(m["data"]), rows(m["testdata"])
+    n_train, n_valid, n_test = v.sizes
+    if pool.shape[0] != n_train + n_valid or test.shape[0] != n_test:
+        raise DatasetError(
+            f"{paths[0]}: has {pool.shape[0]} training and {test.shape[0]} test images, "
+            f"expected {n_train + n_valid} and {n_test}"
+        )
+    if not (0 <= pool.min() and pool.max() <= 1 and 0 <= test.min() and test.max() <= 1):
+        raise DatasetError(f"{paths[0]}: grey values outside [0, 1]")
+    # Static binarization with rebar's seeds. A private RandomState gives the same
+    # stream as np.random.seed(5) without touching the caller's global RNG.
+    rng = np.random.RandomState(5)
+    pool = (rng.rand(*pool.shape) < pool).astype(np.uint8)
+    test = (rng.rand(*test.shape) < test).astype(np.uint8)
+    pool = pool[np.random.RandomState(123).permutation(pool.shape[0])]
+    return pool[:n_train], pool[n_train:], test
+
+
+def _caltech_to_vae(x: np.ndarray) -> np.ndarray:
+    # Marlin's files: 1 = background, column-major. Flip and transpose to 1 = object,
+    # row-major (the VampPrior / Sylvester-flow convention).
+    img = 1 - x.reshape(-1, 28, 28).transpose(0, 2, 1)
+    return np.ascontiguousarray(img.reshape(-1, _PIXELS))
+
+
+_MNIST_SIZES = (50000, 10000, 10000)
+_MNIST_PROV = (
+    "static binarized MNIST of Larochelle & Murray (2011), 50000/10000/10000, "
+    "row order of the original .amat files, row-major, 1 = ink"
+)
+_CALTECH_SIZES = (4100, 2264, 2307)
+_CALTECH_PROV = (
+    "Caltech 101 Silhouettes 28x28 split1 (Marlin et al. 2010), 4100/2264/2307; stored "
+    "1 = background, column-major, converted to 1 = object, row-major"
+)
+_CHARDATA_PROV = (
+    "OMNIGLOT chardata.mat of Burda et al. (IWAE), statically binarized with "
+    "RandomState(5) and split with RandomState(123).permutation as in rebar, 23000/1345/8070"
+)
+OMNIGLOT_DEVIATION = (
+    "OMNIGLOT rebuilt from Lake et al.'s raw 105x105 images (downsampled to 28x28 and "
+    "binarized with rebar's seeds), not Burda's chardata.mat used in the paper; the test "
+    "set has 8115 images instead of 8070, so log-likelihoods are not comparable with "
+    "published OMNIGLOT results (put chardata.mat in the data directory to use the "
+    "paper's data)."
+)
+
+_SPECS: dict[str, _Spec] = {
+    "mnist": _Spec("mnist", (
+        _Variant(
+            "mnist", {"binarized_mnist.npz":
+                      "sha256:50de2c8299a5a297789293ab2c30f6fc3cb8c359a15e5e88d5501aa18ebb8fa5"},
+            _read_packed_npz, _MNIST_SIZES, "converted, packed bits", _MNIST_PROV),
+        _Variant(
+            "mnist", {
+                "binarized_mnist_train.mat":
+                    "sha256:79a0312c7389d855cfc97e3812de3998417c5829d8a51543b56a90a91252ae7e",
+                "binarized_mnist_valid.mat":
+                    "sha256:7436afc856959075c7787025bb8a4ba2b520b9230ee39667c66aa7dd2819dd68",
+                "binarized_mnist_test.mat":
+                    "sha256:5bc30222e1e7896cbccd1e1db6b28540cc1230f4d2d5473841a5f6cc54be8d38"},
+            lambda p, v: _read_mat(p, v, ("X", "X", "X")), _MNIST_SIZES,
+            "MATLAB v5, variable X", _MNIST_PROV),
+        _Variant(
+            "mnist", {  # sha256 as recorded by tensorflow_datasets for the Toronto files
+                "binarized_mnist_train.amat":
+                    "sha256:ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+                "binarized_mnist_valid.amat":
+                    "sha256:1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+                "binarized_mnist_test.amat":
+                    "sha256:e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c"},
+            _read_amat, _MNIST_SIZES, "Larochelle's text files, downloadable", _MNIST_PROV,
+            url="http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"),
+    )),
+    "omniglot": _Spec("omniglot", (
+        _Variant(
+            "omniglot_chardata",
+            {"chardata.mat": "gitblob:016a3536ffe5e1d38e42563a18d7a78bfaf643ec"},
+            _read_chardata, (23000, 1345, 8070),
+            "Burda's IWAE file, the paper's data, preferred, downloadable", _CHARDATA_PROV,
+            url="https://github.com/yburda/iwae/raw/master/datasets/OMNIGLOT/"),
+        _Variant(
+            "omniglot_lake_DEVIATION",
+            {"omniglot_28x28_from_lake_DEVIATION.npz":
+             "sha256:630b4ec5e707680c51aef93b50f02fae84a69a3f21ce2e7ae7b87560c4812284"},
+            _read_packed_npz, (23000, 1345, 8115),
+            "rebuilt from Lake's images, NOT the paper's data, no public download",
+            "OMNIGLOT rebuilt from Lake et al.'s raw images (shared/data MANIFEST section 3), "
+            "23000/1345/8115, DEVIATION from the paper's chardata.mat",
+            deviation=OMNIGLOT_DEVIATION),
+    )),
+    "caltech": _Spec("caltech", (
+        _Variant(
+            "caltech", {"caltech101_silhouettes_28.npz":
+                        "sha256:21c5b447860459553bd11c60028d42b2d38a9ce2cda502834a715efc7d0308bf"},
+            _read_packed_npz, _CALTECH_SIZES, "converted, packed bits, stored convention",
+            _CALTECH_PROV, transform=_caltech_to_vae),
+        _Variant(
+            "caltech", {"caltech101_silhouettes_28_split1.mat":
+                        "sha256:eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a"},
+            lambda p, v: _read_mat(p, v, ("train_data", "val_data", "test_data")),
+            _CALTECH_SIZES, "Marlin's MATLAB file, downloadable", _CALTECH_PROV,
+            url="https://people.cs.umass.edu/~marlin/data/", transform=_caltech_to_vae),
+    )),
+}
+assert tuple(_SPECS) == DATASETS
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _digest(path: Path, kind: str) -> str:
+    # "gitblob" is what `git hash-object` prints: sha1 over a header plus the content.
+    if kind == "sha256":
+        h = hashlib.sha256()
+    elif kind == "gitblob":
+        h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    else:
+        raise ValueError(f"unknown checksum kind {kind!r}")
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str) -> None:
+    kind, want = expected.split(":", 1)
+    got = _digest(path, kind)
+    if got != want:
+        what = "git blob id" if kind == "gitblob" else kind
+        raise DatasetError(
+            f"checksum mismatch for {path}: expected {what} {want}, got {got}. The file is "
+            f"corrupt, truncated or a different version; delete it and download or copy it "
+            f"again from a good source."
+        )
+
+
+def _is_binary(x: np.ndarray) -> bool:
+    if x.size == 0 or x.dtype == np.bool_:
+        return True
+    if x.dtype.kind == "u":
+        return bool(x.max() <= 1)  # fast path for the usual uint8 data
+    return bool(((x == 0) | (x == 1)).all())  # NaN and fractions fail here
+
+
+def _check_splits(arrays, sizes, dim: int, where: str) -> Arrays:
+    out = []
+    for s, x, n in zip(SPLITS, arrays, sizes):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise DatasetError(f"{where}: split {s!r} has non-numeric dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != dim or (n is not None and x.shape[0] != n):
+            want = f"({n if n is not None else 'N'}, {dim})"
+            raise DatasetError(
+                f"{where}: split {s!r} has shape {x.shape}, expected {want}. "
+                f"Is it the right file? Images must be flattened to one row each."
+            )
+        if not _is_binary(x):
+            raise DatasetError(
+                f"{where}: split {s!r} contains values other than 0 and 1. Binarize the "
+                f"data first (and unpack np.packbits output with np.unpackbits)."
+            )
+        out.append(x.astype(np.uint8, copy=False))
+    return tuple(out)
+
+
+def _read_cache(path: Path, v: _Variant) -> tuple[Arrays, str]:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if int(d["dim"]) != _PIXELS:
+                raise ValueError(f"dim is {int(d['dim'])}, expected {_PIXELS}")
+            arrays = []
+            for s, n in zip(SPLITS, v.sizes):
+                packed = d[s]
+                if packed.dtype != np.uint8 or packed.shape != (n, (_PIXELS + 7) // 8):
+                    raise ValueError(f"split {s!r} has packed shape {packed.shape}")
+                arrays.append(np.unpackbits(packed, axis=-1, count=_PIXELS))
+            origin = str(d["origin"]) if "origin" in d.files else v.provenance
+    except _CACHE_ERRORS as e:
+        raise DatasetError(
+            f"cache file {path} is corrupt or incompatible ({type(e).__name__}: {e}). "
+            f"Delete it and load again; it will be rebuilt from the source files."
+        ) from e
+    return tuple(arrays), origin
+
+
+def _write_cache(path: Path, arrays: Arrays, origin: str) -> None:
+    # Temp file + os.replace: a crash or a concurrent reader never sees a partial cache.
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(
+                f, dim=np.int64(_PIXELS), origin=np.str_(origin),
+                **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays)},
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache should stay readable
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        warnings.warn(
+            f"could not write the dataset cache {path} ({e}); the data is returned but will "
+            f"be converted again next time. Pass cache_dir or set {CACHE_DIR_ENV} to a "
+            f"writable folder.",
+            stacklevel=3,
+        )
+
+
+def _download(url: str, dest: Path, expected: str, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=dest.name, disable=not progress) as bar:
+                for chunk in iter(lambda: r.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"download of {url} failed ({type(e).__name__}: {e})") from e
+    try:
+        _verify(tmp, expected)
+    except DatasetError as e:
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"downloaded {url} but it was deleted: {e}") from e
+    os.replace(tmp, dest)
+    return dest
+
+
+def _raw_dir(cache_dir: Path) -> Path:
+    raw = cache_dir / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        if os.access(raw, os.W_OK):
+            return raw
+    except OSError:
+        pass
+    tmp = Path(tempfile.mkdtemp(prefix="airvae-download-"))
+    warnings.warn(f"{raw} is not writable; downloading into {tmp} instead", stacklevel=4)
+    return tmp
+
+
+def _convert(spec: _Spec, v: _Variant, paths: list[Path], cache: Path) -> BinaryDataset:
+    for p, expected in zip(paths, v.files.values()):
+        _verify(p, expected)
+    where = ", ".join(map(str, paths))
+    try:
+        arrays = v.read(paths, v)
+    except DatasetError:
+        raise
+    except (*_CACHE_ERRORS, NotImplementedError) as e:
+        # The checksum matched, so this is an environment problem (e.g. an old scipy).
+        raise DatasetError(f"could not read {where} ({type(e).__name__}: {e})") from e
+    arrays = _check_splits(arrays, v.sizes, _PIXELS, where)
+    if v.transform is not None:
+        arrays = tuple(v.transform(x) for x in arrays)
+    origin = f"{where}: {v.provenance}"
+    _write_cache(cache, arrays, origin)
+    return BinaryDataset(spec.name, *arrays, source=origin, deviation=v.deviation)
+
+
+def _missing_message(spec: _Spec, cache_dir: Path, dirs: list[Path], partial: list[str],
+                     download: bool, failures: list[str]) -> str:
+    lines = [f"{spec.name}: no usable data found. Looked for the converted cache in "
+             f"{cache_dir} and for one of these file sets in "
+             f"{', '.join(map(str, dirs))}:"]
+    lines += [f"  - {', '.join(v.files)}  ({v.label})" for v in spec.variants]
+    lines += partial
+    lines.append(_HOW_TO_PROVIDE)
+    if not download:
+        lines.append("Downloading was disabled (download=False).")
+    else:
+        lines += failures
+        lines.append(
+            f"Offline machines cannot download: use --data-dir DIR or {DATA_DIR_ENV}=DIR "
+            f"pointing to a folder with the files above."
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- public
+
+def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool) -> BinaryDataset:
+    cache_dir = Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
+                     or Path.home() / ".cache" / "airvae").expanduser()
+    dirs: list[Path] = []
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None:
+        d = Path(data_dir).expanduser()
+        if not d.is_dir():
+            raise DatasetError(
+                f"data directory {d} (from data_dir/--data-dir or {DATA_DIR_ENV}) does not "
+                f"exist or is not a directory."
+            )
+        dirs += [d, d / "originals"]
+    dirs.append(cache_dir / "raw")  # earlier downloads whose conversion did not finish
+
+    # (1) cache, (2) local files: variant by variant, so a preferred variant wins.
+    partial = []
+    for v in spec.variants:
+        cache = cache_dir / f"{v.key}.npz"
+        if cache.is_file():
+            arrays, origin = _read_cache(cache, v)
+            return BinaryDataset(spec.name, *arrays, source=f"{cache} (cache of {origin})",
+                                 deviation=v.deviation)
+        found = {n: next((d / n for d in dirs if (d / n).is_file()), None) for n in v.files}
+        if all(found.values()):
+            return _convert(spec, v, list(found.values()), cache)
+        if any(found.values()):
+            missing = [n for n, p in found.items() if p is None]
+            partial.append(f"Found only part of a set; missing: {', '.join(missing)}.")
+
+    # (3) download the variants that have a public URL.
+    failures = []
+    if download:
+        for v in (v for v in spec.variants if v.url):
+            try:
+                raw = _raw_dir(cache_dir)
+                paths = [_download(v.url + n, raw / n, h, progress) for n, h in v.files.items()]
+            except DatasetError as e:
+                failures.append(str(e))
+                continue
+            return _convert(spec, v, paths, cache_dir / f"{v.key}.npz")
+    raise DatasetError(_missing_message(spec, cache_dir, dirs, partial, download, failures))
+
+
+def _load_user_npz(path: Path) -> BinaryDataset:
+    if not path.is_file():
+        raise DatasetError(
+            f"dataset file {path} does not exist. Pass the path of an existing .npz or one "
+            f"of {', '.join(DATASETS)}."
+        )
+    need = ("arrays 'train', 'valid', 'test', each (N, D) of 0/1 values, e.g. "
+            "np.savez(path, train=x_train, valid=x_valid, test=x_test)")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if not hasattr(d, "files"):
+                raise DatasetError(f"{path} holds a single array; a dataset .npz needs {need}")
+            missing = [s for s in SPLITS if s not in d.files]
+            if missing:
+                held = ", ".join(d.files) or "nothing"
+                raise DatasetError(
+                    f"{path} lacks {', '.join(missing)} (it holds {held}); "
+                    f"a dataset .npz needs {need}"
+                )
+            arrays = [d[s] for s in SPLITS]
+    except DatasetError:  # a ValueError too; must not be re-wrapped below
+        raise
+    except _CACHE_ERRORS as e:
+        raise DatasetError(f"could not read {path} as .npz ({type(e).__name__}: {e}); "
+                           f"it needs {need}") from e
+    if arrays[0].ndim != 2:
+        raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {need}")
+    arrays = _check_splits(arrays, (None, None, None), arrays[0].shape[1], str(path))
+    return BinaryDataset(path.stem, *arrays, source=f"{path}: user-supplied dataset")
+
+
+def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, download: bool = True,
+                 progress: bool = True) -> BinaryDataset:
+    """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``) or a user ``.npz``.
+
+    See the module docstring for the resolution order (cache, ``data_dir``, download).
+    Raises :class:`DatasetError` with instructions for every data problem.
+    """
+    text = os.fspath(name_or_path)
+    if text.lower() in _SPECS:
+        return _load_named(_SPECS[text.lower()], data_dir, cache_dir, download, progress)
+    path = Path(text).expanduser()
+    if path.suffix == ".npz":
+        return _load_user_npz(path)
+    if path.is_file():
+        raise DatasetError(f"{path}: only .npz files are supported for user datasets")
+    raise DatasetError(
+        f"unknown dataset {text!r}: use one of {', '.join(DATASETS)} or the path of an "
+        f".npz file with arrays train, valid, test"
+    )

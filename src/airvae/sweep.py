@@ -1,0 +1,240 @@
+"""Sweeps: many training runs (and their evaluations) as idempotent, resumable tasks, run by a
+local executor (this machine, one or several worker processes) or by Ray (a cluster).
+
+A task's output lives in a directory named after its settings, so re-running a sweep skips what
+is finished, resumes what was interrupted (from its last checkpoint), and a failing task writes
+``error.json`` and never stops or corrupts the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from .config import Regularizer, RunConfig, resolve_run_config
+
+# Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).
+PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
+FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni", "large-encoder")
+REGULARIZED = ("denoise-0.5", "denoise-1.0", "wni")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of a sweep: a model family at one regularization strength and seed."""
+
+    family: str
+    dataset: str
+    k: int = 1
+    m: int = 1
+    strength: float = 0.0  # sigma*sqrt(d) for denoising, 10/H for WNI, 0 for unregularized families
+    seed: int = 0
+    budget: str = "quick"
+    track_test_examples: int = 0
+    iterations: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"invalid family = {self.family!r}: allowed {', '.join(FAMILIES)}")
+        if (self.family in REGULARIZED) != (self.strength > 0):
+            raise ValueError(f"family {self.family!r} with strength {self.strength}: regularized families "
+                             "need a strength > 0, unregularized ones 0")
+
+    @property
+    def name(self) -> str:
+        dataset = Path(self.dataset).stem
+        strength = f"-{self.strength:g}" if self.strength else ""
+        return f"{dataset}/k{self.k}-m{self.m}/{self.family}{strength}/seed{self.seed}"
+
+    def run_config(self, x_dim: int, data_dir: str | None = None, device: str = "auto") -> RunConfig:
+        alpha = float(self.family.split("-")[1]) if self.family.startswith("denoise") else 1.0
+        regularizer = Regularizer.from_paper(
+            x_dim, sigma_sqrt_d=self.strength if self.family.startswith("denoise") else 0.0,
+            ten_over_h=self.strength if self.family == "wni" else 0.0, alpha=alpha)
+        return resolve_run_config(
+            self.dataset, x_dim=x_dim, budget=self.budget,
+            architecture="mnist-large" if self.family == "large-encoder" else None,
+            regularizer=regularizer, k=self.k, m=self.m, seed=self.seed, iterations=self.iterations,
+            track_test_examples=self.track_test_examples or None, data_dir=data_dir, device=device)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of work for an executor: train ``job`` and/or evaluate it (picklable for processes and Ray)."""
+
+    job: Job
+    root: str
+    data_dir: str | None = None
+    device: str = "auto"
+    evaluation: dict | None = None  # EvaluationSettings fields; None: train only
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / "runs" / self.job.name
+
+
+def execute(task: Task) -> dict:
+    """Train (or resume, or skip if finished) and optionally evaluate one job. Never raises: a
+    failure is returned and written to ``error.json`` in the run directory."""
+    from .data import load_dataset
+    from .train import train
+
+    started = time.perf_counter()
+    run_dir = task.run_dir
+    out = {"job": asdict(task.job), "run_dir": str(run_dir)}
+    try:
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        dataset = None
+        if summary.get("status") in ("completed", "early-stopped"):
+            out["trained"] = False
+        else:
+            dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
+            cfg = task.job.run_config(dataset.dim, task.data_dir, task.device)
+            result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset)
+            if result.status == "interrupted":
+                raise KeyboardInterrupt
+            out["trained"] = True
+            summary = json.loads(summary_path.read_text())
+        out["summary"] = summary
+        if task.evaluation is not None:
+            from .evaluation import EvaluationSettings, evaluate_run
+
+            settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
+            out["evaluation"] = _strip_values(evaluate_run(run_dir, settings, progress=False))
+        (run_dir / "error.json").unlink(missing_ok=True)
+        out["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # recorded, never propagated: one bad run must not stop a sweep
+        out.update(status="failed", error=f"{type(error).__name__}: {error}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.json").write_text(json.dumps({"error": out["error"], "traceback": traceback.format_exc()},
+                                                       indent=2))
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _strip_values(result: dict) -> dict:
+    """Evaluation results without per-example arrays (those stay in the run directory)."""
+    if isinstance(result, dict):
+        return {key: _strip_values(value) for key, value in result.items() if key != "values"}
+    return result
+
+
+class LocalExecutor:
+    """Runs tasks on this machine: in this process (``workers=1``) or in worker processes, each
+    limited to its share of the cores (more threads than cores halves PyTorch's throughput)."""
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"invalid workers = {workers}: allowed an integer >= 1")
+        self.workers = workers
+
+    def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        if self.workers == 1:
+            yield from map(fn, tasks)
+            return
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_limit_threads, initargs=(threads,)) as pool:
+            for future in as_completed([pool.submit(fn, task) for task in tasks]):
+                yield future.result()
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class RayExecutor:
+    """Runs each task as a Ray task with its CPU/GPU resources, on a local Ray instance or the
+    cluster at ``address`` (``pip install 'airvae[ray]'``)."""
+
+    def __init__(self, address: str | None = None, cpus_per_task: float = 1, gpus_per_task: float = 0,
+                 num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError as error:
+            raise RuntimeError("the Ray executor needs Ray: pip install 'airvae[ray]' (or pip install ray)") from error
+        self.ray, self.cpus, self.gpus = ray, cpus_per_task, gpus_per_task
+        if not ray.is_initialized():
+            kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            ray.init(ignore_reinit_error=True, log_to_driver=False, **kwargs)
+
+    def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        remote = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_entry)
+        pending = [remote.remote(fn, task, max(1, int(self.cpus))) for task in tasks]
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(done[0])
+
+    def shutdown(self) -> None:
+        self.ray.shutdown()
+
+
+def _ray_entry(fn, task: Task, threads: int) -> dict:
+    _limit_threads(threads)
+    return fn(task)
+
+
+def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0):
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "ray":
+        return RayExecutor(address=address, gpus_per_task=gpus_per_task,
+                           num_cpus=None if address else max(workers, 1))
+    raise ValueError(f"invalid executor = {name!r}: allowed local, ray")
+
+
+def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progress: bool = True,
+              desc: str = "runs") -> list[dict]:
+    """Run tasks through an executor; each result is appended to ``log_path`` (JSON lines) as it
+    arrives, so an interrupted sweep leaves a record of what finished."""
+    results = []
+    bar = tqdm(total=len(tasks), desc=desc, unit="run", disable=not progress)
+    failed = 0
+    try:
+        for result in executor.map(execute, tasks):
+            results.append(result)
+            failed += result["status"] != "ok"
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({k: v for k, v in result.items() if k != "evaluation"}) + "\n")
+            bar.set_postfix(failed=failed)
+            bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def validation_score(result: dict) -> float:
+    """The selection criterion: the run's best validation log-likelihood estimate (never test)."""
+    value = (result.get("summary") or {}).get("best_val_log_likelihood")
+    return -math.inf if value is None or result.get("status") != "ok" else float(value)
+
+
+def select_strengths(results: list[dict]) -> dict[tuple, float]:
+    """Regularization strength per (dataset, family, k, m) maximizing the validation estimate
+    averaged over seeds, as the paper tunes sigma and H (Table 7). Only validation numbers are
+    read: the test split plays no part in selection."""
+    by_strength: dict[tuple, dict[float, list[float]]] = {}
+    for result in results:
+        job = result["job"]
+        group = (job["dataset"], job["family"], job["k"], job["m"])
+        by_strength.setdefault(group, {}).setdefault(job["strength"], []).append(validation_score(result))
+    return {group: max(scores, key=lambda s: sum(scores[s]) / len(scores[s]))
+            for group, scores in by_strength.items()}

@@ -1,0 +1,354 @@
+"""Tests of airvae.data against the real dataset files in shared/data (no network)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from airvae import data as D
+from airvae.data import BinaryDataset, DatasetError, load_dataset
+
+DATA = Path(os.environ.get("AIRVAE_TEST_DATA_DIR",
+                           Path(__file__).resolve().parents[2] / "shared" / "data"))
+ORIG = DATA / "originals"
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(),
+    reason=f"dataset files not found at {DATA}; set AIRVAE_TEST_DATA_DIR to the shared/data folder",
+)
+
+MNIST_MAT = [f"binarized_mnist_{s}.mat" for s in ("train", "valid", "test")]
+CALTECH_MAT = "caltech101_silhouettes_28_split1.mat"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may use the network or the user's own data/cache settings."""
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(D.CACHE_DIR_ENV, raising=False)
+
+
+def _copy(tmp_path: Path, *files: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def _load(name, data_dir, cache_dir, **kw) -> BinaryDataset:
+    return load_dataset(name, data_dir=data_dir, cache_dir=cache_dir, download=False, **kw)
+
+
+def _same(a: BinaryDataset, b: BinaryDataset) -> None:
+    for s in ("train", "valid", "test"):
+        np.testing.assert_array_equal(a.split(s), b.split(s))
+
+
+def _to_amat(x: np.ndarray) -> bytes:
+    """Larochelle's text format: 784 digits separated by single spaces, one row a line."""
+    chars = np.full((x.shape[0], 2 * x.shape[1]), ord(" "), dtype=np.uint8)
+    chars[:, 0::2] = x + ord("0")
+    chars[:, -1] = ord("\n")
+    return chars.tobytes()
+
+
+# ----------------------------------------------------------------- the real datasets
+
+@needs_data
+@pytest.mark.parametrize("name, sizes, means, deviated", [
+    ("mnist", (50000, 10000, 10000), (0.130562, 0.131127, 0.132512), False),
+    # Caltech means after the flip to 1 = object (MANIFEST section 2).
+    ("caltech", (4100, 2264, 2307), (0.448945, 0.464041, 0.460985), False),
+    ("omniglot", (23000, 1345, 8115), (0.080773, 0.080432, 0.079745), True),
+])
+def test_named_datasets(tmp_path, name, sizes, means, deviated):
+    ds = _load(name, DATA, tmp_path / "cache")
+    assert ds.name == name and ds.dim == 784
+    for s, n, m in zip(("train", "valid", "test"), sizes, means):
+        x = ds.split(s)
+        assert x.shape == (n, 784) and x.dtype == np.uint8
+        assert x.max() == 1 and x.min() == 0
+        assert x.mean() == pytest.approx(m, abs=1e-6)
+    assert str(DATA) in ds.source
+    if deviated:
+        assert "8115" in ds.deviation and "not comparable" in ds.deviation
+        assert (tmp_path / "cache" / "omniglot_lake_DEVIATION.npz").is_file()
+        assert not (tmp_path / "cache" / "omniglot_chardata.npz").exists()
+    else:
+        assert ds.deviation is None
+
+
+@needs_data
+def test_caltech_convention(tmp_path):
+    ds = _load("caltech", DATA, tmp_path)
+    with np.load(DATA / "caltech101_silhouettes_28.npz") as d:
+        stored = np.unpackbits(d["train"], axis=-1, count=784)
+    # stored: 1 = background, column-major; returned: 1 = object, row-major
+    expect = 1 - stored.reshape(-1, 28, 28).transpose(0, 2, 1)
+    np.testing.assert_array_equal(ds.train.reshape(-1, 28, 28), expect)
+    assert "1 = object" in ds.source
+
+
+@needs_data
+@pytest.mark.parametrize("name, originals", [("mnist", MNIST_MAT), ("caltech", [CALTECH_MAT])])
+def test_originals_match_converted(tmp_path, name, originals):
+    from_npz = _load(name, DATA, tmp_path / "c1")
+    from_mat = _load(name, _copy(tmp_path, *(ORIG / f for f in originals)), tmp_path / "c2")
+    _same(from_npz, from_mat)
+    assert originals[0] in from_mat.source
+
+
+@needs_data
+def test_originals_subfolder_is_searched(tmp_path):
+    d = tmp_path / "data" / "originals"
+    d.mkdir(parents=True)
+    shutil.copy(ORIG / CALTECH_MAT, d)
+    ds = _load("caltech", tmp_path / "data", tmp_path / "cache")
+    assert str(d / CALTECH_MAT) in ds.source
+
+
+@needs_data
+def test_mnist_amat_text_files(tmp_path):
+    """The recorded sha256 of the Toronto .amat files match our data re-serialised."""
+    ref = _load("mnist", DATA, tmp_path / "c1")
+    d = tmp_path / "amat"
+    d.mkdir()
+    for s in ("train", "valid", "test"):
+        (d / f"binarized_mnist_{s}.amat").write_bytes(_to_amat(ref.split(s)))
+    _same(ref, _load("mnist", d, tmp_path / "c2"))
+
+
+@needs_data
+def test_second_load_comes_from_cache(tmp_path, monkeypatch):
+    data_dir = _copy(tmp_path, DATA / "caltech101_silhouettes_28.npz")
+    first = _load("caltech", data_dir, tmp_path / "cache")
+    shutil.rmtree(data_dir)
+    monkeypatch.setenv(D.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    second = load_dataset("caltech", download=False)
+    _same(first, second)
+    cache = tmp_path / "cache" / "caltech.npz"
+    assert second.source.startswith(str(cache))
+    with np.load(cache) as d:  # the documented cache format
+        assert int(d["dim"]) == 784
+        np.testing.assert_array_equal(d["train"], np.packbits(first.train, axis=-1))
+
+
+@needs_data
+def test_data_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(D.DATA_DIR_ENV, str(DATA))
+    assert load_dataset("caltech", cache_dir=tmp_path, download=False).train.shape[0] == 4100
+
+
+@needs_data
+def test_unwritable_cache_still_returns_data(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.warns(UserWarning, match="could not write the dataset cache"):
+        ds = _load("caltech", DATA, not_a_dir)
+    assert ds.train.shape == (4100, 784)
+
+
+# ----------------------------------------------------------------- error paths
+
+@needs_data
+def test_corrupted_copy_is_rejected(tmp_path):
+    d = _copy(tmp_path, DATA / "caltech101_silhouettes_28.npz")
+    f = d / "caltech101_silhouettes_28.npz"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="checksum") as e:
+        _load("caltech", d, tmp_path / "cache")
+    assert "caltech101_silhouettes_28.npz" in str(e.value) and "21c5b447" in str(e.value)
+    assert not (tmp_path / "cache" / "caltech.npz").exists()
+
+
+def test_corrupt_cache_is_reported(tmp_path):
+    (tmp_path / "caltech.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DatasetError, match="(?s)caltech.npz.*corrupt.*Delete"):
+        _load("caltech", None, tmp_path)
+
+
+def test_missing_files_list_accepted_names(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError) as e:
+        _load("mnist", tmp_path / "empty", tmp_path / "cache")
+    msg = str(e.value)
+    for name in ("binarized_mnist.npz", "binarized_mnist_train.mat", "binarized_mnist_test.amat",
+                 "--data-dir", D.DATA_DIR_ENV, "download=False"):
+        assert name in msg
+
+
+def test_missing_omniglot_names_both_options(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        _load("omniglot", None, tmp_path)
+    assert "chardata.mat" in str(e.value)
+    assert "omniglot_28x28_from_lake_DEVIATION.npz" in str(e.value)
+
+
+@needs_data
+def test_partial_file_set_is_reported(tmp_path):
+    d = _copy(tmp_path, ORIG / MNIST_MAT[0])
+    with pytest.raises(DatasetError, match="missing: binarized_mnist_valid.mat"):
+        _load("mnist", d, tmp_path / "cache")
+
+
+def test_bad_data_dir_and_names(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        _load("mnist", tmp_path / "nope", tmp_path)
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("cifar10", download=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing.npz")
+
+
+# ----------------------------------------------------------------- user datasets
+
+def test_user_npz_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    f = tmp_path / "toy.npz"
+    np.savez(f, train=rng.random((20, 12)) < 0.5,             # bool
+             valid=(rng.random((5, 12)) < 0.5).astype(np.float32),
+             test=(rng.random((6, 12)) < 0.5).astype(np.int64))
+    ds = load_dataset(str(f), cache_dir=tmp_path / "cache")
+    assert (ds.name, ds.dim, ds.test.shape, ds.valid.dtype) == ("toy", 12, (6, 12), np.uint8)
+    assert str(f) in ds.source and ds.deviation is None
+    assert not (tmp_path / "cache").exists()  # user files are not cached
+    with pytest.raises(DatasetError, match="unknown split"):
+        ds.split("validation")
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(train=np.full((4, 3), 0.5), valid=np.zeros((2, 3)), test=np.zeros((2, 3))),
+     "values other than 0 and 1"),
+    (dict(train=np.zeros((4, 3)), valid=np.zeros((2, 3)), test=np.full((2, 3), np.nan)),
+     "values other than 0 and 1"),
+    (dict(train=np.zeros((4, 3)), validation=np.zeros((2, 3)), test=np.zeros((2, 3))),
+     "lacks valid"),
+    (dict(train=np.zeros((4, 3)), valid=np.zeros((2, 5)), test=np.zeros((2, 3))),
+     "'valid' has shape"),
+    (dict(train=np.zeros(4), valid=np.zeros(2), test=np.zeros(2)), "'train' has shape"),
+])
+def test_user_npz_errors(tmp_path, arrays, match):
+    f = tmp_path / "bad.npz"
+    np.savez(f, **arrays)
+    with pytest.raises(DatasetError, match=match):
+        load_dataset(f)
+
+
+# ----------------------------------------------------------------- chardata.mat path
+
+def _git_blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_git_blob_digest(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    assert D._digest(tmp_path / "empty", "gitblob") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+
+
+def _reference_chardata_split(data, testdata, n_valid):
+    """The MANIFEST section 3 recipe written out with the global numpy RNG (as rebar)."""
+    def rows(x):
+        return x.T.astype(np.float32).reshape(-1, 28, 28).reshape(-1, 784, order="F")
+
+    state = np.random.get_state()
+    try:
+        np.random.seed(5)
+        pool = np.random.rand(*rows(data).shape) < rows(data)
+        test = np.random.rand(*rows(testdata).shape) < rows(testdata)
+    finally:
+        np.random.set_state(state)
+    pool = pool[np.random.RandomState(123).permutation(len(pool))]
+    return pool[:-n_valid], pool[-n_valid:], test
+
+
+def test_chardata_conversion(tmp_path, monkeypatch):
+    """A small chardata-like .mat with the real file's layout goes through the real code;
+    only the expected blob id and split sizes are swapped for the synthetic file's."""
+    rng = np.random.default_rng(1)
+    data, testdata = rng.random((784, 30)), rng.random((784, 7))  # (pixels, images) as Burda's
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"data": data, "testdata": testdata})
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "chardata.mat").write_bytes(buf.getvalue())
+
+    spec = D._SPECS["omniglot"]
+    real = spec.variants[0]
+    assert real.files == {"chardata.mat": "gitblob:016a3536ffe5e1d38e42563a18d7a78bfaf643ec"}
+    with pytest.raises(DatasetError, match="git blob id 016a3536"):  # real checksum rejects it
+        _load("omniglot", d, tmp_path / "c0")
+
+    fake = dataclasses.replace(real, files={"chardata.mat": "gitblob:" + _git_blob(buf.getvalue())},
+                               sizes=(25, 5, 7))
+    monkeypatch.setitem(D._SPECS, "omniglot", dataclasses.replace(
+        spec, variants=(fake,) + spec.variants[1:]))
+    if DATA.is_dir():  # chardata must win over the DEVIATION file when both are present
+        shutil.copy(DATA / "omniglot_28x28_from_lake_DEVIATION.npz", d)
+    before = np.random.get_state()[1].copy()
+    ds = _load("omniglot", d, tmp_path / "cache")
+    np.testing.assert_array_equal(np.random.get_state()[1], before)  # global RNG untouched
+    assert ds.deviation is None and "chardata.mat" in ds.source
+    for got, want in zip((ds.train, ds.valid, ds.test), _reference_chardata_split(data, testdata, 5)):
+        np.testing.assert_array_equal(got, want)
+    assert (tmp_path / "cache" / "omniglot_chardata.npz").is_file()
+    assert not (tmp_path / "cache" / "omniglot_lake_DEVIATION.npz").exists()
+    _same(ds, _load("omniglot", None, tmp_path / "cache"))  # and back from its own cache
+
+
+# ----------------------------------------------------------------- download (faked)
+
+class _FakeResponse(io.BytesIO):
+    def __init__(self, payload: bytes):
+        super().__init__(payload)
+        self.headers = {"Content-Length": str(len(payload))}
+
+
+@needs_data
+def test_download_path_with_fake_server(tmp_path, monkeypatch):
+    payload = (ORIG / CALTECH_MAT).read_bytes()
+    urls = []
+
+    def fake_urlopen(url, timeout=None):
+        urls.append(url)
+        return _FakeResponse(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    ds = load_dataset("caltech", cache_dir=tmp_path, progress=False)
+    assert urls == ["https://people.cs.umass.edu/~marlin/data/" + CALTECH_MAT]
+    assert (tmp_path / "raw" / CALTECH_MAT).is_file() and (tmp_path / "caltech.npz").is_file()
+    _same(ds, _load("caltech", DATA, tmp_path / "ref"))
+
+
+def test_download_failures_explain_offline_use(tmp_path, monkeypatch):
+    def unreachable(url, timeout=None):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(DatasetError) as e:
+        load_dataset("omniglot", cache_dir=tmp_path, progress=False)
+    msg = str(e.value)
+    assert "download of https://github.com/yburda/iwae" in msg and "no route to host" in msg
+    assert "Offline" in msg and D.DATA_DIR_ENV in msg and "--data-dir" in msg
+    assert "omniglot_28x28_from_lake_DEVIATION.npz" in msg
+
+
+def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"<html>"))
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        load_dataset("caltech", cache_dir=tmp_path, progress=False)
+    assert not any((tmp_path / "raw").iterdir())
