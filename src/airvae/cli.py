@@ -138,12 +138,65 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local: this machine (default); ray: one Ray task per run, local Ray or --address")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local: worker processes (each gets cores/workers threads); ray: CPUs of a local Ray")
+    p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001); default: start a local Ray")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs reserved per run")
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import TARGETS, reproduce
+    from .sweep import make_executor
+
+    if args.target not in TARGETS:
+        raise ConfigError(f"invalid target = {args.target!r}: allowed {', '.join(TARGETS)}")
+    datasets = [d.strip() for d in args.dataset.split(",")]
+    for dataset in datasets:
+        _check_dataset_name(dataset)
+    if args.seeds < 1:
+        raise ConfigError(f"invalid seeds = {args.seeds}: allowed an integer >= 1")
+    grid = tuple(float(v) for v in args.grid.split(",")) if args.grid else None
+    if grid and any(v <= 0 for v in grid):
+        raise ConfigError(f"invalid grid = {args.grid}: allowed positive strengths (the baseline is always run)")
+    out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
+    executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task)
+    reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
+              data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+    print((out_dir / "REPORT.md").read_text())
+    print(f"written to {out_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .reproduce import render
+
+    out_dir = render(args.results_dir)
+    print((out_dir / "REPORT.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airvae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one VAE/IWAE, optionally with AIR (denoising, WNI)")
     _add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
+    p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2 or figure4")
+    p.add_argument("--dataset", default="caltech", help="mnist, omniglot, caltech, or several comma-separated")
+    p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
+    p.add_argument("--out", type=Path, help="output folder (default results/TARGET-DATASET-BUDGET)")
+    _add_executor(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("report", help="rebuild tables, figures and REPORT.md of a reproduction, no training")
+    p.add_argument("results_dir", type=Path)
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
     p.add_argument("names", nargs="*", help="default: all three")
     _add_common(p)
@@ -159,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError) as error:
+    except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError, FileNotFoundError) as error:
         if os.environ.get("AIRVAE_DEBUG"):
             raise
         print(f"airvae: error: {error}", file=sys.stderr)

@@ -1,0 +1,66 @@
+"""The command line end to end: smoke runs on each dataset, every model family, and clear errors."""
+
+import json
+
+import pytest
+
+from airvae.cli import main
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "omniglot", "caltech"])
+def test_smoke_training_run_on_each_dataset(dataset, data_dir, tmp_path, capsys):
+    run = tmp_path / dataset
+    assert main(["train", "--dataset", dataset, "--budget", "smoke", "--data-dir", data_dir,
+                 "--run-dir", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert (summary["data_deviation"] is not None) == (dataset == "omniglot")
+    config = json.loads((run / "config.json").read_text())
+    assert config["architecture"]["encoder"] == {"mnist": "d300-d300", "omniglot": "d200-d200", "caltech": "d500"}[dataset]
+    assert "| VAE |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--sigma-sqrt-d", "5", "--alpha", "0.5"], "DVAE (alpha=0.5)"),
+    (["--sigma-sqrt-d", "5", "--alpha", "1"], "DVAE (alpha=1)"),
+    (["--ten-over-h", "5"], "WNI-VAE"),
+    (["--k", "8"], "IWAE-8"),
+    (["--k", "8", "--sigma", "0.2"], "DIWAE-8 (alpha=1)"),
+    (["--k", "8", "--H", "2"], "WNI-IWAE-8"),
+])
+def test_every_model_family_trains(flags, name, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "10", "--data-dir", data_dir,
+                 "--run-dir", str(run), "--no-progress", *flags]) == 0
+    assert json.loads((run / "summary.json").read_text())["model"] == name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sigma", "-1"], "sigma"), (["--alpha", "1.5"], "alpha"), (["--k", "0"], "k"), (["--H", "0"], "H"),
+    (["--m", "0"], "m"), (["--ten-over-h", "-2"], "10/H|ten-over-h"),
+])
+def test_invalid_values_are_rejected_before_any_work(flags, message, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--data-dir", data_dir,
+                 "--run-dir", str(run), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("airvae: error: invalid") and "allowed" in err
+    import re
+
+    assert re.search(message, err) and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_unknown_dataset_is_rejected(tmp_path, capsys):
+    assert main(["train", "--dataset", "cifar", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "mnist, omniglot, caltech" in capsys.readouterr().err
+
+
+def test_an_existing_run_needs_resume_or_overwrite(data_dir, tmp_path, capsys):
+    args = ["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "5", "--data-dir", data_dir,
+            "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert main(args + ["--overwrite"]) == 0
