@@ -64,3 +64,25 @@ def test_an_existing_run_needs_resume_or_overwrite(data_dir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_evaluate_prints_the_table_stores_json_and_reuses_it(data_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "5", "--data-dir", data_dir,
+                 "--run-dir", str(run), "--no-progress"]) == 0
+    args = ["evaluate", str(run), "--max-examples", "6", "--svi-steps", "3", "--svi-k", "20", "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "IW-SVI (k=20, l=8, T=3)" in out and "Δinf" in out
+    stored = list((run / "evaluations").glob("test-*.json"))
+    assert len(stored) == 1
+    result = json.loads(stored[0].read_text())
+    gap = result["estimates"]["gap"]["values"]
+    svi, bound = result["estimates"]["iwsvi"]["values"], result["estimates"]["bound"]["values"]
+    assert all(abs(g - (s - b)) < 1e-9 for g, s, b in zip(gap, svi, bound)) and len(gap) == 6
+    mtime = stored[0].stat().st_mtime_ns
+    assert main(args) == 0 and stored[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+    assert main(args + ["--recompute"]) == 0 and stored[0].stat().st_mtime_ns != mtime
+    assert main(["evaluate", str(tmp_path / "none")]) == 2
+    assert "not an airvae run directory" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``airvae`` command line: ``train``, ``evaluate``, ``datasets``.
+"""The ``airvae`` command line: ``train``, ``evaluate``, ``reproduce``, ``report``, ``datasets``.
 
 Every user error (bad value, missing data, existing run) is reported as one line naming what is
 wrong and how to fix it, with exit status 2; never a traceback.
@@ -138,6 +138,48 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a training run directory")
+    p.add_argument("--study", choices=("iwsvi-vs-iwae",),
+                   help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
+    p.add_argument("--estimators", default="bound,iwsvi,gap",
+                   help="comma-separated subset of bound, iwae, iwsvi, ais, gap (default bound,iwsvi,gap)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples of the split")
+    p.add_argument("--k", dest="k_iwae", type=int, default=5000, help="IWAE-k samples (default 5000)")
+    p.add_argument("--svi-k", type=int, default=5000, help="IW-SVI scoring samples (default 5000)")
+    p.add_argument("--svi-l", type=int, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
+    p.add_argument("--svi-steps", type=int, default=3000, help="IW-SVI Adam steps T (default 3000)")
+    p.add_argument("--svi-lr", type=float, help="IW-SVI learning rate")
+    p.add_argument("--ais-intermediate", type=int, default=500, help="AIS intermediate distributions")
+    p.add_argument("--ais-chains", type=int, default=16, help="AIS chains per example")
+    p.add_argument("--chunk-samples", type=int, help="latents decoded per chunk (memory bound)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", action="store_true", help="ignore a stored result with the same settings")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import EvaluationSettings, evaluate_run, format_table, run_study
+    from .runs import load_config
+
+    load_config(args.run_dir)  # a clear error for a folder that is not a run
+    if args.study:
+        data = run_study(args.run_dir, split=args.split, max_examples=args.max_examples or 100,
+                         device=args.device, progress=not args.no_progress, seed=args.seed)
+        print("\n".join(f"written {path}" for path in data.get("files", [])))
+        return 0
+    optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples") if getattr(args, key) is not None}
+    settings = EvaluationSettings(
+        estimators=args.estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
+        svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, ais_intermediate=args.ais_intermediate,
+        ais_chains=args.ais_chains, seed=args.seed, device=args.device, **optional)
+    result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress)
+    print(format_table(result))
+    return 0
+
+
 def _add_executor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="local: this machine (default); ray: one Ray task per run, local Ray or --address")
@@ -184,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one VAE/IWAE, optionally with AIR (denoising, WNI)")
     _add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="estimate ln p(x), the amortized bound and the inference gap of a run")
+    _add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
     p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2 or figure4")
     p.add_argument("--dataset", default="caltech", help="mnist, omniglot, caltech, or several comma-separated")
