@@ -1,24 +1,67 @@
 """Log-likelihood estimators for trained models, separate from training.
 
-All of them use the model's one log-weights path (:func:`airvae.model.log_weights_given_q`).
-Random draws are tied to (seed, example index), so an estimate does not depend on how the work
-is chunked: chunked and unchunked runs agree for the same seed.
+* :func:`iwae_log_likelihood` -- IWAE-k with the amortized encoder (appendix C, eq. 40);
+* :func:`amortized_bound` -- the model's own training bound L_k(x) (eq. 5 for k = 1, eq. 20);
+* :func:`iw_svi_log_likelihood` -- importance-weighted SVI (appendix C, eq. 41-42): a per-example
+  Gaussian q optimized on the IWAE-l bound, then scored with IWAE-k;
+* :func:`inference_gap` -- Delta_inf = ln p(x) - L_k(x) per example (Table 1);
+* :func:`ais_log_likelihood` -- annealed importance sampling with HMC (not in the paper; an
+  independent check of IW-SVI).
+
+All of them use the model's one log-weights path (:func:`airvae.model.log_weights_given_q`) or,
+for AIS, the same density functions of :mod:`airvae.bounds`.
+
+Random draws are tied to (seed, stream, example index): every example owns its random streams, so
+an estimate does not depend on how the work is chunked, and chunked and unchunked runs agree for
+the same seed (up to floating-point rounding of batched matrix products). Stream 0 is the
+scoring stream shared by IWAE-k, the amortized bound and IW-SVI's final scoring (common random
+numbers make their comparisons less noisy); the IW-SVI optimization and AIS use their own streams.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .bounds import bernoulli_log_prob, iwae_bound, standard_normal_log_prob
+from .devices import resolve_device
 from .model import VAE, log_weights_given_q
+
+__all__ = [
+    "DEFAULT_CHUNK_SAMPLES", "DEFAULT_SVI_LR", "DEFAULT_SVI_LR_DECAY", "Estimate", "ais_log_likelihood",
+    "amortized_bound", "annealing_schedule", "example_generator", "fit_iw_svi", "frozen", "inference_gap",
+    "iw_svi_log_likelihood", "iwae_given_q", "iwae_log_likelihood", "resolve_device",
+]
 
 # Latent samples decoded per chunk: large enough for efficient matmuls, small enough that
 # [samples, x_dim] activations stay in cache-friendly memory (2.5k-10k measured best on CPU).
 DEFAULT_CHUNK_SAMPLES = 8192
+# IW-SVI optimizes this many examples at once (one batched parameter tensor).
+DEFAULT_SVI_CHUNK_EXAMPLES = 1000
+# AIS runs this many examples (times `chains` states) at once.
+DEFAULT_AIS_CHUNK_EXAMPLES = 256
+
+# IW-SVI's Adam step size; the paper (appendix C) does not give one. Adam moves each parameter by
+# about lr per step, and the encoder's q can be far from q*_x (that is the point of IW-SVI), so a
+# small lr leaves most of the gap unclosed in T steps. Measured on an MNIST VAE (d300-d300, z=32,
+# 6000 training steps), 40 test examples, k=1000, l=8, gain over IWAE-1000 (nats):
+#   lr=1e-3: +0.59 (T=300), +0.97 (T=1000);  lr=1e-2: +0.96 (T=100), +1.12 (T=300), +1.27 (T=3000);
+#   lr=3e-2: +1.20 (T=3000);  lr=0.1: +0.32 (T=3000, Adam's jitter blurs q).
+# Decaying lr to 0.1x over the run (eq. 43's form, ``lr_decay=0.1``) helped only large lr's
+# (3e-2: +1.20 at T=300) and cost 0.06 nats at lr=1e-2, T=3000. Hence 1e-2, constant.
+DEFAULT_SVI_LR = 1e-2
+DEFAULT_SVI_LR_DECAY = 1.0
+
+# Random streams per example (see the module docstring).
+STREAM_SCORE, STREAM_SVI, STREAM_AIS = 0, 1, 2
+_NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per example (bounded memory)
 
 
 @dataclass
@@ -46,60 +89,439 @@ class Estimate:
             out["values"] = self.values.tolist()
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Estimate":
+        """Inverse of :meth:`to_dict` (needs the per-example values)."""
+        return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
+                   float(d.get("seconds", 0.0)))
 
-def example_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    """The random stream of one example: independent of batching and chunking."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + index) % (2**63))
+
+# ----------------------------------------------------------------------------------------------
+# Random streams
 
 
-def _per_example_noise(seed: int, start: int, count: int, k: int, z_dim: int, device, dtype) -> torch.Tensor:
-    """Standard-normal draws [k, count, z_dim] for examples start..start+count-1."""
-    eps = [torch.randn(k, z_dim, generator=example_generator(seed, start + i, device), device=device, dtype=dtype)
-           for i in range(count)]
-    return torch.stack(eps, dim=1)
+def example_generator(seed: int, index: int, device: torch.device, stream: int = STREAM_SCORE) -> torch.Generator:
+    """The random stream ``stream`` of example ``index``: independent of batching and chunking."""
+    if stream == STREAM_SCORE:
+        state = (seed * 1_000_003 + index) % (2**63)
+    else:  # other streams: a well-mixed seed, so they never coincide with stream 0 of another example
+        state = int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]) % (2**63)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+class _StepNoise:
+    """Per-step random draws for a chunk of examples, each example from its own generator.
+
+    ``next()`` returns one standard-normal tensor of shape ``[*normal_shape[:1], b, *normal_shape[1:]]``
+    (the example axis second, like log-weights) and, if ``uniform_shape`` is given, a uniform tensor
+    laid out the same way. Draws are made in fixed blocks of steps per example so the stream of
+    an example never depends on which other examples share its chunk.
+    """
+
+    def __init__(self, generators: list[torch.Generator], normal_shape: tuple[int, ...],
+                 uniform_shape: tuple[int, ...] | None, device, dtype):
+        self.gens, self.normal_shape, self.uniform_shape = generators, normal_shape, uniform_shape
+        self.device, self.dtype = device, dtype
+        self._normal = self._uniform = None
+        self._pos = _NOISE_BLOCK
+
+    def _refill(self) -> None:
+        normals, uniforms = [], []
+        for g in self.gens:
+            normals.append(torch.randn(_NOISE_BLOCK, *self.normal_shape, generator=g, device=self.device,
+                                       dtype=self.dtype))
+            if self.uniform_shape is not None:
+                uniforms.append(torch.rand(_NOISE_BLOCK, *self.uniform_shape, generator=g, device=self.device,
+                                           dtype=self.dtype))
+        self._normal = torch.stack(normals, dim=2)  # [block, n0, b, ...]
+        self._uniform = torch.stack(uniforms, dim=2) if uniforms else None
+        self._pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._pos == _NOISE_BLOCK:
+            self._refill()
+        i, self._pos = self._pos, self._pos + 1
+        return self._normal[i], (self._uniform[i] if self._uniform is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _as_input(model: torch.nn.Module, x) -> torch.Tensor:
+    """``x`` (tensor or array, any 0/1 dtype) as float32 on the model's device."""
+    return torch.as_tensor(x).to(device=_model_device(model), dtype=torch.float32)
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter, restored on exit.
+
+    Per-example optimization (IW-SVI) and HMC (AIS) differentiate with respect to q's parameters
+    or z only; freezing keeps the decoder out of the autograd graph, so no ``.grad`` is ever
+    accumulated on it and nothing can update it.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
-                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
-                        name: str | None = None) -> Estimate:
-    """IWAE-k with the amortized encoder (eq. 40): per-example log (1/k) sum_i p(x, z_i)/q(z_i|x).
-
-    Exactly ``k`` samples per example. Work is split into chunks of about ``chunk_samples``
-    decoded latents: several examples per chunk when k is small, several chunks per example
-    (merged with a running logsumexp) when k is large.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    was_training = model.training
-    model.eval()
-    start_time = time.perf_counter()
-    x = x.float()
-    n = x.shape[0]
-    values = torch.empty(n, dtype=torch.float64)
-    per_chunk = max(1, chunk_samples // k)  # examples per chunk
-    k_chunk = min(k, max(1, chunk_samples))
-    bar = tqdm(total=n, desc=name or f"IWAE-{k}", unit="ex", disable=not progress, leave=False)
-    try:
-        for start in range(0, n, per_chunk):
-            xb = x[start:start + per_chunk]
-            mean, std = model.encode(xb, noisy=False)
-            eps = _per_example_noise(seed, start, xb.shape[0], k, mean.shape[-1], mean.device, mean.dtype)
-            running = None
-            for k0 in range(0, k, k_chunk):
-                e = eps[k0:k0 + k_chunk]
-                log_w = _log_weights_from_noise(model, xb, mean, std, e)  # [kc, b]
-                chunk_lse = torch.logsumexp(log_w.double(), dim=0)
-                running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
-            values[start:start + xb.shape[0]] = (running - math.log(k)).cpu()
-            bar.update(xb.shape[0])
-    finally:
-        bar.close()
-        model.train(was_training)
-    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time)
+def _encode_all(model: VAE, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean encoder's (mean, std) for every example."""
+    means, stds = [], []
+    for start in range(0, x.shape[0], batch):
+        m, s = model.encode(x[start:start + batch], noisy=False)
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means), torch.cat(stds)
 
 
 def _log_weights_from_noise(model: VAE, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                             eps: torch.Tensor) -> torch.Tensor:
     """log w for given standard-normal draws ``eps`` [k, b, z] -> [k, b] (the shared path)."""
     return log_weights_given_q(model.decoder, x, mean, std, k=eps.shape[0], noise=eps)[0]
+
+
+def _check_k(name: str, value: int) -> None:
+    if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"invalid {name} = {value!r}: allowed an integer >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# IWAE-k scoring: one function for the amortized q (IWAE-k, the bound) and IW-SVI's fitted q
+
+
+@torch.no_grad()
+def iwae_given_q(model: VAE, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, k: int, *,
+                 repeats: int = 1, seed: int = 0, first_index: int = 0,
+                 chunk_samples: int = DEFAULT_CHUNK_SAMPLES, bar: tqdm | None = None) -> torch.Tensor:
+    """Per-example IWAE-k (eq. 40/41) with proposal q = N(mean, diag(std^2)), averaged over
+    ``repeats`` independent sets of k samples; returns [n] float64 on CPU.
+
+    Exactly ``k`` samples per set. Work is split into chunks of about ``chunk_samples`` decoded
+    latents: several examples per chunk when k is small, several chunks per example (merged with
+    a running logsumexp) when k is large. Example ``i`` of ``x`` draws from stream 0 of example
+    index ``first_index + i``; its r-th set of k samples is the r-th ``randn(k, z)`` draw of that
+    stream, so ``repeats=1`` reproduces IWAE-k with the same seed exactly.
+    """
+    _check_k("k", k)
+    _check_k("repeats", repeats)
+    _check_k("chunk_samples", chunk_samples)
+    n = x.shape[0]
+    values = torch.empty(n, dtype=torch.float64)
+    per_chunk = max(1, chunk_samples // k)  # examples per chunk
+    k_chunk = min(k, chunk_samples)
+    for start in range(0, n, per_chunk):
+        xb, mb, sb = x[start:start + per_chunk], mean[start:start + per_chunk], std[start:start + per_chunk]
+        b = xb.shape[0]
+        gens = [example_generator(seed, first_index + start + i, mb.device) for i in range(b)]
+        total = torch.zeros(b, dtype=torch.float64, device=mb.device)
+        for _ in range(repeats):
+            eps = torch.stack([torch.randn(k, mb.shape[-1], generator=g, device=mb.device, dtype=mb.dtype)
+                               for g in gens], dim=1)  # [k, b, z]
+            running = None
+            for k0 in range(0, k, k_chunk):
+                log_w = _log_weights_from_noise(model, xb, mb, sb, eps[k0:k0 + k_chunk])  # [kc, b]
+                chunk_lse = torch.logsumexp(log_w.double(), dim=0)
+                running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
+            total += running - math.log(k)
+        values[start:start + b] = (total / repeats).cpu()
+        if bar is not None:
+            bar.update(b)
+    return values
+
+
+def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
+                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
+                        name: str | None = None) -> Estimate:
+    """IWAE-k with the amortized (clean) encoder (eq. 40): per-example
+    log (1/k) sum_i p(x, z_i)/q(z_i|x), exactly ``k`` samples per example."""
+    _check_k("k", k)
+    start_time = time.perf_counter()
+    x = _as_input(model, x)
+    with frozen(model):
+        mean, std = _encode_all(model, x)
+        with tqdm(total=x.shape[0], desc=name or f"IWAE-{k}", unit="ex", disable=not progress, leave=False) as bar:
+            values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
+    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time)
+
+
+def amortized_bound(model: VAE, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
+                    chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
+    """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5)
+    for k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent
+    draws of k samples (a lower-variance estimate of the same expectation).
+
+    ``repeats=1`` equals :func:`iwae_log_likelihood` with the same k and seed.
+    """
+    _check_k("k", k)
+    _check_k("repeats", repeats)
+    start_time = time.perf_counter()
+    x = _as_input(model, x)
+    with frozen(model):
+        mean, std = _encode_all(model, x)
+        with tqdm(total=x.shape[0], desc=f"L_{k} x{repeats}", unit="ex", disable=not progress, leave=False) as bar:
+            values = iwae_given_q(model, x, mean, std, k, repeats=repeats, seed=seed,
+                                  chunk_samples=chunk_samples, bar=bar)
+    return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
+                    time.perf_counter() - start_time)
+
+
+# ----------------------------------------------------------------------------------------------
+# IW-SVI (appendix C)
+
+
+def fit_iw_svi(model: VAE, x: torch.Tensor, *, l: int = 8, steps: int = 3000,  # noqa: E741
+               lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
+               chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, first_index: int = 0,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q*_{x,l} of eq. 42 for every example: (mean, std), each [n, z] on the model's device.
+
+    q = N(mu, diag(exp(rho)^2)) per example, initialised from the clean encoder, then ``steps``
+    Adam steps on the IWAE-l bound with lr decaying as ``lr * lr_decay ** (t / (steps - 1))``
+    (eq. 43's form). A chunk of examples is one batched parameter tensor; the loss is the sum of
+    the per-example bounds, so each example's gradient, and hence (Adam being elementwise) its
+    trajectory, is its own. The model is frozen throughout (:func:`frozen`).
+    """
+    _check_k("l", l)
+    _check_k("chunk_examples", chunk_examples)
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"invalid steps = {steps!r}: allowed an integer >= 0")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"invalid lr = {lr!r}: allowed a finite number > 0")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"invalid lr_decay = {lr_decay!r}: allowed (0, 1]")
+    x = _as_input(model, x)
+    n = x.shape[0]
+    means, stds = [], []
+    bar = tqdm(total=n * steps, desc=f"IW-SVI fit (l={l}, T={steps})", unit="ex-step", unit_scale=True,
+               disable=not progress or steps == 0, leave=False)
+    try:
+        with frozen(model):
+            mean0, std0 = _encode_all(model, x)
+            for start in range(0, n, chunk_examples):
+                xb = x[start:start + chunk_examples]
+                m0, s0 = mean0[start:start + chunk_examples], std0[start:start + chunk_examples]
+                m, s = _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index + start, bar)
+                means.append(m)
+                stds.append(s)
+    finally:
+        bar.close()
+    return torch.cat(means), torch.cat(stds)
+
+
+def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar):  # noqa: E741
+    if steps == 0:
+        return m0, s0
+    b = xb.shape[0]
+    mu = m0.detach().clone().requires_grad_(True)
+    rho = s0.detach().log().clone().requires_grad_(True)  # log sigma: unconstrained
+    opt = torch.optim.Adam([mu, rho], lr=lr)
+    gens = [example_generator(seed, first_index + i, mu.device, STREAM_SVI) for i in range(b)]
+    noise = _StepNoise(gens, (l, mu.shape[-1]), None, mu.device, mu.dtype)
+    with torch.enable_grad():
+        for t in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_decay ** (t / (steps - 1)) if steps > 1 else lr
+            eps, _ = noise.next()  # [l, b, z]
+            log_w = _log_weights_from_noise(model, xb, mu, rho.exp(), eps)  # [l, b]
+            loss = -iwae_bound(log_w, dim=0).sum()  # eq. 42, summed so examples stay independent
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(b)
+    mu, std = mu.detach(), rho.detach().exp()
+    # A diverged example (non-finite parameters) falls back to its encoder q: any q gives a valid bound.
+    bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(std).all(-1) & (std > 0).all(-1))
+    if bad.any():
+        mu, std = torch.where(bad[:, None], m0, mu), torch.where(bad[:, None], s0, std)
+    return mu, std
+
+
+def iw_svi_log_likelihood(model: VAE, x: torch.Tensor, *, k: int = 5000, l: int = 8,  # noqa: E741
+                          steps: int = 3000, lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY,
+                          seed: int = 0, chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
+                          chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
+    """IW-SVI (appendix C, eq. 41-42): fit a Gaussian q per example on IWAE-l for ``steps`` Adam
+    steps (:func:`fit_iw_svi`), then score it with exactly ``k`` samples (:func:`iwae_given_q`).
+
+    ``steps=0`` scores the encoder's q, i.e. equals IWAE-k with the same seed. The scoring draws
+    are independent of the optimization draws, so the result is an unbiased estimate of a lower
+    bound on ln p(x) for the fitted q.
+    """
+    _check_k("k", k)
+    start_time = time.perf_counter()
+    x = _as_input(model, x)
+    mean, std = fit_iw_svi(model, x, l=l, steps=steps, lr=lr, lr_decay=lr_decay, seed=seed,
+                           chunk_examples=chunk_examples, progress=progress)
+    with frozen(model), tqdm(total=x.shape[0], desc=f"IW-SVI score (k={k})", unit="ex",
+                             disable=not progress, leave=False) as bar:
+        values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
+    settings = {"k": k, "l": l, "steps": steps, "lr": lr, "lr_decay": lr_decay, "seed": seed}
+    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time)
+
+
+def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
+    """Per-example Delta_inf = ln p(x) - L_k(x) (Table 1), ln p(x) from IW-SVI (or AIS)."""
+    if log_likelihood.values.shape != bound.values.shape:
+        raise ValueError(f"inference_gap: {log_likelihood.name} has {log_likelihood.values.numel()} examples, "
+                         f"{bound.name} has {bound.values.numel()}; they must be the same examples")
+    settings = {"log_likelihood": log_likelihood.name, "bound": bound.name}
+    return Estimate("gap", log_likelihood.values - bound.values, settings,
+                    log_likelihood.seconds + bound.seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# AIS with HMC (beyond the paper)
+
+
+def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
+    """Inverse temperatures beta_0 = 0 < ... < beta_T = 1 (float64, T + 1 values).
+
+    ``sigmoid``: beta_t proportional to sigmoid(sharpness * (2t/T - 1)), rescaled to [0, 1]; it
+    spends more steps near both ends, where the geometric path changes fastest (Grosse et al. 2015).
+    ``linear``: evenly spaced.
+    """
+    _check_k("num_steps", num_steps)
+    t = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+    if kind == "linear":
+        return t
+    if kind != "sigmoid":
+        raise ValueError(f"invalid schedule = {kind!r}: allowed 'sigmoid' or 'linear'")
+    s = torch.sigmoid(sharpness * (2 * t - 1))
+    betas = (s - s[0]) / (s[-1] - s[0])
+    betas[0], betas[-1] = 0.0, 1.0
+    return betas
+
+
+def _log_densities(decoder, x: torch.Tensor, z: torch.Tensor):
+    """log p(x|z), its z-gradient, log p(z), its z-gradient (all detached)."""
+    z = z.detach().requires_grad_(True)
+    log_lik = bernoulli_log_prob(x, decoder(z))
+    (grad_lik,) = torch.autograd.grad(log_lik.sum(), z)
+    log_prior = standard_normal_log_prob(z)
+    (grad_prior,) = torch.autograd.grad(log_prior.sum(), z)
+    return log_lik.detach(), grad_lik, log_prior.detach(), grad_prior
+
+
+def ais_log_likelihood(model: VAE, x: torch.Tensor, *, num_intermediate: int = 500, chains: int = 16,
+                       leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
+                       tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
+                       seed: int = 0, chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES,
+                       progress: bool = False) -> Estimate:
+    """Annealed importance sampling (Neal 2001) of ln p(x) with HMC transitions.
+
+    Path: f_t(z) = p(z) p(x|z)^beta_t, geometric from the prior N(0, I) (beta = 0, sampled
+    exactly, normalizer 1) to p(x, z) (beta = 1); ``num_intermediate`` annealing steps after the
+    prior (the last one targets the posterior), spaced by :func:`annealing_schedule`. Each chain
+    accumulates log w += (beta_t - beta_{t-1}) log p(x|z_{t-1}), then makes one HMC transition
+    (``leapfrog_steps`` leapfrog steps, Metropolis accept) that leaves f_t invariant. ln p(x) is
+    estimated by logmeanexp over the ``chains`` independent chains of each example: an unbiased
+    estimate of p(x), hence a stochastic lower bound of ln p(x) like the other estimators.
+
+    Step-size adaptation without bias: each example also runs ``tuning_chains`` extra chains
+    whose weights are discarded. The example's step size (shared by all its chains) is multiplied
+    by exp(adapt_rate * (a - target_accept)) after every transition, a being the mean Metropolis
+    acceptance probability of the *tuning* chains in that transition. The estimating chains'
+    kernels therefore depend only on chains independent of them, so given the tuning chains their
+    AIS is exact. (Adapting a chain on its own acceptance history, as is common, is not: on the
+    tests' ground-truth model it overestimated ln p(x) by 0.01-0.03 nats.) ``tuning_chains=0``
+    keeps ``step_size`` fixed. Chains and examples never otherwise interact, so results do not
+    depend on chunking.
+    """
+    for name, value in (("num_intermediate", num_intermediate), ("chains", chains),
+                        ("leapfrog_steps", leapfrog_steps), ("chunk_examples", chunk_examples)):
+        _check_k(name, value)
+    if not (isinstance(tuning_chains, int) and tuning_chains >= 0):
+        raise ValueError(f"invalid tuning_chains = {tuning_chains!r}: allowed an integer >= 0")
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"invalid step_size = {step_size!r}: allowed a finite number > 0")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"invalid target_accept = {target_accept!r}: allowed (0, 1)")
+    if not (adapt_rate >= 0 and math.isfinite(adapt_rate)):
+        raise ValueError(f"invalid adapt_rate = {adapt_rate!r}: allowed a finite number >= 0")
+    betas = annealing_schedule(num_intermediate, schedule).tolist()
+    start_time = time.perf_counter()
+    x = _as_input(model, x)
+    n = x.shape[0]
+    values = torch.empty(n, dtype=torch.float64)
+    accept_sum = 0.0
+    bar = tqdm(total=n * num_intermediate, desc=f"AIS (T={num_intermediate}, {chains} chains)", unit="ex-step",
+               unit_scale=True, disable=not progress, leave=False)
+    try:
+        with frozen(model), torch.enable_grad():
+            for start in range(0, n, chunk_examples):
+                xb = x[start:start + chunk_examples]
+                chunk_values, chunk_accept = _ais_chunk(
+                    model, xb, betas, chains, tuning_chains, leapfrog_steps, step_size, target_accept,
+                    adapt_rate, seed, start, bar)
+                values[start:start + xb.shape[0]] = chunk_values.cpu()
+                accept_sum += chunk_accept
+    finally:
+        bar.close()
+    settings = {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
+                "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
+                "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed,
+                "mean_acceptance": accept_sum / max(n, 1)}  # a diagnostic, not a setting
+    return Estimate("ais", values, settings, time.perf_counter() - start_time)
+
+
+def _ais_chunk(model, xb, betas, chains, tuning_chains, leapfrog_steps, step_size, target_accept, adapt_rate,
+               seed, first_index, bar):
+    """AIS for one chunk of examples: (ln p(x) estimates [b], sum over examples of the mean
+    acceptance rate of the estimating chains)."""
+    decoder = model.decoder
+    b, device = xb.shape[0], xb.device
+    dtype = next(decoder.parameters()).dtype
+    z_dim = _encode_all(model, xb[:1])[0].shape[-1]
+    c = chains + tuning_chains  # chains [:chains] estimate, [chains:] only tune the step size
+    gens = [example_generator(seed, first_index + i, device, STREAM_AIS) for i in range(b)]
+    # z_0 ~ N(0, I): exactly the beta = 0 distribution, whose normalizer is 1.
+    z = torch.stack([torch.randn(c, z_dim, generator=g, device=device, dtype=dtype) for g in gens], dim=1)
+    noise = _StepNoise(gens, (c, z_dim), (c,), device, dtype)  # momenta, Metropolis uniforms
+    log_lik, g_lik, log_prior, g_prior = _log_densities(decoder, xb, z)
+    log_w = torch.zeros(c, b, dtype=torch.float64, device=device)
+    eps = torch.full((1, b, 1), step_size, dtype=dtype, device=device)  # one step size per example
+    accept_total = torch.zeros(b, dtype=torch.float64, device=device)
+    for t in range(1, len(betas)):
+        beta = betas[t]
+        log_w += (beta - betas[t - 1]) * log_lik.double()  # ln f_t(z_{t-1}) - ln f_{t-1}(z_{t-1})
+        momentum, uniform = noise.next()
+        # Leapfrog on U(z) = -(ln p(z) + beta ln p(x|z)) with kinetic energy |p|^2 / 2.
+        p = momentum + 0.5 * eps * (g_prior + beta * g_lik)
+        z_new = z
+        for i in range(leapfrog_steps):
+            z_new = z_new + eps * p
+            ll_new, gl_new, lp_new, gp_new = _log_densities(decoder, xb, z_new)
+            p = p + (eps if i < leapfrog_steps - 1 else 0.5 * eps) * (gp_new + beta * gl_new)
+        h_old = -(log_prior + beta * log_lik) + 0.5 * momentum.square().sum(-1)
+        h_new = -(lp_new + beta * ll_new) + 0.5 * p.square().sum(-1)
+        log_accept = torch.nan_to_num(h_old - h_new, nan=-math.inf).clamp(max=0.0)  # [c, b]
+        accept = uniform.log() < log_accept
+        keep = accept[..., None]
+        z = torch.where(keep, z_new, z)
+        g_lik, g_prior = torch.where(keep, gl_new, g_lik), torch.where(keep, gp_new, g_prior)
+        log_lik, log_prior = torch.where(accept, ll_new, log_lik), torch.where(accept, lp_new, log_prior)
+        accept_prob = log_accept.exp()
+        accept_total += accept_prob[:chains].double().mean(0)
+        if tuning_chains:  # the tuning chains' acceptance only: see ais_log_likelihood
+            rate = accept_prob[chains:].mean(0)  # [b]
+            eps = (eps * torch.exp(adapt_rate * (rate - target_accept))[None, :, None]).clamp(1e-4, 10.0)
+        bar.update(b)
+    estimate = torch.logsumexp(log_w[:chains], dim=0) - math.log(chains)
+    return estimate, float((accept_total / (len(betas) - 1)).sum())

@@ -1,0 +1,446 @@
+"""Run-level evaluation: the estimators of :mod:`airvae.estimators` applied to a trained run.
+
+* :class:`EvaluationSettings` -- what to estimate and how hard (appendix C's values by default:
+  IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
+* :func:`evaluate_model` -- library call on a model and data;
+* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt``, evaluates a split and caches the
+  result as ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back);
+* :func:`format_table` -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
+* :func:`iwsvi_vs_iwae_study` / :func:`run_study` -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
+
+``airvae.runs`` and ``airvae.data`` are imported inside the functions that need them, so this
+module and the model-level functions work without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
+                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
+                         fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
+                         iwae_log_likelihood, resolve_device)
+
+ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap")  # canonical order
+SPLITS = ("train", "valid", "test")
+EVALUATIONS_DIR = "evaluations"
+FORMAT_VERSION = 1
+# Fields that change how the work is done, not what is estimated: left out of the cache key.
+# (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
+# equally valid stream, so a result computed on one device is reused on another.)
+_EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples")
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name} = {value!r}: allowed {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_pos_float(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclass
+class EvaluationSettings:
+    """What :func:`evaluate_run` estimates, on which split, with how much effort.
+
+    ``estimators``: any of ``bound`` (the training bound L_k with the encoder, k = the run's k
+    unless ``bound_k``), ``iwae`` (IWAE-``k_iwae`` with the encoder, eq. 40), ``iwsvi`` (eq. 41-42),
+    ``ais``, ``gap`` (Delta_inf = ln p(x) [IW-SVI] - L_k; needs bound and iwsvi, and is always
+    added when both are present since it costs nothing).
+    """
+
+    estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
+    split: str = "test"
+    max_examples: int | None = None  # only the first N examples of the split (quick runs)
+    bound_k: int | None = None  # None: the run's training k
+    bound_repeats: int = 10  # L_k averaged over this many draws per example (cheap; less noisy gap)
+    k_iwae: int = 5000
+    svi_k: int = 5000
+    svi_l: int = 8
+    svi_steps: int = 3000
+    svi_lr: float = DEFAULT_SVI_LR
+    svi_lr_decay: float = DEFAULT_SVI_LR_DECAY
+    ais_intermediate: int = 500
+    ais_chains: int = 16
+    ais_leapfrog: int = 10
+    ais_step_size: float = 0.1
+    ais_schedule: str = "sigmoid"
+    ais_tuning_chains: int = 4
+    seed: int = 0
+    device: str = "auto"
+    chunk_samples: int = DEFAULT_CHUNK_SAMPLES
+    svi_chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES
+    ais_chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES
+
+    def __post_init__(self):
+        if isinstance(self.estimators, str):
+            self.estimators = tuple(e.strip() for e in self.estimators.split(",") if e.strip())
+        _check(isinstance(self.estimators, (tuple, list)) and len(self.estimators) > 0
+               and all(e in ESTIMATORS for e in self.estimators),
+               "estimators", self.estimators, f"a non-empty subset of {', '.join(ESTIMATORS)}")
+        chosen = set(self.estimators)
+        _check("gap" not in chosen or {"bound", "iwsvi"} <= chosen, "estimators", self.estimators,
+               "'gap' only together with 'bound' and 'iwsvi' (Delta_inf = ln p(x) [IW-SVI] - L_k)")
+        if {"bound", "iwsvi"} <= chosen:
+            chosen.add("gap")
+        self.estimators = tuple(e for e in ESTIMATORS if e in chosen)
+        _check(self.split in SPLITS, "split", self.split, " | ".join(SPLITS))
+        _check(self.max_examples is None or (_is_int(self.max_examples) and self.max_examples >= 1),
+               "max_examples", self.max_examples, "an integer >= 1, or None for the whole split")
+        _check(self.bound_k is None or (_is_int(self.bound_k) and self.bound_k >= 1), "bound_k", self.bound_k,
+               "an integer >= 1, or None for the run's training k")
+        for name in ("bound_repeats", "k_iwae", "svi_k", "svi_l", "ais_intermediate", "ais_chains",
+                     "ais_leapfrog", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _check(_is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
+               "an integer >= 0 (0 scores the encoder's q)")
+        _check(_is_int(self.ais_tuning_chains) and self.ais_tuning_chains >= 0, "ais_tuning_chains",
+               self.ais_tuning_chains, "an integer >= 0 (0: fixed step size)")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(_is_pos_float(self.svi_lr), "svi_lr", self.svi_lr, "a finite number > 0")
+        _check(_is_pos_float(self.svi_lr_decay) and self.svi_lr_decay <= 1, "svi_lr_decay", self.svi_lr_decay,
+               "(0, 1] (the final learning rate as a fraction of svi_lr; 1: constant)")
+        _check(_is_pos_float(self.ais_step_size), "ais_step_size", self.ais_step_size, "a finite number > 0")
+        _check(self.ais_schedule in ("sigmoid", "linear"), "ais_schedule", self.ais_schedule, "sigmoid | linear")
+        ok = isinstance(self.device, str)
+        if ok and self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                ok = False
+        _check(ok, "device", self.device, "auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["estimators"] = list(self.estimators)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvaluationSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown evaluation settings {', '.join(unknown)}: allowed {', '.join(sorted(known))}")
+        return cls(**{**d, "estimators": tuple(d.get("estimators", cls.estimators))})
+
+    def identity(self) -> dict:
+        """The settings that determine the result (the cache key)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+
+    def short_hash(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model level
+
+
+def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
+                   progress: bool = False) -> dict[str, Estimate]:
+    """Every estimator of ``settings`` on the examples ``x`` (first ``max_examples`` only), on the
+    model's device. Returns ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when
+    both are present. ``bound_k`` (the training k) is needed for ``bound`` unless
+    ``settings.bound_k`` is set."""
+    x = torch.as_tensor(x)
+    if settings.max_examples is not None:
+        x = x[:settings.max_examples]
+    estimates: dict[str, Estimate] = {}
+    chosen = settings.estimators
+    if "bound" in chosen:
+        k = settings.bound_k or bound_k
+        if k is None:
+            raise ValueError("estimator 'bound' needs the training k: pass bound_k or set settings.bound_k")
+        estimates["bound"] = amortized_bound(model, x, k, repeats=settings.bound_repeats, seed=settings.seed,
+                                             chunk_samples=settings.chunk_samples, progress=progress)
+    if "iwae" in chosen:
+        estimates["iwae"] = iwae_log_likelihood(model, x, settings.k_iwae, seed=settings.seed,
+                                                chunk_samples=settings.chunk_samples, progress=progress)
+    if "iwsvi" in chosen:
+        estimates["iwsvi"] = iw_svi_log_likelihood(
+            model, x, k=settings.svi_k, l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
+            lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
+            chunk_samples=settings.chunk_samples, progress=progress)
+    if "ais" in chosen:
+        estimates["ais"] = ais_log_likelihood(
+            model, x, num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
+            leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size, schedule=settings.ais_schedule,
+            tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
+            chunk_examples=settings.ais_chunk_examples, progress=progress)
+    if "bound" in estimates and "iwsvi" in estimates:
+        estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
+    return estimates
+
+
+# ----------------------------------------------------------------------------------------------
+# Run level
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    """tmp file + fsync + os.replace: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checkpoint_digest(run_dir: Path) -> str | None:
+    """sha256 of the evaluated checkpoint: a cached result is stale once best.pt changes."""
+    path = Path(run_dir) / "checkpoints" / "best.pt"
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
+    return Path(run_dir) / EVALUATIONS_DIR / f"{settings.split}-{settings.short_hash()}.json"
+
+
+def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) -> dict | None:
+    """The cached result of ``settings`` on this run, or None if absent, unreadable or stale
+    (computed with other settings or from another checkpoint)."""
+    path = evaluation_path(run_dir, settings)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("identity") != settings.identity():
+        return None
+    if stored.get("checkpoint_sha256") != _checkpoint_digest(Path(run_dir)):
+        return None
+    return stored
+
+
+def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
+                 progress: bool = True) -> dict:
+    """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result
+    in ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same
+    settings and checkpoint is returned without computing unless ``recompute``."""
+    run_dir = Path(run_dir)
+    if not recompute:
+        stored = stored_evaluation(run_dir, settings)
+        if stored is not None:
+            return stored
+    from .data import load_dataset
+    from .runs import load_trained_model
+
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    cfg, model = load_trained_model(run_dir, which="best", device=device)
+    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
+    x = dataset.split(settings.split)
+    n_split = len(x)
+    if settings.max_examples is not None:
+        x = x[:settings.max_examples]
+    x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
+    result = {
+        "format": FORMAT_VERSION,
+        "run_dir": str(run_dir),
+        "dataset": cfg.dataset,
+        "deviation": getattr(dataset, "deviation", None),
+        "split": settings.split,
+        "n": int(x.shape[0]),
+        "n_split": int(n_split),
+        "bound_k": settings.bound_k or cfg.k,
+        "device": str(device),
+        "settings": settings.to_dict(),
+        "identity": settings.identity(),
+        "checkpoint_sha256": _checkpoint_digest(run_dir),
+        "estimates": {name: est.to_dict() for name, est in estimates.items()},
+        "seconds": time.perf_counter() - started,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_json(evaluation_path(run_dir, settings), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+
+
+def _as_summary(est) -> dict:
+    return est.to_dict(per_example=False) if isinstance(est, Estimate) else est
+
+
+def _label(name: str, est: dict) -> tuple[str, float]:
+    """Row label and sign: the paper reports positive nats (-ln p(x), Delta_inf, -L_k)."""
+    s = est.get("settings", {})
+    if name == "iwsvi":
+        return f"-ln p(x)  IW-SVI (k={s.get('k')}, l={s.get('l')}, T={s.get('steps')})", -1.0
+    if name == "ais":
+        return f"-ln p(x)  AIS (T={s.get('num_intermediate')}, {s.get('chains')} chains)", -1.0
+    if name == "iwae":
+        return f"-L_{s.get('k')}(x)  IWAE-{s.get('k')} (encoder q)", -1.0
+    if name == "bound":
+        return f"-L_{s.get('k')}(x)  amortized bound", -1.0
+    if name == "gap":
+        return "Δinf = ln p(x) - L_k(x)", 1.0
+    return name, 1.0
+
+
+def format_table(result: dict) -> str:
+    """A text table, estimator | mean | ± stderr | n | seconds, in the paper's sign convention.
+
+    ``result``: what :func:`evaluate_run` returns, or :func:`evaluate_model`'s ``{name: Estimate}``.
+    """
+    estimates = result.get("estimates", result)
+    rows = []
+    for name in [e for e in ESTIMATORS if e in estimates] + [e for e in estimates if e not in ESTIMATORS]:
+        est = _as_summary(estimates[name])
+        label, sign = _label(name, est)
+        se = est.get("stderr", float("nan"))
+        rows.append((label, f"{sign * est['mean']:.2f}", "" if se is None or math.isnan(se) else f"± {se:.2f}",
+                     str(est.get("n", "")), f"{est.get('seconds', 0.0):.1f}"))
+    header = ("estimator", "mean (nats)", "± stderr", "n", "seconds")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    title = []
+    if "dataset" in result:
+        title.append(f"{result['dataset']} / {result.get('split')} ({result.get('n')} of {result.get('n_split')} "
+                     f"examples), training k = {result.get('bound_k')}")
+    if result.get("deviation"):
+        title.append(f"data deviation: {result['deviation']}")
+    out = title + [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure 3: IW-SVI versus IWAE-k
+
+
+def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0, 10, 30, 100, 300, 1000),
+                        fixed_steps: int = 1000, svi_k: int = 5000, l: int = 8,  # noqa: E741
+                        lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
+                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+                        chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, out_dir=None,
+                        progress: bool = False) -> dict:
+    """Appendix C's Figure 3 for one model on examples ``x``:
+    (a) mean estimate vs wall time, IWAE-k over ``ks`` and IW-SVI(k=``svi_k``) over ``steps_list``;
+    (b) IWAE-k vs IW-SVI(T=``fixed_steps``) over ``ks``; (c) IW-SVI(k=``svi_k``) over ``steps_list``.
+
+    Defaults take minutes on a laptop for ~100 examples; the paper's are ks up to 100000,
+    T up to 3000 and fixed_steps=3000. Each IW-SVI point over T is its own optimization (the
+    learning-rate decay depends on T); for (b) the q fitted with ``fixed_steps`` is scored with
+    every k, which is exactly what separate runs would give (the optimization's random stream
+    does not depend on k). Writes ``figure3.png`` and ``figure3.json`` to ``out_dir`` if given.
+    """
+    x = torch.as_tensor(x)
+    ks, steps_list = sorted(set(int(k) for k in ks)), sorted(set(int(t) for t in steps_list))
+    svi_kw = dict(l=l, lr=lr, lr_decay=lr_decay, seed=seed, chunk_examples=chunk_examples, progress=progress)
+
+    def point(est: Estimate, **extra) -> dict:
+        return {**extra, "mean": est.mean, "stderr": est.stderr, "seconds": est.seconds}
+
+    iwae = [point(iwae_log_likelihood(model, x, k, seed=seed, chunk_samples=chunk_samples, progress=progress), k=k)
+            for k in ks]
+    svi_over_t = [point(iw_svi_log_likelihood(model, x, k=svi_k, steps=t, chunk_samples=chunk_samples, **svi_kw),
+                        steps=t, k=svi_k) for t in steps_list]
+    started = time.perf_counter()
+    mean, std = fit_iw_svi(model, x, steps=fixed_steps, **svi_kw)
+    fit_seconds = time.perf_counter() - started
+    svi_over_k = []
+    with frozen(model):
+        xd = x.to(device=mean.device, dtype=torch.float32)
+        for k in ks:
+            started = time.perf_counter()
+            values = iwae_given_q(model, xd, mean, std, k, seed=seed, chunk_samples=chunk_samples)
+            est = Estimate(f"iwsvi-{k}", values, seconds=fit_seconds + time.perf_counter() - started)
+            svi_over_k.append(point(est, k=k, steps=fixed_steps))
+    data = {"n": int(x.shape[0]), "l": l, "lr": lr, "lr_decay": lr_decay, "seed": seed, "svi_k": svi_k,
+            "fixed_steps": fixed_steps, "iwae": iwae, "iwsvi_over_steps": svi_over_t, "iwsvi_over_k": svi_over_k}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(out_dir / "figure3.json", data)
+        _plot_figure3(data, out_dir / "figure3.png")
+        data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
+    return data
+
+
+def _plot_figure3(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much
+    # ln p(x) varies between examples, which is common to every curve and hides their differences.
+    def series(ax, points, xkey, label, marker):
+        ax.plot([p[xkey] for p in points], [p["mean"] for p in points], marker=marker, label=label)
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    series(a, data["iwae"], "seconds", "IWAE-k (k varies)", "o")
+    series(a, data["iwsvi_over_steps"], "seconds", f"IW-SVI k={data['svi_k']}, l={data['l']} (T varies)", "s")
+    a.set_xscale("log")
+    a.set_xlabel("wall time (s)")
+    a.set_title("(a) estimate vs computation time")
+    series(b, data["iwae"], "k", "IWAE-k", "o")
+    series(b, data["iwsvi_over_k"], "k", f"IW-SVI (T={data['fixed_steps']})", "s")
+    b.set_xscale("log")
+    b.set_xlabel("importance samples k")
+    b.set_title("(b) IWAE-k vs IW-SVI over k")
+    series(c, data["iwsvi_over_steps"], "steps", f"IW-SVI (k={data['svi_k']})", "s")
+    c.set_xscale("symlog", linthresh=1.0)
+    c.set_xlabel("gradient steps T")
+    c.set_title("(c) IW-SVI over T")
+    for ax in (a, b, c):
+        ax.set_ylabel(f"mean ln p(x) estimate (nats, n={data['n']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: int | None = 100,
+              device: str = "auto", out_dir: str | os.PathLike | None = None, progress: bool = True,
+              **study_kwargs) -> dict:
+    """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and the first ``max_examples``
+    examples of ``split``; files go to ``out_dir`` (default ``RUN/evaluations/``)."""
+    from .data import load_dataset
+    from .runs import load_trained_model
+
+    _check(split in SPLITS, "split", split, " | ".join(SPLITS))
+    _check(max_examples is None or (_is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
+           "an integer >= 1, or None for the whole split")
+    device = resolve_device(device)
+    cfg, model = load_trained_model(run_dir, which="best", device=device)
+    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
+    x = dataset.split(split)
+    if max_examples is not None:
+        x = x[:max_examples]
+    x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS_DIR
+    data = iwsvi_vs_iwae_study(model, x, out_dir=out_dir, progress=progress, **study_kwargs)
+    data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))
+    _atomic_write_json(out_dir / "figure3.json", {k: v for k, v in data.items() if k != "files"})
+    return data

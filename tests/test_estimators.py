@@ -1,0 +1,326 @@
+"""Estimators (IWAE-k, IW-SVI, AIS, the inference gap) and the evaluation layer.
+
+Accuracy is judged against the exact ln p(x) of a 2-d latent model (tests/ground_truth.py), with
+one-sided Monte Carlo allowances: an estimator above the truth beyond its noise fails.
+"""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from ground_truth import exact_log_marginal, tiny_data, tiny_model
+
+from airvae.estimators import (Estimate, ais_log_likelihood, amortized_bound, fit_iw_svi, inference_gap,
+                               iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
+from airvae.evaluation import (EvaluationSettings, evaluate_model, evaluate_run, format_table,
+                               iwsvi_vs_iwae_study, stored_evaluation)
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = tiny_model()
+    x = tiny_data(model, n=6)
+    return model, x, exact_log_marginal(model, x)
+
+
+class DecodeCounter:
+    """Counts latents passed through the decoder (a forward pre-hook: z is [..., z_dim])."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.decoder.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.count += args[0].shape[:-1].numel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# IWAE-k: chunking and sample counts
+
+
+@pytest.mark.parametrize("k", [1, 5, 7, 64])
+def test_chunked_and_unchunked_iwae_agree(case, k):
+    model, x, _ = case
+    reference = iwae_log_likelihood(model, x, k, seed=3, chunk_samples=10**6).values
+    for chunk in (1, 2, 3, 5, 6, 64, 100):  # incl. k not divisible by the chunk, several examples per chunk
+        values = iwae_log_likelihood(model, x, k, seed=3, chunk_samples=chunk).values
+        assert torch.allclose(values, reference, atol=1e-5, rtol=0), (k, chunk)
+    other = iwae_log_likelihood(model, x, k, seed=4).values
+    assert k == 1 or not torch.allclose(other, reference, atol=1e-3)  # the seed matters
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 4), (7, 3), (7, 7), (10, 4), (5, 100)])
+def test_iwae_decodes_exactly_k_samples_per_example(case, k, chunk):
+    model, x, _ = case
+    for n in (1, x.shape[0]):
+        with DecodeCounter(model) as counter:
+            iwae_log_likelihood(model, x[:n], k, chunk_samples=chunk)
+        assert counter.count == n * k
+    with DecodeCounter(model) as counter:
+        amortized_bound(model, x, k, repeats=3, chunk_samples=chunk)
+    assert counter.count == 3 * x.shape[0] * k
+
+
+def test_iw_svi_decodes_l_per_step_then_exactly_k(case):
+    model, x, _ = case
+    with DecodeCounter(model) as counter:
+        iw_svi_log_likelihood(model, x, k=13, l=3, steps=4, chunk_samples=5, chunk_examples=4)
+    assert counter.count == x.shape[0] * (4 * 3 + 13)
+
+
+def test_amortized_bound_with_one_repeat_is_iwae_k(case):
+    model, x, _ = case
+    assert torch.equal(amortized_bound(model, x, 6, seed=2).values, iwae_log_likelihood(model, x, 6, seed=2).values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy against the exact ln p(x)
+
+
+def test_iwae_5000_is_below_exact_and_close(case):
+    model, x, exact = case
+    n, repeats = x.shape[0], 10
+    values = iwae_log_likelihood(model, x.repeat(repeats, 1), 5000).values.view(repeats, n)
+    mean, se = values.mean(0), values.std(0) / math.sqrt(repeats)
+    assert (mean <= exact + 4 * se + 1e-6).all()
+    assert ((exact - mean) < 0.05).all()
+
+
+def test_iw_svi_is_below_exact_and_within_005_nats(case):
+    model, x, exact = case
+    n, repeats = x.shape[0], 20
+    mean_q, std_q = fit_iw_svi(model, x, l=8, steps=300, seed=0)
+    # Score the fitted q many times (independent draws) to know its Monte Carlo error.
+    values = iwae_given_q(model, x.repeat(repeats, 1), mean_q.repeat(repeats, 1), std_q.repeat(repeats, 1),
+                          5000, seed=1).view(repeats, n)
+    mean, se = values.mean(0), values.std(0) / math.sqrt(repeats)
+    assert (mean <= exact + 4 * se + 1e-6).all(), ((mean - exact).tolist(), se.tolist())
+    assert ((exact - mean) < 0.05).all(), (exact - mean).tolist()
+    # The public one-call estimator fits the same q (same seed) and scores it once.
+    est = iw_svi_log_likelihood(model, x, k=5000, l=8, steps=300, seed=0)
+    assert est.settings == {"k": 5000, "l": 8, "steps": 300, "lr": est.settings["lr"],
+                            "lr_decay": est.settings["lr_decay"], "seed": 0}
+    assert abs((exact - est.values).mean().item()) < 0.05
+
+
+def test_iw_svi_beats_the_amortized_q(case):
+    """With k = l = 1, IW-SVI is SVI on the ELBO (eq. 6): it must close part of the amortization gap."""
+    model, x, exact = case
+    n, repeats = x.shape[0], 300
+    amortized = amortized_bound(model, x, 1, repeats=repeats, seed=1).values
+    mean_q, std_q = fit_iw_svi(model, x, l=1, steps=300, seed=0)
+    svi = iwae_given_q(model, x, mean_q, std_q, 1, repeats=repeats, seed=1)
+    assert (svi - amortized).mean() > 0.1
+    assert (svi < exact).all()  # the ELBO of any q stays below ln p(x)
+
+
+def test_iw_svi_with_zero_steps_is_iwae_k(case):
+    model, x, _ = case
+    assert torch.equal(iw_svi_log_likelihood(model, x, k=50, steps=0, seed=7).values,
+                       iwae_log_likelihood(model, x, 50, seed=7).values)
+
+
+def test_iw_svi_does_not_depend_on_chunking(case):
+    model, x, _ = case
+    a = iw_svi_log_likelihood(model, x, k=64, l=4, steps=40, chunk_examples=100, chunk_samples=10**6).values
+    b = iw_svi_log_likelihood(model, x, k=64, l=4, steps=40, chunk_examples=2, chunk_samples=7).values
+    assert torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_ais_is_within_005_nats_of_exact(case):
+    model, x, exact = case
+    n, repeats = x.shape[0], 4
+    est = ais_log_likelihood(model, x.repeat(repeats, 1), num_intermediate=500, chains=64, seed=0)
+    values = est.values.view(repeats, n)
+    mean, se = values.mean(0), values.std(0) / math.sqrt(repeats)
+    err = exact - mean
+    assert (err.abs() < 0.05).all(), err.tolist()
+    assert abs(err.mean()) < 0.02
+    # Unbiased for p(x), so not above ln p(x) beyond noise (0.01: a 4-replicate stderr is itself noisy).
+    assert (mean <= exact + 4 * se + 0.01).all()
+    assert 0.4 < est.settings["mean_acceptance"] < 0.95  # the step-size adaptation works
+
+
+def test_ais_with_few_annealing_steps_is_worse_and_below(case):
+    """Two annealing steps are barely better than prior sampling: far below ln p(x), never above."""
+    model, x, exact = case
+    est = ais_log_likelihood(model, x, num_intermediate=2, chains=4, leapfrog_steps=2, tuning_chains=0, seed=0)
+    assert (exact - est.values).mean() > 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# The model is never changed
+
+
+@pytest.mark.parametrize("estimator", ["iwsvi", "ais"])
+def test_estimators_leave_the_model_bit_identical(estimator):
+    model = tiny_model().train()  # in training mode, parameters requiring grad: as the trainer leaves it
+    x = tiny_data(model, n=4)
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    if estimator == "iwsvi":
+        iw_svi_log_likelihood(model, x, k=16, l=4, steps=20, lr=0.05)
+    else:
+        ais_log_likelihood(model, x, num_intermediate=10, chains=4, leapfrog_steps=3)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and all(flags)
+    assert model.training
+
+
+def test_iw_svi_works_under_no_grad(case):
+    model, x, _ = case
+    reference = iw_svi_log_likelihood(model, x, k=32, steps=10).values
+    with torch.no_grad():
+        assert torch.equal(iw_svi_log_likelihood(model, x, k=32, steps=10).values, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference gap and the evaluation layer
+
+
+def test_inference_gap_is_the_difference_and_checks_shapes():
+    ll = Estimate("iwsvi", torch.tensor([-1.0, -2.0], dtype=torch.float64), seconds=1.0)
+    bound = Estimate("bound", torch.tensor([-3.0, -2.5], dtype=torch.float64), seconds=2.0)
+    gap = inference_gap(ll, bound)
+    assert gap.values.tolist() == [2.0, 0.5] and gap.seconds == 3.0
+    with pytest.raises(ValueError, match="same examples"):
+        inference_gap(ll, Estimate("bound", torch.zeros(3, dtype=torch.float64)))
+
+
+def small_settings(**changes):
+    base = dict(estimators=("bound", "iwsvi", "iwae"), k_iwae=64, svi_k=64, svi_l=4, svi_steps=30,
+                bound_repeats=3, device="cpu")
+    return EvaluationSettings(**{**base, **changes})
+
+
+def test_evaluate_model_gap_is_iwsvi_minus_bound(case):
+    model, x, _ = case
+    settings = small_settings(max_examples=5)
+    assert settings.estimators == ("bound", "iwae", "iwsvi", "gap")  # gap added, canonical order
+    out = evaluate_model(model, x, settings, bound_k=2)
+    assert set(out) == {"bound", "iwae", "iwsvi", "gap"}
+    assert all(est.values.shape == (5,) and est.values.dtype == torch.float64 for est in out.values())
+    assert torch.equal(out["gap"].values, out["iwsvi"].values - out["bound"].values)
+    assert out["bound"].settings["k"] == 2 and out["bound"].settings["repeats"] == 3
+    assert (out["gap"].values > 0).mean(dtype=torch.float64) > 0.5  # the optimized q beats the encoder's
+    with pytest.raises(ValueError, match="bound_k"):
+        evaluate_model(model, x, settings)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("estimators", ("bound", "elbo")), ("estimators", ()), ("estimators", ("gap", "bound")),
+    ("split", "validation"), ("k_iwae", 0), ("svi_k", 2.5), ("svi_l", 0), ("svi_steps", -1),
+    ("svi_lr", 0.0), ("svi_lr", float("nan")), ("svi_lr_decay", 1.5), ("ais_intermediate", 0),
+    ("ais_chains", 0), ("ais_schedule", "cosine"), ("chunk_samples", 0), ("seed", -1),
+    ("device", "gpu"), ("max_examples", 0), ("bound_k", 0), ("bound_repeats", True),
+])
+def test_settings_reject_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"invalid {field} ="):
+        EvaluationSettings(**{field: value})
+
+
+def test_settings_hash_ignores_execution_details_only():
+    a = EvaluationSettings(device="cpu", chunk_samples=100)
+    assert a.short_hash() == EvaluationSettings(device="auto").short_hash()
+    assert a.short_hash() != EvaluationSettings(svi_steps=10).short_hash()
+    assert EvaluationSettings.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+
+
+def test_format_table_shows_the_numbers_in_the_papers_signs(case):
+    model, x, _ = case
+    out = evaluate_model(model, x, small_settings(), bound_k=1)
+    table = format_table(out)
+    for name in ("iwsvi", "bound", "iwae"):
+        assert f"{-out[name].mean:.2f}" in table and f"± {out[name].stderr:.2f}" in table
+    assert f"{out['gap'].mean:.2f}" in table
+    assert "-ln p(x)" in table and "Δinf" in table and "-L_1(x)" in table
+    assert len(table.splitlines()) == 2 + 4
+
+
+def fake_run(monkeypatch, tmp_path, model, x):
+    """A run directory served by stand-ins for airvae.runs / airvae.data (not under test here)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v1")
+    calls = {"load": 0}
+
+    def load_trained_model(path, which="best", device=None):
+        calls["load"] += 1
+        return types.SimpleNamespace(dataset="tiny", data_dir=None, k=2), model
+
+    def load_dataset(name, data_dir=None, **kwargs):
+        data = x.to(torch.uint8).numpy()
+        return types.SimpleNamespace(split=lambda s: data, deviation="synthetic stand-in")
+
+    runs = types.ModuleType("airvae.runs")
+    runs.load_trained_model = load_trained_model
+    data = types.ModuleType("airvae.data")
+    data.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "airvae.runs", runs)
+    monkeypatch.setitem(sys.modules, "airvae.data", data)
+    return run_dir, calls
+
+
+def test_evaluate_run_writes_and_reuses_its_result(monkeypatch, tmp_path, case):
+    model, x, _ = case
+    run_dir, calls = fake_run(monkeypatch, tmp_path, model, x)
+    settings = small_settings(max_examples=4)
+    result = evaluate_run(run_dir, settings, progress=False)
+    path = run_dir / "evaluations" / f"test-{settings.short_hash()}.json"
+    assert path.exists() and calls["load"] == 1
+    stored = json.loads(path.read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert stored["dataset"] == "tiny" and stored["deviation"] == "synthetic stand-in" and stored["n"] == 4
+    assert stored["bound_k"] == 2 and len(stored["estimates"]["iwsvi"]["values"]) == 4
+    gap = stored["estimates"]["gap"]
+    assert gap["values"] == pytest.approx([a - b for a, b in zip(stored["estimates"]["iwsvi"]["values"],
+                                                                  stored["estimates"]["bound"]["values"])])
+    assert not list((run_dir / "evaluations").glob("*.tmp"))
+    # Same settings (device differs: not part of the key): served from disk without loading the model.
+    assert evaluate_run(run_dir, small_settings(max_examples=4, device="auto"), progress=False) == stored
+    assert calls["load"] == 1 and stored_evaluation(run_dir, settings) == stored
+    evaluate_run(run_dir, settings, recompute=True, progress=False)
+    assert calls["load"] == 2
+    evaluate_run(run_dir, small_settings(max_examples=3), progress=False)  # other settings: another file
+    assert calls["load"] == 3 and len(list((run_dir / "evaluations").glob("test-*.json"))) == 2
+    # A new best checkpoint makes the cached result stale.
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v2")
+    assert stored_evaluation(run_dir, settings) is None
+    evaluate_run(run_dir, settings, progress=False)
+    assert calls["load"] == 4
+    assert "synthetic stand-in" in format_table(stored)
+
+
+def test_study_writes_figure_and_data(tmp_path, case):
+    model, x, _ = case
+    data = iwsvi_vs_iwae_study(model, x[:3], ks=(1, 8), steps_list=(0, 5), fixed_steps=5, svi_k=8, l=2,
+                               out_dir=tmp_path)
+    assert (tmp_path / "figure3.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "figure3.json").read_text())
+    assert [p["k"] for p in saved["iwae"]] == [1, 8] and [p["steps"] for p in saved["iwsvi_over_steps"]] == [0, 5]
+    assert [p["k"] for p in saved["iwsvi_over_k"]] == [1, 8]
+    # T = 0 scores the encoder's q: IW-SVI(k=8, T=0) is IWAE-8 with the same seed.
+    assert saved["iwsvi_over_steps"][0]["mean"] == pytest.approx(saved["iwae"][1]["mean"], abs=1e-12)
+    assert all(p["seconds"] > 0 for p in saved["iwae"] + saved["iwsvi_over_steps"] + saved["iwsvi_over_k"])
+    assert data["iwsvi_over_k"][1]["mean"] == saved["iwsvi_over_k"][1]["mean"]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
