@@ -18,13 +18,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from .runs import BEST, write_json
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
                          fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
@@ -191,25 +191,9 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
 # Run level
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    """tmp file + fsync + os.replace: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _checkpoint_digest(run_dir: Path) -> str | None:
     """sha256 of the evaluated checkpoint: a cached result is stale once best.pt changes."""
-    path = Path(run_dir) / "checkpoints" / "best.pt"
+    path = Path(run_dir) / BEST
     if not path.exists():
         return None
     digest = hashlib.sha256()
@@ -278,7 +262,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
         "seconds": time.perf_counter() - started,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write_json(evaluation_path(run_dir, settings), result)
+    write_json(evaluation_path(run_dir, settings), result)
     return result
 
 
@@ -380,7 +364,7 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(out_dir / "figure3.json", data)
+        write_json(out_dir / "figure3.json", data)
         _plot_figure3(data, out_dir / "figure3.png")
         data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
     return data
@@ -442,5 +426,5 @@ def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: 
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS_DIR
     data = iwsvi_vs_iwae_study(model, x, out_dir=out_dir, progress=progress, **study_kwargs)
     data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))
-    _atomic_write_json(out_dir / "figure3.json", {k: v for k, v in data.items() if k != "files"})
+    write_json(out_dir / "figure3.json", {k: v for k, v in data.items() if k != "files"})
     return data
