@@ -86,3 +86,29 @@ def test_evaluate_prints_the_table_stores_json_and_reuses_it(data_dir, tmp_path,
     assert main(args + ["--recompute"]) == 0 and stored[0].stat().st_mtime_ns != mtime
     assert main(["evaluate", str(tmp_path / "none")]) == 2
     assert "not an airvae run directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_needs_only_the_run_dir(data_dir, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    child = subprocess.Popen([sys.executable, "-m", "airvae.cli", "train", "--dataset", "caltech", "--budget",
+                              "smoke", "--iterations", "5000", "--checkpoint-every", "10", "--val-every", "1000",
+                              "--data-dir", data_dir, "--run-dir", str(run), "--no-progress"],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert child.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=60) == 130
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 5000
+    assert "--resume" in summary["message"]
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0  # the stored config is used
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert main(["train", "--run-dir", str(run)]) == 2
+    assert "missing --dataset" in capsys.readouterr().err

@@ -16,8 +16,9 @@ from .config import ARCHITECTURES, BUDGETS, ConfigError, Regularizer, resolve_ru
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True,
-                   help="mnist, omniglot, caltech, or a path to your own .npz with train/valid/test 0/1 arrays")
+    p.add_argument("--dataset",
+                   help="mnist, omniglot, caltech, or a path to your own .npz with train/valid/test 0/1 arrays "
+                        "(not needed with --resume: the stored configuration is used)")
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS),
                    help="smoke: seconds; quick: minutes on a laptop CPU (1%% of the paper's iterations); "
                         "paper: appendix E exactly (default: quick)")
@@ -95,8 +96,18 @@ def default_run_dir(cfg) -> Path:
 
 def cmd_train(args) -> int:
     from .data import load_dataset
+    from .runs import load_config
     from .train import train
 
+    if args.dataset is None:
+        if not (args.resume and args.run_dir):
+            raise ConfigError("missing --dataset: allowed mnist, omniglot, caltech or a .npz path "
+                              "(only `--resume --run-dir DIR` may leave it out)")
+        stored = load_config(args.run_dir)
+        stored = stored.replace(device=args.device, data_dir=args.data_dir or stored.data_dir)
+        dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
+        return _report_training(stored, args.run_dir, train(stored, args.run_dir, resume=True,
+                                                            progress=not args.no_progress, dataset=dataset))
     _check_dataset_name(args.dataset)
     # Validate everything that does not need the data before loading it.
     if args.alpha is not None and not 0 <= args.alpha <= 1:
@@ -116,6 +127,10 @@ def cmd_train(args) -> int:
         print(f"note: {dataset.deviation}", file=sys.stderr)
     result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress, dataset=dataset)
+    return _report_training(cfg, run_dir, result)
+
+
+def _report_training(cfg, run_dir: Path, result) -> int:
     best = "n/a" if result.best_val_log_likelihood is None else f"{result.best_val_log_likelihood:.2f}"
     print(f"\n| model | dataset | steps | best valid IWAE-{cfg.val_k} log-lik. (step) | status | seconds |")
     print("|---|---|---|---|---|---|")
