@@ -59,16 +59,19 @@ class Budget:
     val_k: int  # importance samples of the validation log-likelihood estimate
     val_examples: int | None  # None: the whole validation split
     max_iterations: int | None = None
+    lr_scale: dict = dataclasses.field(default_factory=dict)  # dataset -> factor on Table 6's lr
 
 
 BUDGETS: dict[str, Budget] = {
     # seconds: exercises every code path, numbers are meaningless
     "smoke": Budget(iterations_fraction={"default": 0.0}, validations=2, val_k=8, val_examples=64,
                     max_iterations=40),
-    # minutes on a laptop CPU: 1% of the paper's iterations (15k steps, ~30 epochs of MNIST); 5% for
-    # Caltech, whose batch of 10 makes 1% only ten epochs, too few to reach the overfitting regime.
-    "quick": Budget(iterations_fraction={"default": 0.01, "caltech": 0.05}, validations=10, val_k=100,
-                    val_examples=1000),
+    # minutes on a laptop CPU: 1% of the paper's iterations (15k steps, ~30 epochs of MNIST). Caltech
+    # gets 2% (8k steps, 20 epochs) at 10x Table 6's lr: at lr 1e-4 its validation estimate was still
+    # at -142 nats after 10k steps (measured), far from the overfitting regime AIR is about; at 1e-3
+    # it reached -122.
+    "quick": Budget(iterations_fraction={"default": 0.01, "caltech": 0.02}, validations=10, val_k=100,
+                    val_examples=1000, lr_scale={"caltech": 10.0}),
     # appendix E exactly: early stopping on IWAE-5000 over the whole validation set
     "paper": Budget(iterations_fraction={"default": 1.0}, validations=150, val_k=5000, val_examples=None),
 }
@@ -236,7 +239,8 @@ def resolve_run_config(
     iterations = overrides.pop("iterations", iterations)
     val_every = overrides.pop("val_every", max(1, iterations // b.validations))
     defaults = dict(
-        dataset=dataset, architecture=arch, x_dim=x_dim, regularizer=regularizer or Regularizer(), lr=schedule.lr,
+        dataset=dataset, architecture=arch, x_dim=x_dim, regularizer=regularizer or Regularizer(),
+        lr=schedule.lr * b.lr_scale.get(dataset, 1.0),
         iterations=iterations, batch_size=schedule.batch_size, val_every=val_every, val_k=b.val_k,
         val_examples=b.val_examples, checkpoint_every=val_every, budget=budget,
     )
