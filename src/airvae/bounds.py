@@ -29,6 +29,17 @@ def gaussian_log_prob_from_noise(eps: torch.Tensor, std: torch.Tensor) -> torch.
     return -(0.5 * eps.square() + std.log() + HALF_LOG_2PI).sum(-1)
 
 
+def gaussian_log_ratio_from_noise(z: torch.Tensor, eps: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) - log N(z; mean, diag(std^2)) for ``z = mean + std * eps``, summed over the
+    last dimension: ``0.5 * (|eps|^2 - |z|^2) + sum(log std)``.
+
+    Equal to ``standard_normal_log_prob(z) - gaussian_log_prob_from_noise(eps, std)`` (the 2 pi
+    constants cancel) in fewer passes: ``sum(log std)`` is taken once per example and broadcast
+    over the sample axes instead of being added to every sample.
+    """
+    return 0.5 * (eps.square() - z.square()).sum(-1) + std.log().sum(-1)
+
+
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(z; mean, diag(std^2)), summed over the last dimension."""
     return gaussian_log_prob_from_noise((z - mean) / std, std)
@@ -42,6 +53,8 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def iwae_bound(log_w: torch.Tensor, dim: int = -2) -> torch.Tensor:
     """IWAE-k bound (eq. 20): log (1/k) sum_i w_i over the ``k`` axis (``dim``)."""
+    if log_w.shape[dim] == 1:  # k = 1: the bound is the weight itself (exactly what logsumexp gives)
+        return log_w.squeeze(dim)
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 

@@ -1,0 +1,894 @@
+#!/usr/bin/env python
+"""airvae speed benchmark: training steps/s, IWAE-5000 and IW-SVI throughput, as FLOP/s next to the
+machine's fp32 matmul ceiling measured in the same run, each beside a plain eager reference.
+
+    python benchmarks/bench.py [--quick] [--out benchmarks/results.json] [--device auto|cpu|cuda]
+
+Prints a Markdown table and writes JSON. See benchmarks/README.md for what the numbers mean.
+
+FLOP counting (analytic, matmuls only): a dense layer costs 2*in*out FLOPs per row forward; a
+training step costs 3x forward (backward = grad-input + grad-weight matmuls); the encoder runs
+once per example, the decoder k*m times. Evaluation (IWAE-k) is forward only; an IW-SVI step is
+2x the decoder forward of its l samples (forward + the grad-input backward to z; the frozen
+decoder needs no weight gradients).
+
+Timing: every workload runs in interleaved rounds (airvae, reference, airvae, ...), and each rate
+is the best round. The CPU time that *other* processes used during each round is read from
+/proc/stat: on a shared 2-core machine another busy process halves OpenMP throughput, so rounds
+with outside load are retried (up to a budget) and flagged in the JSON ("contended").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # runnable without PYTHONPATH=src
+    sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import airvae  # noqa: E402
+from airvae.estimators import iwae_log_likelihood  # noqa: E402
+from airvae.model import air_objective, build_vae  # noqa: E402
+from airvae.networks import parse_hidden_spec  # noqa: E402
+
+try:  # the optional compiled log-weights kernel (airvae.model.set_compile)
+    from airvae.model import set_compile as _model_set_compile
+except ImportError:  # pragma: no cover
+    _model_set_compile = None
+
+try:  # the training loop's own helpers, so the benchmark measures exactly what train() does
+    from airvae.train import MinibatchSchedule
+except ImportError:  # pragma: no cover - older/newer layouts
+    MinibatchSchedule = None
+try:
+    from airvae.train import _fast_adam_options
+except ImportError:  # pragma: no cover
+    def _fast_adam_options(device):
+        return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+LOG_2PI = math.log(2 * math.pi)
+
+# Table 6 architectures (encoder / decoder hidden layers, z64, x784) and batch sizes.
+TRAIN_CASES = [
+    {"name": "mnist k=1", "enc": "d300-d300", "dec": "d300-d300", "batch": 100, "k": 1, "lr": 1e-3, "T": 1_500_000, "n_train": 50_000},
+    {"name": "mnist k=8", "enc": "d300-d300", "dec": "d300-d300", "batch": 100, "k": 8, "lr": 1e-3, "T": 1_500_000, "n_train": 50_000},
+    {"name": "mnist k=64", "enc": "d300-d300", "dec": "d300-d300", "batch": 100, "k": 64, "lr": 1e-3, "T": 1_500_000, "n_train": 50_000},
+    {"name": "caltech k=1", "enc": "d500", "dec": "d500", "batch": 10, "k": 1, "lr": 1e-4, "T": 400_000, "n_train": 4_100},
+]
+# Regularized variants of the MNIST k=1 step (full run only): their extra cost over the plain step.
+VARIANT_CASES = [
+    {"name": "mnist k=1 DVAE a=1", "sigma": 5.0 / 28, "alpha": 1.0},
+    {"name": "mnist k=1 DVAE a=0.5", "sigma": 5.0 / 28, "alpha": 0.5},
+    {"name": "mnist k=1 WNI H=4", "max_norm": 4.0},
+]
+X_DIM, Z_DIM = 784, 64
+FLOP_NOTE = ("matmul FLOPs only: a dense layer is 2*in*out per row forward; training step = 3x forward "
+             "(encoder once per example, decoder k*m times per example); IWAE-k = forward only (encoder + k "
+             "decoder passes per example); IW-SVI step = 2x the decoder forward of l samples per example "
+             "(forward + grad-input backward; the frozen decoder needs no weight gradients)")
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def layer_dims(in_dim: int, hidden: str, heads: list[int]) -> list[tuple[int, int]]:
+    dims, width = [], in_dim
+    for units in parse_hidden_spec(hidden):
+        dims.append((width, units))
+        width = units
+    return dims + [(width, h) for h in heads]
+
+
+def forward_flops(dims: list[tuple[int, int]]) -> int:
+    return sum(2 * i * o for i, o in dims)
+
+
+def arch_flops(enc: str, dec: str) -> tuple[int, int]:
+    """Forward matmul FLOPs per example of the encoder (mean + variance heads) and per latent sample
+    of the decoder."""
+    return (forward_flops(layer_dims(X_DIM, enc, [Z_DIM, Z_DIM])),
+            forward_flops(layer_dims(Z_DIM, dec, [X_DIM])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _busy_seconds() -> float | None:
+    """Machine-wide busy CPU seconds so far (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    busy = values[0] + values[1] + values[2] + sum(values[5:8])  # user nice system irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OutsideLoad:
+    """Cores used by other processes during a block: machine busy time minus this process's."""
+
+    def __enter__(self):
+        self.b0, self.p0, self.t0 = _busy_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        b1, p1, t1 = _busy_seconds(), time.process_time(), time.perf_counter()
+        if self.b0 is None or b1 is None:
+            self.cores = None
+        else:
+            self.cores = max(0.0, ((b1 - self.b0) - (p1 - self.p0)) / max(t1 - self.t0, 1e-9))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CONTENDED_CORES = 0.1  # outside load above this (in cores) marks a round as disturbed
+
+
+class Timer:
+    """Interleaved, load-aware timing of named workloads."""
+
+    def __init__(self, device: torch.device, retry_budget_s: float):
+        self.device, self.retry_budget_s = device, retry_budget_s
+        self.retry_spent = self.waited = 0.0
+
+    def wait_idle(self, window: float = 0.25) -> None:
+        """Waits (within the budget) until other processes leave the CPU alone."""
+        while self.waited + self.retry_spent < self.retry_budget_s:
+            with OutsideLoad() as load:
+                time.sleep(window)
+            if load.cores is None or load.cores <= CONTENDED_CORES:
+                return
+            self.waited += window
+
+    def rate(self, fn, min_time: float, min_calls: int = 1, units_per_call: float = 1.0):
+        """Calls of ``fn`` per second (times units_per_call) over at least ``min_time`` s, with the
+        outside load seen meanwhile. A ``fn`` marked ``self_timed`` returns its own rate."""
+        _sync(self.device)
+        with OutsideLoad() as load:
+            if getattr(fn, "self_timed", False):
+                r = fn()
+            else:
+                t0 = time.perf_counter()
+                n = 0
+                while n < min_calls or time.perf_counter() - t0 < min_time:
+                    fn()
+                    n += 1
+                _sync(self.device)
+                r = n * units_per_call / (time.perf_counter() - t0)
+        return r, load.cores
+
+    def compare(self, fns: dict, rounds: int, min_time: float, min_calls: int = 1, units_per_call=1.0):
+        """Best rate of each workload over interleaved rounds; disturbed rounds are repeated while
+        the retry budget lasts."""
+        samples = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                for attempt in range(4):
+                    self.wait_idle()
+                    t0 = time.perf_counter()
+                    r, cores = self.rate(fn, min_time, min_calls, units_per_call)
+                    samples[name].append((r, cores))
+                    disturbed = cores is not None and cores > CONTENDED_CORES
+                    if disturbed and self.retry_spent < self.retry_budget_s and attempt < 3:
+                        self.retry_spent += time.perf_counter() - t0
+                        time.sleep(0.5)
+                        continue
+                    break
+        out = {}
+        for name, s in samples.items():
+            clean = [r for r, c in s if c is None or c <= CONTENDED_CORES]
+            use = clean or [r for r, _ in s]
+            out[name] = {"rate": max(use), "median": statistics.median(use), "rounds": len(s),
+                         "clean_rounds": len(clean), "contended": not clean,
+                         "max_outside_load_cores": max((c for _, c in s if c is not None), default=None)}
+        return out
+
+
+def matmul_ceiling(device: torch.device, n: int, reps: int) -> float:
+    """Best fp32 n x n matmul rate (FLOP/s) over ``reps`` timed products."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    _sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
+            "logical_cpus": os.cpu_count(), "torch": torch.__version__, "airvae": getattr(airvae, "__version__", None),
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(device),
+            "mkl": torch.backends.mkl.is_available(), "loadavg_at_start": _loadavg(),
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "AIRVAE_COMPILE") if k in os.environ}}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain eager reference: the same model and bound, written the obvious way.
+
+
+class RefVAE(nn.Module):
+    """Gaussian encoder (mean, softplus-variance heads), Bernoulli decoder, N(0, I) prior; IWAE-k."""
+
+    def __init__(self, enc: str, dec: str):
+        super().__init__()
+
+        def trunk(width, spec):
+            layers = []
+            for units in parse_hidden_spec(spec):
+                layers += [nn.Linear(width, units), nn.ELU()]
+                width = units
+            return nn.Sequential(*layers), width
+
+        self.enc, w = trunk(X_DIM, enc)
+        self.enc_mean, self.enc_var = nn.Linear(w, Z_DIM), nn.Linear(w, Z_DIM)
+        dec_trunk, w = trunk(Z_DIM, dec)
+        self.dec = nn.Sequential(dec_trunk, nn.Linear(w, X_DIM))
+
+    def encode(self, x):
+        h = self.enc(x)
+        return self.enc_mean(h), torch.sqrt(F.softplus(self.enc_var(h)) + 1e-8)
+
+    def log_weights(self, x, mean, std, k):
+        eps = torch.randn(k, *mean.shape, device=mean.device)
+        z = mean + std * eps
+        logits = self.dec(z)
+        log_px = (x * logits - F.softplus(logits)).sum(-1)
+        log_pz = (-0.5 * z ** 2 - 0.5 * LOG_2PI).sum(-1)
+        log_qz = (-0.5 * ((z - mean) / std) ** 2 - torch.log(std) - 0.5 * LOG_2PI).sum(-1)
+        return log_px + log_pz - log_qz  # [k, batch]
+
+    def bound(self, x, k):
+        mean, std = self.encode(x)
+        return torch.logsumexp(self.log_weights(x, mean, std, k), dim=0) - math.log(k)
+
+
+@torch.no_grad()
+def ref_iwae(model: RefVAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Naive IWAE-k: one example at a time, all k samples decoded at once."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1]
+        mean, std = model.encode(xi)
+        out.append(torch.logsumexp(model.log_weights(xi, mean, std, k).double(), dim=0) - math.log(k))
+    return torch.cat(out)
+
+
+def ref_iw_svi_steps(model: RefVAE, x: torch.Tensor, l: int, lr: float = 3e-3):  # noqa: E741
+    """Naive IW-SVI: per-example (mu, log sigma) as two batched tensors, default Adam on IWAE-l.
+    Returns a function doing one optimization step."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        mean, std = model.encode(x)
+    mu = mean.clone().requires_grad_(True)
+    rho = std.log().clone().requires_grad_(True)
+    opt = torch.optim.Adam([mu, rho], lr=lr)
+
+    def step():
+        log_w = model.log_weights(x, mu, rho.exp(), l)
+        loss = -(torch.logsumexp(log_w, dim=0) - math.log(l)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads
+
+
+def make_data(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Synthetic binary images resident on the device (MNIST's mean pixel ~0.13): the values do
+    not change the cost of any operation measured here."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, X_DIM, generator=g) < 0.13).float().to(device)
+
+
+def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
+    """One step of airvae's training loop (train.train): lr of eq. 43 set per step, the minibatch
+    of step t by index from resident data, air_objective, loss.item(), fused Adam."""
+    torch.manual_seed(0)
+    model = build_vae(X_DIM, Z_DIM, case["enc"], case["dec"], sigma=case.get("sigma", 0.0),
+                      max_norm=case.get("max_norm", math.inf)).to(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **_fast_adam_options(device))
+    n, batch, k, alpha = data.shape[0], case["batch"], case["k"], case.get("alpha", 1.0)
+    schedule = MinibatchSchedule(n, batch, seed=0) if MinibatchSchedule is not None else None
+    lr0, T = case["lr"], case["T"]
+    state = {"step": 0}
+
+    def step():
+        t = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
+        idx = schedule.indices(t) if schedule is not None else torch.randint(0, n, (batch,))
+        x = data[idx.to(device)]
+        loss = -air_objective(model, x, k, 1, alpha).mean()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError("benchmark model diverged")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] = t + 1
+
+    return step
+
+
+def ref_train_step(case: dict, device: torch.device, data: torch.Tensor):
+    """The same step written plainly: RefVAE, default Adam, random minibatch indices."""
+    torch.manual_seed(0)
+    model = RefVAE(case["enc"], case["dec"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
+    n, batch, k = data.shape[0], case["batch"], case["k"]
+    lr0, T = case["lr"], case["T"]
+    state = {"step": 0}
+
+    def step():
+        t = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
+        x = data[torch.randint(0, n, (batch,), device=device)]
+        loss = -model.bound(x, k).mean()
+        loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state["step"] = t + 1
+
+    return step
+
+
+def stacked_train_step(case: dict, device: torch.device, data: torch.Tensor, models: int,
+                       sigmas: list[float] | None = None):
+    """Prototype: ``models`` same-architecture VAEs trained at once. Their parameters are stacked
+    (torch.func.stack_module_state) and one vmapped airvae objective (functional_call) makes every
+    layer a batched matrix product; one fused Adam updates all stacked tensors (Adam is elementwise,
+    so each model follows exactly its own trajectory). Each model gets its own minibatch and, when
+    ``sigmas`` is given, its own denoising sigma (alpha = 1) as a vmapped input."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from airvae.bounds import iwae_bound
+    from airvae.model import log_weights_given_q
+
+    k = case["k"]
+
+    class Objective(nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x, sigma):
+            if sigmas is None:
+                return air_objective(self.vae, x, k, 1, 1.0)
+            # eq. 13 with a per-model sigma: the encoder sees x + sigma * eps, the decoder scores x
+            mean, std = self.vae.encode(x + sigma * torch.randn_like(x), noisy=False)
+            return iwae_bound(log_weights_given_q(self.vae.decoder, x, mean, std, k)).mean(0)
+
+    torch.manual_seed(0)
+    objs = [Objective(build_vae(X_DIM, Z_DIM, case["enc"], case["dec"])).to(device) for _ in range(models)]
+    params, buffers = stack_module_state(objs)
+    base = copy.deepcopy(objs[0]).to("meta")
+    opt_params = list(params.values())
+    optimizer = torch.optim.Adam(opt_params, lr=case["lr"], **_fast_adam_options(device))
+    sigma_t = torch.tensor(sigmas if sigmas is not None else [0.0] * models, device=device)
+    n, batch, lr0, T = data.shape[0], case["batch"], case["lr"], case["T"]
+
+    def per_model(p, b, x, sigma):
+        return -functional_call(base, (p, b), (x, sigma)).mean()
+
+    batched = vmap(per_model, in_dims=(0, 0, 0, 0), randomness="different")
+    state = {"step": 0}
+
+    def step():
+        t = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
+        x = data[torch.randint(0, n, (models, batch), device=device)]
+        losses = batched(params, buffers, x, sigma_t)  # [models]
+        loss = losses.sum()
+        loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] = t + 1
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+def pct(flops_per_s: float, ceiling: float) -> float:
+    return 100.0 * flops_per_s / ceiling
+
+
+def _set_compile(flag: bool) -> None:
+    if _model_set_compile is not None:
+        _model_set_compile(flag)
+
+
+def in_mode(fn, compiled: bool):
+    """``fn`` run with airvae's compiled log-weights kernel on or off (a global switch)."""
+    def run():
+        _set_compile(compiled)
+        return fn()
+
+    run.self_timed = getattr(fn, "self_timed", False)
+    return run
+
+
+def with_variants(args, make_airvae, make_reference=None) -> dict:
+    """The workloads of one row: airvae as shipped (eager), airvae with the compiled kernel (when
+    asked for), the plain reference."""
+    fns = {"airvae": in_mode(make_airvae(), False)}
+    if args.compile:
+        fns["airvae+compile"] = in_mode(make_airvae(), True)
+    if make_reference is not None:
+        fns["reference"] = make_reference()
+    return fns
+
+
+def warm_up(fns: dict, calls: int) -> dict:
+    """Runs each workload ``calls`` times; returns the seconds of the first call (compilation)."""
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+        for _ in range(calls - 1):
+            fn()
+    _set_compile(False)
+    return first
+
+
+def fill_row(row: dict, r: dict, flops: float, ceiling_ref, first: dict | None = None) -> dict:
+    for name, m in r.items():
+        row[name] = {**m, "gflops": m["rate"] * flops / 1e9, "pct_ceiling": pct(m["rate"] * flops, ceiling_ref())}
+        if first and name.endswith("compile"):
+            row[name]["first_call_s"] = first[name]
+    if "reference" in r:
+        row["speedup"] = r["airvae"]["rate"] / r["reference"]["rate"]
+        if "airvae+compile" in r:
+            row["speedup_compile"] = r["airvae+compile"]["rate"] / r["reference"]["rate"]
+    return row
+
+
+def _selected(args, name: str) -> bool:
+    return not args.cases or name in [c.strip() for c in args.cases.split(",")]
+
+
+def bench_training(args, timer, device, ceiling_ref, results):
+    cases = list(TRAIN_CASES)
+    if not args.quick:
+        base = TRAIN_CASES[0]
+        cases += [{**base, **v} for v in VARIANT_CASES]
+    data_cache = {}
+    for case in cases:
+        if not _selected(args, case["name"]):
+            continue
+        if case["n_train"] not in data_cache:
+            data_cache[case["n_train"]] = make_data(case["n_train"], device)
+        data = data_cache[case["n_train"]]
+        enc_f, dec_f = arch_flops(case["enc"], case["dec"])
+        flops = 3 * case["batch"] * (enc_f + case["k"] * dec_f)
+        if case.get("alpha", 1.0) not in (0.0, 1.0):
+            flops *= 2  # eq. 16 evaluates both the noisy and the clean objective
+        with_ref = "sigma" not in case and "max_norm" not in case and args.reference
+        fns = with_variants(args, lambda: airvae_train_step(case, device, data),
+                            (lambda: ref_train_step(case, device, data)) if with_ref else None)
+        first = warm_up(fns, args.warmup_steps)
+        expected = flops / max(ceiling_ref() * 0.3, 1e9)  # rough seconds per step
+        min_calls = max(3, int(0.1 / max(expected, 1e-6)))
+        r = timer.compare(fns, args.rounds, args.min_time, min_calls)
+        row = {"section": "train", "case": case["name"], "batch": case["batch"], "k": case["k"],
+               "flops_per_step": flops, "unit": "steps/s"}
+        results.append(fill_row(row, r, flops, ceiling_ref, first))
+        _print_row(row)
+
+
+def bench_stacked(args, timer, device, ceiling_ref, results):
+    case = TRAIN_CASES[0]
+    data = make_data(case["n_train"], device)
+    enc_f, dec_f = arch_flops(case["enc"], case["dec"])
+    flops = 3 * case["batch"] * (enc_f + case["k"] * dec_f)
+    fns = {"single": in_mode(airvae_train_step(case, device, data), False)}
+    counts = [4] if args.quick else [2, 4, 8]
+    try:
+        for m in counts:
+            fns[f"stacked x{m}"] = in_mode(stacked_train_step(case, device, data, m), False)
+        if not args.quick:
+            fns["stacked x4 sigma-grid"] = in_mode(
+                stacked_train_step(case, device, data, 4, sigmas=[0.0, 0.1, 0.2, 0.3]), False)
+        warm_up(fns, args.warmup_steps)
+    except Exception as exc:  # noqa: BLE001 - a prototype: report, do not abort the benchmark
+        results.append({"section": "stacked", "case": case["name"], "error": repr(exc)})
+        print(f"stacked training prototype failed: {exc!r}")
+        return
+    r = timer.compare(fns, args.rounds, args.min_time, 3)
+    single = r["single"]["rate"]
+    for name, meas in r.items():
+        m = 1 if name == "single" else int(name.split("x")[1].split()[0])
+        per_model = meas["rate"] * m
+        row = {"section": "stacked", "case": f"{case['name']} {name}", "models": m, "unit": "model-steps/s",
+               "flops_per_step": flops * m,
+               "airvae": {**meas, "rate": per_model, "gflops": per_model * flops / 1e9,
+                          "pct_ceiling": pct(per_model * flops, ceiling_ref())},
+               "speedup_vs_single": per_model / single}
+        results.append(row)
+        _print_row(row)
+
+
+def bench_iwae(args, timer, device, ceiling_ref, results):
+    k = args.iwae_k
+    for arch in ("mnist", "caltech"):
+        case = TRAIN_CASES[0] if arch == "mnist" else TRAIN_CASES[3]
+        if (args.quick and arch == "caltech") or not _selected(args, f"{arch} IWAE-{k}"):
+            continue
+        enc_f, dec_f = arch_flops(case["enc"], case["dec"])
+        flops = enc_f + k * dec_f  # per example, forward only
+        torch.manual_seed(0)
+        model = build_vae(X_DIM, Z_DIM, case["enc"], case["dec"]).to(device).eval()
+        ref = RefVAE(case["enc"], case["dec"]).to(device).eval()
+        n = args.iwae_examples
+        x = make_data(n, device, seed=1)
+        fns = with_variants(args, lambda: (lambda: iwae_log_likelihood(model, x, k, seed=0)),
+                            (lambda: (lambda: ref_iwae(ref, x, k))) if args.reference else None)
+        sweep = {}
+        if args.chunk_sweep and arch == "mnist":
+            for cs in args.chunk_sweep:
+                sweep[f"chunk={cs}"] = in_mode(lambda cs=cs: iwae_log_likelihood(model, x, k, seed=0, chunk_samples=cs),
+                                               False)
+        first = warm_up(fns, 1)
+        warm_up(sweep, 1)
+        r = timer.compare(fns, args.rounds, args.min_time, 1, units_per_call=n)
+        row = {"section": "iwae", "case": f"{arch} IWAE-{k}", "k": k, "examples": n, "unit": "examples/s",
+               "flops_per_example": flops}
+        fill_row(row, r, flops, ceiling_ref, first)
+        if sweep:
+            rs = timer.compare(sweep, max(2, args.rounds - 1), args.min_time, 1, units_per_call=n)
+            row["chunk_sweep"] = [{"chunk_samples": int(name.split("=")[1]), **m, "gflops": m["rate"] * flops / 1e9,
+                                   "pct_ceiling": pct(m["rate"] * flops, ceiling_ref())} for name, m in rs.items()]
+        results.append(row)
+        _print_row(row)
+
+
+def bench_iw_svi(args, timer, device, ceiling_ref, results):
+    try:
+        from airvae.estimators import fit_iw_svi
+    except ImportError:
+        fit_iw_svi = None
+    try:
+        from airvae.estimators import iw_svi_log_likelihood
+    except ImportError:
+        iw_svi_log_likelihood = None
+    case, l = TRAIN_CASES[0], args.svi_l  # noqa: E741
+    n = args.svi_examples
+    enc_f, dec_f = arch_flops(case["enc"], case["dec"])
+    flops = 2 * l * n * dec_f  # per step over n examples: forward + grad-input backward
+    torch.manual_seed(0)
+    model = build_vae(X_DIM, Z_DIM, case["enc"], case["dec"]).to(device).eval()
+    ref = RefVAE(case["enc"], case["dec"]).to(device).eval()
+    x = make_data(n, device, seed=2)
+    row = {"section": "iw-svi", "case": f"mnist IW-SVI l={l}", "l": l, "examples": n, "unit": "steps/s",
+           "flops_per_step": flops}
+    s1, s2 = args.svi_steps
+
+    def make_airvae():
+        def run(steps):
+            if fit_iw_svi is not None:
+                fit_iw_svi(model, x, l=l, steps=steps, seed=0, chunk_examples=n)
+            else:  # k = 1 scoring: negligible next to the fit
+                iw_svi_log_likelihood(model, x, k=1, l=l, steps=steps, seed=0)
+
+        def rate():
+            # steps/s from the difference of two fits, so setup and scoring cancel
+            t0 = time.perf_counter()
+            run(s1)
+            _sync(device)
+            t1 = time.perf_counter()
+            run(s2)
+            _sync(device)
+            t2 = time.perf_counter()
+            return (s2 - s1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+        rate.self_timed = True
+        return rate
+
+    if fit_iw_svi is None and iw_svi_log_likelihood is None:
+        row["note"] = "airvae.estimators has no IW-SVI yet: only the reference is measured"
+        fns = {"reference": ref_iw_svi_steps(ref, x, l)}
+    else:
+        fns = with_variants(args, make_airvae, (lambda: ref_iw_svi_steps(ref, x, l)) if args.reference else None)
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    _set_compile(False)
+    r = timer.compare(fns, args.svi_rounds, args.min_time, 3)
+    fill_row(row, r, flops, ceiling_ref, first)
+    results.append(row)
+    _print_row(row)
+
+
+def bench_allocator(args, results, ceiling_ref):
+    """airvae's eager numbers again in a child process whose glibc malloc keeps freed memory
+    (--malloc tuned): the difference is the page-fault cost of PyTorch's large temporaries."""
+    import subprocess
+    import tempfile
+
+    cases = "mnist k=1,mnist k=64,caltech k=1,mnist IWAE-5000"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", "train,iwae", "--cases", cases,
+               "--malloc", args.malloc_compare, "--no-compile", "--no-reference", "--no-chunk-sweep",
+               "--out", str(out), "--device", args.device, "--child"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        if args.quick:
+            cmd.append("--quick")
+        print(f"allocator: child process with --malloc {args.malloc_compare}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            results.append({"section": "allocator", "case": "child", "error": proc.stderr[-2000:]})
+            return
+        child = json.loads(out.read_text())
+    mine = {(row["section"], row["case"]): row for row in results if "airvae" in row}
+    for crow in child["results"]:
+        base = mine.get((crow["section"], crow["case"]))
+        if base is None or "airvae" not in crow:
+            continue
+        flops = crow.get("flops_per_step", crow.get("flops_per_example"))
+        rate = crow["airvae"]["rate"]
+        row = {"section": "allocator", "case": f"{crow['case']} malloc={args.malloc_compare}", "unit": crow["unit"],
+               "airvae": {**crow["airvae"], "gflops": rate * flops / 1e9, "pct_ceiling": pct(rate * flops, ceiling_ref())},
+               "default_malloc_rate": base["airvae"]["rate"], "speedup_vs_default_malloc": rate / base["airvae"]["rate"]}
+        results.append(row)
+        _print_row(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _print_row(row):
+    parts = [f"  {row['case']:<34}"]
+    for name in ("airvae", "airvae+compile", "reference"):
+        if name in row:
+            m = row[name]
+            parts.append(f"{name} {m['rate']:.2f} ({m['pct_ceiling']:.1f}%)" + ("*" if m.get("contended") else ""))
+    if "speedup" in row:
+        parts.append(f"x{row['speedup']:.2f}")
+    if "speedup_compile" in row:
+        parts.append(f"compile x{row['speedup_compile']:.2f}")
+    if "speedup_vs_single" in row:
+        parts.append(f"x{row['speedup_vs_single']:.2f} vs single")
+    if "speedup_vs_default_malloc" in row:
+        parts.append(f"x{row['speedup_vs_default_malloc']:.2f} vs default malloc")
+    print("  ".join(parts) + f"  {row.get('unit', '')}", flush=True)
+
+
+def markdown(report: dict) -> str:
+    m, c = report["machine"], report["ceiling"]
+    lines = [f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpu_capability']}), torch {m['torch']}, "
+             f"{m['threads']} threads, device {m['device']}, malloc {m.get('malloc', 'default')}, {m['date']}",
+             f"fp32 matmul ceiling: {c['gflops']:.1f} GFLOP/s (best {c['n']}^2 torch.mm; start {c['start_gflops']:.1f}, "
+             f"end {c['end_gflops']:.1f}). % = achieved analytic matmul FLOP/s / ceiling. "
+             "`*` = every round saw other processes using CPU.", "",
+             "| workload | unit | airvae | % ceil | airvae+compile | % ceil | reference | % ceil | speed-up vs reference |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def cell(row, name):
+        v = row.get(name)
+        if not v:
+            return ["", ""]
+        return [f"{v['rate']:.2f}" + ("*" if v.get("contended") else ""), f"{v['pct_ceiling']:.1f}"]
+
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"| {row['section']}: {row['case']} | error | {row['error'][:200]!r} | | | | | | |")
+            continue
+        speed = []
+        if "speedup" in row:
+            speed.append(f"{row['speedup']:.2f}x")
+        if "speedup_compile" in row:
+            speed.append(f"compiled {row['speedup_compile']:.2f}x")
+        if "speedup_vs_single" in row:
+            speed.append(f"{row['speedup_vs_single']:.2f}x per model vs one at a time")
+        if "speedup_vs_default_malloc" in row:
+            speed.append(f"{row['speedup_vs_default_malloc']:.2f}x vs default malloc")
+        lines.append("| " + " | ".join([f"{row['section']}: {row['case']}", row["unit"], *cell(row, "airvae"),
+                                        *cell(row, "airvae+compile"), *cell(row, "reference"), ", ".join(speed)]) + " |")
+        for s in row.get("chunk_sweep", []):
+            lines.append(f"| &nbsp;&nbsp;chunk_samples={s['chunk_samples']} | examples/s | {s['rate']:.2f} | "
+                         f"{s['pct_ceiling']:.1f} | | | | | |")
+        if row.get("note"):
+            lines.append(f"| &nbsp;&nbsp;note: {row['note']} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Process-wide allocator settings (--malloc)
+
+
+def configure_malloc(mode: str) -> None:
+    """``tuned``: glibc malloc keeps freed memory instead of returning it to the kernel, so large
+    tensors stop page-faulting on every allocation; ``thp``: PyTorch's 2 MB-aligned allocations with
+    transparent huge pages (512x fewer faults). Both are process-wide and Linux-specific."""
+    if mode == "default":
+        return
+    if mode == "thp":
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by c10 at its first >= 2 MB allocation
+        return
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) \
+        and libc.mallopt(M_TOP_PAD, 64 << 20)
+    if not ok:
+        raise RuntimeError("mallopt failed (not glibc?)")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds and cases, no compilation (under ~2 minutes)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"), help="JSON output path")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--sections", default="train,stacked,iwae,iw-svi,allocator", help="comma-separated subset")
+    p.add_argument("--cases", default="", help="only workloads whose name contains one of these (comma-separated)")
+    p.add_argument("--malloc", default="default", choices=["default", "tuned", "thp"],
+                   help="process allocator setting for this run (see configure_malloc)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="also measure airvae with its torch.compile'd kernel (default: on unless --quick)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-reference", dest="reference", action="store_false", default=True)
+    p.add_argument("--no-chunk-sweep", dest="chunk_sweep_on", action="store_false", default=True)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    configure_malloc(args.malloc)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    quick = args.quick
+    if args.compile is None:
+        args.compile = not quick  # compilation costs seconds per graph: never in a quick run
+    if args.compile and _model_set_compile is None:
+        print("airvae.model has no set_compile: compiled variant skipped")
+        args.compile = False
+    args.rounds = 2 if quick else 4
+    args.min_time = 0.6 if quick else 1.5
+    args.warmup_steps = 5 if quick else 20
+    args.iwae_k = 5000
+    args.iwae_examples = 4 if quick else 10
+    args.chunk_sweep = [1024, 2500, 5000, 10000, 20000] if (args.chunk_sweep_on and not quick) else []
+    args.svi_l = 8
+    args.svi_examples = 100 if quick else 500
+    args.svi_steps = (64, 128)  # multiples of the estimator's 64-step noise blocks
+    args.svi_rounds = 2
+    args.malloc_compare = "tuned"
+    if device.type == "cuda":
+        args.iwae_examples *= 10
+    timer = Timer(device, retry_budget_s=10 if quick else 150)
+    sections = set(args.sections.split(","))
+    if quick or args.child or device.type != "cpu" or not sys.platform.startswith("linux"):
+        sections.discard("allocator")  # glibc/Linux only; a child process of about a minute
+
+    started = time.perf_counter()
+    info = machine_info(device)
+    info["malloc"] = args.malloc
+    ceiling_n = 2048 if device.type == "cpu" else 8192
+    timer.wait_idle()
+    start_ceiling = matmul_ceiling(device, ceiling_n, 10 if quick else 20)
+    ceilings = [start_ceiling]
+    print(f"{info['cpu']} | torch {info['torch']} | {info['threads']} threads | {device} | malloc {args.malloc}")
+    print(f"fp32 matmul ceiling ({ceiling_n}^2): {start_ceiling / 1e9:.1f} GFLOP/s")
+
+    def ceiling_ref():
+        return max(ceilings)
+
+    results: list[dict] = []
+    if "train" in sections:
+        print("training steps")
+        bench_training(args, timer, device, ceiling_ref, results)
+    if "stacked" in sections:
+        print("stacked training (torch.func prototype)")
+        bench_stacked(args, timer, device, ceiling_ref, results)
+    if "iwae" in sections:
+        print("IWAE evaluation")
+        bench_iwae(args, timer, device, ceiling_ref, results)
+    if "iw-svi" in sections:
+        print("IW-SVI")
+        bench_iw_svi(args, timer, device, ceiling_ref, results)
+    timer.wait_idle()
+    end_ceiling = matmul_ceiling(device, ceiling_n, 10 if quick else 20)
+    ceilings.append(end_ceiling)
+    if "allocator" in sections:
+        bench_allocator(args, results, ceiling_ref)
+    # Percentages are against the best ceiling of the run: recompute with the final one.
+    for row in results:
+        for key in ("airvae", "airvae+compile", "reference"):
+            if isinstance(row.get(key), dict) and "gflops" in row[key]:
+                row[key]["pct_ceiling"] = 100.0 * row[key]["gflops"] * 1e9 / ceiling_ref()
+        for c in row.get("chunk_sweep", []):
+            c["pct_ceiling"] = 100.0 * c["gflops"] * 1e9 / ceiling_ref()
+    report = {"machine": {**info, "loadavg_at_end": _loadavg()},
+              "ceiling": {"n": ceiling_n, "gflops": ceiling_ref() / 1e9, "start_gflops": start_ceiling / 1e9,
+                          "end_gflops": end_ceiling / 1e9},
+              "settings": {"quick": quick, "compile": args.compile, "rounds": args.rounds, "min_time_s": args.min_time,
+                           "iwae_k": args.iwae_k, "iwae_examples": args.iwae_examples, "svi_l": args.svi_l,
+                           "svi_examples": args.svi_examples, "svi_steps": list(args.svi_steps)},
+              "flop_counting": FLOP_NOTE,
+              "results": results, "seconds": time.perf_counter() - started,
+              "idle_wait_seconds": timer.waited, "retry_seconds": timer.retry_spent}
+    table = markdown(report)
+    print()
+    print(table)
+    print(f"\n({report['seconds']:.0f} s)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
