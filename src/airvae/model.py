@@ -36,9 +36,7 @@ def log_weights_given_q(
     else:
         eps = noise if noise.dim() == mean.dim() + 2 else noise.unsqueeze(0)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
-    if _compile.enabled:
-        return _compiled_log_weights(decoder, x, mean, std, eps)
-    return _log_weights_from_eps(decoder, x, mean, std, eps)
+    return _run_kernel(_log_weights_from_eps, eps[..., 0].numel(), decoder, x, mean, std, eps)
 
 
 def _log_weights_from_eps(decoder: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -48,14 +46,23 @@ def _log_weights_from_eps(decoder: nn.Module, x: torch.Tensor, mean: torch.Tenso
     return bernoulli_log_prob(x, decoder(z)) + gaussian_log_ratio_from_noise(z, eps, std)
 
 
+def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, x_seen: torch.Tensor,
+                        eps: torch.Tensor) -> torch.Tensor:
+    """The amortized log weights: the encoder sees ``x_seen`` (x, or x + noise for DVAE)."""
+    mean, std = encoder(x_seen)
+    return _log_weights_from_eps(decoder, x, mean, std, eps)
+
+
 # ----------------------------------------------------------------------------------------------
-# Optional torch.compile of the log-weights kernel (decoder + densities), off by default.
+# Optional torch.compile of the kernels above, off by default.
 #
-# It fuses the elementwise work around the decoder's matrix products (softplus, the x * logits
-# reduction, ELU) into single passes. Measured on a 2-core AVX2 CPU (benchmarks/README.md):
-# IWAE-5000 evaluation ~1.3x, training with k = 8 or 64 ~1.15x, k = 1 about even. The price is a
-# one-off compilation of several seconds per process and graph (cached on disk by Inductor), so
-# it is for long runs only: enable with AIRVAE_COMPILE=1 or set_compile(True).
+# Compiling fuses the elementwise work around the matrix products (softplus, the x * logits
+# reduction, ELU, the reparameterization) into single passes, forward and backward. The amortized
+# path (:meth:`VAE.log_weights`, i.e. training and IWAE-k) compiles encoder and decoder together;
+# IW-SVI compiles the decoder kernel. Measured speed-ups are in benchmarks/README.md. The price is a
+# one-off compilation of several seconds per process and graph (cached on disk by Inductor), so it
+# is for long runs only: enable it with AIRVAE_COMPILE=1 or set_compile(True). Random draws always
+# stay outside the compiled graphs, so streams (and results, to float rounding) match eager.
 
 COMPILE_ENV = "AIRVAE_COMPILE"
 
@@ -63,25 +70,33 @@ COMPILE_ENV = "AIRVAE_COMPILE"
 class _CompileState:
     def __init__(self):
         self.enabled = os.environ.get(COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-        self.fn = None
+        self.min_samples = 0  # latents decoded per call (k * m * batch) below which eager is used
+        self.fns: dict = {}
 
 
 _compile = _CompileState()
 
 
-def set_compile(enabled: bool = True) -> None:
-    """Use (or stop using) a torch.compile'd log-weights kernel in :func:`log_weights_given_q`,
-    hence in training and every estimator. Results agree with the eager kernel to float rounding
-    and the random draws are identical. Default: the ``AIRVAE_COMPILE`` environment variable."""
+def set_compile(enabled: bool = True, min_samples: int | None = None) -> None:
+    """Use (or stop using) torch.compile'd log-weights kernels, hence in training and every
+    estimator, for calls decoding at least ``min_samples`` latents (0: every call). Results agree
+    with eager to float rounding and the random draws are identical. Default: the
+    ``AIRVAE_COMPILE`` environment variable."""
     _compile.enabled = bool(enabled)
+    if min_samples is not None:
+        _compile.min_samples = int(min_samples)
 
 
 def compile_enabled() -> bool:
     return _compile.enabled
 
 
-def _compiled_log_weights(decoder, x, mean, std, eps):
-    if _compile.fn is None:
+def _run_kernel(kernel, samples: int, *args) -> torch.Tensor:
+    """``kernel(*args)``, compiled when compilation is on and the call is large enough."""
+    if not (_compile.enabled and samples >= _compile.min_samples):
+        return kernel(*args)
+    compiled = _compile.fns.get(kernel)
+    if compiled is None:
         # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
         cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home / "airvae" / "torchinductor"))
@@ -92,11 +107,11 @@ def _compiled_log_weights(decoder, x, mean, std, eps):
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compile.fn = torch.compile(_log_weights_from_eps, dynamic=False)
+        compiled = _compile.fns[kernel] = torch.compile(kernel, dynamic=False)
     try:
-        return _compile.fn(decoder, x, mean, std, eps)
+        return compiled(*args)
     except Exception as exc:  # noqa: BLE001
-        out = _log_weights_from_eps(decoder, x, mean, std, eps)  # a genuine error raises here again
+        out = kernel(*args)  # a genuine error raises here again
         # Eager works, so compiling is what failed (no C++ compiler, unsupported platform...).
         warnings.warn(f"torch.compile of the log-weights kernel failed ({type(exc).__name__}: {exc}); "
                       "continuing without it", RuntimeWarning, stacklevel=3)
@@ -111,18 +126,26 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
+    def _encoder_and_input(self, x: torch.Tensor, noisy: bool | None) -> tuple[nn.Module, torch.Tensor]:
+        """The deterministic encoder and what it sees: a denoising encoder's noise is drawn here,
+        outside any compiled graph."""
+        if isinstance(self.encoder, DenoisingEncoder):
+            return self.encoder.encoder, self.encoder.perturb(x, noisy)
+        return self.encoder, x
+
     def encode(self, x: torch.Tensor, noisy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) parameters; ``noisy`` selects the denoising encoder's perturbed input (eq. 13)."""
-        if isinstance(self.encoder, DenoisingEncoder):
-            return self.encoder(x, noisy=noisy)
-        return self.encoder(x)
+        encoder, x_seen = self._encoder_and_input(x, noisy)
+        return encoder(x_seen)
 
     def log_weights(self, x: torch.Tensor, k: int = 1, m: int = 1, noisy: bool | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """Log importance weights ``[m, k, batch]``. The encoder may see a noisy x; the decoder
         always scores the clean x (eq. 13)."""
-        mean, std = self.encode(x, noisy)
-        return log_weights_given_q(self.decoder, x, mean, std, k, m, generator)
+        encoder, x_seen = self._encoder_and_input(x, noisy)
+        eps = torch.randn((m, k, *x.shape[:-1], self.decoder.z_dim), device=x.device, dtype=x.dtype,
+                          generator=generator)  # the same draws log_weights_given_q would make
+        return _run_kernel(_encode_log_weights, eps[..., 0].numel(), encoder, self.decoder, x, x_seen, eps)
 
 
 def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0) -> torch.Tensor:

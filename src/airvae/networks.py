@@ -113,11 +113,15 @@ class DenoisingEncoder(nn.Module):
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.encoder, self.sigma = encoder, float(sigma)
 
-    def forward(self, x: torch.Tensor, noisy: bool | None = None):
+    def perturb(self, x: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
+        """What the wrapped encoder sees: ``x + eps`` when noisy, else ``x``."""
         noisy = self.training if noisy is None else noisy
         if noisy and self.sigma > 0:
-            x = x + self.sigma * torch.randn_like(x)
-        return self.encoder(x)
+            return x + self.sigma * torch.randn_like(x)
+        return x
+
+    def forward(self, x: torch.Tensor, noisy: bool | None = None):
+        return self.encoder(self.perturb(x, noisy))
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma:g}"
