@@ -1,6 +1,7 @@
 """The command line end to end: smoke runs on each dataset, every model family, and clear errors."""
 
 import json
+import os
 
 import pytest
 
@@ -33,6 +34,19 @@ def test_every_model_family_trains(flags, name, data_dir, tmp_path, capsys):
     assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "10", "--data-dir", data_dir,
                  "--run-dir", str(run), "--no-progress", *flags]) == 0
     assert json.loads((run / "summary.json").read_text())["model"] == name
+
+
+def test_compile_flag_turns_compilation_on_for_this_process_and_its_workers(data_dir, tmp_path, monkeypatch):
+    import airvae.model as model
+
+    calls = []
+    monkeypatch.setattr(model, "set_compile", lambda enabled=True, min_samples=None: calls.append(enabled))
+    monkeypatch.setenv(model.COMPILE_ENV, "")  # restored after the test, whatever the CLI sets
+    # the stub compiles nothing: only the wiring is under test (test_compile.py checks the kernels)
+    assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "2", "--data-dir", data_dir,
+                 "--run-dir", str(tmp_path / "run"), "--no-progress", "--compile"]) == 0
+    assert calls == [True]
+    assert os.environ[model.COMPILE_ENV] == "1"  # spawned sweep workers read it
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -6,15 +6,17 @@ import pytest
 import torch
 
 from airvae import air_objective, build_vae
-from airvae.model import _compile, log_weights_given_q, set_compile
+from airvae.evaluation import EvaluationSettings, _latents_decoded
+from airvae.model import LONG_EVALUATION_LATENTS, _compile, compile_for, log_weights_given_q, set_compile
+from airvae.reproduce import EVALUATION_BUDGETS
 
 
 @pytest.fixture
 def compiled():
-    before = (_compile.enabled, _compile.min_samples)
+    before = (_compile.mode, _compile.enabled, _compile.min_samples)
     set_compile(True, min_samples=0)
     yield
-    set_compile(*before)
+    _compile.mode, _compile.enabled, _compile.min_samples = before
 
 
 def _loss_and_grads(model, x, compile_on):
@@ -52,3 +54,20 @@ def test_compiled_decoder_kernel_matches_eager_for_free_q(compiled):
         values.append(log_weights_given_q(model.decoder, x, mean, std, k=7,
                                           generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_mode_compiles_long_work_only_and_explicit_settings_win(compiled):
+    set_compile(None)  # auto, the default without AIRVAE_COMPILE
+    assert not compile_for(False) and compile_for(True)
+    set_compile(False)
+    assert not compile_for(True)
+    set_compile(True)
+    assert compile_for(False)
+
+
+def test_paper_evaluations_count_as_long_and_quick_ones_do_not():
+    def size(budget, n):
+        return _latents_decoded(EvaluationSettings(**EVALUATION_BUDGETS[budget]), n, bound_k=1)
+
+    assert size("paper", 10_000) >= LONG_EVALUATION_LATENTS  # MNIST's test set, T = 3000
+    assert size("quick", 500) < LONG_EVALUATION_LATENTS and size("smoke", 32) < LONG_EVALUATION_LATENTS

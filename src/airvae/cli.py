@@ -55,6 +55,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the log-weights kernels (1.05-1.25x faster on CPU after a one-off "
+                        "compilation of 10-30 s per process); default: only for long work (paper budget)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="local folder with the dataset files (or set AIRVAE_DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -240,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one VAE/IWAE, optionally with AIR (denoising, WNI)")
     _add_train_arguments(p)
+    _add_compile(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="estimate ln p(x), the amortized bound and the inference gap of a run")
     _add_evaluate_arguments(p)
+    _add_compile(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
     p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2 or figure4")
@@ -253,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     _add_executor(p)
     _add_common(p)
+    _add_compile(p)
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="rebuild tables, figures and REPORT.md of a reproduction, no training")
     p.add_argument("results_dir", type=Path)
@@ -270,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     from .runs import RunError
     from .train import TrainingDiverged
 
+    if getattr(args, "compile", None) is not None:
+        from .model import COMPILE_ENV, set_compile
+
+        os.environ[COMPILE_ENV] = "1" if args.compile else "0"  # inherited by sweep worker processes
+        set_compile(args.compile)
     try:
         return args.func(args)
     except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError, FileNotFoundError) as error:

@@ -29,6 +29,7 @@ from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFA
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
                          fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
                          iwae_log_likelihood, resolve_device)
+from .model import LONG_EVALUATION_LATENTS, compile_for
 
 ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap")  # canonical order
 SPLITS = ("train", "valid", "test")
@@ -151,6 +152,20 @@ class EvaluationSettings:
 # Model level
 
 
+def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) -> int:
+    """Roughly how many latents the decoder will see: the size of an evaluation."""
+    chosen, per_example = settings.estimators, 0
+    if "bound" in chosen:
+        per_example += (settings.bound_k or bound_k or 1) * settings.bound_repeats
+    if "iwae" in chosen:
+        per_example += settings.k_iwae
+    if "iwsvi" in chosen:
+        per_example += settings.svi_k + 2 * settings.svi_steps * settings.svi_l  # fit: forward + backward
+    if "ais" in chosen:
+        per_example += 2 * settings.ais_intermediate * settings.ais_chains * settings.ais_leapfrog
+    return n * per_example
+
+
 def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
                    progress: bool = False) -> dict[str, Estimate]:
     """Every estimator of ``settings`` on the examples ``x`` (first ``max_examples`` only), on the
@@ -162,6 +177,7 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
         x = x[:settings.max_examples]
     estimates: dict[str, Estimate] = {}
     chosen = settings.estimators
+    compile_for(_latents_decoded(settings, x.shape[0], bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode
     if "bound" in chosen:
         k = settings.bound_k or bound_k
         if k is None:

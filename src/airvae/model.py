@@ -54,22 +54,29 @@ def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Optional torch.compile of the kernels above, off by default.
+# Optional torch.compile of the kernels above.
 #
 # Compiling fuses the elementwise work around the matrix products (softplus, the x * logits
-# reduction, ELU, the reparameterization) into single passes, forward and backward. The amortized
-# path (:meth:`VAE.log_weights`, i.e. training and IWAE-k) compiles encoder and decoder together;
-# IW-SVI compiles the decoder kernel. Measured speed-ups are in benchmarks/README.md. The price is a
-# one-off compilation of several seconds per process and graph (cached on disk by Inductor), so it
-# is for long runs only: enable it with AIRVAE_COMPILE=1 or set_compile(True). Random draws always
-# stay outside the compiled graphs, so streams (and results, to float rounding) match eager.
+# reduction, ELU, the reparameterization, WNI's weight rescaling) into single passes, forward and
+# backward. The amortized path (:meth:`VAE.log_weights`, i.e. training and IWAE-k) compiles encoder
+# and decoder together; IW-SVI compiles the decoder kernel. Measured on a 2-core CPU
+# (benchmarks/README.md): training 1.05-1.25x, IWAE-5000 ~1.15-1.2x, IW-SVI ~1.1x. The price is a
+# one-off compilation of 10-30 s per process and graph (cached on disk by Inductor, seconds when
+# warm). Hence the default, ``auto``: long work (training runs of >= LONG_TRAINING_STEPS steps,
+# paper-sized evaluations) compiles, short work (smoke and quick budgets, tests) never pays the
+# cold start. AIRVAE_COMPILE=1/0 or set_compile() override it. Random draws always stay outside
+# the compiled graphs, so streams (and results, to float rounding) match eager.
 
 COMPILE_ENV = "AIRVAE_COMPILE"
+LONG_TRAINING_STEPS = 100_000  # ~8 min of MNIST k=1 steps here: compilation is then noise
+LONG_EVALUATION_LATENTS = 50_000_000  # latents decoded (~3 min of MNIST IWAE here)
 
 
 class _CompileState:
     def __init__(self):
-        self.enabled = os.environ.get(COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+        value = os.environ.get(COMPILE_ENV, "").strip().lower()
+        self.mode = "auto" if value in ("", "auto") else ("off" if value in ("0", "false", "no", "off") else "on")
+        self.enabled = self.mode == "on"
         self.min_samples = 0  # latents decoded per call (k * m * batch) below which eager is used
         self.fns: dict = {}
 
@@ -77,14 +84,24 @@ class _CompileState:
 _compile = _CompileState()
 
 
-def set_compile(enabled: bool = True, min_samples: int | None = None) -> None:
-    """Use (or stop using) torch.compile'd log-weights kernels, hence in training and every
-    estimator, for calls decoding at least ``min_samples`` latents (0: every call). Results agree
-    with eager to float rounding and the random draws are identical. Default: the
-    ``AIRVAE_COMPILE`` environment variable."""
+def set_compile(enabled: bool | None = True, min_samples: int | None = None) -> None:
+    """Use (``True``) or never use (``False``) torch.compile'd log-weights kernels, in training and
+    every estimator, for calls decoding at least ``min_samples`` latents (0: every call); ``None``
+    restores ``auto`` (compile long work only, see :func:`compile_for`). Results agree with eager
+    to float rounding and the random draws are identical. Default: ``AIRVAE_COMPILE`` (1, 0 or
+    unset = auto)."""
+    _compile.mode = "auto" if enabled is None else ("on" if enabled else "off")
     _compile.enabled = bool(enabled)
     if min_samples is not None:
         _compile.min_samples = int(min_samples)
+
+
+def compile_for(long_work: bool) -> bool:
+    """Called before a job: in ``auto`` mode, compile exactly when the job is long. Returns
+    whether kernels are compiled."""
+    if _compile.mode == "auto":
+        _compile.enabled = bool(long_work)
+    return _compile.enabled
 
 
 def compile_enabled() -> bool:
@@ -115,7 +132,7 @@ def _run_kernel(kernel, samples: int, *args) -> torch.Tensor:
         # Eager works, so compiling is what failed (no C++ compiler, unsupported platform...).
         warnings.warn(f"torch.compile of the log-weights kernel failed ({type(exc).__name__}: {exc}); "
                       "continuing without it", RuntimeWarning, stacklevel=3)
-        _compile.enabled = False
+        _compile.enabled, _compile.mode = False, "off"
         return out
 
 

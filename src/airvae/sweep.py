@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig, resolve_run_config
+from .model import COMPILE_ENV
 
 # Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).
 PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
@@ -172,6 +173,8 @@ class RayExecutor:
         self.ray, self.cpus, self.gpus = ray, cpus_per_task, gpus_per_task
         if not ray.is_initialized():
             kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            if os.environ.get(COMPILE_ENV):  # workers, possibly on other machines, compile too
+                kwargs["runtime_env"] = {"env_vars": {COMPILE_ENV: os.environ[COMPILE_ENV]}}
             ray.init(ignore_reinit_error=True, log_to_driver=False, **kwargs)
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .devices import resolve_device
 from .estimators import iwae_log_likelihood
-from .model import air_objective
+from .model import LONG_TRAINING_STEPS, air_objective, compile_for
 from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, load_checkpoint, load_config,
                    model_from_config, read_json, save_checkpoint, write_json)
 
@@ -177,6 +177,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         })
         return _result(run_dir, status, state)
 
+    compile_for(cfg.iterations - state["step"] >= LONG_TRAINING_STEPS)  # auto mode: long runs only
     write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"{cfg.model_name} {cfg.dataset}",
                unit="step", disable=not progress, dynamic_ncols=True)
