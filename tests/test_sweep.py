@@ -108,3 +108,63 @@ def test_killing_a_sweep_midway_and_rerunning_loses_nothing_and_repeats_nothing(
         assert summary["status"] == "completed" and summary["steps"] == 150
         steps = [json.loads(line)["step"] for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)) and steps[-1] == 150  # no step logged twice, none lost
+
+
+_LONG_SWEEP = """
+import os
+import sys
+os.environ["AIRVAE_COMPILE"] = "0"  # a long run would compile first (auto): not what is under test here
+sys.path.insert(0, {src!r})
+from airvae.sweep import Job, LocalExecutor, Task, run_tasks
+jobs = [Job("plain", {data!r}, 1, 1, 0.0, seed, "smoke", iterations=10_000_000) for seed in range(2)]
+tasks = [Task(j, {root!r}, device="cpu") for j in jobs]
+run_tasks(tasks, LocalExecutor(2), __import__("pathlib").Path({root!r}) / "log.jsonl", progress=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped by its new parent) counts as stopped
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_worker_processes_checkpoint_and_stop_when_the_sweep_is_killed(tmp_path):
+    data, root = tiny_npz(tmp_path / "tiny.npz"), tmp_path / "sweep"
+    script = _LONG_SWEEP.format(src=str(Path(__file__).resolve().parents[1] / "src"), data=data, root=str(root))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(list(root.glob("**/summary.json"))) < 2:  # both runs are training
+            assert parent.poll() is None and time.time() < deadline, "the sweep did not start both runs"
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside their training loops
+        workers = _children(parent.pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 60
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert workers and not any(map(_alive, workers)), "workers outlived the sweep"
+        for summary in root.glob("**/summary.json"):
+            assert json.loads(summary.read_text())["status"] == "interrupted"  # checkpointed, resumable
+            assert (summary.parent / "checkpoints" / "last.pt").exists()
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

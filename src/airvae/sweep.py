@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -149,15 +150,42 @@ class LocalExecutor:
 
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_limit_threads, initargs=(threads,)) as pool:
-            for future in as_completed([pool.submit(fn, task) for task in tasks]):
+                                 initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
+            futures = [pool.submit(_run_in_worker, fn, task, os.getpid()) for task in tasks]
+            for future in as_completed(futures):
                 yield future.result()
 
 
-def _limit_threads(threads: int) -> None:
+def _run_in_worker(fn: Callable[[Task], dict], task: Task, parent: int) -> dict:
+    try:
+        return fn(task)
+    finally:
+        if os.getppid() != parent:  # the sweep died (see _stop_with_parent): nobody to report to
+            os._exit(0)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _stop_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the sweep process dies, even by SIGKILL,
+    so no orphan keeps training; training turns SIGTERM into a checkpoint and a clean stop, which
+    the rerun of the sweep resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc/musl: keep the old behaviour
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class RayExecutor:

@@ -77,9 +77,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # second Ctrl-C: give up immediately
+        if self.signal is not None and signum == signal.SIGINT:  # second Ctrl-C: give up immediately
             raise KeyboardInterrupt
-        self.signal = signum
+        # A repeated SIGTERM must not abort the checkpoint it asked for: a sweep worker whose parent
+        # died was measured to receive two within milliseconds (see sweep._stop_with_parent).
+        self.signal = self.signal or signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -177,10 +179,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         })
         return _result(run_dir, status, state)
 
-    compile_for(cfg.iterations - state["step"] >= LONG_TRAINING_STEPS)  # auto mode: long runs only
+    compiling = compile_for(cfg.iterations - state["step"] >= LONG_TRAINING_STEPS)  # auto: long runs only
     write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"{cfg.model_name} {cfg.dataset}",
                unit="step", disable=not progress, dynamic_ncols=True)
+    if compiling and progress:
+        bar.write("compiling the model (torch.compile: 10-30 s once per process, cached; --no-compile skips it)")
     started = time.perf_counter() - state["seconds"]
     alpha = cfg.regularizer.alpha
     model.train()
