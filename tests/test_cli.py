@@ -40,7 +40,7 @@ def test_compile_flag_turns_compilation_on_for_this_process_and_its_workers(data
     import airvae.model as model
 
     calls = []
-    monkeypatch.setattr(model, "set_compile", lambda enabled=True, min_samples=None: calls.append(enabled))
+    monkeypatch.setattr(model, "set_compile", lambda enabled=True: calls.append(enabled))
     monkeypatch.setenv(model.COMPILE_ENV, "")  # restored after the test, whatever the CLI sets
     # the stub compiles nothing: only the wiring is under test (test_compile.py checks the kernels)
     assert main(["train", "--dataset", "caltech", "--budget", "smoke", "--iterations", "2", "--data-dir", data_dir,

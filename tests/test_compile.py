@@ -13,10 +13,10 @@ from airvae.reproduce import EVALUATION_BUDGETS
 
 @pytest.fixture
 def compiled():
-    before = (_compile.mode, _compile.enabled, _compile.min_samples)
-    set_compile(True, min_samples=0)
+    before = (_compile.mode, _compile.enabled)
+    set_compile(True)
     yield
-    _compile.mode, _compile.enabled, _compile.min_samples = before
+    _compile.mode, _compile.enabled = before
 
 
 def _loss_and_grads(model, x, compile_on):

@@ -119,7 +119,7 @@ def test_iw_svi_is_below_exact_and_within_005_nats(case):
 def test_iw_svi_beats_the_amortized_q(case):
     """With k = l = 1, IW-SVI is SVI on the ELBO (eq. 6): it must close part of the amortization gap."""
     model, x, exact = case
-    n, repeats = x.shape[0], 300
+    repeats = 300
     amortized = amortized_bound(model, x, 1, repeats=repeats, seed=1).values
     mean_q, std_q = fit_iw_svi(model, x, l=1, steps=300, seed=0)
     svi = iwae_given_q(model, x, mean_q, std_q, 1, repeats=repeats, seed=1)

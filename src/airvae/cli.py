@@ -57,7 +57,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the log-weights kernels (1.05-1.25x faster on CPU after a one-off "
+                   help="torch.compile the log-weights kernels (1.0-1.25x faster on CPU after a one-off "
                         "compilation of 10-30 s per process); default: only for long work (paper budget)")
 
 

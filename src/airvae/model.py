@@ -36,7 +36,7 @@ def log_weights_given_q(
     else:
         eps = noise if noise.dim() == mean.dim() + 2 else noise.unsqueeze(0)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
-    return _run_kernel(_log_weights_from_eps, eps[..., 0].numel(), decoder, x, mean, std, eps)
+    return _run_kernel(_log_weights_from_eps, decoder, x, mean, std, eps)
 
 
 def _log_weights_from_eps(decoder: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -60,7 +60,8 @@ def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor,
 # reduction, ELU, the reparameterization, WNI's weight rescaling) into single passes, forward and
 # backward. The amortized path (:meth:`VAE.log_weights`, i.e. training and IWAE-k) compiles encoder
 # and decoder together; IW-SVI compiles the decoder kernel. Measured on a 2-core CPU
-# (benchmarks/README.md): training 1.05-1.25x, IWAE-5000 ~1.15-1.2x, IW-SVI ~1.1x. The price is a
+# (benchmarks/README.md): training 1.0-1.25x (MNIST k = 1: ~1.1x), IWAE-5000 1.13-1.22x, IW-SVI
+# ~1.08x. The price is a
 # one-off compilation of 10-30 s per process and graph (cached on disk by Inductor, seconds when
 # warm). Hence the default, ``auto``: long work (training runs of >= LONG_TRAINING_STEPS steps,
 # paper-sized evaluations) compiles, short work (smoke and quick budgets, tests) never pays the
@@ -69,7 +70,7 @@ def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor,
 
 COMPILE_ENV = "AIRVAE_COMPILE"
 LONG_TRAINING_STEPS = 100_000  # ~8 min of MNIST k=1 steps here: compilation is then noise
-LONG_EVALUATION_LATENTS = 50_000_000  # latents decoded (~3 min of MNIST IWAE here)
+LONG_EVALUATION_LATENTS = 50_000_000  # latents decoded (~5 min of MNIST IWAE here)
 
 
 class _CompileState:
@@ -77,23 +78,19 @@ class _CompileState:
         value = os.environ.get(COMPILE_ENV, "").strip().lower()
         self.mode = "auto" if value in ("", "auto") else ("off" if value in ("0", "false", "no", "off") else "on")
         self.enabled = self.mode == "on"
-        self.min_samples = 0  # latents decoded per call (k * m * batch) below which eager is used
         self.fns: dict = {}
 
 
 _compile = _CompileState()
 
 
-def set_compile(enabled: bool | None = True, min_samples: int | None = None) -> None:
+def set_compile(enabled: bool | None = True) -> None:
     """Use (``True``) or never use (``False``) torch.compile'd log-weights kernels, in training and
-    every estimator, for calls decoding at least ``min_samples`` latents (0: every call); ``None``
-    restores ``auto`` (compile long work only, see :func:`compile_for`). Results agree with eager
-    to float rounding and the random draws are identical. Default: ``AIRVAE_COMPILE`` (1, 0 or
-    unset = auto)."""
+    every estimator; ``None`` restores ``auto`` (compile long work only, see :func:`compile_for`).
+    Results agree with eager to float rounding and the random draws are identical. Default:
+    ``AIRVAE_COMPILE`` (1, 0 or unset = auto)."""
     _compile.mode = "auto" if enabled is None else ("on" if enabled else "off")
     _compile.enabled = bool(enabled)
-    if min_samples is not None:
-        _compile.min_samples = int(min_samples)
 
 
 def compile_for(long_work: bool) -> bool:
@@ -108,9 +105,9 @@ def compile_enabled() -> bool:
     return _compile.enabled
 
 
-def _run_kernel(kernel, samples: int, *args) -> torch.Tensor:
-    """``kernel(*args)``, compiled when compilation is on and the call is large enough."""
-    if not (_compile.enabled and samples >= _compile.min_samples):
+def _run_kernel(kernel, *args) -> torch.Tensor:
+    """``kernel(*args)``, compiled when compilation is on."""
+    if not _compile.enabled:
         return kernel(*args)
     compiled = _compile.fns.get(kernel)
     if compiled is None:
@@ -162,7 +159,7 @@ class VAE(nn.Module):
         encoder, x_seen = self._encoder_and_input(x, noisy)
         eps = torch.randn((m, k, *x.shape[:-1], self.decoder.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
-        return _run_kernel(_encode_log_weights, eps[..., 0].numel(), encoder, self.decoder, x, x_seen, eps)
+        return _run_kernel(_encode_log_weights, encoder, self.decoder, x, x_seen, eps)
 
 
 def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0) -> torch.Tensor:

@@ -166,6 +166,10 @@ def _run_in_worker(fn: Callable[[Task], dict], task: Task, parent: int) -> dict:
 
 def _init_worker(threads: int, parent: int) -> None:
     _stop_with_parent(parent)
+    _limit_threads(threads)
+
+
+def _limit_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
