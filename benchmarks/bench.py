@@ -42,23 +42,11 @@ from torch.nn import functional as F  # noqa: E402
 
 import airvae  # noqa: E402
 from airvae.estimators import iwae_log_likelihood  # noqa: E402
-from airvae.model import air_objective, build_vae  # noqa: E402
+from airvae.estimators import fit_iw_svi  # noqa: E402
+from airvae.model import air_objective, build_vae, set_compile  # noqa: E402
 from airvae.networks import parse_hidden_spec  # noqa: E402
-
-try:  # the optional compiled log-weights kernel (airvae.model.set_compile)
-    from airvae.model import set_compile as _model_set_compile
-except ImportError:  # pragma: no cover
-    _model_set_compile = None
-
-try:  # the training loop's own helpers, so the benchmark measures exactly what train() does
-    from airvae.train import MinibatchSchedule
-except ImportError:  # pragma: no cover - older/newer layouts
-    MinibatchSchedule = None
-try:
-    from airvae.train import _fast_adam_options
-except ImportError:  # pragma: no cover
-    def _fast_adam_options(device):
-        return {"fused": True} if device.type in ("cpu", "cuda") else {}
+# the training loop's own helpers, so the benchmark measures exactly what train() does
+from airvae.train import MinibatchSchedule, _fast_adam_options  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -158,7 +146,6 @@ class Timer:
     def __init__(self, device: torch.device, retry_budget_s: float):
         self.device, self.retry_budget_s = device, retry_budget_s
         self.retry_spent = self.waited = 0.0
-        self.last_faults_per_unit = None
 
     def wait_idle(self, window: float = 0.25) -> None:
         """Waits (within the budget) until other processes leave the CPU alone."""
@@ -171,7 +158,8 @@ class Timer:
 
     def rate(self, fn, min_time: float, min_calls: int = 1, units_per_call: float = 1.0):
         """Calls of ``fn`` per second (times units_per_call) over at least ``min_time`` s, with the
-        outside load seen meanwhile. A ``fn`` marked ``self_timed`` returns its own rate."""
+        outside load seen meanwhile (cores) and minor page faults per unit (None when not
+        measurable). A ``fn`` marked ``self_timed`` returns its own rate."""
         _sync(self.device)
         faults0 = _minor_faults()
         with OutsideLoad() as load:
@@ -187,8 +175,7 @@ class Timer:
                 units = n * units_per_call
                 r = units / (time.perf_counter() - t0)
         faults = _minor_faults()
-        self.last_faults_per_unit = (faults - faults0) / units if units and faults is not None else None
-        return r, load.cores
+        return r, load.cores, (faults - faults0) / units if units and faults is not None else None
 
     def compare(self, fns: dict, rounds: int, min_time: float, min_calls: int = 1, units_per_call=1.0):
         """Best rate of each workload over interleaved rounds; disturbed rounds are repeated while
@@ -200,9 +187,8 @@ class Timer:
                 for attempt in range(4):
                     self.wait_idle()
                     t0 = time.perf_counter()
-                    r, cores = self.rate(fn, min_time, min_calls, units_per_call)
+                    r, cores, faults[name] = self.rate(fn, min_time, min_calls, units_per_call)
                     samples[name].append((r, cores))
-                    faults[name] = self.last_faults_per_unit
                     disturbed = cores is not None and cores > CONTENDED_CORES
                     if disturbed and self.retry_spent < self.retry_budget_s and attempt < 3:
                         self.retry_spent += time.perf_counter() - t0
@@ -357,7 +343,7 @@ def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **_fast_adam_options(device))
     n, batch, k, alpha = data.shape[0], case["batch"], case["k"], case.get("alpha", 1.0)
-    schedule = MinibatchSchedule(n, batch, seed=0) if MinibatchSchedule is not None else None
+    schedule = MinibatchSchedule(n, batch, seed=0)
     lr0, T = case["lr"], case["T"]
     state = {"step": 0}
 
@@ -365,8 +351,7 @@ def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
         t = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = lr0 * 0.1 ** (t / (T - 1))
-        idx = schedule.indices(t) if schedule is not None else torch.randint(0, n, (batch,))
-        x = data[idx.to(device)]
+        x = data[schedule.indices(t).to(device)]
         loss = -air_objective(model, x, k, 1, alpha).mean()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -468,15 +453,10 @@ def pct(flops_per_s: float, ceiling: float) -> float:
     return 100.0 * flops_per_s / ceiling
 
 
-def _set_compile(flag: bool) -> None:
-    if _model_set_compile is not None:
-        _model_set_compile(flag)
-
-
 def in_mode(fn, compiled: bool):
     """``fn`` run with airvae's compiled log-weights kernel on or off (a global switch)."""
     def run():
-        _set_compile(compiled)
+        set_compile(compiled)
         return fn()
 
     run.self_timed = getattr(fn, "self_timed", False)
@@ -503,7 +483,7 @@ def warm_up(fns: dict, calls: int) -> dict:
         first[name] = time.perf_counter() - t0
         for _ in range(calls - 1):
             fn()
-    _set_compile(False)
+    set_compile(False)
     return first
 
 
@@ -624,14 +604,6 @@ def bench_iwae(args, timer, device, ceiling_ref, results):
 
 
 def bench_iw_svi(args, timer, device, ceiling_ref, results):
-    try:
-        from airvae.estimators import fit_iw_svi
-    except ImportError:
-        fit_iw_svi = None
-    try:
-        from airvae.estimators import iw_svi_log_likelihood
-    except ImportError:
-        iw_svi_log_likelihood = None
     case, l = TRAIN_CASES[0], args.svi_l  # noqa: E741
     n = args.svi_examples
     enc_f, dec_f = arch_flops(case["enc"], case["dec"])
@@ -646,10 +618,7 @@ def bench_iw_svi(args, timer, device, ceiling_ref, results):
 
     def make_airvae():
         def run(steps):
-            if fit_iw_svi is not None:
-                fit_iw_svi(model, x, l=l, steps=steps, seed=0, chunk_examples=n)
-            else:  # k = 1 scoring: negligible next to the fit
-                iw_svi_log_likelihood(model, x, k=1, l=l, steps=steps, seed=0)
+            fit_iw_svi(model, x, l=l, steps=steps, seed=0, chunk_examples=n)
 
         def rate():
             # steps/s from the difference of two fits, so setup and scoring cancel
@@ -665,17 +634,8 @@ def bench_iw_svi(args, timer, device, ceiling_ref, results):
         rate.self_timed = True
         return rate
 
-    if fit_iw_svi is None and iw_svi_log_likelihood is None:
-        row["note"] = "airvae.estimators has no IW-SVI yet: only the reference is measured"
-        fns = {"reference": ref_iw_svi_steps(ref, x, l)}
-    else:
-        fns = with_variants(args, make_airvae, (lambda: ref_iw_svi_steps(ref, x, l)) if args.reference else None)
-    first = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    _set_compile(False)
+    fns = with_variants(args, make_airvae, (lambda: ref_iw_svi_steps(ref, x, l)) if args.reference else None)
+    first = warm_up(fns, 1)
     r = timer.compare(fns, args.svi_rounds, args.min_time, 3)
     fill_row(row, r, flops, ceiling_ref, first)
     results.append(row)
@@ -728,26 +688,26 @@ def bench_allocator(args, results, ceiling_ref):
 # Output
 
 
-def _fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
+# The measured variants a row may hold, and its speed-up ratios with their labels.
+VARIANTS = ("airvae", "airvae+compile", "reference", "default malloc")
+SPEEDUPS = (("speedup", "{:.2f}x"), ("speedup_compile", "compiled {:.2f}x"),
+            ("speedup_vs_single", "{:.2f}x per model vs one at a time"),
+            ("speedup_vs_default_malloc", "{:.2f}x vs default malloc"))
+
+
+def _speedups(row) -> list[str]:
+    return [label.format(row[key]) for key, label in SPEEDUPS if key in row]
 
 
 def _print_row(row):
     parts = [f"  {row['case']:<34}"]
-    for name in ("airvae", "airvae+compile", "reference", "default malloc"):
+    for name in VARIANTS:
         if name in row:
             m = row[name]
             pf = m.get("page_faults_per_unit")
             parts.append(f"{name} {m['rate']:.2f} ({m['pct_ceiling']:.1f}%" + (f", {pf:.0f} faults" if pf is not None else "")
                          + ")" + ("*" if m.get("contended") else ""))
-    if "speedup" in row:
-        parts.append(f"x{row['speedup']:.2f}")
-    if "speedup_compile" in row:
-        parts.append(f"compile x{row['speedup_compile']:.2f}")
-    if "speedup_vs_single" in row:
-        parts.append(f"x{row['speedup_vs_single']:.2f} vs single")
-    if "speedup_vs_default_malloc" in row:
-        parts.append(f"x{row['speedup_vs_default_malloc']:.2f} vs default malloc")
+    parts += _speedups(row)
     print("  ".join(parts) + f"  {row.get('unit', '')}", flush=True)
 
 
@@ -771,17 +731,8 @@ def markdown(report: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['section']}: {row['case']} | error | {row['error'][:200]!r} | | | | | | |")
             continue
-        speed = []
-        if "default malloc" in row:
-            speed.append("(reference column: same workload, default malloc)")
-        if "speedup" in row:
-            speed.append(f"{row['speedup']:.2f}x")
-        if "speedup_compile" in row:
-            speed.append(f"compiled {row['speedup_compile']:.2f}x")
-        if "speedup_vs_single" in row:
-            speed.append(f"{row['speedup_vs_single']:.2f}x per model vs one at a time")
-        if "speedup_vs_default_malloc" in row:
-            speed.append(f"{row['speedup_vs_default_malloc']:.2f}x vs default malloc")
+        speed = ["(reference column: same workload, default malloc)"] if "default malloc" in row else []
+        speed += _speedups(row)
         ref = "default malloc" if "default malloc" in row else "reference"  # allocator rows: the baseline
         lines.append("| " + " | ".join([f"{row['section']}: {row['case']}", row["unit"], *cell(row, "airvae"),
                                         *cell(row, "airvae+compile"), *cell(row, ref), ", ".join(speed)]) + " |")
@@ -843,9 +794,6 @@ def main(argv=None) -> dict:
     quick = args.quick
     if args.compile is None:
         args.compile = not quick  # compilation costs seconds per graph: never in a quick run
-    if args.compile and _model_set_compile is None:
-        print("airvae.model has no set_compile: compiled variant skipped")
-        args.compile = False
     args.rounds = 2 if quick else 4
     args.min_time = 0.6 if quick else 1.5
     args.warmup_steps = 5 if quick else 20
@@ -897,7 +845,7 @@ def main(argv=None) -> dict:
         bench_allocator(args, results, ceiling_ref)
     # Percentages are against the best ceiling of the run: recompute with the final one.
     for row in results:
-        for key in ("airvae", "airvae+compile", "reference", "default malloc"):
+        for key in VARIANTS:
             if isinstance(row.get(key), dict) and "gflops" in row[key]:
                 row[key]["pct_ceiling"] = 100.0 * row[key]["gflops"] * 1e9 / ceiling_ref()
         for c in row.get("chunk_sweep", []):
