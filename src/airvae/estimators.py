@@ -251,13 +251,8 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, *, seed: int
                         name: str | None = None) -> Estimate:
     """IWAE-k with the amortized (clean) encoder (eq. 40): per-example
     log (1/k) sum_i p(x, z_i)/q(z_i|x), exactly ``k`` samples per example."""
-    _check_k("k", k)
     start_time = time.perf_counter()
-    x = _as_input(model, x)
-    with frozen(model):
-        mean, std = _encode_all(model, x)
-        with tqdm(total=x.shape[0], desc=name or f"IWAE-{k}", unit="ex", disable=not progress, leave=False) as bar:
-            values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
+    values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, progress, name or f"IWAE-{k}")
     return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time)
 
 
@@ -269,17 +264,22 @@ def amortized_bound(model: VAE, x: torch.Tensor, k: int, *, repeats: int = 1, se
 
     ``repeats=1`` equals :func:`iwae_log_likelihood` with the same k and seed.
     """
-    _check_k("k", k)
-    _check_k("repeats", repeats)
     start_time = time.perf_counter()
+    values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, progress, f"L_{k} x{repeats}")
+    return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
+                    time.perf_counter() - start_time)
+
+
+def _amortized_iwae(model: VAE, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
+                    desc: str) -> torch.Tensor:
+    """:func:`iwae_given_q` with the clean encoder's q, the model frozen."""
+    _check_k("k", k)
     x = _as_input(model, x)
     with frozen(model):
         mean, std = _encode_all(model, x)
-        with tqdm(total=x.shape[0], desc=f"L_{k} x{repeats}", unit="ex", disable=not progress, leave=False) as bar:
-            values = iwae_given_q(model, x, mean, std, k, repeats=repeats, seed=seed,
-                                  chunk_samples=chunk_samples, bar=bar)
-    return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
-                    time.perf_counter() - start_time)
+        with tqdm(total=x.shape[0], desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+            return iwae_given_q(model, x, mean, std, k, repeats=repeats, seed=seed,
+                                chunk_samples=chunk_samples, bar=bar)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +488,7 @@ def _ais_chunk(model, xb, betas, chains, tuning_chains, leapfrog_steps, step_siz
     decoder = model.decoder
     b, device = xb.shape[0], xb.device
     dtype = next(decoder.parameters()).dtype
-    z_dim = _encode_all(model, xb[:1])[0].shape[-1]
+    z_dim = decoder.z_dim
     c = chains + tuning_chains  # chains [:chains] estimate, [chains:] only tune the step size
     gens = [example_generator(seed, first_index + i, device, STREAM_AIS) for i in range(b)]
     # z_0 ~ N(0, I): exactly the beta = 0 distribution, whose normalizer is 1.

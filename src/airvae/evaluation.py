@@ -248,18 +248,9 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
         stored = stored_evaluation(run_dir, settings)
         if stored is not None:
             return stored
-    from .data import load_dataset
-    from .runs import load_trained_model
-
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    cfg, model = load_trained_model(run_dir, which="best", device=device)
-    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
-    x = dataset.split(settings.split)
-    n_split = len(x)
-    if settings.max_examples is not None:
-        x = x[:settings.max_examples]
-    x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    cfg, model, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device, progress)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
     result = {
         "format": FORMAT_VERSION,
@@ -280,6 +271,21 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
     }
     write_json(evaluation_path(run_dir, settings), result)
     return result
+
+
+def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool):
+    """The run's best checkpoint and the first ``max_examples`` examples of ``split`` on ``device``:
+    (config, model, dataset, x, size of the whole split)."""
+    from .data import load_dataset
+    from .runs import load_trained_model
+
+    cfg, model = load_trained_model(run_dir, which="best", device=device)
+    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
+    x = dataset.split(split)
+    n_split = len(x)
+    if max_examples is not None:
+        x = x[:max_examples]
+    return cfg, model, dataset, torch.as_tensor(x).to(device=device, dtype=torch.float32), n_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,12 +384,16 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     data = {"n": int(x.shape[0]), "l": l, "lr": lr, "lr_decay": lr_decay, "seed": seed, "svi_k": svi_k,
             "fixed_steps": fixed_steps, "iwae": iwae, "iwsvi_over_steps": svi_over_t, "iwsvi_over_k": svi_over_k}
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "figure3.json", data)
-        _plot_figure3(data, out_dir / "figure3.png")
-        data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
+        _write_figure3(data, Path(out_dir))
     return data
+
+
+def _write_figure3(data: dict, out_dir: Path) -> None:
+    """figure3.json and figure3.png in ``out_dir``; their paths are added to ``data["files"]``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "figure3.json", data)
+    _plot_figure3(data, out_dir / "figure3.png")
+    data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
 
 
 def _plot_figure3(data: dict, path: Path) -> None:
@@ -426,21 +436,12 @@ def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: 
               **study_kwargs) -> dict:
     """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and the first ``max_examples``
     examples of ``split``; files go to ``out_dir`` (default ``RUN/evaluations/``)."""
-    from .data import load_dataset
-    from .runs import load_trained_model
-
     _check(split in SPLITS, "split", split, " | ".join(SPLITS))
     _check(max_examples is None or (_is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
            "an integer >= 1, or None for the whole split")
-    device = resolve_device(device)
-    cfg, model = load_trained_model(run_dir, which="best", device=device)
-    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
-    x = dataset.split(split)
-    if max_examples is not None:
-        x = x[:max_examples]
-    x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+    cfg, model, _, x, _ = _load_best(run_dir, split, max_examples, resolve_device(device), progress)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS_DIR
-    data = iwsvi_vs_iwae_study(model, x, out_dir=out_dir, progress=progress, **study_kwargs)
+    data = iwsvi_vs_iwae_study(model, x, progress=progress, **study_kwargs)
     data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))
-    write_json(out_dir / "figure3.json", {k: v for k, v in data.items() if k != "files"})
+    _write_figure3(data, out_dir)
     return data
