@@ -122,11 +122,16 @@ run_tasks(tasks, LocalExecutor(2), __import__("pathlib").Path({root!r}) / "log.j
 """
 
 
+def _stat(pid) -> list[str]:
+    """/proc/PID/stat after the command name: [state, ppid, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+            if entry.name.isdigit() and int(_stat(entry.name)[1]) == pid:
                 kids.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             pass
@@ -135,7 +140,7 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:  # a zombie (exited, not yet reaped by its new parent) counts as stopped
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
