@@ -4,6 +4,7 @@ Accuracy is judged against the exact ln p(x) of a 2-d latent model (tests/ground
 one-sided Monte Carlo allowances: an estimator above the truth beyond its noise fails.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from ground_truth import exact_log_marginal, tiny_data, tiny_model
 
+from airvae.config import Architecture, RunConfig
 from airvae.estimators import (Estimate, ais_log_likelihood, amortized_bound, fit_iw_svi, inference_gap,
                                iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
 from airvae.evaluation import (EvaluationSettings, evaluate_model, evaluate_run, format_table,
@@ -260,16 +262,19 @@ def fake_run(monkeypatch, tmp_path, model, x):
     (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v1")
     calls = {"load": 0}
 
-    def load_trained_model(path, which="best", device=None):
+    cfg = RunConfig(dataset="tiny", architecture=Architecture("d16", "d16", 2), x_dim=12, k=2)
+
+    def load_trained_model_with_digest(path, which="best", device=None):
         calls["load"] += 1
-        return types.SimpleNamespace(dataset="tiny", data_dir=None, k=2), model
+        return cfg, model, hashlib.sha256((run_dir / "checkpoints" / "best.pt").read_bytes()).hexdigest()
 
     def load_dataset(name, data_dir=None, **kwargs):
         data = x.to(torch.uint8).numpy()
         return types.SimpleNamespace(split=lambda s: data, deviation="synthetic stand-in")
 
     runs = types.ModuleType("airvae.runs")
-    runs.load_trained_model = load_trained_model
+    runs.load_config = lambda path: cfg
+    runs.load_trained_model_with_digest = load_trained_model_with_digest
     data = types.ModuleType("airvae.data")
     data.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "airvae.runs", runs)

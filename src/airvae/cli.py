@@ -12,7 +12,30 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ARCHITECTURES, BUDGETS, ConfigError, Regularizer, resolve_run_config
+from .config import (ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, Regularizer, check_int, h_from_ten_over_h,
+                     resolve_run_config, sigma_from_sqrt_d)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with airvae's error format: one line naming the argument, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"airvae: error: {message} (see `{self.prog} --help`)\n")
+
+
+def integer(text: str) -> int:
+    """An integer argument; ``1e5`` is accepted when it is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if not (math.isfinite(value) and value == int(value)):
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}: not a whole number")
+    return int(value)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,9 +49,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture preset of Table 6 (default: the dataset's own)")
     p.add_argument("--encoder", help="encoder hidden layers, e.g. d300-d300 (overrides --arch)")
     p.add_argument("--decoder", help="decoder hidden layers, e.g. d300-d300 (overrides --arch)")
-    p.add_argument("--z-dim", type=int, help="latent dimension (default 64)")
-    p.add_argument("--k", type=int, default=1, help="importance samples: 1 = VAE (ELBO), k > 1 = IWAE-k")
-    p.add_argument("--m", type=int, default=1, help="Monte Carlo repeats of the bound per example")
+    p.add_argument("--z-dim", type=integer, help="latent dimension (default 64)")
+    p.add_argument("--k", type=integer, default=1, help="importance samples: 1 = VAE (ELBO), k > 1 = IWAE-k")
+    p.add_argument("--m", type=integer, default=1, help="Monte Carlo repeats of the bound per example")
     reg = p.add_argument_group("amortized inference regularization")
     sigma = reg.add_mutually_exclusive_group()
     sigma.add_argument("--sigma", type=float, help="denoising noise std of eq. 13 (0 = off)")
@@ -39,19 +62,22 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     cap = reg.add_mutually_exclusive_group()
     cap.add_argument("--H", dest="max_norm", type=float, help="WNI weight-norm cap H of eq. 18 (inf = off)")
     cap.add_argument("--ten-over-h", type=float, help="WNI strength in Table 7's parameterization 10/H (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iterations", type=int, help="training steps (default: from the budget)")
-    p.add_argument("--batch-size", type=int, help="default: Table 6")
+    p.add_argument("--seed", type=integer, default=0, help=f"0 to {MAX_SEED}")
+    p.add_argument("--iterations", type=integer, help="training steps (default: from the budget)")
+    p.add_argument("--batch-size", type=integer, help="default: Table 6")
     p.add_argument("--lr", type=float, help="initial learning rate (default: Table 6)")
-    p.add_argument("--val-every", type=int, help="steps between validation estimates")
-    p.add_argument("--val-k", type=int, help="importance samples of the validation IWAE estimate")
-    p.add_argument("--val-examples", type=int, help="validation examples used (default: from the budget)")
-    p.add_argument("--patience", type=int, help="stop after this many validations without improvement")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--val-every", type=integer, help="steps between validation estimates")
+    p.add_argument("--val-k", type=integer, help="importance samples of the validation IWAE estimate")
+    p.add_argument("--val-examples", type=integer, help="validation examples used (default: from the budget)")
+    p.add_argument("--patience", type=integer, help="stop after this many validations without improvement")
+    p.add_argument("--checkpoint-every", type=integer, help="steps between checkpoints")
     p.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/DATASET/MODEL-seedN)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    mode.add_argument("--overwrite", action="store_true", help="discard an existing run in --run-dir")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="discard the airvae run in --run-dir (refused for folders airvae did not create)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the dataset's contents changed since the run was created")
     _add_common(p)
 
 
@@ -68,17 +94,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _regularizer(args, x_dim: int) -> Regularizer:
-    sigma = args.sigma
-    if args.sigma_sqrt_d is not None:
-        if args.sigma_sqrt_d < 0:
-            raise ConfigError(f"invalid --sigma-sqrt-d = {args.sigma_sqrt_d}: allowed >= 0")
-        sigma = args.sigma_sqrt_d / math.sqrt(x_dim)
-    max_norm = args.max_norm
-    if args.ten_over_h is not None:
-        if args.ten_over_h < 0:
-            raise ConfigError(f"invalid --ten-over-h = {args.ten_over_h}: allowed >= 0 (0 means H = inf)")
-        max_norm = math.inf if args.ten_over_h == 0 else 10.0 / args.ten_over_h
-    return Regularizer(sigma=sigma or 0.0, alpha=args.alpha, max_norm=math.inf if max_norm is None else max_norm)
+    """Raw (--sigma, --H) or Table 7's (--sigma-sqrt-d, --ten-over-h) strengths, in any mix."""
+    sigma = sigma_from_sqrt_d(args.sigma_sqrt_d, x_dim) if args.sigma_sqrt_d is not None else args.sigma
+    max_norm = h_from_ten_over_h(args.ten_over_h) if args.ten_over_h is not None else args.max_norm
+    return Regularizer(sigma=0.0 if sigma is None else sigma, alpha=args.alpha,
+                       max_norm=math.inf if max_norm is None else max_norm)
 
 
 def _check_dataset_name(name: str) -> None:
@@ -113,13 +133,17 @@ def cmd_train(args) -> int:
         stored = stored.replace(device=args.device, data_dir=args.data_dir or stored.data_dir)
         dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
         return _report_training(stored, args.run_dir, train(stored, args.run_dir, resume=True,
-                                                            progress=not args.no_progress, dataset=dataset))
+                                                            progress=not args.no_progress, dataset=dataset,
+                                                            allow_data_change=args.allow_data_change))
     _check_dataset_name(args.dataset)
     # Validate everything that does not need the data before loading it.
-    if args.alpha is not None and not 0 <= args.alpha <= 1:
-        raise ConfigError(f"invalid alpha = {args.alpha}: allowed [0, 1]")
-    if args.k < 1 or args.m < 1:
-        raise ConfigError(f"invalid {'k' if args.k < 1 else 'm'} = {min(args.k, args.m)}: allowed an integer >= 1")
+    Regularizer(alpha=args.alpha)
+    check_int("k", args.k)
+    check_int("m", args.m)
+    if args.run_dir is not None:
+        from .runs import run_dir_state
+
+        run_dir_state(args.run_dir)  # a file, a link or a foreign folder: refused now
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
     cfg = resolve_run_config(
         args.dataset, x_dim=dataset.dim, budget=args.budget, architecture=args.arch, encoder=args.encoder,
@@ -132,7 +156,7 @@ def cmd_train(args) -> int:
     if dataset.deviation:
         print(f"note: {dataset.deviation}", file=sys.stderr)
     result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress, dataset=dataset)
+                   progress=not args.no_progress, dataset=dataset, allow_data_change=args.allow_data_change)
     return _report_training(cfg, run_dir, result)
 
 
@@ -166,16 +190,16 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimators", default="bound,iwsvi,gap",
                    help="comma-separated subset of bound, iwae, iwsvi, ais, gap (default bound,iwsvi,gap)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples of the split")
-    p.add_argument("--k", dest="k_iwae", type=int, default=5000, help="IWAE-k samples (default 5000)")
-    p.add_argument("--svi-k", type=int, default=5000, help="IW-SVI scoring samples (default 5000)")
-    p.add_argument("--svi-l", type=int, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
-    p.add_argument("--svi-steps", type=int, default=3000, help="IW-SVI Adam steps T (default 3000)")
+    p.add_argument("--max-examples", type=integer, help="evaluate only the first N examples of the split")
+    p.add_argument("--k", dest="k_iwae", type=integer, default=5000, help="IWAE-k samples (default 5000)")
+    p.add_argument("--svi-k", type=integer, default=5000, help="IW-SVI scoring samples (default 5000)")
+    p.add_argument("--svi-l", type=integer, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
+    p.add_argument("--svi-steps", type=integer, default=3000, help="IW-SVI Adam steps T (default 3000)")
     p.add_argument("--svi-lr", type=float, help="IW-SVI learning rate")
-    p.add_argument("--ais-intermediate", type=int, default=500, help="AIS intermediate distributions")
-    p.add_argument("--ais-chains", type=int, default=16, help="AIS chains per example")
-    p.add_argument("--chunk-samples", type=int, help="latents decoded per chunk (memory bound)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ais-intermediate", type=integer, default=500, help="AIS intermediate distributions")
+    p.add_argument("--ais-chains", type=integer, default=16, help="AIS chains per example")
+    p.add_argument("--chunk-samples", type=integer, help="latents decoded per chunk (memory bound)")
+    p.add_argument("--seed", type=integer, default=0, help=f"0 to {MAX_SEED}")
     p.add_argument("--recompute", action="store_true", help="ignore a stored result with the same settings")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,6 +210,7 @@ def cmd_evaluate(args) -> int:
     from .runs import load_config
 
     load_config(args.run_dir)  # a clear error for a folder that is not a run
+    check_int("seed", args.seed, 0, MAX_SEED)
     if args.study:
         data = run_study(args.run_dir, split=args.split, max_examples=args.max_examples or 100,
                          device=args.device, progress=not args.no_progress, seed=args.seed)
@@ -204,10 +229,23 @@ def cmd_evaluate(args) -> int:
 def _add_executor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="local: this machine (default); ray: one Ray task per run, local Ray or --address")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=integer, default=1,
                    help="local: worker processes (each gets cores/workers threads); ray: CPUs of a local Ray")
     p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001); default: start a local Ray")
-    p.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs reserved per run")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs reserved per run (>= 0)")
+
+
+def _grid(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        grid = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if not grid or not all(0 < v < math.inf for v in grid):
+        raise ConfigError(f"invalid grid = {text!r}: allowed comma-separated finite strengths > 0, e.g. 2.5,5 "
+                          "(the baseline is always run)")
+    return grid
 
 
 def cmd_reproduce(args) -> int:
@@ -219,17 +257,19 @@ def cmd_reproduce(args) -> int:
     datasets = [d.strip() for d in args.dataset.split(",")]
     for dataset in datasets:
         _check_dataset_name(dataset)
-    if args.seeds < 1:
-        raise ConfigError(f"invalid seeds = {args.seeds}: allowed an integer >= 1")
-    grid = tuple(float(v) for v in args.grid.split(",")) if args.grid else None
-    if grid and any(v <= 0 for v in grid):
-        raise ConfigError(f"invalid grid = {args.grid}: allowed positive strengths (the baseline is always run)")
+    check_int("seeds", args.seeds, 1, MAX_SEED + 1)
+    grid = _grid(args.grid)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task)
-    reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
-              data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+    failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
+                         data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
     print((out_dir / "REPORT.md").read_text())
     print(f"written to {out_dir}")
+    if failures:
+        print(f"airvae: {len(failures)} run(s) did not finish; the table above lacks them:", file=sys.stderr)
+        for result in failures:
+            print(f"  - {result['name']}: {result['status']}: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -242,7 +282,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="airvae", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="airvae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one VAE/IWAE, optionally with AIR (denoising, WNI)")
     _add_train_arguments(p)
@@ -256,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2 or figure4")
     p.add_argument("--dataset", default="caltech", help="mnist, omniglot, caltech, or several comma-separated")
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=integer, default=1, help="seeds per configuration (0 .. seeds-1)")
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
     p.add_argument("--out", type=Path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     _add_executor(p)
@@ -274,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0 done, 1 a reproduction with failed runs or
+    an internal error, 2 a refused command (one line on stderr says what and how to fix it), 130
+    interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed as one line
+        return stop.code if isinstance(stop.code, int) else 2
+    import torch
+
     from .data import DatasetError
     from .runs import RunError
     from .train import TrainingDiverged
@@ -289,11 +337,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError, FileNotFoundError) as error:
         if os.environ.get("AIRVAE_DEBUG"):
             raise
-        print(f"airvae: error: {error}", file=sys.stderr)
+        print(f"airvae: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        if os.environ.get("AIRVAE_DEBUG"):
+            raise
+        print(f"airvae: error: out of memory ({_one_line(error) or 'no details'}); lower --k, --m, --batch-size "
+              "or --chunk-samples", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("airvae: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: still one line, with the way to the traceback
+        if os.environ.get("AIRVAE_DEBUG"):
+            raise
+        print(f"airvae: internal error: {type(error).__name__}: {_one_line(error)} (please report it; "
+              "AIRVAE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

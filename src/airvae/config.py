@@ -8,11 +8,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+
+MAX_SEED = 2**32 - 1  # seeds feed torch.manual_seed and derived streams (seed * 100_003 + epoch)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the field and the allowed values."""
+
+
+def require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name} = {value!r}: allowed {allowed}")
+
+
+def is_int(value) -> bool:
+    """A true integer (``bool`` is not one, whatever Python says)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    require(is_int(value) and value >= minimum and (maximum is None or value <= maximum), name, value, allowed)
+
+
+def check_device_name(name) -> None:
+    """Syntax only ("auto", "cpu", "mps", "cuda", "cuda:N"); availability is checked where the
+    device is used (:func:`airvae.devices.resolve_device`)."""
+    require(isinstance(name, str) and _DEVICE.fullmatch(name) is not None, "device", name,
+           "auto, cpu, cuda, cuda:N (N >= 0) or mps")
+
+
+def check_hidden_spec(name: str, spec) -> None:
+    from .networks import parse_hidden_spec
+
+    require(isinstance(spec, str) and spec.strip() != "", name, spec,
+           "layers like d300-d300, or 'none' for no hidden layer")
+    try:
+        parse_hidden_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"invalid {name} = {spec!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -22,6 +63,11 @@ class Architecture:
     encoder: str
     decoder: str
     z_dim: int = 64
+
+    def __post_init__(self):
+        check_hidden_spec("encoder", self.encoder)
+        check_hidden_spec("decoder", self.decoder)
+        check_int("z_dim", self.z_dim)
 
 
 # Table 6. "mnist-large" is the over-expressive encoder of appendix A / Table 4.
@@ -87,18 +133,17 @@ class Regularizer:
     max_norm: float = math.inf
 
     def __post_init__(self):
-        _check(self.sigma >= 0 and math.isfinite(self.sigma), "sigma", self.sigma, "a finite number >= 0")
-        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
-        _check(self.max_norm > 0, "H (max_norm)", self.max_norm, "> 0 (use inf for no cap)")
+        require(is_real(self.sigma) and self.sigma >= 0 and math.isfinite(self.sigma), "sigma", self.sigma,
+               "a finite number >= 0")
+        require(is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
+        require(is_real(self.max_norm) and self.max_norm > 0, "H (max_norm)", self.max_norm,
+               "a number > 0 (inf for no cap)")
 
     @classmethod
     def from_paper(cls, x_dim: int, sigma_sqrt_d: float = 0.0, ten_over_h: float = 0.0,
                    alpha: float = 1.0) -> "Regularizer":
         """Table 7's parameterization: ``sigma * sqrt(d)`` and ``10 / H`` (0 means H = inf)."""
-        _check(sigma_sqrt_d >= 0, "sigma*sqrt(d)", sigma_sqrt_d, ">= 0")
-        _check(ten_over_h >= 0, "10/H", ten_over_h, ">= 0 (0 means H = inf)")
-        return cls(sigma=sigma_sqrt_d / math.sqrt(x_dim), alpha=alpha,
-                   max_norm=math.inf if ten_over_h == 0 else 10.0 / ten_over_h)
+        return cls(sigma=sigma_from_sqrt_d(sigma_sqrt_d, x_dim), alpha=alpha, max_norm=h_from_ten_over_h(ten_over_h))
 
     @property
     def name(self) -> str:
@@ -138,23 +183,24 @@ class RunConfig:
     budget: str = "custom"
 
     def __post_init__(self):
-        _check(self.k >= 1, "k", self.k, "an integer >= 1")
-        _check(self.m >= 1, "m", self.m, "an integer >= 1")
-        _check(self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
-        _check(0 < self.lr_final_fraction <= 1, "lr_final_fraction", self.lr_final_fraction, "(0, 1]")
-        _check(self.val_every >= 1, "val_every", self.val_every, "an integer >= 1")
-        _check(self.val_k >= 1, "val_k", self.val_k, "an integer >= 1")
-        _check(self.val_examples is None or self.val_examples >= 1, "val_examples", self.val_examples,
-               "an integer >= 1, or None for the whole split")
-        _check(self.patience is None or self.patience >= 1, "patience", self.patience, ">= 1 or None")
-        _check(self.track_test_examples >= 0, "track_test_examples", self.track_test_examples, "an integer >= 0")
-        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
-        _check(self.x_dim >= 1, "x_dim", self.x_dim, "an integer >= 1")
-        _check(self.architecture.z_dim >= 1, "z_dim", self.architecture.z_dim, "an integer >= 1")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-               self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        require(isinstance(self.dataset, str) and self.dataset != "", "dataset", self.dataset,
+               "a dataset name or the path of a .npz file")
+        require(isinstance(self.architecture, Architecture), "architecture", self.architecture, "an Architecture")
+        require(isinstance(self.regularizer, Regularizer), "regularizer", self.regularizer, "a Regularizer")
+        for name in ("k", "m", "iterations", "batch_size", "val_every", "val_k", "checkpoint_every", "x_dim"):
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, 0, MAX_SEED)
+        require(is_real(self.lr) and self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(is_real(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1, "lr_final_fraction",
+               self.lr_final_fraction, "(0, 1]")
+        require(self.val_examples is None or (is_int(self.val_examples) and self.val_examples >= 1), "val_examples",
+               self.val_examples, "an integer >= 1, or None for the whole split")
+        require(self.patience is None or (is_int(self.patience) and self.patience >= 1), "patience", self.patience,
+               "an integer >= 1, or None")
+        check_int("track_test_examples", self.track_test_examples, 0)
+        require(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
+        check_device_name(self.device)
+        require(isinstance(self.budget, str), "budget", self.budget, "a budget name")
 
     @property
     def model_name(self) -> str:
@@ -187,26 +233,55 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunConfig":
+        """Inverse of :meth:`to_json`; every field is validated, and a missing, unknown or
+        mistyped one is a ConfigError naming it."""
+        require(isinstance(data, dict), "config", type(data).__name__, "a JSON object")
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown config fields {sorted(unknown)}; known fields: {sorted(known)}")
-        data["architecture"] = Architecture(**data["architecture"])
-        reg = dict(data.get("regularizer", {}))
-        if "max_norm" in reg:
-            reg["max_norm"] = float(reg["max_norm"])
-        data["regularizer"] = Regularizer(**reg)
-        return cls(**data)
+        data["architecture"] = _from_fields(Architecture, data.get("architecture"), "architecture")
+        reg = data.get("regularizer", {})
+        if isinstance(reg, dict) and reg.get("max_norm") == "inf":
+            reg = {**reg, "max_norm": math.inf}
+        data["regularizer"] = _from_fields(Regularizer, reg, "regularizer")
+        return _from_fields(cls, data, "config")
+
+
+def sigma_from_sqrt_d(sigma_sqrt_d: float, x_dim: int) -> float:
+    """Table 7's denoising strength ``sigma * sqrt(d)`` as the noise std sigma of eq. 13."""
+    require(is_real(sigma_sqrt_d) and 0 <= sigma_sqrt_d < math.inf, "sigma_sqrt_d (sigma*sqrt(d))", sigma_sqrt_d,
+           "a finite number >= 0")
+    check_int("x_dim", x_dim)
+    return sigma_sqrt_d / math.sqrt(x_dim)
+
+
+def h_from_ten_over_h(ten_over_h: float) -> float:
+    """Table 7's WNI strength ``10 / H`` as the cap H of eq. 18; 0 means no cap (H = inf)."""
+    require(is_real(ten_over_h) and 0 <= ten_over_h < math.inf, "ten_over_h (10/H)", ten_over_h,
+           "a finite number >= 0 (0 means H = inf)")
+    if ten_over_h == 0:
+        return math.inf
+    h = 10.0 / ten_over_h
+    require(math.isfinite(h), "ten_over_h (10/H)", ten_over_h, "0 for no cap, or a number large enough that "
+           "10/H is finite (this one gives H = inf)")
+    return h
 
 
 def _encode_float(value: float):
     return "inf" if math.isinf(value) else value
 
 
-def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {name} = {value!r}: allowed {allowed}")
+def _from_fields(cls, data, what: str):
+    """``cls(**data)`` with a ConfigError naming missing, unknown or mistyped fields."""
+    require(isinstance(data, dict), what, data, "a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    require(not unknown, f"{what} fields", unknown, f"only {', '.join(sorted(fields))}")
+    missing = sorted(name for name, f in fields.items() if name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    require(not missing, what, f"missing {', '.join(missing)}", f"every required field ({', '.join(missing)})")
+    try:
+        return cls(**data)
+    except TypeError as error:  # a comparison between a wrong type and a number
+        raise ConfigError(f"invalid {what}: a field has the wrong type ({error})") from None
 
 
 def resolve_run_config(
@@ -223,12 +298,13 @@ def resolve_run_config(
 ) -> RunConfig:
     """Build a RunConfig from the presets: Table 6 for the dataset (or a named architecture),
     scaled by the budget, then explicit overrides (``None`` values are ignored)."""
-    _check(budget in BUDGETS, "budget", budget, f"one of {sorted(BUDGETS)}")
+    require(budget in BUDGETS, "budget", budget, f"one of {sorted(BUDGETS)}")
     preset_key = dataset if dataset in ARCHITECTURES else "mnist"
     arch_key = architecture or preset_key
-    _check(arch_key in ARCHITECTURES, "architecture", arch_key, f"one of {sorted(ARCHITECTURES)}")
+    require(arch_key in ARCHITECTURES, "architecture", arch_key, f"one of {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[arch_key]
-    arch = Architecture(encoder or arch.encoder, decoder or arch.decoder, z_dim or arch.z_dim)
+    arch = Architecture(arch.encoder if encoder is None else encoder, arch.decoder if decoder is None else decoder,
+                        arch.z_dim if z_dim is None else z_dim)
     schedule = PAPER_SCHEDULES.get(dataset, PAPER_SCHEDULES["mnist"])
     b = BUDGETS[budget]
     fraction = b.iterations_fraction.get(dataset, b.iterations_fraction["default"])

@@ -52,6 +52,7 @@ validated but not cached.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -107,17 +108,36 @@ class BinaryDataset:
             x = getattr(self, s)
             if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.uint8:
                 raise DatasetError(f"{self.name}: split {s!r} must be a 2-D uint8 array")
+            if x.shape[0] == 0:
+                raise DatasetError(f"{self.name}: split {s!r} is empty; every split needs at least one example")
         if len({getattr(self, s).shape[1] for s in SPLITS}) != 1:
             raise DatasetError(f"{self.name}: splits have different dimensions")
+        if self.dim == 0:
+            raise DatasetError(f"{self.name}: examples have 0 values; each needs at least one")
 
     @property
     def dim(self) -> int:
         return int(self.train.shape[1])
 
+    @functools.cached_property
+    def digest(self) -> str:
+        return dataset_digest(self)
+
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
+
+
+def dataset_digest(dataset) -> str:
+    """sha256 of the three splits' contents (not of the files they came from), for any object with
+    ``train``, ``valid`` and ``test`` arrays: runs record it so that resuming on other data is caught."""
+    h = hashlib.sha256()
+    for s in SPLITS:
+        x = np.ascontiguousarray(getattr(dataset, s))
+        h.update(f"{s}:{x.shape}:{x.dtype};".encode())
+        h.update(memoryview(x).cast("B"))
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- registry
@@ -523,6 +543,8 @@ def _load_user_npz(path: Path) -> BinaryDataset:
         )
     need = ("arrays 'train', 'valid', 'test', each (N, D) of 0/1 values, e.g. "
             "np.savez(path, train=x_train, valid=x_valid, test=x_test)")
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path} is not an .npz archive (it is not a zip file); a dataset .npz needs {need}")
     try:
         with np.load(path, allow_pickle=False) as d:
             if not hasattr(d, "files"):

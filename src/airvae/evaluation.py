@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
 from .runs import BEST, write_json
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
@@ -41,17 +42,8 @@ FORMAT_VERSION = 1
 _EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples")
 
 
-def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name} = {value!r}: allowed {allowed}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_pos_float(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return is_real(value) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -90,41 +82,35 @@ class EvaluationSettings:
     def __post_init__(self):
         if isinstance(self.estimators, str):
             self.estimators = tuple(e.strip() for e in self.estimators.split(",") if e.strip())
-        _check(isinstance(self.estimators, (tuple, list)) and len(self.estimators) > 0
+        require(isinstance(self.estimators, (tuple, list)) and len(self.estimators) > 0
                and all(e in ESTIMATORS for e in self.estimators),
                "estimators", self.estimators, f"a non-empty subset of {', '.join(ESTIMATORS)}")
         chosen = set(self.estimators)
-        _check("gap" not in chosen or {"bound", "iwsvi"} <= chosen, "estimators", self.estimators,
+        require("gap" not in chosen or {"bound", "iwsvi"} <= chosen, "estimators", self.estimators,
                "'gap' only together with 'bound' and 'iwsvi' (Delta_inf = ln p(x) [IW-SVI] - L_k)")
         if {"bound", "iwsvi"} <= chosen:
             chosen.add("gap")
         self.estimators = tuple(e for e in ESTIMATORS if e in chosen)
-        _check(self.split in SPLITS, "split", self.split, " | ".join(SPLITS))
-        _check(self.max_examples is None or (_is_int(self.max_examples) and self.max_examples >= 1),
+        require(self.split in SPLITS, "split", self.split, " | ".join(SPLITS))
+        require(self.max_examples is None or (is_int(self.max_examples) and self.max_examples >= 1),
                "max_examples", self.max_examples, "an integer >= 1, or None for the whole split")
-        _check(self.bound_k is None or (_is_int(self.bound_k) and self.bound_k >= 1), "bound_k", self.bound_k,
+        require(self.bound_k is None or (is_int(self.bound_k) and self.bound_k >= 1), "bound_k", self.bound_k,
                "an integer >= 1, or None for the run's training k")
         for name in ("bound_repeats", "k_iwae", "svi_k", "svi_l", "ais_intermediate", "ais_chains",
                      "ais_leapfrog", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
-        _check(_is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
+            require(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        require(is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
                "an integer >= 0 (0 scores the encoder's q)")
-        _check(_is_int(self.ais_tuning_chains) and self.ais_tuning_chains >= 0, "ais_tuning_chains",
+        require(is_int(self.ais_tuning_chains) and self.ais_tuning_chains >= 0, "ais_tuning_chains",
                self.ais_tuning_chains, "an integer >= 0 (0: fixed step size)")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _check(_is_pos_float(self.svi_lr), "svi_lr", self.svi_lr, "a finite number > 0")
-        _check(_is_pos_float(self.svi_lr_decay) and self.svi_lr_decay <= 1, "svi_lr_decay", self.svi_lr_decay,
+        check_int("seed", self.seed, 0, MAX_SEED)
+        require(_is_pos_float(self.svi_lr), "svi_lr", self.svi_lr, "a finite number > 0")
+        require(_is_pos_float(self.svi_lr_decay) and self.svi_lr_decay <= 1, "svi_lr_decay", self.svi_lr_decay,
                "(0, 1] (the final learning rate as a fraction of svi_lr; 1: constant)")
-        _check(_is_pos_float(self.ais_step_size), "ais_step_size", self.ais_step_size, "a finite number > 0")
-        _check(self.ais_schedule in ("sigmoid", "linear"), "ais_schedule", self.ais_schedule, "sigmoid | linear")
-        ok = isinstance(self.device, str)
-        if ok and self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                ok = False
-        _check(ok, "device", self.device, "auto, cpu, cuda or cuda:N")
+        require(_is_pos_float(self.ais_step_size), "ais_step_size", self.ais_step_size, "a finite number > 0")
+        require(self.ais_schedule in ("sigmoid", "linear"), "ais_schedule", self.ais_schedule, "sigmoid | linear")
+        check_device_name(self.device)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -208,7 +194,8 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
 
 
 def _checkpoint_digest(run_dir: Path) -> str | None:
-    """sha256 of the evaluated checkpoint: a cached result is stale once best.pt changes."""
+    """sha256 of the checkpoint evaluate_run would load now: a cached result is stale once best.pt
+    changes."""
     path = Path(run_dir) / BEST
     if not path.exists():
         return None
@@ -231,7 +218,7 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("identity") != settings.identity():
+    if not isinstance(stored, dict) or stored.get("identity") != settings.identity():
         return None
     if stored.get("checkpoint_sha256") != _checkpoint_digest(Path(run_dir)):
         return None
@@ -242,7 +229,8 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
                  progress: bool = True) -> dict:
     """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result
     in ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same
-    settings and checkpoint is returned without computing unless ``recompute``."""
+    settings and checkpoint is returned without computing unless ``recompute``. The device and
+    the memory the settings need are checked before any work."""
     run_dir = Path(run_dir)
     if not recompute:
         stored = stored_evaluation(run_dir, settings)
@@ -250,7 +238,8 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
             return stored
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    cfg, model, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device, progress)
+    cfg, model, digest, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device,
+                                                         progress, settings)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
     result = {
         "format": FORMAT_VERSION,
@@ -264,7 +253,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
         "device": str(device),
         "settings": settings.to_dict(),
         "identity": settings.identity(),
-        "checkpoint_sha256": _checkpoint_digest(run_dir),
+        "checkpoint_sha256": digest,  # of the bytes evaluated, even if best.pt changed meanwhile
         "estimates": {name: est.to_dict() for name, est in estimates.items()},
         "seconds": time.perf_counter() - started,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -273,19 +262,26 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
     return result
 
 
-def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool):
+def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool,
+               settings: EvaluationSettings | None = None):
     """The run's best checkpoint and the first ``max_examples`` examples of ``split`` on ``device``:
-    (config, model, dataset, x, size of the whole split)."""
+    (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
+    the memory they need is checked before the model is loaded."""
     from .data import load_dataset
-    from .runs import load_trained_model
+    from .resources import check_fits, evaluation_memory
+    from .runs import load_config, load_trained_model_with_digest
 
-    cfg, model = load_trained_model(run_dir, which="best", device=device)
+    cfg = load_config(run_dir)
     dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
     x = dataset.split(split)
     n_split = len(x)
     if max_examples is not None:
         x = x[:max_examples]
-    return cfg, model, dataset, torch.as_tensor(x).to(device=device, dtype=torch.float32), n_split
+    if settings is not None:
+        check_fits(evaluation_memory(cfg, settings, len(x)), device,
+                   "lower --k, --svi-k, --svi-l, --ais-chains, --chunk-samples or --max-examples")
+    cfg, model, digest = load_trained_model_with_digest(run_dir, which="best", device=device)
+    return cfg, model, digest, dataset, torch.as_tensor(x).to(device=device, dtype=torch.float32), n_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,10 +432,10 @@ def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: 
               **study_kwargs) -> dict:
     """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and the first ``max_examples``
     examples of ``split``; files go to ``out_dir`` (default ``RUN/evaluations/``)."""
-    _check(split in SPLITS, "split", split, " | ".join(SPLITS))
-    _check(max_examples is None or (_is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
+    require(split in SPLITS, "split", split, " | ".join(SPLITS))
+    require(max_examples is None or (is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
            "an integer >= 1, or None for the whole split")
-    cfg, model, _, x, _ = _load_best(run_dir, split, max_examples, resolve_device(device), progress)
+    cfg, model, _, _, x, _ = _load_best(run_dir, split, max_examples, resolve_device(device), progress)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS_DIR
     data = iwsvi_vs_iwae_study(model, x, progress=progress, **study_kwargs)
     data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))

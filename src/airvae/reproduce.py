@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .runs import write_json
+from .runs import RunError, RunLock, write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
 
 TABLE_FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni")
@@ -60,10 +60,19 @@ def paper_tables() -> dict:
     return json.loads(resources.files("airvae").joinpath("paper_results/paper_tables.json").read_text())
 
 
+# A reproduction larger than this is almost certainly a typo (--seeds 1e6): refused before planning.
+MAX_PLANNED_RUNS = 10_000
+
+
 def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[float, ...] | None = None) -> list[Job]:
     """The training jobs of a reproduction."""
     spec = TARGETS[target]
     grid = tuple(grid or GRIDS[budget])
+    per_seed = len(datasets) * len(spec.ks) * len(spec.ms) * sum(
+        len(grid) if family in REGULARIZED and target != "figure4" else 1 for family in spec.families)
+    if per_seed * seeds > MAX_PLANNED_RUNS:
+        raise ValueError(f"invalid seeds = {seeds}: {target} would train {per_seed * seeds:,} runs "
+                         f"({per_seed} per seed); allowed at most {MAX_PLANNED_RUNS:,}")
     table7 = paper_tables()["table7"]["selected"]
     jobs = []
     for dataset in datasets:
@@ -85,35 +94,63 @@ def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[
     return jobs
 
 
+def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
+    """Every job's configuration against its data, device and memory, before anything is written:
+    a sweep that cannot run is refused whole instead of failing run by run."""
+    from .data import load_dataset
+    from .train import check_training_inputs
+
+    datasets = {}
+    for job in jobs:
+        if job.dataset not in datasets:
+            datasets[job.dataset] = load_dataset(job.dataset, data_dir=data_dir, progress=False)
+        dataset = datasets[job.dataset]
+        check_training_inputs(job.run_config(dataset.dim, data_dir, device), dataset)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out {out_dir} is a file; choose a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
+        raise RunError(f"--out {out_dir} is not empty and holds no airvae reproduction (manifest.json); "
+                       "choose a new or empty folder")
+
+
 def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executor, out_dir: Path, *,
               grid: tuple[float, ...] | None = None, data_dir: str | None = None, device: str = "auto",
-              progress: bool = True) -> Path:
+              progress: bool = True) -> list[dict]:
     """Train, select on validation, evaluate on test, render. Idempotent: re-running skips
-    finished work and resumes interrupted runs."""
+    finished work and resumes interrupted runs. Everything is checked before anything is written,
+    and the output folder is locked against a second reproduction. Returns the results of the
+    runs that did not finish (status "failed" or "locked"), each with its ``name`` and ``error``."""
     if target not in TARGETS:
         raise ValueError(f"invalid target = {target!r}: allowed {', '.join(TARGETS)}")
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     jobs = plan(target, datasets, budget, seeds, grid)
+    check_jobs(jobs, data_dir, device)
     spec = TARGETS[target]
     evaluation = None
     if not spec.track_test:
         evaluation = dict(EVALUATION_BUDGETS[budget], split="test", estimators=("bound", "iwsvi", "gap"))
     manifest = {"target": target, "datasets": datasets, "budget": budget, "seeds": seeds,
                 "grid": list(grid or GRIDS[budget]), "evaluation": evaluation, "jobs": [asdict(j) for j in jobs]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "manifest.json", manifest)
-    log = out_dir / "sweep.jsonl"
-    make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev)  # noqa: E731
-    if spec.evaluate_all:
-        run_tasks([make(job, evaluation) for job in jobs], executor, log, progress, "train+evaluate")
-    else:
-        trained = run_tasks([make(job) for job in jobs], executor, log, progress, "train")
-        if evaluation is not None:
-            chosen = select_strengths(trained)
-            selected = [job for job in jobs if chosen[(job.dataset, job.family, job.k, job.m)] == job.strength]
-            run_tasks([make(job, evaluation) for job in selected], executor, log, progress, "evaluate (test)")
-    render(out_dir)
-    return out_dir
+    with RunLock(out_dir):
+        write_json(out_dir / "manifest.json", manifest)
+        log = out_dir / "sweep.jsonl"
+        make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev)  # noqa: E731
+        if spec.evaluate_all:
+            results = run_tasks([make(job, evaluation) for job in jobs], executor, log, progress, "train+evaluate")
+        else:
+            results = run_tasks([make(job) for job in jobs], executor, log, progress, "train")
+            if evaluation is not None:
+                chosen = select_strengths(results)
+                selected = [job for job in jobs if chosen[(job.dataset, job.family, job.k, job.m)] == job.strength]
+                trained_ok = {r["name"] for r in results if r["status"] == "ok"}
+                results += run_tasks([make(job, evaluation) for job in selected if job.name in trained_ok],
+                                     executor, log, progress, "evaluate (test)")
+        render(out_dir)
+    return [r for r in results if r["status"] != "ok"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,45 +1,126 @@
-"""The run directory: where a training run keeps its config, metrics, checkpoints and summary.
+"""The run directory: where a training run keeps its config, metrics, checkpoints and summary,
+and the rules that keep it safe.
 
+    RUN/airvae-run.json        marker written at creation: proves the folder is an airvae run, and
+                               records the digest of the data it trains on
+    RUN/.lock                  held (flock) by the one process writing the run, for its whole life
     RUN/config.json            resolved RunConfig
     RUN/metrics.jsonl          one JSON object per validation
     RUN/checkpoints/last.pt    model, optimizer, step, RNG state (for exact resume)
     RUN/checkpoints/best.pt    model at the best validation estimate (early stopping)
     RUN/summary.json           status and final numbers, rewritten as the run progresses
+    RUN/evaluations/*.json     cached evaluations (airvae.evaluation)
+
+Safety rules, each enforced here:
+
+* Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors and plain containers only,
+  so a checkpoint received from someone else can never run code.
+* One writer per run: :class:`RunLock` takes an exclusive ``flock`` on ``RUN/.lock``; a second
+  writer is refused at once with the holder's PID, and the kernel releases the lock when the holder
+  dies (even by SIGKILL).
+* airvae deletes only what it provably wrote (:func:`clear_run_dir`): the marker must be there, the
+  config must be valid, every entry must be one airvae writes, and links are never followed.
+* Every file error names the file and the fix (:class:`RunError`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
+import re
+import shutil
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .model import VAE, build_vae
+from .config import ConfigError, RunConfig
 
-CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
-LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
+CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json", ".lock"
+CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
+LAST, BEST = f"{CHECKPOINTS}/last.pt", f"{CHECKPOINTS}/best.pt"
+MARKER_FORMAT = 1
+
+# What airvae writes into a run directory, by entry: anything else makes the folder foreign, and
+# airvae refuses to delete it.
+_RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR)))
+_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best)\.pt"), EVALUATIONS: re.compile(r"[\w.-]+\.json"),
+                "plots": re.compile(r"[\w.-]+\.(png|json)")}
+# A temporary file of atomic_write_bytes: "." + the target's name + "." + mkstemp's 8 random characters.
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
 
 
 class RunError(RuntimeError):
-    """A run directory that cannot be used as asked (missing, incomplete, already exists)."""
+    """A run directory that cannot be used as asked (missing, incomplete, foreign, locked, corrupt)."""
+
+
+class RunLocked(RunError):
+    """Another process is writing this run directory."""
+
+
+class RunIOError(RunError):
+    """Writing a run's file failed (disk full, permissions, ...)."""
+
+
+def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
+    """Is ``name`` a leftover of :func:`atomic_write_bytes` writing one of ``targets`` (a kill
+    during the write)?"""
+    match = _TEMPORARY.fullmatch(name)
+    return match is not None and targets.fullmatch(match["target"]) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write via a temporary file and rename, so a crash never leaves a half-written file. An OS
+    error (disk full, permissions) becomes a :class:`RunError` naming the file."""
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, error) from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_error(path: Path, error: OSError) -> RunIOError:
+    """The one-line message for a failed write: which file, why, and what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable or choose another one"
+    else:
+        fix = "check the file system"
+    return RunIOError(f"could not write {path}: {error.strerror or error}; {fix}, then run the command again "
+                    "(a training run resumes from its last complete checkpoint with --resume)")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (metrics.jsonl); an OS error names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as error:
+        raise write_error(Path(path), error) from error
 
 
 def write_json(path: Path, obj) -> None:
@@ -47,45 +128,315 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file; a missing, torn or garbage file is a RunError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise RunError(f"{path} does not exist") from error
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(f"{path} is unreadable or not valid JSON ({error}); it was damaged outside airvae "
+                       "(airvae writes it atomically): restore it from a copy") from error
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn *last* line (a crash in the middle of an append) is
+    dropped; damage anywhere else is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a metrics record")
+        except ValueError as error:
+            if number == len(lines):
+                break  # torn by a crash during the append: the step will be logged again
+            raise RunError(f"{path}, line {number} is damaged ({error}); delete that line or restore the "
+                           "file from a copy") from error
+        records.append(record)
+    return records
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    import io
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, str]:
+    """A checkpoint and the sha256 of the very bytes it was loaded from.
+
+    Loaded with ``weights_only=True``: tensors, numbers, strings and plain containers only. A file
+    that needs more (a pickle carrying code, or anything not written by airvae) is refused and
+    nothing in it runs."""
     path = Path(path)
-    if not path.exists():
-        raise RunError(f"checkpoint {path} does not exist: the run has not reached its first checkpoint")
-    return torch.load(path, map_location=device, weights_only=False)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as error:
+        raise RunError(f"checkpoint {path} does not exist: the run has not reached its first checkpoint") from error
+    except OSError as error:
+        raise RunError(f"could not read checkpoint {path}: {error.strerror or error}") from error
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            raise RunError(f"checkpoint {path} holds Python objects besides weights; airvae refuses to load it "
+                           "because unpickling them could run code. Only use checkpoints written by airvae; "
+                           "delete this one") from error
+        raise RunError(_corrupt(path, error)) from error
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as error:
+        raise RunError(_corrupt(path, error)) from error
+    if not isinstance(state, dict):
+        raise RunError(_corrupt(path, TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")))
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def _corrupt(path: Path, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    how = ("delete it and resume with --resume (training restarts from the beginning if no checkpoint is left)"
+           if path.name == "last.pt" else "delete it and train or resume the run again")
+    return f"checkpoint {path} is truncated or corrupt ({first_line}); {how}"
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """:func:`read_checkpoint` without the digest."""
+    return read_checkpoint(path, device)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and models
 
 
 def load_config(run_dir: str | os.PathLike) -> RunConfig:
-    path = Path(run_dir) / CONFIG
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not an airvae run directory: "
+                       f"{'it is a file' if run_dir.exists() else 'it does not exist'}")
     if not path.exists():
         raise RunError(f"{run_dir} is not an airvae run directory: {CONFIG} is missing "
                        "(create one with `airvae train --run-dir ...`)")
-    return RunConfig.from_json(read_json(path))
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunError(f"{path} holds {type(data).__name__}, not a run configuration; restore it from a copy")
+    try:
+        return RunConfig.from_json(data)
+    except ConfigError as error:
+        raise RunError(f"{path}: {error}; restore the file from a copy") from error
 
 
-def model_from_config(cfg: RunConfig) -> VAE:
+def model_from_config(cfg: RunConfig):
+    from .model import build_vae
+
     arch, reg = cfg.architecture, cfg.regularizer
     return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm)
 
 
-def load_trained_model(run_dir: str | os.PathLike, which: str = "best",
-                       device: torch.device | str | None = None) -> tuple[RunConfig, VAE]:
-    """The trained model of a run (``which``: "best" by validation, or "last"), in eval mode."""
+def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None):
+    """``(config, model)``: the trained model of a run (``which``: "best" by validation, or
+    "last"), in eval mode."""
+    cfg, model, _ = load_trained_model_with_digest(run_dir, which, device)
+    return cfg, model
+
+
+def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "best",
+                                   device: torch.device | str | None = None):
+    """``(config, model, sha256 of the checkpoint file it came from)``."""
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     cfg = load_config(run_dir)
     device = device or "cpu"
-    state = load_checkpoint(Path(run_dir) / (BEST if which == "best" else LAST), device)
+    path = Path(run_dir) / (BEST if which == "best" else LAST)
+    state, digest = read_checkpoint(path, device)
     model = model_from_config(cfg).to(device)
-    model.load_state_dict(state["model"])
-    return cfg, model.eval()
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError) as error:
+        raise RunError(f"checkpoint {path} does not match the model of {Path(run_dir) / CONFIG} "
+                       f"({str(error).splitlines()[0]}); was it copied from another run?") from error
+    return cfg, model.eval(), digest
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock
+
+
+class RunLock:
+    """An exclusive lock on a directory for the whole life of a writer: ``flock`` on ``DIR/.lock``.
+
+    ``acquire`` never waits: when another process holds the lock, :class:`RunLocked` names its PID.
+    The kernel drops the lock when the holding process exits or dies, so a crash never leaves a
+    directory locked. (Two opens of the file, even in one process, exclude each other.)"""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLocked(f"{self.directory} is being written by another airvae process (PID {holder}); "
+                                "wait for it to finish or stop it, then try again") from error
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def locked_by_other(directory: Path) -> bool:
+    """Is someone else writing ``directory`` right now?"""
+    if not (Path(directory) / LOCK).exists():
+        return False
+    try:
+        RunLock(directory).acquire().release()
+        return False
+    except RunLocked:
+        return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Creating, checking and clearing run directories
+
+
+def write_marker(run_dir: Path, data_digest: str | None) -> None:
+    from . import __version__
+
+    write_json(run_dir / MARKER, {"airvae_run": MARKER_FORMAT, "airvae_version": __version__,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_sha256": data_digest})
+
+
+def read_marker(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / MARKER
+    if not path.exists():
+        return None
+    marker = read_json(path)
+    if not isinstance(marker, dict) or marker.get("airvae_run") != MARKER_FORMAT:
+        raise RunError(f"{path} is not an airvae run marker; restore it from a copy")
+    return marker
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """Entries of ``run_dir`` that airvae does not write (links count as foreign)."""
+    foreign = []
+    for entry in run_dir.iterdir():
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(f"{name} (a link)")
+        elif _RUN_FILES.fullmatch(name) or _temporary(name):
+            if not entry.is_file():
+                foreign.append(name)
+        elif name in _RUN_FOLDERS and entry.is_dir():
+            pattern = _RUN_FOLDERS[name]
+            for inner in entry.iterdir():
+                if inner.is_symlink() or not inner.is_file() or not (pattern.fullmatch(inner.name)
+                                                                      or _temporary(inner.name, pattern)):
+                    foreign.append(f"{name}/{inner.name}")
+        else:
+            foreign.append(name)
+    return sorted(foreign)
+
+
+def run_dir_state(run_dir: Path) -> str:
+    """``"new"`` (absent, empty, or only airvae's traces of an unfinished creation), ``"run"``
+    (holds an airvae run), or raises RunError for a path airvae must not write into."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise RunError(f"run directory {run_dir} is a symbolic link; airvae never writes through links: "
+                       "pass the real path")
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
+    if (run_dir / CONFIG).exists():
+        return "run"
+    if all(entry.name in (LOCK, MARKER, ERROR) or _temporary(entry.name) for entry in run_dir.iterdir()):
+        return "new"  # empty, a creation that stopped before writing the config, or a recorded failure
+    foreign = _foreign_entries(run_dir)
+    if not foreign:
+        raise RunError(f"{run_dir} holds an airvae run without its {CONFIG}; restore that file, or delete the "
+                       "folder to start again")
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    raise RunError(f"{run_dir} is not empty and is not an airvae run (it holds {shown}); "
+                   "airvae will not write into it: choose another --run-dir")
+
+
+def check_clearable(run_dir: Path) -> None:
+    """Raise RunError unless ``run_dir`` is provably an airvae run that may be deleted: not a link,
+    marker present, a valid config, and nothing in it that airvae did not write."""
+    run_dir = Path(run_dir)
+    if run_dir_state(run_dir) != "run":
+        return
+    if read_marker(run_dir) is None:
+        raise RunError(f"--overwrite refused: {run_dir} has no {MARKER} marker, so airvae cannot prove it wrote "
+                       "this folder (runs from airvae < 0.2 have none: resume it once to add one); delete it "
+                       "yourself if it is yours")
+    try:
+        load_config(run_dir)
+    except RunError as error:
+        raise RunError(f"--overwrite refused: {error}") from error
+    foreign = _foreign_entries(run_dir)
+    if foreign:
+        raise RunError(f"--overwrite refused: {run_dir} holds files airvae did not write ({', '.join(foreign[:5])}"
+                       f"{', ...' if len(foreign) > 5 else ''}); move them away or delete the folder yourself")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete an airvae run's files (after :func:`check_clearable`), keeping the lock file the
+    caller holds. Links are unlinked, never followed."""
+    check_clearable(run_dir)
+    for entry in Path(run_dir).iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Remove leftovers of writes interrupted by a kill (``.last.pt.*`` and the like); only call
+    while holding the run's lock, when no write can be in flight."""
+    removed = []
+    for folder, targets in ((Path(run_dir), _RUN_FILES), (Path(run_dir) / CHECKPOINTS, _RUN_FOLDERS[CHECKPOINTS])):
+        if folder.is_dir() and not folder.is_symlink():
+            for entry in folder.iterdir():
+                if _temporary(entry.name, targets) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+                    removed.append(entry)
+    return removed

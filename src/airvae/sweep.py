@@ -84,44 +84,58 @@ class Task:
         return Path(self.root) / "runs" / self.job.name
 
 
+def _finished_summary(run_dir: Path) -> dict | None:
+    """The run's summary if it says the run is finished; None otherwise (absent, unreadable, or
+    unfinished: training then resumes it, and tells finished from unfinished by its checkpoint)."""
+    from .runs import SUMMARY, RunError, read_json
+
+    try:
+        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None
+    except RunError:
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") in ("completed", "early-stopped") else None
+
+
 def execute(task: Task) -> dict:
     """Train (or resume, or skip if finished) and optionally evaluate one job. Never raises: a
-    failure is returned and written to ``error.json`` in the run directory."""
+    failure is returned with ``status`` "failed" and written to ``error.json`` in the run
+    directory; a run that another process is writing is skipped with ``status`` "locked"."""
     from .data import load_dataset
+    from .runs import ERROR, SUMMARY, RunLocked, read_json, write_json
     from .train import train
 
     started = time.perf_counter()
     run_dir = task.run_dir
-    out = {"job": asdict(task.job), "run_dir": str(run_dir)}
+    out = {"job": asdict(task.job), "name": task.job.name, "run_dir": str(run_dir)}
     try:
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        dataset = None
-        if summary.get("status") in ("completed", "early-stopped"):
-            out["trained"] = False
-        else:
+        summary = _finished_summary(run_dir)
+        out["trained"] = summary is None
+        if summary is None:
             dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
             cfg = task.job.run_config(dataset.dim, task.data_dir, task.device)
             result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset)
             if result.status == "interrupted":
                 raise KeyboardInterrupt
-            out["trained"] = True
-            summary = json.loads(summary_path.read_text())
+            summary = read_json(run_dir / SUMMARY)
         out["summary"] = summary
         if task.evaluation is not None:
             from .evaluation import EvaluationSettings, evaluate_run
 
             settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
             out["evaluation"] = _strip_values(evaluate_run(run_dir, settings, progress=False))
-        (run_dir / "error.json").unlink(missing_ok=True)
+        (run_dir / ERROR).unlink(missing_ok=True)
         out["status"] = "ok"
     except KeyboardInterrupt:
         raise
+    except RunLocked as error:  # someone else is writing it: theirs to finish, not a failure of the run
+        out.update(status="locked", error=str(error))
     except Exception as error:  # recorded, never propagated: one bad run must not stop a sweep
         out.update(status="failed", error=f"{type(error).__name__}: {error}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.json").write_text(json.dumps({"error": out["error"], "traceback": traceback.format_exc()},
-                                                       indent=2))
+        try:
+            if not run_dir.is_symlink():
+                write_json(run_dir / ERROR, {"error": out["error"], "traceback": traceback.format_exc()})
+        except Exception:  # noqa: BLE001 - the failure is in `out` either way (e.g. a full disk, a file there)
+            pass
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -226,6 +240,11 @@ def _ray_entry(fn, task: Task, threads: int) -> dict:
 
 
 def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0):
+    from .config import check_int, is_real
+
+    check_int("workers", workers)
+    if not (is_real(gpus_per_task) and 0 <= gpus_per_task < math.inf):
+        raise ValueError(f"invalid gpus_per_task = {gpus_per_task!r}: allowed a finite number >= 0")
     if name == "local":
         return LocalExecutor(workers)
     if name == "ray":
@@ -244,7 +263,7 @@ def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progres
     try:
         for result in executor.map(execute, tasks):
             results.append(result)
-            failed += result["status"] != "ok"
+            failed += result["status"] != "ok"  # failed, or locked by another process
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -20,12 +19,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .data import dataset_digest
 from .devices import resolve_device
 from .estimators import iwae_log_likelihood
 from .model import LONG_TRAINING_STEPS, air_objective, compile_for
-from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, load_checkpoint, load_config,
-                   model_from_config, read_json, save_checkpoint, write_json)
+from .resources import check_fits, training_memory
+from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
+                   clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
+                   read_marker, read_metrics, run_dir_state, save_checkpoint, write_json, write_marker,
+                   write_metrics)
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,11 +91,32 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> RunConfig:
-    """Create the run directory, or check that resuming it is consistent. Returns the config."""
-    if (run_dir / CONFIG).exists():
+def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
+    """Everything about a run that can be checked before its directory is touched: the data fits
+    the config, the device exists, and the memory the run needs is there. Returns the device."""
+    if dataset.dim != cfg.x_dim:
+        raise ConfigError(f"invalid x_dim = {cfg.x_dim}: dataset {cfg.dataset!r} has dimension {dataset.dim}")
+    n_train = len(dataset.train)
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"invalid batch_size = {cfg.batch_size}: allowed at most the {n_train} training examples "
+                          f"of {cfg.dataset!r}")
+    if len(dataset.valid) == 0:
+        raise ConfigError(f"dataset {cfg.dataset!r} has an empty validation split: validation needs examples")
+    device = resolve_device(cfg.device)
+    n_valid = len(dataset.valid) if cfg.val_examples is None else min(len(dataset.valid), cfg.val_examples)
+    rows = n_train + n_valid + min(len(dataset.test), cfg.track_test_examples)
+    check_fits(training_memory(cfg, rows), device, "lower --k, --m, --batch-size, --val-k or the layer widths")
+    return device
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, dataset, *, resume: bool, overwrite: bool,
+                 allow_data_change: bool = False) -> RunConfig:
+    """Create the run directory, or check that resuming it is consistent; the caller holds its
+    lock. Returns the config to train with (the stored one when resuming)."""
+    data_digest = dataset_digest(dataset)
+    if run_dir_state(run_dir) == "run":
         if overwrite:
-            shutil.rmtree(run_dir)
+            clear_run_dir(run_dir)
         elif resume:
             stored = load_config(run_dir)
             changed = {key: (old, new) for key, old, new in _diff(stored.to_json(), cfg.to_json())
@@ -101,13 +125,21 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool
                 details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
                 raise RunError(f"cannot resume {run_dir} with a different configuration ({details}); "
                                "resume with the stored settings or use --overwrite to start again")
+            marker = read_marker(run_dir)
+            recorded = marker.get("data_sha256") if marker else None
+            if recorded is not None and recorded != data_digest and not allow_data_change:
+                raise RunError(f"cannot resume {run_dir}: its data changed since the run was created (sha256 "
+                               f"{recorded[:12]}... then, {data_digest[:12]}... now); resume on the original data, "
+                               "or pass --allow-data-change to continue on the new data")
+            if marker is None or recorded != data_digest:  # a run from before markers, or an allowed change
+                write_marker(run_dir, data_digest)
+            clean_temporaries(run_dir)
             return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
         else:
             raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                            "or --overwrite to discard it and start again")
-    elif resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"cannot resume {run_dir}: it has no {CONFIG}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(run_dir)
+    write_marker(run_dir, data_digest)
     write_json(run_dir / CONFIG, cfg.to_json())
     return cfg
 
@@ -122,19 +154,26 @@ def _diff(a: dict, b: dict, prefix: str = ""):
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, dataset=None) -> TrainResult:
+          progress: bool = True, dataset=None, allow_data_change: bool = False) -> TrainResult:
     """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
-    already loaded :class:`airvae.data.BinaryDataset`."""
+    already loaded :class:`airvae.data.BinaryDataset`.
+
+    Nothing is written before every check has passed (:func:`check_training_inputs`); the run
+    directory is then locked for the whole call (:class:`airvae.runs.RunLock`)."""
     run_dir = Path(run_dir)
-    cfg = prepare_run_dir(cfg, run_dir, resume, overwrite)
-    device = resolve_device(cfg.device)
+    run_dir_state(run_dir)  # a file, a link or a foreign folder is refused before any work
     if dataset is None:
         from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, progress=progress)
-    if dataset.dim != cfg.x_dim:
-        raise RunError(f"dataset {cfg.dataset!r} has dimension {dataset.dim} but the config says "
-                       f"x_dim = {cfg.x_dim}")
+    device = check_training_inputs(cfg, dataset)
+    with RunLock(run_dir):
+        cfg = open_run_dir(cfg, run_dir, dataset, resume=resume, overwrite=overwrite,
+                           allow_data_change=allow_data_change)
+        return _train_locked(cfg, run_dir, dataset, device, progress)
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, progress: bool) -> TrainResult:
     # The whole (small) dataset lives on the device: no per-step host-to-device copies.
     train_x = torch.as_tensor(dataset.train, device=device).float()
     val_x = torch.as_tensor(dataset.valid[:cfg.val_examples], device=device).float()
@@ -148,19 +187,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     # Everything the loop carries from step to step; checkpointed so resume continues exactly.
     state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
              "loss_sum": 0.0, "loss_count": 0}
-
-    if (run_dir / LAST).exists():
-        checkpoint = load_checkpoint(run_dir / LAST, device)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
-        state = checkpoint["state"]
-        _truncate_metrics(run_dir / METRICS, state["step"])
-        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else {}
-        if summary.get("status") in ("completed", "early-stopped"):
-            return _result(run_dir, summary["status"], state)
 
     def checkpoint() -> None:
         save_checkpoint(run_dir / LAST, {
@@ -178,6 +204,21 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             "val_k": cfg.val_k, "seconds": state["seconds"],
         })
         return _result(run_dir, status, state)
+
+    if (run_dir / LAST).exists():
+        saved = load_checkpoint(run_dir / LAST, device)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], device)
+        state = saved["state"]
+        # A finished run is told by its checkpoint, not by summary.json (which is only rewritten).
+        if state["step"] >= cfg.iterations:
+            return finish("completed")
+        if cfg.patience is not None and state["bad_validations"] >= cfg.patience:
+            return finish("early-stopped", f"no improvement in {cfg.patience} validations")
+    _forget_after(run_dir, state["step"], device)
 
     compiling = compile_for(cfg.iterations - state["step"] >= LONG_TRAINING_STEPS)  # auto: long runs only
     write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
@@ -229,7 +270,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                     else:
                         state["bad_validations"] += 1
                     state["seconds"] = time.perf_counter() - started
-                    _append_metrics(run_dir / METRICS, {**record, "seconds": state["seconds"]})
+                    # Logged before last.pt is written: a kill in between is undone on resume (_forget_after).
+                    append_line(run_dir / METRICS, json.dumps({**record, "seconds": state["seconds"]}))
                     state.update(loss_sum=0.0, loss_count=0)
                     bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{state['best_val']:.2f}")
                 if validated or step % cfg.checkpoint_every == 0:
@@ -242,9 +284,25 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                     checkpoint()
                     return finish("interrupted", f"stopped by signal {stop.signal} at step {step}; "
                                   f"resume with `airvae train --resume --run-dir {run_dir}`")
+        except RunIOError as error:  # disk full...: leave a summary that tells the truth
+            try:
+                finish("failed", str(error))
+            except RunIOError:
+                (run_dir / SUMMARY).unlink(missing_ok=True)  # rather none than a stale "running"
+            raise
         finally:
             bar.close()
     return finish("completed")
+
+
+def _forget_after(run_dir: Path, step: int, device: torch.device) -> None:
+    """Undo what a killed process logged after the checkpoint we resume from (step 0: none): its
+    metrics lines and a best.pt from a later step will be produced again, identically."""
+    if (run_dir / METRICS).exists():  # rewritten whole: this also drops a line torn by the kill
+        write_metrics(run_dir / METRICS, [record for record in read_metrics(run_dir / METRICS)
+                                          if record["step"] <= step])
+    if (run_dir / BEST).exists() and load_checkpoint(run_dir / BEST, device)["step"] > step:
+        (run_dir / BEST).unlink()
 
 
 def _fast_adam_options(device: torch.device) -> dict:
@@ -258,19 +316,6 @@ def _checkpoint_step(run_dir: Path):
         return load_checkpoint(run_dir / LAST)["state"]["step"]
     except RunError:
         return "none yet"
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from: they will be logged again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _result(run_dir: Path, status: str, state: dict) -> TrainResult:

@@ -1,0 +1,137 @@
+"""Memory a setting needs, estimated from the configuration before any work, against what the
+device has: a setting that cannot fit is refused with both numbers instead of failing mid-run.
+
+The estimates count the float32 tensors that dominate (parameters with their gradients and Adam
+moments, the dataset resident on the device, activations kept for the backward pass, random
+draws) and are meant to be within a small factor of the truth: good enough to tell 2 GiB from
+2 TiB, not to pack a GPU to the last megabyte.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+FLOAT = 4  # bytes per float32
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    bytes: int
+    what: str  # the work that needs it, for the message
+
+    def __str__(self) -> str:
+        return f"{self.what}: about {format_bytes(self.bytes)}"
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 2**10:.3g} KiB"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``; None when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(need: MemoryEstimate, device: torch.device, advice: str) -> None:
+    """Raise ConfigError when ``need`` exceeds the memory ``device`` has available."""
+    have = available_memory(device)
+    if have is not None and need.bytes > have:
+        raise ConfigError(f"{need.what} needs about {format_bytes(need.bytes)} of memory, but {device} has "
+                          f"{format_bytes(have)} available; {advice}")
+
+
+def _widths(spec: str) -> tuple[int, ...]:
+    from .networks import parse_hidden_spec
+
+    return parse_hidden_spec(spec)
+
+
+def _dense_parameters(inputs: int, hidden: tuple[int, ...], outputs: int) -> int:
+    sizes = (inputs, *hidden, outputs)
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def _decoded_row(cfg: RunConfig) -> int:
+    """Floats held per decoded latent: z, the reparameterization terms, each hidden layer's
+    pre- and post-activation, and the logits with their softplus and x * logits."""
+    return 3 * cfg.architecture.z_dim + 2 * sum(_widths(cfg.architecture.decoder)) + 3 * cfg.x_dim
+
+
+def model_bytes(cfg: RunConfig, optimizer: bool = True) -> int:
+    """Parameters (and, when training, their gradients and Adam's two moments)."""
+    arch = cfg.architecture
+    encoder = _dense_parameters(cfg.x_dim, _widths(arch.encoder), 2 * arch.z_dim)
+    decoder = _dense_parameters(arch.z_dim, _widths(arch.decoder), cfg.x_dim)
+    return FLOAT * (encoder + decoder) * (4 if optimizer else 1) + FLOAT * encoder  # + WNI's computed weights
+
+
+def iwae_bytes(cfg: RunConfig, k: int, examples: int, chunk_samples: int) -> int:
+    """One chunk of :func:`airvae.estimators.iwae_given_q`: all k draws of its examples plus the
+    decoded latents of the chunk (no gradients)."""
+    per_chunk = max(1, min(examples, chunk_samples // k))
+    k_chunk = min(k, chunk_samples)
+    return FLOAT * per_chunk * (k * cfg.architecture.z_dim + k_chunk * (_decoded_row(cfg) + 2))
+
+
+def training_memory(cfg: RunConfig, rows_on_device: int) -> MemoryEstimate:
+    """Peak memory of :func:`airvae.train.train`: model, optimizer, resident data, and the larger
+    of one training step and one validation chunk."""
+    from .estimators import DEFAULT_CHUNK_SAMPLES
+
+    reg = cfg.regularizer
+    passes = 2 if reg.sigma > 0 and 0 < reg.alpha < 1 else 1  # eq. 16 computes both bounds
+    latents = cfg.batch_size * cfg.m * cfg.k
+    encoder_row = 2 * sum(_widths(cfg.architecture.encoder)) + 4 * cfg.architecture.z_dim + cfg.x_dim
+    # activations kept for backward, and the gradients of the same size during it
+    step = 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * encoder_row)
+    validation = iwae_bytes(cfg, cfg.val_k, cfg.val_examples or 10**9, DEFAULT_CHUNK_SAMPLES)
+    tracked = iwae_bytes(cfg, cfg.k, cfg.track_test_examples, DEFAULT_CHUNK_SAMPLES) if cfg.track_test_examples else 0
+    total = model_bytes(cfg) + FLOAT * cfg.x_dim * rows_on_device + max(step, validation, tracked)
+    what = (f"training (one step decodes batch_size x m x k = {latents:,} latents)" if step >= validation
+            else f"validation with val_k = {cfg.val_k:,} importance samples")
+    return MemoryEstimate(total, what)
+
+
+def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate:
+    """Peak memory of :func:`airvae.evaluation.evaluate_model` on ``examples`` examples of a run."""
+    z, row = cfg.architecture.z_dim, _decoded_row(cfg)
+    chosen = settings.estimators
+    parts: dict[str, int] = {}
+    if "bound" in chosen:
+        parts["the amortized bound"] = iwae_bytes(cfg, settings.bound_k or cfg.k, examples, settings.chunk_samples)
+    if "iwae" in chosen:
+        parts[f"IWAE-{settings.k_iwae:,}"] = iwae_bytes(cfg, settings.k_iwae, examples, settings.chunk_samples)
+    if "iwsvi" in chosen:
+        fit = 2 * FLOAT * min(examples, settings.svi_chunk_examples) * settings.svi_l * row
+        parts[f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})"] = max(
+            fit, iwae_bytes(cfg, settings.svi_k, examples, settings.chunk_samples))
+    if "ais" in chosen:
+        chains = settings.ais_chains + settings.ais_tuning_chains
+        per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
+        parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
+    name, peak = max(parts.items(), key=lambda item: item[1]) if parts else ("evaluation", 0)
+    return MemoryEstimate(model_bytes(cfg, optimizer=False) + FLOAT * cfg.x_dim * examples + peak, name)
