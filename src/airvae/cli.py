@@ -7,6 +7,7 @@ wrong and how to fix it, with exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import decimal
 import math
 import os
 import sys
@@ -26,16 +27,26 @@ class _Parser(argparse.ArgumentParser):
 def integer(text: str) -> int:
     """An integer argument; ``1e5`` is accepted when it is a whole number."""
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
+        value = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if not (math.isfinite(value) and value == int(value)):
+    if not value.is_finite() or value != value.to_integral_value() or abs(value) > 10**100:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}: not a whole number")
     return int(value)
+
+
+def path(text: str) -> Path:
+    """A path argument: never empty (that would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
+
+
+def directory(text: str) -> str:
+    """An existing folder."""
+    if not path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder")
+    return text
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +82,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-examples", type=integer, help="validation examples used (default: from the budget)")
     p.add_argument("--patience", type=integer, help="stop after this many validations without improvement")
     p.add_argument("--checkpoint-every", type=integer, help="steps between checkpoints")
-    p.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/DATASET/MODEL-seedN)")
+    p.add_argument("--run-dir", type=path, help="where the run is written (default: runs/DATASET/MODEL-seedN)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     mode.add_argument("--overwrite", action="store_true",
@@ -88,7 +99,7 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="local folder with the dataset files (or set AIRVAE_DATA_DIR)")
+    p.add_argument("--data-dir", type=directory, help="local folder with the dataset files (or set AIRVAE_DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -141,9 +152,9 @@ def cmd_train(args) -> int:
     check_int("k", args.k)
     check_int("m", args.m)
     if args.run_dir is not None:
-        from .runs import run_dir_state
+        from .train import check_run_dir_use
 
-        run_dir_state(args.run_dir)  # a file, a link or a foreign folder: refused now
+        check_run_dir_use(args.run_dir, resume=args.resume, overwrite=args.overwrite)  # before loading data
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
     cfg = resolve_run_config(
         args.dataset, x_dim=dataset.dim, budget=args.budget, architecture=args.arch, encoder=args.encoder,
@@ -184,7 +195,7 @@ def cmd_datasets(args) -> int:
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a training run directory")
+    p.add_argument("run_dir", type=path, help="a training run directory")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
     p.add_argument("--estimators", default="bound,iwsvi,gap",
@@ -242,13 +253,14 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
         grid = tuple(float(v) for v in text.split(","))
     except ValueError:
         grid = ()
-    if not grid or not all(0 < v < math.inf for v in grid):
+    if not grid or not all(0 < v < math.inf and math.isfinite(10 / v) for v in grid):  # 10/H finite too
         raise ConfigError(f"invalid grid = {text!r}: allowed comma-separated finite strengths > 0, e.g. 2.5,5 "
                           "(the baseline is always run)")
     return grid
 
 
 def cmd_reproduce(args) -> int:
+    from .devices import resolve_device
     from .reproduce import TARGETS, reproduce
     from .sweep import make_executor
 
@@ -259,6 +271,7 @@ def cmd_reproduce(args) -> int:
         _check_dataset_name(dataset)
     check_int("seeds", args.seeds, 1, MAX_SEED + 1)
     grid = _grid(args.grid)
+    resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task)
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
@@ -298,13 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=integer, default=1, help="seeds per configuration (0 .. seeds-1)")
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
-    p.add_argument("--out", type=Path, help="output folder (default results/TARGET-DATASET-BUDGET)")
+    p.add_argument("--out", type=path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     _add_executor(p)
     _add_common(p)
     _add_compile(p)
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="rebuild tables, figures and REPORT.md of a reproduction, no training")
-    p.add_argument("results_dir", type=Path)
+    p.add_argument("results_dir", type=path)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
     p.add_argument("names", nargs="*", help="default: all three")
@@ -317,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 done, 1 a reproduction with failed runs or
     an internal error, 2 a refused command (one line on stderr says what and how to fix it), 130
     interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for before, arg in zip([""] + argv, argv):
+        if "\0" in arg:  # the OS cannot take such a string as a path or name
+            print(f"airvae: error: argument {before if before.startswith('-') else repr(arg)} contains a NUL "
+                  "character", file=sys.stderr)
+            return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already printed as one line

@@ -235,9 +235,9 @@ class RunConfig:
     def from_json(cls, data: dict) -> "RunConfig":
         """Inverse of :meth:`to_json`; every field is validated, and a missing, unknown or
         mistyped one is a ConfigError naming it."""
-        require(isinstance(data, dict), "config", type(data).__name__, "a JSON object")
+        _check_fields(cls, data, "config")
         data = dict(data)
-        data["architecture"] = _from_fields(Architecture, data.get("architecture"), "architecture")
+        data["architecture"] = _from_fields(Architecture, data["architecture"], "architecture")
         reg = data.get("regularizer", {})
         if isinstance(reg, dict) and reg.get("max_norm") == "inf":
             reg = {**reg, "max_norm": math.inf}
@@ -269,15 +269,21 @@ def _encode_float(value: float):
     return "inf" if math.isinf(value) else value
 
 
-def _from_fields(cls, data, what: str):
-    """``cls(**data)`` with a ConfigError naming missing, unknown or mistyped fields."""
+def _check_fields(cls, data, what: str) -> None:
+    """``data`` is a dict with every required field of ``cls`` and no unknown one."""
     require(isinstance(data, dict), what, data, "a JSON object")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     require(not unknown, f"{what} fields", unknown, f"only {', '.join(sorted(fields))}")
     missing = sorted(name for name, f in fields.items() if name not in data
                      and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    require(not missing, what, f"missing {', '.join(missing)}", f"every required field ({', '.join(missing)})")
+    if missing:
+        raise ConfigError(f"invalid {what}: missing {', '.join(missing)}")
+
+
+def _from_fields(cls, data, what: str):
+    """``cls(**data)`` with a ConfigError naming missing, unknown or mistyped fields."""
+    _check_fields(cls, data, what)
     try:
         return cls(**data)
     except TypeError as error:  # a comparison between a wrong type and a number

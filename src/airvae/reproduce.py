@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .runs import RunError, RunLock, write_json
+from .runs import LOCK, RunError, RunLock, check_unlocked, write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
 
 TABLE_FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni")
@@ -111,9 +111,12 @@ def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"--out {out_dir} is a file; choose a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
+    if not out_dir.is_dir():
+        return
+    if any(p.name != LOCK for p in out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
         raise RunError(f"--out {out_dir} is not empty and holds no airvae reproduction (manifest.json); "
                        "choose a new or empty folder")
+    check_unlocked(out_dir)  # refused at once while another reproduction writes here
 
 
 def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executor, out_dir: Path, *,

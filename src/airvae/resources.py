@@ -22,11 +22,18 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    bytes: int
-    what: str  # the work that needs it, for the message
+    """Bytes needed by a piece of work, as the sum of named parts."""
+
+    what: str  # the work, e.g. "training"
+    parts: dict  # name -> bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.parts.values())
 
     def __str__(self) -> str:
-        return f"{self.what}: about {format_bytes(self.bytes)}"
+        detail = ", ".join(f"{name} {format_bytes(n)}" for name, n in sorted(self.parts.items(), key=lambda p: -p[1]))
+        return f"{self.what} needs about {format_bytes(self.bytes)} of memory ({detail})"
 
 
 def format_bytes(n: float) -> str:
@@ -60,8 +67,7 @@ def check_fits(need: MemoryEstimate, device: torch.device, advice: str) -> None:
     """Raise ConfigError when ``need`` exceeds the memory ``device`` has available."""
     have = available_memory(device)
     if have is not None and need.bytes > have:
-        raise ConfigError(f"{need.what} needs about {format_bytes(need.bytes)} of memory, but {device} has "
-                          f"{format_bytes(have)} available; {advice}")
+        raise ConfigError(f"{need}, but {device} has {format_bytes(have)} available; {advice}")
 
 
 def _widths(spec: str) -> tuple[int, ...]:
@@ -110,10 +116,12 @@ def training_memory(cfg: RunConfig, rows_on_device: int) -> MemoryEstimate:
     step = 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * encoder_row)
     validation = iwae_bytes(cfg, cfg.val_k, cfg.val_examples or 10**9, DEFAULT_CHUNK_SAMPLES)
     tracked = iwae_bytes(cfg, cfg.k, cfg.track_test_examples, DEFAULT_CHUNK_SAMPLES) if cfg.track_test_examples else 0
-    total = model_bytes(cfg) + FLOAT * cfg.x_dim * rows_on_device + max(step, validation, tracked)
-    what = (f"training (one step decodes batch_size x m x k = {latents:,} latents)" if step >= validation
-            else f"validation with val_k = {cfg.val_k:,} importance samples")
-    return MemoryEstimate(total, what)
+    work = {f"a step decoding batch_size x m x k = {latents:,} latents": step,
+            f"validation with val_k = {cfg.val_k:,}": validation, "tracking the test bound": tracked}
+    largest = max(work, key=work.get)  # steps and validations take turns: only the larger counts
+    return MemoryEstimate("training", {"parameters, gradients and Adam moments": model_bytes(cfg),
+                                       "data on the device": FLOAT * cfg.x_dim * rows_on_device,
+                                       largest: work[largest]})
 
 
 def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate:
@@ -133,5 +141,6 @@ def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate
         chains = settings.ais_chains + settings.ais_tuning_chains
         per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
         parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
-    name, peak = max(parts.items(), key=lambda item: item[1]) if parts else ("evaluation", 0)
-    return MemoryEstimate(model_bytes(cfg, optimizer=False) + FLOAT * cfg.x_dim * examples + peak, name)
+    largest = max(parts, key=parts.get)  # estimators run one after the other
+    return MemoryEstimate("evaluation", {"parameters": model_bytes(cfg, optimizer=False),
+                                         "data on the device": FLOAT * cfg.x_dim * examples, largest: parts[largest]})

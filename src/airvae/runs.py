@@ -87,6 +87,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep shared results unreadable to colleagues
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -188,6 +189,8 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
         raise RunError(f"checkpoint {path} does not exist: the run has not reached its first checkpoint") from error
     except OSError as error:
         raise RunError(f"could not read checkpoint {path}: {error.strerror or error}") from error
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; anything else is damage
+        raise RunError(_corrupt(path, ValueError("not a zip archive")))
     try:
         state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -319,15 +322,11 @@ class RunLock:
         self.release()
 
 
-def locked_by_other(directory: Path) -> bool:
-    """Is someone else writing ``directory`` right now?"""
-    if not (Path(directory) / LOCK).exists():
-        return False
-    try:
+def check_unlocked(directory: Path) -> None:
+    """Raise :class:`RunLocked` (naming the PID) if another process is writing ``directory``;
+    creates nothing."""
+    if (Path(directory) / LOCK).exists():
         RunLock(directory).acquire().release()
-        return False
-    except RunLocked:
-        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +383,12 @@ def run_dir_state(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
     if (run_dir / CONFIG).exists():
+        if read_marker(run_dir) is None:  # no marker: only a valid airvae config makes it a run (airvae < 0.2)
+            try:
+                load_config(run_dir)
+            except RunError as error:
+                raise RunError(f"{run_dir} is not an airvae run ({error}); airvae will not write into it: "
+                               "choose another --run-dir") from None
         return "run"
     if all(entry.name in (LOCK, MARKER, ERROR) or _temporary(entry.name) for entry in run_dir.iterdir()):
         return "new"  # empty, a creation that stopped before writing the config, or a recorded failure

@@ -28,6 +28,7 @@ from .model import COMPILE_ENV
 PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
 FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni", "large-encoder")
 REGULARIZED = ("denoise-0.5", "denoise-1.0", "wni")
+MAX_WORKERS = 1024  # processes of a local executor (or CPUs of a local Ray)
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def _ray_entry(fn, task: Task, threads: int) -> dict:
 def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0):
     from .config import check_int, is_real
 
-    check_int("workers", workers)
+    check_int("workers", workers, 1, MAX_WORKERS)
     if not (is_real(gpus_per_task) and 0 <= gpus_per_task < math.inf):
         raise ValueError(f"invalid gpus_per_task = {gpus_per_task!r}: allowed a finite number >= 0")
     if name == "local":

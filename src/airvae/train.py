@@ -26,7 +26,7 @@ from .estimators import iwae_log_likelihood
 from .model import LONG_TRAINING_STEPS, air_objective, compile_for
 from .resources import check_fits, training_memory
 from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
-                   clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
+                   check_clearable, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
                    read_marker, read_metrics, run_dir_state, save_checkpoint, write_json, write_marker,
                    write_metrics)
 
@@ -105,8 +105,23 @@ def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
     device = resolve_device(cfg.device)
     n_valid = len(dataset.valid) if cfg.val_examples is None else min(len(dataset.valid), cfg.val_examples)
     rows = n_train + n_valid + min(len(dataset.test), cfg.track_test_examples)
-    check_fits(training_memory(cfg, rows), device, "lower --k, --m, --batch-size, --val-k or the layer widths")
+    check_fits(training_memory(cfg, rows), device,
+               "lower --k, --m, --batch-size, --val-k, --z-dim or the layer widths (--encoder, --decoder)")
     return device
+
+
+def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
+    """Refuse a use of ``run_dir`` that cannot succeed (a file, a link, a foreign folder, an
+    existing run without --resume/--overwrite, an --overwrite airvae may not perform) before
+    anything is written, even a lock file. Returns :func:`airvae.runs.run_dir_state`."""
+    state = run_dir_state(run_dir)
+    if state == "run":
+        if overwrite:
+            check_clearable(run_dir)
+        elif not resume:
+            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                           "or --overwrite to discard it and start again")
+    return state
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, dataset, *, resume: bool, overwrite: bool,
@@ -114,10 +129,10 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, dataset, *, resume: bool, overwr
     """Create the run directory, or check that resuming it is consistent; the caller holds its
     lock. Returns the config to train with (the stored one when resuming)."""
     data_digest = dataset_digest(dataset)
-    if run_dir_state(run_dir) == "run":
+    if check_run_dir_use(run_dir, resume=resume, overwrite=overwrite) == "run":
         if overwrite:
             clear_run_dir(run_dir)
-        elif resume:
+        else:
             stored = load_config(run_dir)
             changed = {key: (old, new) for key, old, new in _diff(stored.to_json(), cfg.to_json())
                        if key not in ("device", "data_dir")}
@@ -135,9 +150,6 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, dataset, *, resume: bool, overwr
                 write_marker(run_dir, data_digest)
             clean_temporaries(run_dir)
             return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
-        else:
-            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
-                           "or --overwrite to discard it and start again")
     clean_temporaries(run_dir)
     write_marker(run_dir, data_digest)
     write_json(run_dir / CONFIG, cfg.to_json())
@@ -161,7 +173,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     Nothing is written before every check has passed (:func:`check_training_inputs`); the run
     directory is then locked for the whole call (:class:`airvae.runs.RunLock`)."""
     run_dir = Path(run_dir)
-    run_dir_state(run_dir)  # a file, a link or a foreign folder is refused before any work
+    check_run_dir_use(run_dir, resume=resume, overwrite=overwrite)  # refused before any work
     if dataset is None:
         from .data import load_dataset
 
