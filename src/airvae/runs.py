@@ -42,6 +42,11 @@ import torch
 
 from .config import ConfigError, RunConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are then not protected against a second writer (README)
+    fcntl = None
+
 CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json", ".lock"
 CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
 LAST, BEST = f"{CHECKPOINTS}/last.pt", f"{CHECKPOINTS}/best.pt"
@@ -289,12 +294,11 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         self.directory.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             f.seek(0)
             holder = f.read().strip() or "unknown"
