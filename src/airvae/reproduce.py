@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .runs import LOCK, RunError, RunLock, check_unlocked, write_json
+from .runs import LOCK, RunError, RunLock, check_unlocked, read_json, read_metrics, write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
 
 TABLE_FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni")
@@ -163,20 +163,20 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
 def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
     from .evaluation import EvaluationSettings, stored_evaluation
 
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest = read_json(out_dir / "manifest.json")
     rows = []
     for job_fields in manifest["jobs"]:
         job = Job(**job_fields)
         run_dir = out_dir / "runs" / job.name
         summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary = read_json(summary_path) if summary_path.exists() else {}
         row = {"job": job, "run_dir": run_dir, "summary": summary, "evaluation": None,
                "failed": (run_dir / "error.json").exists()}
         if manifest["evaluation"] and summary.get("status") in ("completed", "early-stopped"):
             settings = EvaluationSettings(**manifest["evaluation"])
             row["evaluation"] = stored_evaluation(run_dir, settings)
         metrics = run_dir / "metrics.jsonl"
-        row["metrics"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        row["metrics"] = read_metrics(metrics)
         rows.append(row)
     return manifest, rows
 
