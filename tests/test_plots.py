@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from airvae.cli import main
-from airvae.config import Architecture, Regularizer, resolve_run_config
+from airvae.config import Regularizer, resolve_run_config
 from airvae.plots import FIGURES, plot_run
 from airvae.runs import load_trained_model
 from airvae.train import train
