@@ -208,7 +208,7 @@ def _posterior_figure(model, x: torch.Tensor, json_path: Path):
     activity = mean.double().var(dim=0).cpu()  # Cov_x E_q[z_u], one value per latent unit
     active = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
     std = std.double().cpu()
-    quantiles = {f"q{int(q * 100):02d}": float(std.quantile(q)) for q in (0.05, 0.5, 0.95)}
+    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist()))
     write_json(json_path, {"n_examples": int(x.shape[0]), "threshold": ACTIVE_UNIT_THRESHOLD,
                            "active_units": active, "z_dim": int(mean.shape[1]), "activity": activity.tolist(),
                            "std_mean_per_unit": std.mean(dim=0).tolist(), "std_quantiles": quantiles})

@@ -175,9 +175,9 @@ MNIST_SPLIT_DEVIATION = (
     "binarized_mnist_valid.amat), not the paper's 10000 random images held out of the 60000 training images "
     "(appendix E); the test set is the same. Early stopping and strength selection see a different validation set.")
 MNIST_FIRST_EXAMPLES = (
-    "MNIST's test file is sorted by digit and the evaluation uses its first {n} examples (mostly or only "
-    "zeros): model comparisons on them are paired and valid, but the absolute numbers are not comparable with "
-    "the paper's whole-test-set numbers.")
+    "MNIST's test file is sorted by digit and the test evaluation uses its first {n} examples, not a sample of "
+    "all ten digits: model comparisons on them are paired but speak for those digits only, and the absolute "
+    "numbers are not comparable with the paper's whole-test-set numbers.")
 
 
 def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
@@ -305,8 +305,8 @@ def cell_values(manifest: dict, rows: list[dict], estimators: list[str]) -> dict
     return {key: _mean_se(values) for key, values in per_seed.items()}
 
 
-def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list], dict]:
-    """Markdown, CSV rows and the cell values (IW-SVI, the paper's estimator): ours (mean ± SE over seeds)
+def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
+    """Markdown and CSV rows of the table, by IW-SVI (the paper's estimator): ours (mean ± SE over seeds)
     beside the paper's."""
     target = manifest["target"]
     paper = paper_tables()[target]
@@ -331,7 +331,7 @@ def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list], dic
                 csv_rows.append([family, ";".join(f"{s:g}" for s in strengths), column, metric,
                                  *(ours if ours else ("", "")), *(theirs if theirs else ("", "")), n])
         md.append("| " + " | ".join(line) + " |")
-    return "\n".join(md), csv_rows, values
+    return "\n".join(md), csv_rows
 
 
 def _paper_column(column: str) -> str:
@@ -370,17 +370,17 @@ def render(out_dir: str | Path) -> Path:
         report += [f"Figure 3 on the seed-0 VAE of each dataset, {st['max_examples'] or 'all'} test examples: IWAE-k "
                    f"for k in {st['ks']}; IW-SVI (k={st['svi_k']}, l={st['l']}) for T in {st['steps_list']}; "
                    f"IW-SVI (T={st['fixed_steps']}) for each k (paper: k up to 100000, T up to 3000, T = 3000).", ""]
-    estimators = estimators_present(rows)
+    estimators, labels = estimators_present(rows), estimator_labels(rows)
     if target.startswith("table"):
-        md, csv_rows, _ = render_table(manifest, rows)
+        md, csv_rows = render_table(manifest, rows)
         (out_dir / f"{target}.md").write_text(md + "\n")
         buffer = io.StringIO()
         csv.writer(buffer).writerows(csv_rows)
         (out_dir / f"{target}.csv").write_text(buffer.getvalue())
         values = cell_values(manifest, rows, estimators)
         report += ["## Table (ours by IW-SVI, mean ± SE over seeds, beside the paper's)", "", md, "", "## Claims", ""]
-        report += claims_preamble(estimator_labels(rows), estimators)
-        report += table_claims(target, _columns(manifest), values, estimators, estimator_labels(rows))
+        report += claims_preamble(labels, estimators)
+        report += table_claims(target, _columns(manifest), values, estimators, labels)
     else:
         from .figures import FIGURES
 
@@ -388,7 +388,7 @@ def render(out_dir: str | Path) -> Path:
         report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths]
         report += ["", "## Claims", ""]
         if manifest["evaluation"]:
-            report += claims_preamble(estimator_labels(rows), estimators)
+            report += claims_preamble(labels, estimators)
         report += claims
     report += ["", *_plots_section(out_dir, manifest, rows)]
     if failed:
@@ -487,7 +487,7 @@ def table_claims(target: str, columns: list[str], values: dict, estimators: list
     lines = []
     for column in columns:
         paper_column = _paper_column(column)
-        rows = {family: paper["rows"].get(family, {}).get(paper_column) for family in paper["rows"]}
+        published = {family: paper["rows"].get(family, {}).get(paper_column) for family in paper["rows"]}
 
         def ours(family, metric):
             return {e: _difference(values.get(("plain", column, metric, e)), values.get((family, column, metric, e)))
@@ -499,9 +499,10 @@ def table_claims(target: str, columns: list[str], values: dict, estimators: list
             if found is None:
                 ll_detail = gap_detail = "no published number for this cell"
             else:
-                ll_detail = (f"−ln p(x) {rows[family]['neg_log_likelihood'][0]:.2f} vs "
-                             f"{rows['plain']['neg_log_likelihood'][0]:.2f}: {_nats(found['log_likelihood_gain'])}")
-                gap_detail = (f"Δinf {rows[family]['inference_gap'][0]:.2f} vs {rows['plain']['inference_gap'][0]:.2f}: "
+                ll_detail = (f"−ln p(x) {published[family]['neg_log_likelihood'][0]:.2f} vs "
+                             f"{published['plain']['neg_log_likelihood'][0]:.2f}: {_nats(found['log_likelihood_gain'])}")
+                gap_detail = (f"Δinf {published[family]['inference_gap'][0]:.2f} vs "
+                              f"{published['plain']['inference_gap'][0]:.2f}: "
                               f"{_nats(found['inference_gap_reduction'], 'smaller', 'larger')}")
             lines += claim(f"{name} improves test log-likelihood over {base}",
                            found and found["improves_log_likelihood"], ll_detail, ours(family, "neg_log_likelihood"),
