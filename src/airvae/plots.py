@@ -60,9 +60,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
              examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto") -> RunPlots:
     """Every figure of a run into ``out_dir`` (default ``RUN/plots``). Model figures use the
     ``which`` checkpoint ("best" or "last") and ``examples`` test examples spread evenly over the
-    split; ``seed``
-    fixes the prior samples and the denoising noise. A figure that cannot be drawn (no
-    checkpoint yet, no data, not 28x28 images, not a WNI run) is skipped with the reason."""
+    split; ``seed`` fixes the prior samples and the denoising noise. A figure that cannot be drawn
+    (no checkpoint yet, no data, not 28x28 images, not a WNI run) is skipped with the reason."""
     run_dir = Path(run_dir)
     if not (isinstance(examples, int) and examples >= 1):
         raise ValueError(f"invalid examples = {examples!r}: allowed an integer >= 1")
@@ -87,9 +86,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir or cfg.data_dir, progress=False)
-        # Evenly spaced over the split, not its first rows: MNIST's test file is sorted by digit.
-        spread = np.unique(np.linspace(0, len(dataset.test) - 1, min(examples, len(dataset.test))).round().astype(int))
-        test_x = torch.as_tensor(dataset.test[spread], dtype=torch.float32, device=device)
+        test_x = torch.as_tensor(dataset.test[_evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
+                                 device=device)
         transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)
     except (ValueError, OSError) as error:  # DatasetError is a ValueError
         no_data = f"test data unavailable ({error}); pass data_dir / --data-dir"
@@ -105,8 +103,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             if test_x is None:
                 out.skipped["reconstructions"] = no_data
             else:
-                tens = torch.linspace(0, len(test_x) - 1, min(10, len(test_x))).round().long()
-                _save(_reconstructions_figure(model, test_x[tens], seed, transpose), out, "reconstructions")
+                shown = test_x[_evenly_spaced(len(test_x), 10)]
+                _save(_reconstructions_figure(model, shown, seed, transpose), out, "reconstructions")
         if test_x is None:
             out.skipped["posterior"] = no_data
         else:
@@ -125,6 +123,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _evenly_spaced(total: int, n: int) -> np.ndarray:
+    """Indices of ``min(n, total)`` examples spread over a split, not its first rows: MNIST's test
+    file is sorted by digit."""
+    return np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
 
 
 def _save(fig, out: RunPlots, name: str) -> None:
