@@ -1,4 +1,4 @@
-"""The ``airvae`` command line: ``train``, ``evaluate``, ``reproduce``, ``report``, ``datasets``.
+"""The ``airvae`` command line: ``train``, ``evaluate``, ``plot``, ``reproduce``, ``report``, ``datasets``.
 
 Every user error (bad value, missing data, existing run) is reported as one line naming what is
 wrong and how to fix it, with exit status 2; never a traceback.
@@ -237,6 +237,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    plots = plot_run(args.run_dir, args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
+                     device=args.device)
+    print("\n".join(f"written {path}" for path in plots.written.values()))
+    print("\n".join(f"skipped {name}: {why}" for name, why in plots.skipped.items()))
+    return 0
+
+
 def _add_executor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="local: this machine (default); ray: one Ray task per run, local Ray or --address")
@@ -305,8 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_arguments(p)
     _add_compile(p)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("plot", help="training curves, samples, reconstructions, posterior statistics and WNI "
+                                    "weight norms of a run, as PNGs in RUN/plots/")
+    p.add_argument("run_dir", type=Path, help="a training run directory")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to draw (default best)")
+    p.add_argument("--examples", type=int, default=1000, help="test examples for the posterior statistics")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/plots)")
+    _add_common(p)
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
-    p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2 or figure4")
+    p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2, figure3 or figure4")
     p.add_argument("--dataset", default="caltech", help="mnist, omniglot, caltech, or several comma-separated")
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=integer, default=1, help="seeds per configuration (0 .. seeds-1)")

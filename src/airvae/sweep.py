@@ -85,7 +85,7 @@ class Task:
         return Path(self.root) / "runs" / self.job.name
 
 
-def _finished_summary(run_dir: Path) -> dict | None:
+def finished_summary(run_dir: Path) -> dict | None:
     """The run's summary if it says the run is finished; None otherwise (absent, unreadable, or
     unfinished: training then resumes it, and tells finished from unfinished by its checkpoint)."""
     from .runs import SUMMARY, RunError, read_json
@@ -109,7 +109,7 @@ def execute(task: Task) -> dict:
     run_dir = task.run_dir
     out = {"job": asdict(task.job), "name": task.job.name, "run_dir": str(run_dir)}
     try:
-        summary = _finished_summary(run_dir)
+        summary = finished_summary(run_dir)
         out["trained"] = summary is None
         if summary is None:
             dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)

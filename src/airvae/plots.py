@@ -1,0 +1,247 @@
+"""Plots of one training run (``airvae plot RUN``): PNGs in ``RUN/plots/``, with the numbers behind
+them beside as JSON.
+
+* ``curves`` -- training loss, validation estimate, learning rate and (when tracked) the test bound,
+  drawn from ``metrics.jsonl``; ``curves.json`` holds the plotted points, read back from the figure;
+* ``samples`` -- Bernoulli means ``sigmoid(decoder(z))`` for ``z ~ N(0, I)``;
+* ``reconstructions`` -- test images, decoded from the clean encoder's mean and, for a denoising
+  encoder, the noisy input it sees in training (eq. 13) and what it decodes from it;
+* ``posterior`` -- active units (Burda et al. 2016: Cov_x E_q[z_u] > 0.01) and the spread of the
+  posterior standard deviations, on test examples (``posterior.json``);
+* ``weight_norms`` -- WNI runs: each encoder layer's weight-vector norms against H (eq. 18)
+  (``weight_norms.json``).
+
+Image figures need 28x28 data (x_dim = 784, the paper's three datasets); for other data they are
+skipped, and :class:`RunPlots` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .devices import resolve_device  # noqa: E402
+from .networks import CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
+from .runs import METRICS, RunError, load_config, load_trained_model, read_metrics, write_json  # noqa: E402
+
+FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
+PLOTS_DIR = "plots"
+IMAGE_SIDE = 28
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016), section 5.2
+# metrics.jsonl key -> panel title (filled from the run's config); the order of the panels
+CURVES = {
+    "train_loss": "training loss −L_{k} (the objective trained, eq. 16)",
+    "val_log_likelihood": "validation estimate: IWAE-{val_k}, encoder q",
+    "lr": "learning rate (eq. 43)",
+    "test_bound": "test bound L_{k}, encoder q",
+}
+
+
+@dataclass
+class RunPlots:
+    """What :func:`plot_run` wrote (figure name -> PNG path) and skipped (figure name -> why)."""
+
+    directory: Path
+    written: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, which: str = "best",
+             examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto") -> RunPlots:
+    """Every figure of a run into ``out_dir`` (default ``RUN/plots``). Model figures use the
+    ``which`` checkpoint ("best" or "last") and ``examples`` test examples spread evenly over the
+    split; ``seed`` fixes the prior samples and the denoising noise. A figure that cannot be drawn
+    (no checkpoint yet, no data, not 28x28 images, not a WNI run) is skipped with the reason."""
+    run_dir = Path(run_dir)
+    if not (isinstance(examples, int) and examples >= 1):
+        raise ValueError(f"invalid examples = {examples!r}: allowed an integer >= 1")
+    device = resolve_device(device)
+    cfg = load_config(run_dir)  # a clear error for a folder that is not a run
+    out = RunPlots(Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR)
+    out.directory.mkdir(parents=True, exist_ok=True)
+
+    metrics = read_metrics(Path(run_dir) / METRICS)
+    if metrics:
+        _save(_curves_figure(metrics, cfg, out.directory / "curves.json"), out, "curves")
+    else:
+        out.skipped["curves"] = f"{run_dir / METRICS} has no validation yet"
+
+    try:
+        _, model = load_trained_model(run_dir, which=which, device=device)
+    except RunError as error:
+        out.skipped.update({name: str(error) for name in FIGURES[1:]})
+        return out
+    test_x, transpose, no_data = None, False, None
+    try:
+        from .data import load_dataset
+
+        dataset = load_dataset(cfg.dataset, data_dir or cfg.data_dir, progress=False)
+        test_x = torch.as_tensor(dataset.test[_evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
+                                 device=device)
+        transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)
+    except (ValueError, OSError) as error:  # DatasetError is a ValueError
+        no_data = f"test data unavailable ({error}); pass data_dir / --data-dir"
+    not_images = None if cfg.x_dim == IMAGE_SIDE ** 2 else \
+        f"x_dim = {cfg.x_dim} is not a {IMAGE_SIDE}x{IMAGE_SIDE} image"
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    with torch.no_grad():
+        if not_images:
+            out.skipped["samples"] = out.skipped["reconstructions"] = not_images
+        else:
+            _save(_samples_figure(model, generator, transpose), out, "samples")
+            if test_x is None:
+                out.skipped["reconstructions"] = no_data
+            else:
+                shown = test_x[_evenly_spaced(len(test_x), 10)]
+                _save(_reconstructions_figure(model, shown, seed, transpose), out, "reconstructions")
+        if test_x is None:
+            out.skipped["posterior"] = no_data
+        else:
+            _save(_posterior_figure(model, test_x, out.directory / "posterior.json"), out, "posterior")
+        capped = [(name, m) for name, m in model.encoder.named_modules() if isinstance(m, CappedWeightNormLinear)]
+        if capped:
+            _save(_weight_norms_figure(capped, out.directory / "weight_norms.json"), out, "weight_norms")
+        else:
+            out.skipped["weight_norms"] = "not a WNI run (no weight-norm cap H)"
+    return out
+
+
+def _evenly_spaced(total: int, n: int) -> np.ndarray:
+    """Indices of ``min(n, total)`` examples spread over a split, not its first rows: MNIST's test
+    file is sorted by digit."""
+    return np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
+
+
+def _save(fig, out: RunPlots, name: str) -> None:
+    path = out.directory / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    out.written[name] = path
+
+
+def _curves_figure(metrics: list[dict], cfg, json_path: Path):
+    """One panel per tracked metric against the step. The plotted points are read back from the
+    figure's lines into ``json_path``, so the JSON is what the PNG shows."""
+    keys = [key for key in CURVES if any(key in record for record in metrics)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    drawn = {}
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in metrics if key in r]
+        (line,) = ax.plot(*zip(*points), marker="o", markersize=3)
+        if key == "val_log_likelihood":
+            best = max(points, key=lambda p: p[1])
+            ax.axvline(best[0], color="gray", linestyle="--", linewidth=0.8, label=f"best (step {best[0]})")
+            ax.legend(fontsize=7)
+        if key == "lr":
+            ax.set_yscale("log")
+        steps, values = line.get_data()
+        drawn[key] = {"step": [int(s) for s in steps], "value": [float(v) for v in values]}
+        ax.set_title(CURVES[key].format(k=cfg.k, val_k=cfg.val_k), fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_json(json_path, drawn)
+    return fig
+
+
+def _image_grid(images: torch.Tensor, columns: int, transpose: bool) -> np.ndarray:
+    """``[n, 784]`` in [0, 1] -> one ``[rows*28, columns*28]`` array of tiles."""
+    tiles = images.detach().cpu().clamp(0, 1).reshape(-1, IMAGE_SIDE, IMAGE_SIDE).numpy()
+    if transpose:
+        tiles = tiles.transpose(0, 2, 1)
+    rows = math.ceil(len(tiles) / columns)
+    grid = np.ones((rows * IMAGE_SIDE, columns * IMAGE_SIDE))
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * IMAGE_SIDE:(r + 1) * IMAGE_SIDE, c * IMAGE_SIDE:(c + 1) * IMAGE_SIDE] = tile
+    return grid
+
+
+def _samples_figure(model, generator: torch.Generator, transpose: bool, n: int = 64):
+    z = torch.randn(n, model.decoder.z_dim, generator=generator, device=generator.device)
+    fig, ax = plt.subplots(figsize=(5, 5.3))
+    ax.imshow(_image_grid(torch.sigmoid(model.decoder(z)), 8, transpose), cmap="gray", vmin=0, vmax=1)
+    ax.set_title("samples: Bernoulli means sigmoid(decoder(z)), z ~ N(0, I)", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _reconstructions_figure(model, x: torch.Tensor, seed: int, transpose: bool):
+    """Rows: x; decoded from the clean encoder's mean; for a denoising encoder also x + eps (what
+    it sees in training, eq. 13) and decoded from q(z | x + eps)."""
+    decode_mean = lambda x_in, noisy: torch.sigmoid(model.decoder(model.encode(x_in, noisy=noisy)[0]))  # noqa: E731
+    rows = [("test x", x), ("decoded from q(z|x), clean encoder", decode_mean(x, False))]
+    if isinstance(model.encoder, DenoisingEncoder) and model.encoder.sigma > 0:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            noisy_x = model.encoder.perturb(x, noisy=True)
+        sigma = model.encoder.sigma
+        rows += [(f"x + eps, eps ~ N(0, {sigma:.3g}² I): what the denoising encoder sees", noisy_x),
+                 ("decoded from q(z | x + eps)", decode_mean(noisy_x, False))]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3), squeeze=False)
+    for ax, (title, images) in zip(axes[:, 0], rows):
+        ax.imshow(_image_grid(images, len(x), transpose), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _posterior_figure(model, x: torch.Tensor, json_path: Path):
+    mean, std = model.encode(x, noisy=False)
+    activity = mean.double().var(dim=0).cpu()  # Cov_x E_q[z_u], one value per latent unit
+    active = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
+    std = std.double().cpu()
+    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist()))
+    write_json(json_path, {"n_examples": int(x.shape[0]), "threshold": ACTIVE_UNIT_THRESHOLD,
+                           "active_units": active, "z_dim": int(mean.shape[1]), "activity": activity.tolist(),
+                           "std_mean_per_unit": std.mean(dim=0).tolist(), "std_quantiles": quantiles})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    order = torch.argsort(activity, descending=True)
+    a.bar(range(len(activity)), activity[order].clamp_min(1e-8).numpy(), color="tab:blue")
+    a.axhline(ACTIVE_UNIT_THRESHOLD, color="black", linestyle="--", linewidth=0.8, label="threshold 0.01")
+    a.set_yscale("log")
+    a.set_xlabel("latent unit (sorted)")
+    a.set_ylabel("Cov_x E_q[z_u]")
+    a.set_title(f"{active} of {len(activity)} units active ({x.shape[0]} test examples)", fontsize=9)
+    a.legend(fontsize=7)
+    b.hist(std.flatten().clamp_min(1e-4).log10().numpy(), bins=50, color="tab:orange")
+    b.set_xlabel("log10 posterior std (all units and examples)")
+    b.set_title("spread of std: 5% {q05:.2g}, median {q50:.2g}, 95% {q95:.2g}".format(**quantiles), fontsize=9)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _weight_norms_figure(capped: list[tuple[str, CappedWeightNormLinear]], json_path: Path):
+    """Per layer: each unit's weight-vector norm ||w_i|| (sorted), its learned cap H sigmoid(u_i),
+    and H; eq. 18 keeps ||w_i|| <= H sigmoid(u_i) < H."""
+    fig, axes = plt.subplots(1, len(capped), figsize=(3.6 * len(capped), 3.2), squeeze=False)
+    data = {}
+    for ax, (name, layer) in zip(axes[0], capped):
+        norms = layer.weight.norm(dim=1).cpu()
+        caps = (layer.max_norm * torch.sigmoid(layer.u)).cpu()
+        at_cap = int((norms >= caps * (1 - 1e-4)).sum())
+        data[name] = {"H": layer.max_norm, "norms": norms.tolist(), "caps": caps.tolist(), "at_cap": at_cap}
+        ax.plot(torch.sort(norms).values.numpy(), ".", markersize=3, label="||w_i||")
+        ax.plot(torch.sort(caps).values.numpy(), linewidth=1, label="cap H·sigmoid(u_i)")
+        ax.axhline(layer.max_norm, color="black", linestyle="--", linewidth=0.8, label=f"H = {layer.max_norm:.3g}")
+        ax.set_title(f"{name}: {at_cap}/{len(norms)} units at their cap", fontsize=8)
+        ax.set_xlabel("unit (sorted)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    write_json(json_path, data)
+    return fig
