@@ -352,3 +352,19 @@ def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="checksum mismatch"):
         load_dataset("caltech", cache_dir=tmp_path, progress=False)
     assert not any((tmp_path / "raw").iterdir())
+
+
+def test_evenly_spaced_subsets_cover_the_whole_split():
+    idx = D.evenly_spaced(10000, 500)
+    assert len(idx) == 500 and idx[0] == 0 and idx[-1] == 9999 and (np.diff(idx) > 0).all()
+    assert np.array_equal(D.evenly_spaced(7, None), np.arange(7)) and np.array_equal(D.evenly_spaced(7, 99), np.arange(7))
+    assert np.array_equal(D.evenly_spaced(10, 1), [0])
+
+
+@needs_data
+def test_evaluation_subsets_of_mnist_see_every_digit_block(tmp_path):
+    # The test file is sorted by digit: the first 500 rows are zeros, an evenly spread 500 are not.
+    test = load_dataset("mnist", data_dir=DATA, cache_dir=tmp_path).test.astype(np.float64)
+    first, spread = test[:500].mean(0), test[D.evenly_spaced(len(test), 500)].mean(0)
+    whole = test.mean(0)
+    assert np.abs(spread - whole).mean() < 0.5 * np.abs(first - whole).mean()

@@ -129,6 +129,14 @@ class BinaryDataset:
         return getattr(self, name)
 
 
+def evenly_spaced(total: int, n: int | None) -> np.ndarray:
+    """Indices of ``min(n, total)`` examples spread evenly over a split (all of it for ``n=None``),
+    never just its first rows: MNIST's test file is sorted by digit (its first 500 are all zeros)."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+
+
 def dataset_digest(dataset) -> str:
     """sha256 of the three splits' contents (not of the files they came from), for any object with
     ``train``, ``valid`` and ``test`` arrays: runs record it so that resuming on other data is caught."""

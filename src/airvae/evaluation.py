@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
+from .data import evenly_spaced
 from .runs import BEST, write_json
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
@@ -35,7 +36,7 @@ from .model import LONG_EVALUATION_LATENTS, compile_for
 ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap")  # canonical order
 SPLITS = ("train", "valid", "test")
 EVALUATIONS_DIR = "evaluations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 took the first ones)
 # Fields that change how the work is done, not what is estimated: left out of the cache key.
 # (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
 # equally valid stream, so a result computed on one device is reused on another.)
@@ -58,7 +59,7 @@ class EvaluationSettings:
 
     estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
     split: str = "test"
-    max_examples: int | None = None  # only the first N examples of the split (quick runs)
+    max_examples: int | None = None  # only N examples, spread evenly over the split (quick runs)
     bound_k: int | None = None  # None: the run's training k
     bound_repeats: int = 10  # L_k averaged over this many draws per example (cheap; less noisy gap)
     k_iwae: int = 5000
@@ -127,7 +128,8 @@ class EvaluationSettings:
 
     def identity(self) -> dict:
         """The settings that determine the result (the cache key)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        return {"format": FORMAT_VERSION,
+                **{k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}}
 
     def short_hash(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True)
@@ -154,13 +156,12 @@ def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) 
 
 def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
                    progress: bool = False) -> dict[str, Estimate]:
-    """Every estimator of ``settings`` on the examples ``x`` (first ``max_examples`` only), on the
-    model's device. Returns ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when
-    both are present. ``bound_k`` (the training k) is needed for ``bound`` unless
+    """Every estimator of ``settings`` on the examples ``x`` (``max_examples`` of them, spread
+    evenly: :func:`airvae.data.evenly_spaced`), on the model's device. Returns
+    ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present. ``bound_k`` (the training k) is needed for ``bound`` unless
     ``settings.bound_k`` is set."""
     x = torch.as_tensor(x)
-    if settings.max_examples is not None:
-        x = x[:settings.max_examples]
+    x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
     estimates: dict[str, Estimate] = {}
     chosen = settings.estimators
     compile_for(_latents_decoded(settings, x.shape[0], bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode
@@ -264,7 +265,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
 
 def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool,
                settings: EvaluationSettings | None = None):
-    """The run's best checkpoint and the first ``max_examples`` examples of ``split`` on ``device``:
+    """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
     (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
     the memory they need is checked before the model is loaded."""
     from .data import load_dataset
@@ -275,8 +276,7 @@ def _load_best(run_dir, split: str, max_examples: int | None, device: torch.devi
     dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
     x = dataset.split(split)
     n_split = len(x)
-    if max_examples is not None:
-        x = x[:max_examples]
+    x = x[evenly_spaced(n_split, max_examples)]
     if settings is not None:
         check_fits(evaluation_memory(cfg, settings, len(x)), device,
                    "lower --k, --svi-k, --svi-l, --ais-chains, --chunk-samples or --max-examples")
@@ -430,7 +430,7 @@ def _plot_figure3(data: dict, path: Path) -> None:
 def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: int | None = 100,
               device: str = "auto", out_dir: str | os.PathLike | None = None, progress: bool = True,
               **study_kwargs) -> dict:
-    """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and the first ``max_examples``
+    """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and ``max_examples`` (evenly spread)
     examples of ``split``; files go to ``out_dir`` (default ``RUN/evaluations/``)."""
     require(split in SPLITS, "split", split, " | ".join(SPLITS))
     require(max_examples is None or (is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,

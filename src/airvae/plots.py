@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .data import evenly_spaced  # noqa: E402
 from .devices import resolve_device  # noqa: E402
 from .networks import CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
 from .runs import METRICS, RunError, load_config, load_trained_model, read_metrics, write_json  # noqa: E402
@@ -85,7 +86,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir or cfg.data_dir, progress=False)
-        test_x = torch.as_tensor(dataset.test[_evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
+        test_x = torch.as_tensor(dataset.test[evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
                                  device=device)
         transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)
     except (ValueError, OSError) as error:  # DatasetError is a ValueError
@@ -102,7 +103,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             if test_x is None:
                 out.skipped["reconstructions"] = no_data
             else:
-                shown = test_x[_evenly_spaced(len(test_x), 10)]
+                shown = test_x[evenly_spaced(len(test_x), 10)]
                 _save(_reconstructions_figure(model, shown, seed, transpose), out, "reconstructions")
         if test_x is None:
             out.skipped["posterior"] = no_data
@@ -114,12 +115,6 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         else:
             out.skipped["weight_norms"] = "not a WNI run (no weight-norm cap H)"
     return out
-
-
-def _evenly_spaced(total: int, n: int) -> np.ndarray:
-    """Indices of ``min(n, total)`` examples spread over a split, not its first rows: MNIST's test
-    file is sorted by digit."""
-    return np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
 
 
 def _save(fig, out: RunPlots, name: str) -> None:
