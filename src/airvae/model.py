@@ -140,11 +140,12 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
-    def _encoder_and_input(self, x: torch.Tensor, noisy: bool | None) -> tuple[nn.Module, torch.Tensor]:
+    def _encoder_and_input(self, x: torch.Tensor, noisy: bool | None,
+                           generator: torch.Generator | None = None) -> tuple[nn.Module, torch.Tensor]:
         """The deterministic encoder and what it sees: a denoising encoder's noise is drawn here,
         outside any compiled graph."""
         if isinstance(self.encoder, DenoisingEncoder):
-            return self.encoder.encoder, self.encoder.perturb(x, noisy)
+            return self.encoder.encoder, self.encoder.perturb(x, noisy, generator)
         return self.encoder, x
 
     def encode(self, x: torch.Tensor, noisy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,25 +157,30 @@ class VAE(nn.Module):
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """Log importance weights ``[m, k, batch]``. The encoder may see a noisy x; the decoder
         always scores the clean x (eq. 13)."""
-        encoder, x_seen = self._encoder_and_input(x, noisy)
+        encoder, x_seen = self._encoder_and_input(x, noisy, generator)
         eps = torch.randn((m, k, *x.shape[:-1], self.decoder.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
         return _run_kernel(_encode_log_weights, encoder, self.decoder, x, x_seen, eps)
 
 
-def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0) -> torch.Tensor:
+def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example training objective: the IWAE-k bound averaged over m repeats, ``[batch]``.
 
     With a denoising encoder, the partially denoising objective of eq. 16 is
     ``alpha * L_k(noisy encoder) + (1 - alpha) * L_k(clean encoder)``; both terms are computed
     exactly (no per-example coin flip) so that alpha interpolates linearly.
+
+    Random draws come from ``generator`` (default: the global one), in this order: the denoising
+    noise and the reparameterization noise of the noisy bound, then that of the clean bound
+    (:mod:`airvae.stacked` draws the same numbers in the same order).
     """
     if not isinstance(model.encoder, DenoisingEncoder) or model.encoder.sigma == 0 or alpha == 0:
-        return _mean_bound(model.log_weights(x, k, m, noisy=False))
-    noisy = _mean_bound(model.log_weights(x, k, m, noisy=True))
+        return _mean_bound(model.log_weights(x, k, m, noisy=False, generator=generator))
+    noisy = _mean_bound(model.log_weights(x, k, m, noisy=True, generator=generator))
     if alpha == 1:
         return noisy
-    clean = _mean_bound(model.log_weights(x, k, m, noisy=False))
+    clean = _mean_bound(model.log_weights(x, k, m, noisy=False, generator=generator))
     return alpha * noisy + (1 - alpha) * clean
 
 

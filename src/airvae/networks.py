@@ -113,11 +113,12 @@ class DenoisingEncoder(nn.Module):
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.encoder, self.sigma = encoder, float(sigma)
 
-    def perturb(self, x: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
+    def perturb(self, x: torch.Tensor, noisy: bool | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """What the wrapped encoder sees: ``x + eps`` when noisy, else ``x``."""
         noisy = self.training if noisy is None else noisy
         if noisy and self.sigma > 0:
-            return x + self.sigma * torch.randn_like(x)
+            return x + self.sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
     def forward(self, x: torch.Tensor, noisy: bool | None = None):

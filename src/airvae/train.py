@@ -185,6 +185,108 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         return _train_locked(cfg, run_dir, dataset, device, progress)
 
 
+class RunLog:
+    """A training run's bookkeeping and files: the loop state that is checkpointed (step, best
+    validation, loss average, elapsed time), metrics lines, best and last checkpoints, and the
+    summary. The one place that writes a run directory during training, whether the run trains
+    alone (:func:`train`) or in a stacked group (:mod:`airvae.stacked`)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, deviation: str | None = None):
+        self.cfg, self.run_dir, self.deviation = cfg, Path(run_dir), deviation
+        # Everything the loop carries from step to step; checkpointed so resume continues exactly.
+        self.state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
+                      "loss_sum": 0.0, "loss_count": 0}
+        self._clock = time.perf_counter()
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def saved(self, device: torch.device) -> dict | None:
+        """The last checkpoint (its loop state restored here), or None for a fresh start."""
+        if not (self.run_dir / LAST).exists():
+            return None
+        saved = load_checkpoint(self.run_dir / LAST, device)
+        self.state = dict(saved["state"])
+        return saved
+
+    def finished_status(self) -> str | None:
+        """"completed" or "early-stopped" when the loop state says the run is over (told by the
+        checkpoint, not by summary.json, which is only ever rewritten from it)."""
+        if self.step >= self.cfg.iterations:
+            return "completed"
+        if self.cfg.patience is not None and self.state["bad_validations"] >= self.cfg.patience:
+            return "early-stopped"
+        return None
+
+    def start(self, device: torch.device) -> None:
+        """Undo what a killed process logged after the checkpoint we resume from, mark the run
+        running and start its clock."""
+        _forget_after(self.run_dir, self.step, device)
+        write_json(self.run_dir / SUMMARY, {"status": "running", "model": self.cfg.model_name, "steps": self.step})
+        self._clock = time.perf_counter() - self.state["seconds"]
+
+    def _tick(self) -> None:
+        self.state["seconds"] = time.perf_counter() - self._clock
+
+    def add_loss(self, total: float, count: int = 1) -> None:
+        self.state["loss_sum"] += total
+        self.state["loss_count"] += count
+
+    def validation_due(self) -> bool:
+        return self.step % self.cfg.val_every == 0 or self.step == self.cfg.iterations
+
+    def checkpoint_due(self, validated: bool) -> bool:
+        return validated or self.step % self.cfg.checkpoint_every == 0
+
+    def record_validation(self, val: float, model_state: dict, test_bound: float | None = None) -> None:
+        """Log a validation estimate; a new best saves best.pt (early stopping keeps that model)."""
+        state, step = self.state, self.step
+        record = {"step": step, "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
+                  "val_log_likelihood": val, "lr": self.cfg.lr_at(step - 1)}
+        if test_bound is not None:
+            record["test_bound"] = test_bound
+        if val > state["best_val"]:
+            state.update(best_val=val, best_step=step, bad_validations=0)
+            save_checkpoint(self.run_dir / BEST, {"model": model_state, "step": step, "val_log_likelihood": val})
+        else:
+            state["bad_validations"] += 1
+        self._tick()
+        # Logged before last.pt is written: a kill in between is undone on resume (_forget_after).
+        append_line(self.run_dir / METRICS, json.dumps({**record, "seconds": state["seconds"]}))
+        state.update(loss_sum=0.0, loss_count=0)
+
+    def checkpoint(self, model_state: dict, optimizer_state: dict, rng_state: torch.Tensor) -> None:
+        self._tick()
+        save_checkpoint(self.run_dir / LAST, {"model": model_state, "optimizer": optimizer_state,
+                                              "state": dict(self.state), "rng": rng_state})
+
+    def finish(self, status: str, message: str | None = None) -> TrainResult:
+        self._tick()
+        state = self.state
+        write_json(self.run_dir / SUMMARY, {
+            "status": status, "message": message, "model": self.cfg.model_name, "dataset": self.cfg.dataset,
+            "data_deviation": self.deviation, "steps": state["step"], "best_step": state["best_step"],
+            "best_val_log_likelihood": state["best_val"] if state["best_step"] is not None else None,
+            "val_k": self.cfg.val_k, "seconds": state["seconds"],
+        })
+        return _result(self.run_dir, status, state)
+
+    def fail(self, error: RunIOError) -> None:
+        """After a failed write (disk full...), leave a summary that tells the truth."""
+        try:
+            self.finish("failed", str(error))
+        except RunIOError:
+            (self.run_dir / SUMMARY).unlink(missing_ok=True)  # rather none than a stale "running"
+
+    def interrupted(self, signum: int) -> TrainResult:
+        return self.finish("interrupted", f"stopped by signal {signum} at step {self.step}; resume with "
+                           f"`airvae train --resume --run-dir {self.run_dir}`")
+
+
+EARLY_STOP_MESSAGE = "no improvement in {} validations"
+
+
 def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, progress: bool) -> TrainResult:
     # The whole (small) dataset lives on the device: no per-step host-to-device copies.
     train_x = torch.as_tensor(dataset.train, device=device).float()
@@ -196,115 +298,88 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
     model = model_from_config(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
     schedule = MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed)
-    # Everything the loop carries from step to step; checkpointed so resume continues exactly.
-    state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
-             "loss_sum": 0.0, "loss_count": 0}
+    generator = training_generator(cfg.seed, device)
+    log = RunLog(cfg, run_dir, getattr(dataset, "deviation", None))
 
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / LAST, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        })
-
-    def finish(status: str, message: str | None = None) -> TrainResult:
-        write_json(run_dir / SUMMARY, {
-            "status": status, "message": message, "model": cfg.model_name, "dataset": cfg.dataset,
-            "data_deviation": getattr(dataset, "deviation", None), "steps": state["step"],
-            "best_step": state["best_step"],
-            "best_val_log_likelihood": state["best_val"] if state["best_step"] is not None else None,
-            "val_k": cfg.val_k, "seconds": state["seconds"],
-        })
-        return _result(run_dir, status, state)
-
-    if (run_dir / LAST).exists():
-        saved = load_checkpoint(run_dir / LAST, device)
+    saved = log.saved(device)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if device.type == "cuda" and saved.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng_cuda"], device)
-        state = saved["state"]
-        # A finished run is told by its checkpoint, not by summary.json (which is only rewritten).
-        if state["step"] >= cfg.iterations:
-            return finish("completed")
-        if cfg.patience is not None and state["bad_validations"] >= cfg.patience:
-            return finish("early-stopped", f"no improvement in {cfg.patience} validations")
-    _forget_after(run_dir, state["step"], device)
+        restore_generator(generator, saved)
+        status = log.finished_status()
+        if status is not None:
+            return log.finish(status, EARLY_STOP_MESSAGE.format(cfg.patience) if status == "early-stopped" else None)
+    log.start(device)
 
-    compiling = compile_for(cfg.iterations - state["step"] >= LONG_TRAINING_STEPS)  # auto: long runs only
-    write_json(run_dir / SUMMARY, {"status": "running", "model": cfg.model_name, "steps": state["step"]})
-    bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"{cfg.model_name} {cfg.dataset}",
+    compiling = compile_for(cfg.iterations - log.step >= LONG_TRAINING_STEPS)  # auto: long runs only
+    bar = tqdm(total=cfg.iterations, initial=log.step, desc=f"{cfg.model_name} {cfg.dataset}",
                unit="step", disable=not progress, dynamic_ncols=True)
     if compiling and progress:
         bar.write("compiling the model (torch.compile: 10-30 s once per process, cached; --no-compile skips it)")
-    started = time.perf_counter() - state["seconds"]
     alpha = cfg.regularizer.alpha
     model.train()
     with _StopFlag() as stop:
         try:
-            while state["step"] < cfg.iterations:
-                step = state["step"]
+            while log.step < cfg.iterations:
+                step = log.step
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr_at(step)
                 x = train_x[schedule.indices(step).to(device)]
-                loss = -air_objective(model, x, cfg.k, cfg.m, alpha).mean()
+                loss = -air_objective(model, x, cfg.k, cfg.m, alpha, generator=generator).mean()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
-                    state["seconds"] = time.perf_counter() - started
                     message = (f"training objective became {loss_value} at step {step}; the last "
                                f"checkpoint ({run_dir / LAST}) holds step "
                                f"{_checkpoint_step(run_dir)}. Try a lower learning rate (--lr) or "
                                "a different seed.")
-                    finish("diverged", message)
+                    log.finish("diverged", message)
                     raise TrainingDiverged(message)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                state["step"] = step = step + 1
-                state["loss_sum"] += loss_value
-                state["loss_count"] += 1
+                log.state["step"] = step + 1
+                log.add_loss(loss_value)
                 bar.update(1)
 
-                validated = step % cfg.val_every == 0 or step == cfg.iterations
+                validated = log.validation_due()
                 if validated:
                     val = iwae_log_likelihood(model, val_x, cfg.val_k, seed=cfg.seed + 1).mean
-                    record = {"step": step, "train_loss": state["loss_sum"] / state["loss_count"],
-                              "val_log_likelihood": val, "lr": cfg.lr_at(step - 1)}
-                    if test_x is not None:
-                        record["test_bound"] = iwae_log_likelihood(model, test_x, cfg.k, seed=cfg.seed + 2).mean
+                    test_bound = (iwae_log_likelihood(model, test_x, cfg.k, seed=cfg.seed + 2).mean
+                                  if test_x is not None else None)
                     model.train()
-                    improved = val > state["best_val"]
-                    if improved:
-                        state.update(best_val=val, best_step=step, bad_validations=0)
-                        save_checkpoint(run_dir / BEST, {"model": model.state_dict(), "step": step,
-                                                         "val_log_likelihood": val})
-                    else:
-                        state["bad_validations"] += 1
-                    state["seconds"] = time.perf_counter() - started
-                    # Logged before last.pt is written: a kill in between is undone on resume (_forget_after).
-                    append_line(run_dir / METRICS, json.dumps({**record, "seconds": state["seconds"]}))
-                    state.update(loss_sum=0.0, loss_count=0)
-                    bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{state['best_val']:.2f}")
-                if validated or step % cfg.checkpoint_every == 0:
-                    state["seconds"] = time.perf_counter() - started
-                    checkpoint()
-                if validated and cfg.patience is not None and state["bad_validations"] >= cfg.patience:
-                    return finish("early-stopped", f"no improvement in {cfg.patience} validations")
+                    log.record_validation(val, model.state_dict(), test_bound)
+                    bar.set_postfix(loss=f"{loss_value:.2f}", val=f"{val:.2f}", best=f"{log.state['best_val']:.2f}")
+                if log.checkpoint_due(validated):
+                    log.checkpoint(model.state_dict(), optimizer.state_dict(), generator.get_state())
+                if validated and log.finished_status() == "early-stopped":
+                    return log.finish("early-stopped", EARLY_STOP_MESSAGE.format(cfg.patience))
                 if stop.signal is not None:
-                    state["seconds"] = time.perf_counter() - started
-                    checkpoint()
-                    return finish("interrupted", f"stopped by signal {stop.signal} at step {step}; "
-                                  f"resume with `airvae train --resume --run-dir {run_dir}`")
-        except RunIOError as error:  # disk full...: leave a summary that tells the truth
-            try:
-                finish("failed", str(error))
-            except RunIOError:
-                (run_dir / SUMMARY).unlink(missing_ok=True)  # rather none than a stale "running"
+                    log.checkpoint(model.state_dict(), optimizer.state_dict(), generator.get_state())
+                    return log.interrupted(stop.signal)
+        except RunIOError as error:
+            log.fail(error)
             raise
         finally:
             bar.close()
-    return finish("completed")
+    return log.finish("completed")
+
+
+def training_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The random stream of a run's training draws (reparameterization and denoising noise): its
+    own generator, seeded by the run's seed, so that a run draws the same numbers whether it
+    trains alone or in a stacked group."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def restore_generator(generator: torch.Generator, saved: dict) -> None:
+    """Continue a checkpoint's training stream. A checkpoint written on another kind of device
+    (CPU vs CUDA states differ) restarts the stream from a seed derived from (seed, step):
+    still a valid run, no longer bit-for-bit the uninterrupted one."""
+    state = saved.get("rng")
+    try:
+        generator.set_state(state)
+    except (RuntimeError, TypeError):
+        generator.manual_seed(int(saved["state"]["step"]) * 1_000_003 + generator.initial_seed())
 
 
 def _forget_after(run_dir: Path, step: int, device: torch.device) -> None:
