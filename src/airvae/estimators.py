@@ -188,9 +188,9 @@ def _as_input(model: torch.nn.Module, x) -> torch.Tensor:
     return x
 
 
-def _dims(x: torch.Tensor) -> int:
-    """Data dimensions per example."""
-    return math.prod(x.shape[1:])
+def _dims(x) -> int:
+    """Data dimensions per example of ``x`` (a tensor, array or nested list)."""
+    return math.prod(np.shape(x)[1:])
 
 
 def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int:

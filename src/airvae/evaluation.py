@@ -172,7 +172,9 @@ def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) 
         per_example += iwsvi
     if "ais" in chosen:
         per_example += ais
-    simulated = 2 * ais + (iwsvi if "iwsvi" in chosen else 0) if "bdmc" in chosen else 0  # forward + reverse AIS
+    simulated = 0
+    if "bdmc" in chosen:  # forward and reverse AIS (and IW-SVI) on the simulated examples
+        simulated = 2 * ais + (iwsvi if "iwsvi" in chosen else 0)
     return n * per_example + settings.bdmc_examples * simulated
 
 
