@@ -203,8 +203,8 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
                   lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
                   chunk_samples=settings.chunk_samples, progress=progress)
     ais_kw = dict(num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
-                  leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size, schedule=settings.ais_schedule,
-                  tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
+                  leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size,
+                  schedule=settings.ais_schedule, tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
                   chunk_examples=settings.ais_chunk_examples, progress=progress)
     if "iwsvi" in chosen:
         estimates["iwsvi"] = iw_svi_log_likelihood(model, x, **svi_kw)

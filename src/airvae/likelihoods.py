@@ -83,7 +83,8 @@ class Likelihood(nn.Module):
 
     def _sample_split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if params.dim() < 2 or params.shape[1] % self.params_per_dim:
-            raise ValueError(f"{self!r}: decoder output {list(params.shape)} is not [N, {self.params_per_dim} * C, ...]")
+            raise ValueError(f"{self!r}: decoder output {list(params.shape)} is not "
+                             f"[N, {self.params_per_dim} * C, ...]")
         return params.chunk(self.params_per_dim, dim=1)
 
 
