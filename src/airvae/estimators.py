@@ -483,6 +483,13 @@ def _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_
         raise ValueError(f"invalid adapt_rate = {adapt_rate!r}: allowed a finite number >= 0")
 
 
+def _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains, target_accept,
+                  adapt_rate, seed) -> dict:
+    return {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
+            "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
+            "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed}
+
+
 def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_intermediate: int = 500, chains: int = 16,
                        leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
                        tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
@@ -529,9 +536,8 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_inter
                 accept_sum += accept
     finally:
         bar.close()
-    settings = {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
-                "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
-                "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed,
+    settings = {**_ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
+                                target_accept, adapt_rate, seed),
                 "mean_acceptance": accept_sum / max(n, 1)}  # a diagnostic, not a setting
     return Estimate("ais", values, settings, time.perf_counter() - start_time, _dims(x))
 
@@ -635,8 +641,8 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
          chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> tuple[Estimate, Estimate]:
     """Bidirectional Monte Carlo: a sandwich ``lower <= ln p(x) <= upper`` per example, for data
     ``(x, z)`` simulated from the model (:func:`simulate`), so that each z is an exact sample of
-    p(z|x). Returns (lower, upper) Estimates; ``upper - lower`` bounds the error of *both*, and of
-    any other lower-bound estimator (IW-SVI) on these examples it bounds the slack from below.
+    p(z|x). Returns (lower, upper) Estimates. In expectation, ``upper - lower`` bounds the error of
+    each, and ``upper`` minus any other lower bound on these examples (IW-SVI) bounds its slack.
 
     * lower: forward AIS from the prior, exactly :func:`ais_log_likelihood` with the same settings
       and seed (an unbiased estimate of p(x), so E[lower] <= ln p(x));
@@ -646,8 +652,8 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
 
     Each reverse transition uses the step size that forward AIS's tuning chains chose at the same
     beta: the kernels then depend only on x and chains independent of z, which keeps the reverse
-    estimate exact (adapting on the reverse chains themselves would not). The sandwich width
-    shrinks to 0 as ``num_intermediate`` grows (Grosse et al. 2015, section 4).
+    estimate exact (adapting on the reverse chains themselves would not). The sandwich narrows to
+    0 as ``num_intermediate`` grows.
     """
     _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
                adapt_rate)
@@ -682,9 +688,8 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
                 accept[1] += accept_r
     finally:
         bar.close()
-    settings = {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
-                "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
-                "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed}
+    settings = _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
+                             target_accept, adapt_rate, seed)
     seconds = time.perf_counter() - start_time
     return (Estimate("bdmc-lower", lower, {**settings, "mean_acceptance": accept[0] / n}, seconds, _dims(x)),
             Estimate("bdmc-upper", upper, {**settings, "mean_acceptance": accept[1] / n}, seconds, _dims(x)))
