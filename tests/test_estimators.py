@@ -15,8 +15,8 @@ import torch
 from ground_truth import exact_log_marginal, tiny_data, tiny_model
 
 from airvae.config import Architecture, RunConfig
-from airvae.estimators import (Estimate, ais_log_likelihood, amortized_bound, fit_iw_svi, inference_gap,
-                               iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
+from airvae.estimators import (Estimate, ais_log_likelihood, amortized_bound, bdmc, fit_iw_svi, inference_gap,
+                               iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device, simulate)
 from airvae.evaluation import (EvaluationSettings, evaluate_model, evaluate_run, format_table,
                                iwsvi_vs_iwae_study, stored_evaluation)
 
@@ -230,7 +230,7 @@ def test_evaluate_model_gap_is_iwsvi_minus_bound(case):
     ("split", "validation"), ("k_iwae", 0), ("svi_k", 2.5), ("svi_l", 0), ("svi_steps", -1),
     ("svi_lr", 0.0), ("svi_lr", float("nan")), ("svi_lr_decay", 1.5), ("ais_intermediate", 0),
     ("ais_chains", 0), ("ais_schedule", "cosine"), ("chunk_samples", 0), ("seed", -1),
-    ("device", "gpu"), ("max_examples", 0), ("bound_k", 0), ("bound_repeats", True),
+    ("device", "gpu"), ("max_examples", 0), ("bound_k", 0), ("bound_repeats", True), ("bdmc_examples", 0),
 ])
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"invalid {field} ="):
@@ -329,3 +329,69 @@ def test_study_writes_figure_and_data(tmp_path, case):
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# BDMC, simulation, the model protocol
+
+
+def test_bdmc_sandwich_on_the_2d_model(case):
+    """Against quadrature on a Bernoulli model: lower <= ln p(x) <= upper on average over simulated
+    examples (one-sided Monte Carlo allowances), narrowing from 3 to 100 annealing steps."""
+    model = case[0]
+    x, z = simulate(model, 24, seed=2)
+    exact = exact_log_marginal(model, x)
+    widths = []
+    for steps in (3, 100):
+        lower, upper = bdmc(model, x, z, num_intermediate=steps, chains=4, leapfrog_steps=5)
+        below, above = exact - lower.values, upper.values - exact
+        assert below.mean() > -3 * below.std() / math.sqrt(24) and above.mean() > -3 * above.std() / math.sqrt(24)
+        widths.append((upper.values - lower.values).mean().item())
+    assert widths[0] > 1.0 and widths[1] < widths[0] / 4, widths
+
+
+def test_bdmc_lower_is_ais_and_nothing_depends_on_chunking(case):
+    model = case[0]
+    x, z = simulate(model, 5, seed=1)
+    x_chunked, z_chunked = simulate(model, 7, seed=1, chunk_examples=2)
+    assert torch.equal(x_chunked[:5], x) and torch.equal(z_chunked[:5], z)  # example i's own stream
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    kwargs = dict(num_intermediate=6, chains=3, leapfrog_steps=2, seed=4)
+    lower, upper = bdmc(model, x, z, **kwargs)
+    assert torch.equal(lower.values, ais_log_likelihood(model, x, **kwargs).values)
+    lower_1, upper_1 = bdmc(model, x, z, chunk_examples=2, **kwargs)
+    torch.testing.assert_close(lower_1.values, lower.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(upper_1.values, upper.values, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one latent per example"):
+        bdmc(model, x, z[:3], **kwargs)
+
+
+def test_estimators_name_what_a_model_lacks():
+    class NoLikelihood(torch.nn.Module):
+        decoder = None
+
+        def encode(self, x):
+            return x, x
+
+    with pytest.raises(TypeError, match="missing likelihood.*LatentVariableModel"):
+        iwae_log_likelihood(NoLikelihood(), torch.zeros(2, 3), 4)
+
+
+def test_evaluate_model_adds_bdmc_on_simulated_examples(case):
+    model, x, _ = case
+    settings = small_settings(estimators=("iwsvi", "bdmc"), bdmc_examples=3, ais_intermediate=4, ais_chains=2,
+                              ais_leapfrog=2)
+    out = evaluate_model(model, x, settings)
+    assert set(out) == {"iwsvi", "bdmc_lower", "bdmc_upper", "bdmc_iwsvi"}
+    assert out["iwsvi"].values.shape == (6,) and all(out[k].values.shape == (3,) for k in out if k != "iwsvi")
+    table = format_table(out)
+    assert "BDMC forward AIS" in table and "BDMC reverse AIS" in table and "simulated" in table
+    # bits/dim = nats / (dims ln 2), beside the nats
+    assert f"{-out['iwsvi'].mean / (12 * math.log(2)):.4f}" in table
+
+
+def test_settings_keep_their_cache_key_unless_bdmc_is_chosen():
+    assert "bdmc_examples" not in EvaluationSettings().identity()  # choosing other estimators keeps their key
+    chosen = EvaluationSettings(estimators=("bdmc",))
+    assert chosen.identity()["bdmc_examples"] == 100
+    assert chosen.short_hash() != EvaluationSettings(estimators=("bdmc",), bdmc_examples=50).short_hash()

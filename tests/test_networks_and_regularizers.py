@@ -170,3 +170,84 @@ def test_paper_parameterization_of_table_7():
 def test_regularizer_validation_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         Regularizer(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# WNI for convolutions: the cap per output channel over its whole filter
+
+
+def conv_layer(kind: str, dim: int, groups: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cls = getattr(torch.nn, f"{kind}{dim}d")
+    return cls(2 * groups, 3 * groups, kernel_size=(3, 2, 2)[:dim] if dim > 1 else 3, groups=groups)
+
+
+def filters(layer: torch.nn.Module, weight: torch.Tensor) -> list[torch.Tensor]:
+    """Per output channel o, every weight feeding o, written out one channel at a time."""
+    if not layer.transposed:  # [out, in/groups, *kernel]
+        return [weight[o] for o in range(layer.out_channels)]
+    in_g, out_g = layer.in_channels // layer.groups, layer.out_channels // layer.groups  # [in, out/groups, *kernel]
+    return [weight[(o // out_g) * in_g:(o // out_g + 1) * in_g, o % out_g] for o in range(layer.out_channels)]
+
+
+def filter_norms(layer: torch.nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.stack([f.norm() for f in filters(layer, layer.weight if weight is None else weight)])
+
+
+CONVS = [(kind, dim) for kind in ("Conv", "ConvTranspose") for dim in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("kind,dim", CONVS)
+def test_filter_of_an_output_channel_is_every_weight_that_feeds_it(kind, dim):
+    """Ground truth for ``filters``: the weights with a nonzero gradient of output channel o."""
+    layer = conv_layer(kind, dim, groups=2)
+    x = torch.randn(2, layer.in_channels, *(5,) * dim)
+    for o in range(layer.out_channels):
+        (grad,) = torch.autograd.grad(layer(x)[:, o].sum(), layer.weight)
+        assert torch.isclose(layer.weight[grad != 0].norm(), filter_norms(layer)[o])
+        assert (grad != 0).sum() == layer.weight.numel() // layer.out_channels  # in/groups * kernel weights each
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv=st.sampled_from(CONVS), groups=st.sampled_from([1, 2]), v_scale=st.floats(1e-4, 1e4),
+       u_shift=st.floats(-30, 30), h=st.floats(1e-3, 1e3), seed=st.integers(0, 10_000))
+def test_conv_wni_filter_norms_never_exceed_h(conv, groups, v_scale, u_shift, h, seed):
+    layer = conv_layer(*conv, groups=groups, seed=seed)
+    with torch.no_grad():
+        layer.weight.mul_(v_scale)
+    v = layer.weight.detach().clone()
+    cap_weight_norms(layer, max_norm=h)
+    cap = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        cap.u.copy_(torch.randn(layer.out_channels) * 10 + u_shift)
+    norms = filter_norms(layer)
+    assert torch.all(norms <= h * (1 + 1e-5)), (norms.max().item(), h)
+    # Eq. 18 per output channel: s_o = min(||v_o||, H sigmoid(u_o)), and each filter keeps its direction.
+    expected = torch.minimum(filter_norms(layer, v), h * torch.sigmoid(cap.u))
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=1e-6 * h)
+    for w_o, v_o in zip(filters(layer, layer.weight), filters(layer, v)):
+        torch.testing.assert_close(w_o / w_o.norm(), v_o / v_o.norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_wni_is_identity_below_the_cap_and_trains_u():
+    layer = conv_layer("ConvTranspose", 2, groups=1)
+    x = torch.randn(3, layer.in_channels, 4, 4)
+    expected = layer(x).detach()
+    cap_weight_norms(torch.nn.Sequential(layer), max_norm=1e6)
+    cap = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        cap.u.fill_(20.0)  # sigmoid ~ 1: the cap H * sigmoid(u) >> ||v||
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).square().sum().backward()
+    assert cap.u.grad is not None and layer.parametrizations.weight.original.grad is not None
+
+
+def test_cap_weight_norms_converts_every_dense_and_conv_layer_once():
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ELU(), torch.nn.Flatten(),
+                                  torch.nn.Sequential(torch.nn.Linear(4 * 6 * 6, 8), torch.nn.ConvTranspose1d(1, 1, 1)))
+    cap_weight_norms(encoder, max_norm=2.0)
+    cap_weight_norms(encoder, max_norm=2.0)  # idempotent
+    assert len(encoder[0].parametrizations.weight) == 1 and len(encoder[3][1].parametrizations.weight) == 1
+    assert isinstance(encoder[3][0], CappedWeightNormLinear)
+    assert sum(name.endswith(".u") for name, _ in encoder.named_parameters()) == 3
+    assert isinstance(cap_weight_norms(torch.nn.Linear(3, 2), 1.0), CappedWeightNormLinear)  # a bare layer too

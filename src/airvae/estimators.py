@@ -6,16 +6,21 @@
   Gaussian q optimized on the IWAE-l bound, then scored with IWAE-k;
 * :func:`inference_gap` -- Delta_inf = ln p(x) - L_k(x) per example (Table 1);
 * :func:`ais_log_likelihood` -- annealed importance sampling with HMC (not in the paper; an
-  independent check of IW-SVI).
+  independent check of IW-SVI);
+* :func:`bdmc` -- bidirectional Monte Carlo (Grosse et al. 2015) on data :func:`simulate`\ d from
+  the model: a stochastic lower *and upper* bound on ln p(x), certifying how tight AIS is.
 
-All of them use the model's one log-weights path (:func:`airvae.model.log_weights_given_q`) or,
-for AIS, the same density functions of :mod:`airvae.bounds`.
+Every estimator takes any model that follows :class:`airvae.model.LatentVariableModel`
+(``encode``, ``decoder``, ``likelihood``) and any data shape the likelihood scores. All of them
+use the model's one log-weights path (:func:`airvae.model.log_weights_given_q`) or, for AIS and
+BDMC, its log p(x|z) (:func:`airvae.model.conditional_log_prob`).
 
 Random draws are tied to (seed, stream, example index): every example owns its random streams, so
 an estimate does not depend on how the work is chunked, and chunked and unchunked runs agree for
 the same seed (up to floating-point rounding of batched matrix products). Stream 0 is the
 scoring stream shared by IWAE-k, the amortized bound and IW-SVI's final scoring (common random
-numbers make their comparisons less noisy); the IW-SVI optimization and AIS use their own streams.
+numbers make their comparisons less noisy); the IW-SVI optimization, AIS, BDMC's reverse chains
+and the simulation of data from the model use their own streams.
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import bernoulli_log_prob, iwae_bound, standard_normal_log_prob
+from .bounds import iwae_bound, standard_normal_log_prob
 from .devices import resolve_device
-from .model import VAE, log_weights_given_q
+from .likelihoods import Likelihood, bits_per_dim
+from .model import LatentVariableModel, conditional_log_prob, decode, log_weights_given_q
 
 __all__ = [
     "DEFAULT_CHUNK_SAMPLES", "DEFAULT_SVI_LR", "DEFAULT_SVI_LR_DECAY", "Estimate", "ais_log_likelihood",
-    "amortized_bound", "annealing_schedule", "example_generator", "fit_iw_svi", "frozen", "inference_gap",
-    "iw_svi_log_likelihood", "iwae_given_q", "iwae_log_likelihood", "resolve_device",
+    "amortized_bound", "annealing_schedule", "bdmc", "example_generator", "fit_iw_svi", "frozen",
+    "inference_gap", "iw_svi_log_likelihood", "iwae_given_q", "iwae_log_likelihood", "latent_dim",
+    "resolve_device", "simulate",
 ]
 
 # Latent samples decoded per chunk: large enough for efficient matmuls, small enough that
@@ -60,7 +67,7 @@ DEFAULT_SVI_LR = 1e-2
 DEFAULT_SVI_LR_DECAY = 1.0
 
 # Random streams per example (see the module docstring).
-STREAM_SCORE, STREAM_SVI, STREAM_AIS = 0, 1, 2
+STREAM_SCORE, STREAM_SVI, STREAM_AIS, STREAM_BDMC_REVERSE, STREAM_SIMULATE = 0, 1, 2, 3, 4
 _NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per example (bounded memory)
 
 
@@ -72,10 +79,16 @@ class Estimate:
     values: torch.Tensor  # [n] float64, on CPU
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    dims: int | None = None  # data dimensions per example, for bits/dim
 
     @property
     def mean(self) -> float:
         return float(self.values.mean())
+
+    @property
+    def bits_per_dim(self) -> float | None:
+        """The mean as bits per dimension, ``-mean / (dims ln 2)`` (exact for discrete likelihoods)."""
+        return None if self.dims is None else float(bits_per_dim(self.mean, self.dims))
 
     @property
     def stderr(self) -> float:
@@ -84,7 +97,7 @@ class Estimate:
 
     def to_dict(self, per_example: bool = True) -> dict:
         out = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
-               "n": self.values.numel(), "seconds": self.seconds}
+               "n": self.values.numel(), "seconds": self.seconds, "dims": self.dims}
         if per_example:
             out["values"] = self.values.tolist()
         return out
@@ -93,7 +106,7 @@ class Estimate:
     def from_dict(cls, d: dict) -> "Estimate":
         """Inverse of :meth:`to_dict` (needs the per-example values)."""
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
-                   float(d.get("seconds", 0.0)))
+                   float(d.get("seconds", 0.0)), d.get("dims"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,9 +167,44 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_model(model) -> None:
+    """A clear error for a model that does not follow :class:`airvae.model.LatentVariableModel`."""
+    missing = [name for name in ("encode", "decoder", "likelihood") if not hasattr(model, name)]
+    if not isinstance(model, torch.nn.Module) or missing or not isinstance(model.likelihood, Likelihood):
+        what = f"missing {', '.join(missing)}" if missing else (
+            "not an nn.Module" if not isinstance(model, torch.nn.Module)
+            else f"likelihood is {type(model.likelihood).__name__}, not an airvae.likelihoods.Likelihood")
+        raise TypeError(f"{type(model).__name__} cannot be evaluated ({what}): the estimators need an nn.Module "
+                        "with encode(x) -> (mean, std), a decoder module z -> likelihood parameters and a "
+                        "likelihood attribute (e.g. airvae.Bernoulli()); see airvae.model.LatentVariableModel")
+
+
 def _as_input(model: torch.nn.Module, x) -> torch.Tensor:
-    """``x`` (tensor or array, any 0/1 dtype) as float32 on the model's device."""
-    return torch.as_tensor(x).to(device=_model_device(model), dtype=torch.float32)
+    """``x`` (tensor or array of any dtype) as float32 on the model's device, after checking that the
+    model follows the protocol and that its likelihood can score x."""
+    _check_model(model)
+    x = torch.as_tensor(x).to(device=_model_device(model), dtype=torch.float32)
+    model.likelihood.validate(x)
+    return x
+
+
+def _dims(x) -> int:
+    """Data dimensions per example of ``x`` (a tensor, array or nested list)."""
+    return math.prod(np.shape(x)[1:])
+
+
+def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int:
+    """The latent size: ``model.z_dim``, else ``model.decoder.z_dim``, else the width of the
+    encoder's mean for the first example of ``x``."""
+    for owner in (model, model.decoder):
+        z_dim = getattr(owner, "z_dim", None)
+        if isinstance(z_dim, int):
+            return z_dim
+    if x is None:
+        raise ValueError(f"the latent size of {type(model).__name__} is unknown: give the model (or its decoder) "
+                         "a z_dim attribute, or pass z_dim")
+    with torch.no_grad(), frozen(model):
+        return int(model.encode(_as_input(model, x[:1]))[0].shape[-1])
 
 
 @contextmanager
@@ -181,20 +229,21 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 @torch.no_grad()
-def _encode_all(model: VAE, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean encoder's (mean, std) for every example."""
+def _encode_all(model: LatentVariableModel, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's (mean, std) for every example: clean, since callers hold the model :func:`frozen`
+    (eval mode)."""
     means, stds = [], []
     for start in range(0, x.shape[0], batch):
-        m, s = model.encode(x[start:start + batch], noisy=False)
+        m, s = model.encode(x[start:start + batch])
         means.append(m)
         stds.append(s)
     return torch.cat(means), torch.cat(stds)
 
 
-def _log_weights_from_noise(model: VAE, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+def _log_weights_from_noise(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                             eps: torch.Tensor) -> torch.Tensor:
     """log w for given standard-normal draws ``eps`` [k, b, z] -> [k, b] (the shared path)."""
-    return log_weights_given_q(model.decoder, x, mean, std, k=eps.shape[0], noise=eps)[0]
+    return log_weights_given_q(model.decoder, x, mean, std, k=eps.shape[0], noise=eps, likelihood=model.likelihood)[0]
 
 
 def _check_k(name: str, value: int) -> None:
@@ -207,7 +256,7 @@ def _check_k(name: str, value: int) -> None:
 
 
 @torch.no_grad()
-def iwae_given_q(model: VAE, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, k: int, *,
+def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, k: int, *,
                  repeats: int = 1, seed: int = 0, first_index: int = 0,
                  chunk_samples: int = DEFAULT_CHUNK_SAMPLES, bar: tqdm | None = None) -> torch.Tensor:
     """Per-example IWAE-k (eq. 40/41) with proposal q = N(mean, diag(std^2)), averaged over
@@ -246,17 +295,17 @@ def iwae_given_q(model: VAE, x: torch.Tensor, mean: torch.Tensor, std: torch.Ten
     return values
 
 
-def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
+def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
                         chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
                         name: str | None = None) -> Estimate:
     """IWAE-k with the amortized (clean) encoder (eq. 40): per-example
     log (1/k) sum_i p(x, z_i)/q(z_i|x), exactly ``k`` samples per example."""
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, progress, name or f"IWAE-{k}")
-    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time)
+    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time, _dims(x))
 
 
-def amortized_bound(model: VAE, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
+def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
                     chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
     """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5)
     for k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent
@@ -267,10 +316,10 @@ def amortized_bound(model: VAE, x: torch.Tensor, k: int, *, repeats: int = 1, se
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, progress, f"L_{k} x{repeats}")
     return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
-                    time.perf_counter() - start_time)
+                    time.perf_counter() - start_time, _dims(x))
 
 
-def _amortized_iwae(model: VAE, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
+def _amortized_iwae(model: LatentVariableModel, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
                     desc: str) -> torch.Tensor:
     """:func:`iwae_given_q` with the clean encoder's q, the model frozen."""
     _check_k("k", k)
@@ -286,7 +335,7 @@ def _amortized_iwae(model: VAE, x, k: int, repeats: int, seed: int, chunk_sample
 # IW-SVI (appendix C)
 
 
-def fit_iw_svi(model: VAE, x: torch.Tensor, *, l: int = 8, steps: int = 3000,  # noqa: E741
+def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor, *, l: int = 8, steps: int = 3000,  # noqa: E741
                lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
                chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, first_index: int = 0,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +402,7 @@ def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar
     return mu, std
 
 
-def iw_svi_log_likelihood(model: VAE, x: torch.Tensor, *, k: int = 5000, l: int = 8,  # noqa: E741
+def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int = 5000, l: int = 8,  # noqa: E741
                           steps: int = 3000, lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY,
                           seed: int = 0, chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
                           chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
@@ -373,7 +422,7 @@ def iw_svi_log_likelihood(model: VAE, x: torch.Tensor, *, k: int = 5000, l: int 
                              disable=not progress, leave=False) as bar:
         values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
     settings = {"k": k, "l": l, "steps": steps, "lr": lr, "lr_decay": lr_decay, "seed": seed}
-    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time)
+    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, _dims(x))
 
 
 def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
@@ -383,7 +432,7 @@ def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
                          f"{bound.name} has {bound.values.numel()}; they must be the same examples")
     settings = {"log_likelihood": log_likelihood.name, "bound": bound.name}
     return Estimate("gap", log_likelihood.values - bound.values, settings,
-                    log_likelihood.seconds + bound.seconds)
+                    log_likelihood.seconds + bound.seconds, log_likelihood.dims)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,17 +458,39 @@ def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float =
     return betas
 
 
-def _log_densities(decoder, x: torch.Tensor, z: torch.Tensor):
+def _log_densities(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor):
     """log p(x|z), its z-gradient, log p(z), its z-gradient (all detached)."""
     z = z.detach().requires_grad_(True)
-    log_lik = bernoulli_log_prob(x, decoder(z))
+    log_lik = conditional_log_prob(model.decoder, model.likelihood, x, z)
     (grad_lik,) = torch.autograd.grad(log_lik.sum(), z)
     log_prior = standard_normal_log_prob(z)
     (grad_prior,) = torch.autograd.grad(log_prior.sum(), z)
     return log_lik.detach(), grad_lik, log_prior.detach(), grad_prior
 
 
-def ais_log_likelihood(model: VAE, x: torch.Tensor, *, num_intermediate: int = 500, chains: int = 16,
+def _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
+               adapt_rate) -> None:
+    for name, value in (("num_intermediate", num_intermediate), ("chains", chains),
+                        ("leapfrog_steps", leapfrog_steps), ("chunk_examples", chunk_examples)):
+        _check_k(name, value)
+    if not (isinstance(tuning_chains, int) and tuning_chains >= 0):
+        raise ValueError(f"invalid tuning_chains = {tuning_chains!r}: allowed an integer >= 0")
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"invalid step_size = {step_size!r}: allowed a finite number > 0")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"invalid target_accept = {target_accept!r}: allowed (0, 1)")
+    if not (adapt_rate >= 0 and math.isfinite(adapt_rate)):
+        raise ValueError(f"invalid adapt_rate = {adapt_rate!r}: allowed a finite number >= 0")
+
+
+def _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains, target_accept,
+                  adapt_rate, seed) -> dict:
+    return {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
+            "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
+            "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed}
+
+
+def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_intermediate: int = 500, chains: int = 16,
                        leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
                        tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
                        seed: int = 0, chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES,
@@ -444,20 +515,12 @@ def ais_log_likelihood(model: VAE, x: torch.Tensor, *, num_intermediate: int = 5
     keeps ``step_size`` fixed. Chains and examples never otherwise interact, so results do not
     depend on chunking.
     """
-    for name, value in (("num_intermediate", num_intermediate), ("chains", chains),
-                        ("leapfrog_steps", leapfrog_steps), ("chunk_examples", chunk_examples)):
-        _check_k(name, value)
-    if not (isinstance(tuning_chains, int) and tuning_chains >= 0):
-        raise ValueError(f"invalid tuning_chains = {tuning_chains!r}: allowed an integer >= 0")
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"invalid step_size = {step_size!r}: allowed a finite number > 0")
-    if not 0 < target_accept < 1:
-        raise ValueError(f"invalid target_accept = {target_accept!r}: allowed (0, 1)")
-    if not (adapt_rate >= 0 and math.isfinite(adapt_rate)):
-        raise ValueError(f"invalid adapt_rate = {adapt_rate!r}: allowed a finite number >= 0")
+    _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
+               adapt_rate)
     betas = annealing_schedule(num_intermediate, schedule).tolist()
     start_time = time.perf_counter()
     x = _as_input(model, x)
+    z_dim = latent_dim(model, x)
     n = x.shape[0]
     values = torch.empty(n, dtype=torch.float64)
     accept_sum = 0.0
@@ -467,39 +530,56 @@ def ais_log_likelihood(model: VAE, x: torch.Tensor, *, num_intermediate: int = 5
         with frozen(model), torch.enable_grad():
             for start in range(0, n, chunk_examples):
                 xb = x[start:start + chunk_examples]
-                chunk_values, chunk_accept = _ais_chunk(
-                    model, xb, betas, chains, tuning_chains, leapfrog_steps, step_size, target_accept,
-                    adapt_rate, seed, start, bar)
-                values[start:start + xb.shape[0]] = chunk_values.cpu()
-                accept_sum += chunk_accept
+                estimate, accept, _ = _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps,
+                                                   step_size, (target_accept, adapt_rate), seed, start, bar)
+                values[start:start + xb.shape[0]] = estimate.cpu()
+                accept_sum += accept
     finally:
         bar.close()
-    settings = {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
-                "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
-                "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed,
+    settings = {**_ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
+                                target_accept, adapt_rate, seed),
                 "mean_acceptance": accept_sum / max(n, 1)}  # a diagnostic, not a setting
-    return Estimate("ais", values, settings, time.perf_counter() - start_time)
+    return Estimate("ais", values, settings, time.perf_counter() - start_time, _dims(x))
 
 
-def _ais_chunk(model, xb, betas, chains, tuning_chains, leapfrog_steps, step_size, target_accept, adapt_rate,
-               seed, first_index, bar):
-    """AIS for one chunk of examples: (ln p(x) estimates [b], sum over examples of the mean
-    acceptance rate of the estimating chains)."""
-    decoder = model.decoder
+def _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps, step_size, adaptation, seed,
+                 first_index, bar):
+    """AIS from the prior for one chunk of examples: (ln p(x) estimates [b], sum over examples of the
+    mean acceptance rate, step sizes used [T, b])."""
     b, device = xb.shape[0], xb.device
-    dtype = next(decoder.parameters()).dtype
-    z_dim = decoder.z_dim
+    dtype = next(model.decoder.parameters()).dtype
     c = chains + tuning_chains  # chains [:chains] estimate, [chains:] only tune the step size
     gens = [example_generator(seed, first_index + i, device, STREAM_AIS) for i in range(b)]
     # z_0 ~ N(0, I): exactly the beta = 0 distribution, whose normalizer is 1.
     z = torch.stack([torch.randn(c, z_dim, generator=g, device=device, dtype=dtype) for g in gens], dim=1)
+    return _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adaptation, bar)
+
+
+def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adaptation, bar):
+    """AIS chains for a chunk of b examples along ``betas`` (increasing from the prior or, for
+    BDMC's reverse chains, decreasing from the posterior), from states ``z`` [c, b, z_dim] that
+    are exact samples of the first distribution. Chains ``[:chains]`` estimate; the others, if
+    any, only tune the step size. ``step_size`` is either the starting step size, adapted after
+    every transition from the tuning chains' acceptance (``adaptation = (target_accept,
+    adapt_rate)``, see :func:`ais_log_likelihood`), or a ``[T, b]`` tensor of fixed step sizes,
+    one per transition and example. Returns (logmeanexp of the estimating chains' log weights
+    [b], an estimate of ln Z_last - ln Z_first; the sum over examples of their mean acceptance
+    rate; the step sizes used [T, b])."""
+    c, b, z_dim = z.shape
+    dtype, device = z.dtype, z.device
+    tuning_chains = c - chains
     noise = _StepNoise(gens, (c, z_dim), (c,), device, dtype)  # momenta, Metropolis uniforms
-    log_lik, g_lik, log_prior, g_prior = _log_densities(decoder, xb, z)
+    log_lik, g_lik, log_prior, g_prior = _log_densities(model, xb, z)
     log_w = torch.zeros(c, b, dtype=torch.float64, device=device)
-    eps = torch.full((1, b, 1), step_size, dtype=dtype, device=device)  # one step size per example
+    fixed = isinstance(step_size, torch.Tensor)
+    eps = torch.full((1, b, 1), step_size, dtype=dtype, device=device) if not fixed else None
+    used = torch.empty(len(betas) - 1, b, dtype=dtype, device=device)
     accept_total = torch.zeros(b, dtype=torch.float64, device=device)
     for t in range(1, len(betas)):
         beta = betas[t]
+        if fixed:
+            eps = step_size[t - 1].to(dtype)[None, :, None]
+        used[t - 1] = eps[0, :, 0]
         log_w += (beta - betas[t - 1]) * log_lik.double()  # ln f_t(z_{t-1}) - ln f_{t-1}(z_{t-1})
         momentum, uniform = noise.next()
         # Leapfrog on U(z) = -(ln p(z) + beta ln p(x|z)) with kinetic energy |p|^2 / 2.
@@ -507,7 +587,7 @@ def _ais_chunk(model, xb, betas, chains, tuning_chains, leapfrog_steps, step_siz
         z_new = z
         for i in range(leapfrog_steps):
             z_new = z_new + eps * p
-            ll_new, gl_new, lp_new, gp_new = _log_densities(decoder, xb, z_new)
+            ll_new, gl_new, lp_new, gp_new = _log_densities(model, xb, z_new)
             p = p + (eps if i < leapfrog_steps - 1 else 0.5 * eps) * (gp_new + beta * gl_new)
         h_old = -(log_prior + beta * log_lik) + 0.5 * momentum.square().sum(-1)
         h_new = -(lp_new + beta * ll_new) + 0.5 * p.square().sum(-1)
@@ -519,9 +599,97 @@ def _ais_chunk(model, xb, betas, chains, tuning_chains, leapfrog_steps, step_siz
         log_lik, log_prior = torch.where(accept, ll_new, log_lik), torch.where(accept, lp_new, log_prior)
         accept_prob = log_accept.exp()
         accept_total += accept_prob[:chains].double().mean(0)
-        if tuning_chains:  # the tuning chains' acceptance only: see ais_log_likelihood
+        if tuning_chains and not fixed:  # the tuning chains' acceptance only: see ais_log_likelihood
+            target_accept, adapt_rate = adaptation
             rate = accept_prob[chains:].mean(0)  # [b]
             eps = (eps * torch.exp(adapt_rate * (rate - target_accept))[None, :, None]).clamp(1e-4, 10.0)
         bar.update(b)
     estimate = torch.logsumexp(log_w[:chains], dim=0) - math.log(chains)
-    return estimate, float((accept_total / (len(betas) - 1)).sum())
+    return estimate, float((accept_total / (len(betas) - 1)).sum()), used
+
+
+# ----------------------------------------------------------------------------------------------
+# Bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015) on data simulated from the model
+
+
+@torch.no_grad()
+def simulate(model: LatentVariableModel, num_examples: int, *, seed: int = 0, z_dim: int | None = None,
+             chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_examples`` pairs drawn from the model, z ~ N(0, I) then x ~ p(x|z): (x, z) on the
+    model's device. Given x, each z is an exact sample of the posterior p(z|x), which is what
+    :func:`bdmc`'s reverse chains need. Example i draws from its own stream (as in every
+    estimator), so the first examples do not depend on ``num_examples``."""
+    _check_model(model)
+    _check_k("num_examples", num_examples)
+    _check_k("chunk_examples", chunk_examples)
+    z_dim = latent_dim(model) if z_dim is None else z_dim
+    device = _model_device(model)
+    dtype = next(model.decoder.parameters()).dtype
+    gens = [example_generator(seed, i, device, STREAM_SIMULATE) for i in range(num_examples)]
+    z = torch.stack([torch.randn(z_dim, generator=g, device=device, dtype=dtype) for g in gens])
+    xs = []
+    with frozen(model):
+        for start in range(0, num_examples, chunk_examples):
+            params = decode(model.decoder, z[start:start + chunk_examples])
+            xs += [model.likelihood.sample(params[i:i + 1], generator=gens[start + i]) for i in range(params.shape[0])]
+    return torch.cat(xs).to(torch.float32), z
+
+
+def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_intermediate: int = 500,
+         chains: int = 16, leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
+         tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2, seed: int = 0,
+         chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> tuple[Estimate, Estimate]:
+    """Bidirectional Monte Carlo: a sandwich ``lower <= ln p(x) <= upper`` per example, for data
+    ``(x, z)`` simulated from the model (:func:`simulate`), so that each z is an exact sample of
+    p(z|x). Returns (lower, upper) Estimates. In expectation, ``upper - lower`` bounds the error of
+    each, and ``upper`` minus any other lower bound on these examples (IW-SVI) bounds its slack.
+
+    * lower: forward AIS from the prior, exactly :func:`ais_log_likelihood` with the same settings
+      and seed (an unbiased estimate of p(x), so E[lower] <= ln p(x));
+    * upper: reverse AIS, the same annealing path run from beta = 1 down to 0, every chain started
+      at the z that generated x. Its weights are unbiased estimates of 1/p(x) (it is AIS from the
+      normalized posterior to the prior), so minus their logmeanexp has E[upper] >= ln p(x).
+
+    Each reverse transition uses the step size that forward AIS's tuning chains chose at the same
+    beta: the kernels then depend only on x and chains independent of z, which keeps the reverse
+    estimate exact (adapting on the reverse chains themselves would not). The sandwich narrows to
+    0 as ``num_intermediate`` grows.
+    """
+    _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
+               adapt_rate)
+    betas = annealing_schedule(num_intermediate, schedule).tolist()
+    start_time = time.perf_counter()
+    x = _as_input(model, x)
+    z = torch.as_tensor(z).to(device=x.device, dtype=next(model.decoder.parameters()).dtype)
+    if z.dim() != 2 or z.shape[0] != x.shape[0]:
+        raise ValueError(f"bdmc: z has shape {list(z.shape)}; expected [n, z_dim] with n = {x.shape[0]} (one latent "
+                         "per example of x, as simulate() returns)")
+    n = x.shape[0]
+    lower, upper = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    accept = [0.0, 0.0]
+    bar = tqdm(total=2 * n * num_intermediate, desc=f"BDMC (T={num_intermediate}, {chains} chains)",
+               unit="ex-step", unit_scale=True, disable=not progress, leave=False)
+    try:
+        with frozen(model), torch.enable_grad():
+            for start in range(0, n, chunk_examples):
+                xb, zb = x[start:start + chunk_examples], z[start:start + chunk_examples]
+                b = xb.shape[0]
+                forward, accept_f, used = _forward_ais(model, xb, z.shape[1], betas, chains, tuning_chains,
+                                                       leapfrog_steps, step_size, (target_accept, adapt_rate), seed,
+                                                       start, bar)
+                # Transition j of the reverse path targets betas[T - j]: the step size forward used there
+                # (the last one, at beta = 0, changes no weight).
+                reverse_steps = torch.cat([used[:-1].flip(0), used[:1]])
+                gens = [example_generator(seed, start + i, xb.device, STREAM_BDMC_REVERSE) for i in range(b)]
+                inverse, accept_r, _ = _anneal(model, xb, betas[::-1], zb.expand(chains, *zb.shape), gens, chains,
+                                               leapfrog_steps, reverse_steps, None, bar)
+                lower[start:start + b], upper[start:start + b] = forward.cpu(), -inverse.cpu()
+                accept[0] += accept_f
+                accept[1] += accept_r
+    finally:
+        bar.close()
+    settings = _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
+                             target_accept, adapt_rate, seed)
+    seconds = time.perf_counter() - start_time
+    return (Estimate("bdmc-lower", lower, {**settings, "mean_acceptance": accept[0] / n}, seconds, _dims(x)),
+            Estimate("bdmc-upper", upper, {**settings, "mean_acceptance": accept[1] / n}, seconds, _dims(x)))

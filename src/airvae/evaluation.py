@@ -2,7 +2,8 @@
 
 * :class:`EvaluationSettings` -- what to estimate and how hard (appendix C's values by default:
   IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
-* :func:`evaluate_model` -- library call on a model and data;
+* :func:`evaluate_model` -- library call on any model (:class:`airvae.model.LatentVariableModel`)
+  and data;
 * :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt``, evaluates a split and caches the
   result as ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back);
 * :func:`format_table` -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
@@ -28,12 +29,13 @@ from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, req
 from .data import evenly_spaced
 from .runs import BEST, write_json
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
-                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound,
+                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound, bdmc,
                          fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
-                         iwae_log_likelihood, resolve_device)
+                         iwae_log_likelihood, latent_dim, resolve_device, simulate)
+from .likelihoods import bits_per_dim
 from .model import LONG_EVALUATION_LATENTS, compile_for
 
-ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap")  # canonical order
+ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap", "bdmc")  # canonical order
 SPLITS = ("train", "valid", "test")
 EVALUATIONS_DIR = "evaluations"
 FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 took the first ones)
@@ -54,7 +56,9 @@ class EvaluationSettings:
     ``estimators``: any of ``bound`` (the training bound L_k with the encoder, k = the run's k
     unless ``bound_k``), ``iwae`` (IWAE-``k_iwae`` with the encoder, eq. 40), ``iwsvi`` (eq. 41-42),
     ``ais``, ``gap`` (Delta_inf = ln p(x) [IW-SVI] - L_k; needs bound and iwsvi, and is always
-    added when both are present since it costs nothing).
+    added when both are present since it costs nothing), ``bdmc`` (the sandwich lower <= ln p(x)
+    <= upper on ``bdmc_examples`` examples simulated from the model, with the ``ais_*`` settings;
+    together with ``iwsvi``, IW-SVI is also run on those examples, so its slack there is known).
     """
 
     estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
@@ -74,6 +78,7 @@ class EvaluationSettings:
     ais_step_size: float = 0.1
     ais_schedule: str = "sigmoid"
     ais_tuning_chains: int = 4
+    bdmc_examples: int = 100
     seed: int = 0
     device: str = "auto"
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES
@@ -98,7 +103,7 @@ class EvaluationSettings:
         require(self.bound_k is None or (is_int(self.bound_k) and self.bound_k >= 1), "bound_k", self.bound_k,
                "an integer >= 1, or None for the run's training k")
         for name in ("bound_repeats", "k_iwae", "svi_k", "svi_l", "ais_intermediate", "ais_chains",
-                     "ais_leapfrog", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
+                     "ais_leapfrog", "bdmc_examples", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, name, value, "an integer >= 1")
         require(is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
@@ -127,9 +132,11 @@ class EvaluationSettings:
         return cls(**{**d, "estimators": tuple(d.get("estimators", cls.estimators))})
 
     def identity(self) -> dict:
-        """The settings that determine the result (the cache key)."""
+        """The settings that determine the result (the cache key). ``bdmc_examples`` counts only
+        when ``bdmc`` is chosen."""
         return {"format": FORMAT_VERSION,
-                **{k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}}
+                **{k: v for k, v in self.to_dict().items()
+                   if k not in _EXECUTION_FIELDS and (k != "bdmc_examples" or "bdmc" in self.estimators)}}
 
     def short_hash(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True)
@@ -143,15 +150,20 @@ class EvaluationSettings:
 def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) -> int:
     """Roughly how many latents the decoder will see: the size of an evaluation."""
     chosen, per_example = settings.estimators, 0
+    iwsvi = settings.svi_k + 2 * settings.svi_steps * settings.svi_l  # fit: forward + backward
+    ais = 2 * settings.ais_intermediate * settings.ais_chains * settings.ais_leapfrog
     if "bound" in chosen:
         per_example += (settings.bound_k or bound_k or 1) * settings.bound_repeats
     if "iwae" in chosen:
         per_example += settings.k_iwae
     if "iwsvi" in chosen:
-        per_example += settings.svi_k + 2 * settings.svi_steps * settings.svi_l  # fit: forward + backward
+        per_example += iwsvi
     if "ais" in chosen:
-        per_example += 2 * settings.ais_intermediate * settings.ais_chains * settings.ais_leapfrog
-    return n * per_example
+        per_example += ais
+    simulated = 0
+    if "bdmc" in chosen:  # forward and reverse AIS (and IW-SVI) on the simulated examples
+        simulated = 2 * ais + (iwsvi if "iwsvi" in chosen else 0)
+    return n * per_example + settings.bdmc_examples * simulated
 
 
 def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
@@ -174,19 +186,25 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
     if "iwae" in chosen:
         estimates["iwae"] = iwae_log_likelihood(model, x, settings.k_iwae, seed=settings.seed,
                                                 chunk_samples=settings.chunk_samples, progress=progress)
+    svi_kw = dict(k=settings.svi_k, l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
+                  lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
+                  chunk_samples=settings.chunk_samples, progress=progress)
+    ais_kw = dict(num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
+                  leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size,
+                  schedule=settings.ais_schedule, tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
+                  chunk_examples=settings.ais_chunk_examples, progress=progress)
     if "iwsvi" in chosen:
-        estimates["iwsvi"] = iw_svi_log_likelihood(
-            model, x, k=settings.svi_k, l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
-            lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
-            chunk_samples=settings.chunk_samples, progress=progress)
+        estimates["iwsvi"] = iw_svi_log_likelihood(model, x, **svi_kw)
     if "ais" in chosen:
-        estimates["ais"] = ais_log_likelihood(
-            model, x, num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
-            leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size, schedule=settings.ais_schedule,
-            tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
-            chunk_examples=settings.ais_chunk_examples, progress=progress)
+        estimates["ais"] = ais_log_likelihood(model, x, **ais_kw)
     if "bound" in estimates and "iwsvi" in estimates:
         estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
+    if "bdmc" in chosen:
+        x_sim, z_sim = simulate(model, settings.bdmc_examples, seed=settings.seed, z_dim=latent_dim(model, x),
+                                chunk_examples=settings.ais_chunk_examples)
+        estimates["bdmc_lower"], estimates["bdmc_upper"] = bdmc(model, x_sim, z_sim, **ais_kw)
+        if "iwsvi" in chosen:
+            estimates["bdmc_iwsvi"] = iw_svi_log_likelihood(model, x_sim, **svi_kw)
     return estimates
 
 
@@ -305,11 +323,17 @@ def _label(name: str, est: dict) -> tuple[str, float]:
         return f"-L_{s.get('k')}(x)  amortized bound", -1.0
     if name == "gap":
         return "Δinf = ln p(x) - L_k(x)", 1.0
+    if name in ("bdmc_lower", "bdmc_upper"):
+        side, method = ("≤", "forward") if name == "bdmc_lower" else ("≥", "reverse")
+        return f"-ln p(x) {side} BDMC {method} AIS (T={s.get('num_intermediate')}, simulated data)", -1.0
+    if name == "bdmc_iwsvi":
+        return f"-ln p(x)  IW-SVI (k={s.get('k')}, T={s.get('steps')}) on the BDMC simulated data", -1.0
     return name, 1.0
 
 
 def format_table(result: dict) -> str:
-    """A text table, estimator | mean | ± stderr | n | seconds, in the paper's sign convention.
+    """A text table, estimator | mean | ± stderr | bits/dim | n | seconds, in the paper's sign
+    convention; bits/dim is the mean over (data dimensions x ln 2), exact for discrete likelihoods.
 
     ``result``: what :func:`evaluate_run` returns, or :func:`evaluate_model`'s ``{name: Estimate}``.
     """
@@ -318,10 +342,11 @@ def format_table(result: dict) -> str:
     for name in [e for e in ESTIMATORS if e in estimates] + [e for e in estimates if e not in ESTIMATORS]:
         est = _as_summary(estimates[name])
         label, sign = _label(name, est)
-        se = est.get("stderr", float("nan"))
+        se, dims = est.get("stderr", float("nan")), est.get("dims")
+        bits = "" if not dims else f"{bits_per_dim(-sign * est['mean'], dims):.4f}"
         rows.append((label, f"{sign * est['mean']:.2f}", "" if se is None or math.isnan(se) else f"± {se:.2f}",
-                     str(est.get("n", "")), f"{est.get('seconds', 0.0):.1f}"))
-    header = ("estimator", "mean (nats)", "± stderr", "n", "seconds")
+                     bits, str(est.get("n", "")), f"{est.get('seconds', 0.0):.1f}"))
+    header = ("estimator", "mean (nats)", "± stderr", "bits/dim", "n", "seconds")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))

@@ -1,5 +1,6 @@
-"""The VAE: a Gaussian encoder, a Bernoulli decoder and an N(0, I) prior, with the one
-log-weights path that training and every evaluator share."""
+"""The VAE: a Gaussian encoder, a decoder emitting the parameters of a likelihood (Bernoulli by
+default) and an N(0, I) prior, with the one log-weights path that training and every evaluator
+share, and the protocol that lets the estimators work on any model."""
 
 from __future__ import annotations
 
@@ -7,12 +8,53 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .bounds import bernoulli_log_prob, gaussian_log_ratio_from_noise, iwae_bound
-from .networks import BernoulliDecoder, CappedWeightNormLinear, DenoisingEncoder, GaussianEncoder
+from .bounds import gaussian_log_ratio_from_noise, iwae_bound
+from .likelihoods import Bernoulli, Likelihood
+from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder,
+                       GaussianEncoder, MLPDecoder)
+
+
+class LatentVariableModel(Protocol):
+    """What every estimator of :mod:`airvae.estimators` needs from a model: any ``nn.Module`` with
+
+    * ``encode(x) -> (mean, std)``: q(z|x) = N(mean, diag(std^2)), each ``[B, z_dim]``; in eval
+      mode (the estimators put the model there) it must be the *clean* encoder (a
+      :class:`~airvae.networks.DenoisingEncoder` is);
+    * ``decoder``: a module mapping latents ``[N, z_dim]`` to the likelihood's parameters (the
+      estimators flatten any sample axes into N, so conv decoders work unchanged);
+    * ``likelihood``: an :class:`airvae.likelihoods.Likelihood`;
+    * optionally ``z_dim`` (else read from ``decoder.z_dim``, or from encoding one example):
+      needed where no data is given (:func:`airvae.estimators.simulate`).
+
+    The prior is N(0, I). :class:`VAE` follows the protocol; nothing needs to subclass it.
+    """
+
+    decoder: nn.Module
+    likelihood: Likelihood
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+_BERNOULLI = Bernoulli()
+
+
+def decode(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``decoder(z)`` for latents with any leading sample axes ``[..., z_dim]``: the decoder sees
+    ``[N, z_dim]``, and its output's leading axis is split back into the sample axes."""
+    params = decoder(z.reshape(-1, z.shape[-1]))
+    return params.reshape(*z.shape[:-1], *params.shape[1:])
+
+
+def conditional_log_prob(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) for x ``[B, *event]`` and z ``[*sample, B, z_dim]`` -> ``[*sample, B]``: the one place
+    the decoder and the likelihood meet (the log weights below, AIS and BDMC)."""
+    return likelihood.log_prob(x, decode(decoder, z))
 
 
 def log_weights_given_q(
@@ -24,33 +66,36 @@ def log_weights_given_q(
     m: int = 1,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    likelihood: Likelihood | None = None,
 ) -> torch.Tensor:
     """log p(x, z) - log q(z) for ``z ~ q = N(mean, std^2)``; returns ``[m, k, batch]``.
 
     ``q`` may come from an encoder (amortized) or be free per-example parameters (IW-SVI).
     ``noise`` optionally supplies the standard-normal draws (``[m, k, batch, z]`` or
-    ``[k, batch, z]``) so estimators can control their random streams.
+    ``[k, batch, z]``) so estimators can control their random streams. ``x`` is ``[batch, ...]``;
+    ``likelihood`` scores it from the decoder's output (default: :class:`~airvae.likelihoods.Bernoulli`).
     """
     if noise is None:
         eps = torch.randn((m, k, *mean.shape), device=mean.device, dtype=mean.dtype, generator=generator)
     else:
         eps = noise if noise.dim() == mean.dim() + 2 else noise.unsqueeze(0)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
-    return _run_kernel(_log_weights_from_eps, decoder, x, mean, std, eps)
+    likelihood = _BERNOULLI if likelihood is None else likelihood
+    return _run_kernel(_log_weights_from_eps, decoder, likelihood, x, mean, std, eps)
 
 
-def _log_weights_from_eps(decoder: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                          eps: torch.Tensor) -> torch.Tensor:
+def _log_weights_from_eps(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, mean: torch.Tensor,
+                          std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     z = torch.addcmul(mean, std, eps)  # mean + std * eps in one pass
     # log p(x|z) + [log p(z) - log q(z|x)], the bracket from eps directly (bounds.py)
-    return bernoulli_log_prob(x, decoder(z)) + gaussian_log_ratio_from_noise(z, eps, std)
+    return conditional_log_prob(decoder, likelihood, x, z) + gaussian_log_ratio_from_noise(z, eps, std)
 
 
-def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, x_seen: torch.Tensor,
-                        eps: torch.Tensor) -> torch.Tensor:
+def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor,
+                        x_seen: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The amortized log weights: the encoder sees ``x_seen`` (x, or x + noise for DVAE)."""
     mean, std = encoder(x_seen)
-    return _log_weights_from_eps(decoder, x, mean, std, eps)
+    return _log_weights_from_eps(decoder, likelihood, x, mean, std, eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,11 +179,19 @@ def _run_kernel(kernel, *args) -> torch.Tensor:
 
 
 class VAE(nn.Module):
-    """``encoder(x) -> (mean, std)``, ``decoder(z) -> logits``, prior N(0, I)."""
+    """``encoder(x) -> (mean, std)``, ``decoder(z) -> params``, ``likelihood`` p(x|z) from the params
+    (default Bernoulli: the decoder emits logits), prior N(0, I). Follows
+    :class:`LatentVariableModel`. ``z_dim`` defaults to ``decoder.z_dim``."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood | None = None,
+                 z_dim: int | None = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.z_dim = z_dim if z_dim is not None else getattr(decoder, "z_dim", None)
+        if not (isinstance(self.z_dim, int) and self.z_dim >= 1):
+            raise ValueError(f"VAE: the latent size is unknown (decoder has no z_dim attribute); pass z_dim, "
+                             f"got {self.z_dim!r}")
 
     def _encoder_and_input(self, x: torch.Tensor, noisy: bool | None,
                            generator: torch.Generator | None = None) -> tuple[nn.Module, torch.Tensor]:
@@ -158,9 +211,9 @@ class VAE(nn.Module):
         """Log importance weights ``[m, k, batch]``. The encoder may see a noisy x; the decoder
         always scores the clean x (eq. 13)."""
         encoder, x_seen = self._encoder_and_input(x, noisy, generator)
-        eps = torch.randn((m, k, *x.shape[:-1], self.decoder.z_dim), device=x.device, dtype=x.dtype,
+        eps = torch.randn((m, k, x.shape[0], self.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
-        return _run_kernel(_encode_log_weights, encoder, self.decoder, x, x_seen, eps)
+        return _run_kernel(_encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
 
 
 def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
@@ -191,34 +244,53 @@ def _mean_bound(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def cap_weight_norms(module: nn.Module, max_norm: float) -> nn.Module:
-    """Weight-normalized inference (eq. 17/18) for any encoder: every ``nn.Linear`` inside
-    ``module`` becomes a :class:`CappedWeightNormLinear` with cap ``H = max_norm`` (in place).
-
-    The direction of each weight vector is kept; ``H = inf`` leaves the module untouched.
+    """Weight-normalized inference (eq. 17/18) for any encoder, in place: every ``nn.Linear``
+    inside ``module`` becomes a :class:`~airvae.networks.CappedWeightNormLinear`, and every
+    ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` gets a
+    :class:`~airvae.networks.CappedFilterNorm` parametrization of its weight (it stays the same
+    layer). Either way, each output unit's weight vector -- a dense layer's row, a convolution's
+    whole filter for one output channel -- has norm ``min(||v||, H sigmoid(u)) <= H`` with
+    ``H = max_norm``, direction kept, and a learned ``u`` per output unit (starting at 0: a cap
+    of H/2). Returns ``module`` (the converted layer if ``module`` is itself an ``nn.Linear``).
+    ``H = inf`` leaves the module untouched.
     """
     if math.isinf(max_norm):
         return module
+    if isinstance(module, nn.Linear):
+        return _capped_linear(module, max_norm)
+    if isinstance(module, CONV_TYPES):
+        if not (parametrize.is_parametrized(module, "weight")
+                and any(isinstance(p, CappedFilterNorm) for p in module.parametrizations.weight)):
+            cap = CappedFilterNorm(module.out_channels, max_norm, module.groups, module.transposed)
+            parametrize.register_parametrization(module, "weight", cap.to(module.weight.device, module.weight.dtype))
+        return module
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            capped = CappedWeightNormLinear(child.in_features, child.out_features, max_norm)
-            capped = capped.to(device=child.weight.device, dtype=child.weight.dtype)
-            with torch.no_grad():
-                capped.v.copy_(child.weight)
-                if child.bias is not None:
-                    capped.bias.copy_(child.bias)
-                else:
-                    capped.bias.zero_()
-            setattr(module, name, capped)
-        else:
-            cap_weight_norms(child, max_norm)
+        setattr(module, name, cap_weight_norms(child, max_norm))
     return module
 
 
+def _capped_linear(linear: nn.Linear, max_norm: float) -> CappedWeightNormLinear:
+    capped = CappedWeightNormLinear(linear.in_features, linear.out_features, max_norm)
+    capped = capped.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        capped.v.copy_(linear.weight)
+        if linear.bias is not None:
+            capped.bias.copy_(linear.bias)
+        else:
+            capped.bias.zero_()
+    return capped
+
+
 def build_vae(x_dim: int, z_dim: int, encoder_hidden: str, decoder_hidden: str,
-              sigma: float = 0.0, max_norm: float = math.inf) -> VAE:
+              sigma: float = 0.0, max_norm: float = math.inf, likelihood: Likelihood | None = None) -> VAE:
     """The paper's model family: plain VAE/IWAE at ``sigma=0, max_norm=inf``; WNI when
-    ``max_norm`` is finite; denoising when ``sigma > 0``; both together compose."""
+    ``max_norm`` is finite; denoising when ``sigma > 0``; both together compose. ``likelihood``
+    (default Bernoulli, the paper's) sets p(x|z); the dense decoder emits its parameters."""
     encoder: nn.Module = cap_weight_norms(GaussianEncoder(x_dim, z_dim, encoder_hidden), max_norm)
     if sigma > 0:
         encoder = DenoisingEncoder(encoder, sigma)
-    return VAE(encoder, BernoulliDecoder(z_dim, x_dim, decoder_hidden))
+    if likelihood is None or isinstance(likelihood, Bernoulli):
+        decoder: nn.Module = BernoulliDecoder(z_dim, x_dim, decoder_hidden)
+    else:
+        decoder = MLPDecoder(z_dim, x_dim, decoder_hidden, likelihood.params_per_dim)
+    return VAE(encoder, decoder, likelihood)

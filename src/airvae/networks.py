@@ -1,5 +1,6 @@
-"""Networks: MLPs from architecture specs, the Gaussian encoder, the Bernoulli decoder, and the two
-AIR encoder regularizers (weight-normalized inference, eq. 17/18; denoising, eq. 13).
+"""Networks: MLPs from architecture specs, the Gaussian encoder, the decoders, and the two AIR
+encoder regularizers (weight-normalized inference, eq. 17/18, for dense and conv layers; denoising,
+eq. 13).
 
 Architecture specs follow the paper's Table 6 notation: ``d300-d300`` is two dense layers of 300
 units, each followed by an ELU. The encoder ends in a mean layer and a softplus *variance* layer
@@ -34,6 +35,14 @@ def parse_hidden_spec(spec: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def capped_rows(v: torch.Tensor, u: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Eq. 17/18 for the rows of ``v`` [units, fan_in]: row i becomes ``v_i / ||v_i|| * s_i`` with
+    ``s_i = min(||v_i||, H * sigmoid(u_i))``, so its norm never exceeds H and its direction is kept."""
+    v_norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = torch.minimum(v_norm, max_norm * torch.sigmoid(u).unsqueeze(1))
+    return v * (scale / v_norm)
+
+
 class CappedWeightNormLinear(nn.Module):
     """Dense layer whose weight vectors have norm at most ``max_norm`` (eq. 17/18).
 
@@ -55,15 +64,51 @@ class CappedWeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        v_norm = self.v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        scale = torch.minimum(v_norm, self.max_norm * torch.sigmoid(self.u).unsqueeze(1))
-        return self.v * (scale / v_norm)
+        return capped_rows(self.v, self.u, self.max_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, H={self.max_norm:g}"
+
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class CappedFilterNorm(nn.Module):
+    """Eq. 17/18 for a convolution, as a ``torch.nn.utils.parametrize`` parametrization of its
+    ``weight`` (installed by :func:`airvae.model.cap_weight_norms`; the layer stays a Conv*d).
+
+    What is bounded: for every output channel o, the Euclidean norm of its whole filter -- every
+    weight that feeds o, over all input channels of its group and all kernel positions -- is
+    ``min(||v_o||, H * sigmoid(u_o)) <= H``. So each output activation (channel o at one position,
+    before the bias) is an H-Lipschitz function of the inputs it sees; for a 1x1 convolution this
+    is exactly the dense layer's per-unit bound. (The layer as a whole can have a larger Lipschitz
+    constant, since neighbouring positions see overlapping inputs.)
+
+    Layouts: a ``Conv*d`` weight is ``[out, in/groups, *kernel]``, so o's filter is ``weight[o]``.
+    A ``ConvTranspose*d`` weight is ``[in, out/groups, *kernel]``: output channel
+    ``o = g * out/groups + j`` of group g is fed by ``weight[g*in/groups:(g+1)*in/groups, j]``, a
+    slice across the input-channel axis, and that slice is what is capped.
+    """
+
+    def __init__(self, out_channels: int, max_norm: float, groups: int = 1, transposed: bool = False):
+        super().__init__()
+        if not max_norm > 0:
+            raise ValueError(f"max_norm (H) must be > 0, got {max_norm}")
+        self.max_norm, self.groups, self.transposed = max_norm, groups, transposed
+        self.u = nn.Parameter(torch.zeros(out_channels))  # u = 0: the cap starts at H/2, as for dense layers
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return capped_rows(v.flatten(1), self.u, self.max_norm).view_as(v)
+        filters = v.unflatten(0, (self.groups, -1)).transpose(1, 2)  # [groups, out/groups, in/groups, *kernel]
+        capped = capped_rows(filters.flatten(2).flatten(0, 1), self.u, self.max_norm)  # one row per output channel
+        return capped.view(filters.shape).transpose(1, 2).reshape(v.shape)
+
+    def extra_repr(self) -> str:
+        return f"H={self.max_norm:g}, groups={self.groups}, transposed={self.transposed}"
 
 
 def mlp(in_features: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
@@ -129,7 +174,7 @@ class DenoisingEncoder(nn.Module):
 
 
 class BernoulliDecoder(nn.Module):
-    """p(x|z) = Bernoulli(sigmoid(logits(z))) (Table 6's ``x784``)."""
+    """p(x|z) = Bernoulli(sigmoid(logits(z))) (Table 6's ``x784``): the paper's decoder."""
 
     def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = ()):
         super().__init__()
@@ -140,3 +185,19 @@ class BernoulliDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.logits(self.trunk(z))
+
+
+class MLPDecoder(nn.Module):
+    """Dense decoder for any likelihood: z -> ``params_per_dim * x_dim`` parameters of p(x|z)
+    (:mod:`airvae.likelihoods`). With one parameter per dimension it is :class:`BernoulliDecoder`
+    up to the name of its output layer, which the paper's model keeps for its checkpoints."""
+
+    def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = (), params_per_dim: int = 1):
+        super().__init__()
+        hidden = parse_hidden_spec(hidden) if isinstance(hidden, str) else tuple(hidden)
+        self.z_dim, self.x_dim = z_dim, x_dim
+        self.trunk, width = mlp(z_dim, hidden)
+        self.out = nn.Linear(width, params_per_dim * x_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.trunk(z))
