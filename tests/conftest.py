@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore the same examples on every run: a red CI must mean a regression, not a new
+# random draw (run `pytest --hypothesis-seed=random` to explore further).
+settings.register_profile("airvae", derandomize=True)
+settings.load_profile("airvae")
 
 # The datasets' offline copies (never committed): ../shared/data beside the repository, as in CI.
 DATA_DIR = Path(os.environ.get("AIRVAE_TEST_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -55,7 +55,10 @@ class CappedWeightNormLinear(nn.Module):
         super().__init__()
         if not max_norm > 0:
             raise ValueError(f"max_norm (H) must be > 0, got {max_norm}")
-        self.in_features, self.out_features, self.max_norm = in_features, out_features, max_norm
+        self.in_features, self.out_features = in_features, out_features
+        # H as a (non-persistent) buffer, not a Python float: a stacked group of runs (airvae.stacked)
+        # passes each run's own H through torch.func.functional_call.
+        self.register_buffer("h", torch.tensor(float(max_norm)), persistent=False)
         init = nn.Linear(in_features, out_features)  # reuse torch's default initialisation
         self.v = nn.Parameter(init.weight.detach().clone())
         self.bias = nn.Parameter(init.bias.detach().clone())
@@ -63,8 +66,13 @@ class CappedWeightNormLinear(nn.Module):
         self.u = nn.Parameter(torch.zeros(out_features))
 
     @property
+    def max_norm(self) -> float:
+        """The cap H of eq. 18."""
+        return float(self.h)
+
+    @property
     def weight(self) -> torch.Tensor:
-        return capped_rows(self.v, self.u, self.max_norm)
+        return capped_rows(self.v, self.u, self.h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
