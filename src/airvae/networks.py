@@ -39,8 +39,11 @@ def capped_rows(v: torch.Tensor, u: torch.Tensor, max_norm: float) -> torch.Tens
     """Eq. 17/18 for the rows of ``v`` [units, fan_in]: row i becomes ``v_i / ||v_i|| * s_i`` with
     ``s_i = min(||v_i||, H * sigmoid(u_i))``, so its norm never exceeds H and its direction is kept."""
     v_norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    scale = torch.minimum(v_norm, max_norm * torch.sigmoid(u).unsqueeze(1))
-    return v * (scale / v_norm)
+    cap = max_norm * torch.sigmoid(u).unsqueeze(1)
+    # Below its cap a row is v itself, and written so its gradient is exactly the incoming one:
+    # v * (||v|| / ||v||) would add a rounding-level radial term, which Adam turns into steps of
+    # size lr on every weight whose true gradient is 0 (an input that is 0 in the whole batch).
+    return torch.where(v_norm <= cap, v, v * (cap / v_norm))
 
 
 class CappedWeightNormLinear(nn.Module):

@@ -103,9 +103,10 @@ def iwae_bytes(cfg: RunConfig, k: int, examples: int, chunk_samples: int) -> int
     return FLOAT * per_chunk * (k * cfg.architecture.z_dim + k_chunk * (_decoded_row(cfg) + 2))
 
 
-def training_memory(cfg: RunConfig, rows_on_device: int) -> MemoryEstimate:
-    """Peak memory of :func:`airvae.train.train`: model, optimizer, resident data, and the larger
-    of one training step and one validation chunk."""
+def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> MemoryEstimate:
+    """Peak memory of :func:`airvae.train.train` (or of a stacked group of ``runs`` such runs,
+    :mod:`airvae.stacked`): models, optimizers, the resident data (shared by a group), and the
+    larger of one training step and one validation chunk (a group splits its chunk among its runs)."""
     from .estimators import DEFAULT_CHUNK_SAMPLES
 
     reg = cfg.regularizer
@@ -113,13 +114,14 @@ def training_memory(cfg: RunConfig, rows_on_device: int) -> MemoryEstimate:
     latents = cfg.batch_size * cfg.m * cfg.k
     encoder_row = 2 * sum(_widths(cfg.architecture.encoder)) + 4 * cfg.architecture.z_dim + cfg.x_dim
     # activations kept for backward, and the gradients of the same size during it
-    step = 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * encoder_row)
+    step = runs * 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * encoder_row)
     validation = iwae_bytes(cfg, cfg.val_k, cfg.val_examples or 10**9, DEFAULT_CHUNK_SAMPLES)
     tracked = iwae_bytes(cfg, cfg.k, cfg.track_test_examples, DEFAULT_CHUNK_SAMPLES) if cfg.track_test_examples else 0
-    work = {f"a step decoding batch_size x m x k = {latents:,} latents": step,
+    group = f"{runs} runs' " if runs > 1 else ""
+    work = {f"{group}a step decoding batch_size x m x k = {latents:,} latents": step,
             f"validation with val_k = {cfg.val_k:,}": validation, "tracking the test bound": tracked}
     largest = max(work, key=work.get)  # steps and validations take turns: only the larger counts
-    return MemoryEstimate("training", {"parameters, gradients and Adam moments": model_bytes(cfg),
+    return MemoryEstimate("training", {f"{group}parameters, gradients and Adam moments": runs * model_bytes(cfg),
                                        "data on the device": FLOAT * cfg.x_dim * rows_on_device,
                                        largest: work[largest]})
 

@@ -1,0 +1,507 @@
+"""Stacked training: the runs of a sweep that share an architecture, trained as one model.
+
+A group's R runs keep their parameters in one ``[R, P]`` tensor. Every step evaluates the R
+training objectives with one vmapped call of the very code a single run uses
+(:func:`torch.func.functional_call` over the run's own encoder and decoder modules), so each layer
+becomes one batched matrix product over the group instead of R small ones: on a GPU, where one
+of these MLPs uses a few percent of the device, that is the difference between launch-bound and
+compute-bound.
+
+Each run keeps everything else its own: regularizer (sigma, alpha and H differ within a group),
+seed and initialization, minibatch order, training random stream (its own generator, drawn in the
+order :func:`airvae.model.air_objective` draws), Adam state and step count
+(:class:`StackedAdam`), validation estimate (its own per-example streams), early stopping,
+checkpoints, metrics and summary, written by the same :class:`airvae.train.RunLog` as a run trained
+alone, in the same format. So a run trained in a group equals its separate training up to float
+rounding, its directory is indistinguishable from a separately trained one (selection, ``report``
+and ``evaluate`` are unchanged, and either trainer can resume the other's checkpoints), and a group
+killed at any point resumes every run exactly: runs whose checkpoints are ahead wait (their updates
+masked) until the others catch up.
+
+Groups are formed by :func:`group_key`: same dataset, architecture, schedule, k and m, and the same
+module structure (WNI or not) and number of bounds per step (eq. 16 with 0 < alpha < 1 evaluates
+two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from .config import Regularizer, RunConfig
+from .estimators import DEFAULT_CHUNK_SAMPLES, example_generator
+from .model import _encode_log_weights, _log_weights_from_eps, _mean_bound, compile_for
+from .networks import DenoisingEncoder
+from .runs import LAST, RunIOError, RunLock, model_from_config
+from .train import (EARLY_STOP_MESSAGE, MinibatchSchedule, RunLog, TrainResult, _fast_adam_options, _StopFlag,
+                    restore_generator, training_generator)
+
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which single runs use
+
+
+# ----------------------------------------------------------------------------------------------
+# Which runs share a group
+
+
+def draws_noise(cfg: RunConfig) -> bool:
+    """Does the run's step draw denoising noise (eq. 13)? Exactly when air_objective does."""
+    reg = cfg.regularizer
+    return reg.sigma > 0 and reg.alpha > 0
+
+
+def two_bounds(cfg: RunConfig) -> bool:
+    """Does the run's step evaluate two bounds (eq. 16 with 0 < alpha < 1)?"""
+    reg = cfg.regularizer
+    return reg.sigma > 0 and 0 < reg.alpha < 1
+
+
+def group_key(cfg: RunConfig) -> str:
+    """Runs with equal keys can train as one stacked model: everything but the seed and the
+    regularizer's values is shared; WNI (a different module structure) and two-bound runs form
+    their own groups."""
+    shared = cfg.replace(seed=0, regularizer=Regularizer(), data_dir=None).to_json()
+    shared["wni"] = math.isfinite(cfg.regularizer.max_norm)
+    shared["two_bounds"] = two_bounds(cfg)
+    return json.dumps(shared, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam over stacked tensors
+
+
+class StackedAdam:
+    """Adam (Kingma & Ba, as torch.optim.Adam computes it) on ``[R, P]`` tensors, where row r is
+    run r's parameters: every run has its own step count and learning rate, and a run that is not
+    active is left exactly as it was (parameters and moments)."""
+
+    def __init__(self, shape: tuple[int, int], device: torch.device):
+        self.exp_avg = torch.zeros(shape, device=device)
+        self.exp_avg_sq = torch.zeros(shape, device=device)
+        self.steps = [0] * shape[0]
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, lrs: list[float], active: list[bool]) -> None:
+        beta1, beta2 = BETAS
+        steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
+        device = param.device
+        # Per-run scalars as [R, 1] columns (an inactive run's values are never used).
+        step_size = torch.tensor([lr / (1 - beta1 ** max(t, 1)) for lr, t in zip(lrs, steps)], device=device)[:, None]
+        bc2_sqrt = torch.tensor([(1 - beta2 ** max(t, 1)) ** 0.5 for t in steps], device=device)[:, None]
+        with torch.no_grad():
+            if all(active):
+                self.exp_avg.lerp_(grad, 1 - beta1)
+                self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+                param.addcdiv_(self.exp_avg * step_size, denom, value=-1.0)
+            else:
+                keep = torch.tensor(active, device=device)[:, None]
+                exp_avg = torch.where(keep, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg)
+                exp_avg_sq = torch.where(keep, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad, self.exp_avg_sq)
+                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+                param.copy_(torch.where(keep, param - exp_avg * step_size / denom, param))
+                self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
+        self.steps = steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The stacked model
+
+
+@dataclass(frozen=True)
+class _Slot:
+    part: str  # "encoder", "decoder" or "likelihood"
+    name: str  # inside the part
+    shape: torch.Size
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class _LogProb(nn.Module):
+    """A likelihood's log_prob as a module's forward, so that functional_call can give it each
+    run's own parameters (a learned std)."""
+
+    def __init__(self, likelihood):
+        super().__init__()
+        self.likelihood = likelihood
+
+    def forward(self, x, params):
+        return self.likelihood.log_prob(x, params)
+
+
+class _BoundLikelihood:
+    """What the log-weights path needs of a likelihood (``log_prob``), with one run's parameters."""
+
+    def __init__(self, template: _LogProb, params: dict):
+        self.template, self.params = template, params
+
+    def log_prob(self, x, params):
+        return functional_call(self.template, self.params, (x, params))
+
+
+class StackedModel:
+    """R models of one architecture: parameters in one ``[R, P]`` leaf tensor, buffers stacked
+    ``[R, ...]``, and the modules of run 0 as the template every run is computed with."""
+
+    def __init__(self, models: list, device: torch.device):
+        self.device = device
+        self.R = len(models)
+        members = {"encoder": [_inner_encoder(m) for m in models], "decoder": [m.decoder for m in models],
+                   "likelihood": [_LogProb(m.likelihood) for m in models]}
+        self.templates = {part: modules[0] for part, modules in members.items()}
+        self.slots, offset = [], 0
+        for part, module in self.templates.items():
+            for name, p in module.named_parameters():
+                self.slots.append(_Slot(part, name, p.shape, offset))
+                offset += p.numel()
+        self.flat = torch.zeros(self.R, offset, device=device)
+        self.buffers = {part: {name: torch.stack([dict(m.named_buffers())[name] for m in modules]).to(device)
+                               for name, _ in self.templates[part].named_buffers()}
+                        for part, modules in members.items()}
+        # What a run's model saves (persistent buffers included, the WNI cap H not), under its own names:
+        # a denoising encoder nests the encoder one level deeper.
+        self.saved = {part: set(module.state_dict()) for part, module in self.templates.items()}
+        self.prefixes = [{"encoder": "encoder.encoder." if isinstance(m.encoder, DenoisingEncoder) else "encoder.",
+                          "decoder": "decoder.", "likelihood": ""} for m in models]
+        for r, model in enumerate(models):
+            self.load_run(r, model.state_dict())
+        self.flat.requires_grad_(True)
+
+    def parameters(self, flat: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Per part, the ``[R, ...]`` views of ``flat`` (default: the group's) and the buffers."""
+        flat = self.flat if flat is None else flat
+        out = {part: dict(buffers) for part, buffers in self.buffers.items()}
+        for s in self.slots:
+            out[s.part][s.name] = flat[:, s.offset:s.offset + s.size].view(flat.shape[0], *s.shape)
+        return out
+
+    def run_state_dict(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's model state_dict, exactly what a run trained alone saves."""
+        out = {}
+        for part, tensors in self.parameters(self.flat.detach()).items():
+            for name, t in tensors.items():
+                if name in self.saved[part]:
+                    out[self.prefixes[r][part] + name] = t[r].clone()
+        return out
+
+    def load_run(self, r: int, state_dict: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for s in self.slots:
+                self.flat[r, s.offset:s.offset + s.size] = state_dict[self.prefixes[r][s.part] + s.name].reshape(-1)
+
+    def runs(self, rows: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """The parameters and buffers of the runs ``rows`` only (detached)."""
+        index = torch.tensor(rows, device=self.device)
+        return {part: {name: t.index_select(0, index) for name, t in tensors.items()}
+                for part, tensors in self.parameters(self.flat.detach()).items()}
+
+    def bind(self, params: dict[str, dict[str, torch.Tensor]]):
+        """(encoder, decoder, likelihood) computing with one run's ``params`` (inside vmap)."""
+        enc, dec, lik = (self.templates[p] for p in ("encoder", "decoder", "likelihood"))
+        return (lambda x: functional_call(enc, params["encoder"], (x,)),
+                lambda z: functional_call(dec, params["decoder"], (z,)),
+                _BoundLikelihood(lik, params["likelihood"]))
+
+
+def _inner_encoder(model):
+    """The deterministic encoder (a denoising encoder's noise is drawn outside, per run)."""
+    return model.encoder.encoder if isinstance(model.encoder, DenoisingEncoder) else model.encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state in torch.optim.Adam's format (what a single run checkpoints)
+
+
+def adam_state_dict(group: StackedModel, adam: StackedAdam, r: int, lr: float) -> dict:
+    """Run r's Adam state as ``torch.optim.Adam(model.parameters(), fused=...)`` would save it, so
+    a stacked run resumes alone and a single run resumes in a group."""
+    template = torch.optim.Adam([torch.zeros(1, device=group.device)], lr=lr, **_fast_adam_options(group.device))
+    param_group = dict(template.state_dict()["param_groups"][0], params=list(range(len(group.slots))))
+    step = torch.tensor(float(adam.steps[r]), device=group.device if param_group.get("fused") else "cpu")
+    state = {i: {"step": step.clone(),
+                 "exp_avg": adam.exp_avg[r, s.offset:s.offset + s.size].view(s.shape).clone(),
+                 "exp_avg_sq": adam.exp_avg_sq[r, s.offset:s.offset + s.size].view(s.shape).clone()}
+             for i, s in enumerate(group.slots)}
+    return {"state": state if adam.steps[r] else {}, "param_groups": [param_group]}
+
+
+def load_adam_state(group: StackedModel, adam: StackedAdam, r: int, optimizer_state: dict) -> None:
+    state = optimizer_state["state"]
+    with torch.no_grad():
+        for i, s in enumerate(group.slots):
+            if i in state:
+                adam.exp_avg[r, s.offset:s.offset + s.size] = state[i]["exp_avg"].reshape(-1).to(group.device)
+                adam.exp_avg_sq[r, s.offset:s.offset + s.size] = state[i]["exp_avg_sq"].reshape(-1).to(group.device)
+    adam.steps[r] = int(float(state[0]["step"])) if 0 in state else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives and estimates for the whole group
+
+
+def stacked_objectives(group: StackedModel, x: torch.Tensor, x_seen: torch.Tensor, eps: torch.Tensor,
+                       eps_clean: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+    """Per run and example, the training objective of :func:`airvae.model.air_objective`:
+    ``[R, B]``. ``x_seen`` is what each encoder sees (x plus its run's denoising noise);
+    ``eps``/``eps_clean`` are the reparameterization draws ``[R, m, k, B, z]`` of the (noisy) bound
+    and, for two-bound groups, of the clean one."""
+
+    def one_run(params, x, x_seen, eps, eps_clean, alpha):
+        enc, dec, lik = group.bind(params)
+        bound = _mean_bound(_encode_log_weights(enc, dec, lik, x, x_seen, eps))
+        if eps_clean is None:
+            return bound
+        return alpha * bound + (1 - alpha) * _mean_bound(_encode_log_weights(enc, dec, lik, x, x, eps_clean))
+
+    in_dims = (0, 0, 0, 0, None if eps_clean is None else 0, 0)
+    return vmap(one_run, in_dims=in_dims)(group.parameters(), x, x_seen, eps, eps_clean, alpha)
+
+
+@torch.no_grad()
+def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, seeds: list[int],
+                 chunk_samples: int = DEFAULT_CHUNK_SAMPLES) -> list[float]:
+    """Mean IWAE-k estimate of each run in ``rows`` on the examples ``x`` (its clean encoder),
+    with run r's per-example random streams of ``seeds[r]``: what
+    :func:`airvae.estimators.iwae_log_likelihood` gives each run alone, up to float rounding."""
+    params = group.runs(rows)
+    means, stds = vmap(lambda p: group.bind(p)[0](x))(params)  # [S, n, z]
+    n, z_dim = x.shape[0], means.shape[-1]
+    per_chunk = max(1, chunk_samples // k)
+    k_chunk = min(k, chunk_samples)
+
+    def log_weights(p, xb, mean, std, eps):
+        _, dec, lik = group.bind(p)
+        return _log_weights_from_eps(dec, lik, xb, mean, std, eps)
+
+    log_w_fn = vmap(log_weights, in_dims=(0, None, 0, 0, 0))
+    totals = torch.zeros(len(rows), dtype=torch.float64, device=x.device)
+    distinct = sorted(set(seeds[r] for r in rows))
+    for start in range(0, n, per_chunk):
+        xb = x[start:start + per_chunk]
+        b = xb.shape[0]
+        draws = {seed: torch.stack([torch.randn(k, z_dim, generator=example_generator(seed, start + i, x.device),
+                                                device=x.device, dtype=x.dtype) for i in range(b)], dim=1)
+                 for seed in distinct}  # [k, b, z] per seed: runs of one seed share their draws
+        eps = torch.stack([draws[seeds[r]] for r in rows])  # [S, k, b, z]
+        running = None
+        for k0 in range(0, k, k_chunk):
+            log_w = log_w_fn(params, xb, means[:, start:start + b], stds[:, start:start + b],
+                             eps[:, k0:k0 + k_chunk].unsqueeze(1))[:, 0]  # [S, kc, b]
+            chunk = torch.logsumexp(log_w.double(), dim=1)
+            running = chunk if running is None else torch.logaddexp(running, chunk)
+        totals += (running - math.log(k)).sum(-1)
+    return (totals / n).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a group
+
+
+@dataclass
+class Member:
+    """One run of a group: its configuration and run directory."""
+
+    cfg: RunConfig
+    run_dir: Path
+
+
+def train_group(members: list[Member], dataset, *, progress: bool = True,
+                chunk_samples: int | None = None) -> list[TrainResult]:
+    """Train (or resume) the runs of ``members`` as one stacked model; returns each run's result.
+
+    Every run is checked and locked as :func:`airvae.train.train` checks and locks it (a run that
+    another process is writing makes the call fail with RunLocked: leave it out). The members must
+    share :func:`group_key` and the dataset."""
+    from .resources import check_fits, training_memory
+    from .train import check_training_inputs, open_run_dir
+
+    if len({group_key(m.cfg) for m in members}) != 1:
+        raise ValueError("train_group: the runs do not share an architecture, schedule, k, m and structure")
+    devices = {str(check_training_inputs(m.cfg, dataset)) for m in members}
+    if len(devices) != 1:
+        raise ValueError(f"train_group: the runs ask for different devices ({', '.join(sorted(devices))})")
+    device = torch.device(devices.pop())
+    first = members[0].cfg
+    rows = len(dataset.train) + min(len(dataset.valid), first.val_examples or len(dataset.valid)) + min(
+        len(dataset.test), first.track_test_examples)
+    check_fits(training_memory(first, rows, runs=len(members)), device,
+               "train fewer runs per group, or lower --k, --m or the batch size")
+    with contextlib.ExitStack() as locks:
+        for m in members:
+            locks.enter_context(RunLock(m.run_dir))
+        cfgs = [open_run_dir(m.cfg, m.run_dir, dataset, resume=True, overwrite=False) for m in members]
+        return _train_group_locked(cfgs, [m.run_dir for m in members], dataset, device, progress,
+                                   chunk_samples or max(1, DEFAULT_CHUNK_SAMPLES // len(members)))
+
+
+def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, device: torch.device,
+                        progress: bool, chunk_samples: int) -> list[TrainResult]:
+    first, R = cfgs[0], len(cfgs)
+    train_x = torch.as_tensor(dataset.train, device=device).float()
+    val_x = torch.as_tensor(dataset.valid[:first.val_examples], device=device).float()
+    test_x = (torch.as_tensor(dataset.test[:first.track_test_examples], device=device).float()
+              if first.track_test_examples else None)
+    models = []
+    for cfg in cfgs:  # each run initialized exactly as it would be alone
+        torch.manual_seed(cfg.seed)
+        models.append(model_from_config(cfg).to(device))
+    group = StackedModel(models, device)
+    adam = StackedAdam(tuple(group.flat.shape), device)
+    schedules = [MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed) for cfg in cfgs]
+    generators = [training_generator(cfg.seed, device) for cfg in cfgs]
+    logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
+    results: list[TrainResult | None] = [None] * R  # a finished run stays in the group, inactive:
+    for r, log in enumerate(logs):                  # the group's shapes (and so its rounding) never change
+        saved = log.saved(device)
+        if saved is not None:
+            group.load_run(r, saved["model"])
+            load_adam_state(group, adam, r, saved["optimizer"])
+            restore_generator(generators[r], saved)
+            status = log.finished_status()
+            if status is not None:
+                results[r] = log.finish(status, EARLY_STOP_MESSAGE.format(cfgs[r].patience)
+                                        if status == "early-stopped" else None)
+                continue
+        log.start(device)
+
+    draws = _GroupDraws(cfgs, generators, train_x.shape[1:], device)
+    alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
+    loss_sums = torch.zeros(R, dtype=torch.float64, device=device)  # per-step losses stay on the device
+    loss_counts = [0] * R
+    objectives = stacked_objectives
+    if compile_for(first.iterations - min(log.step for log in logs) >= _long_group_steps(R)):
+        objectives = torch.compile(stacked_objectives, dynamic=False)
+
+    def unfinished() -> list[int]:
+        return [r for r in range(R) if results[r] is None]
+
+    def flush_losses(r: int) -> bool:
+        """Move run r's loss sum into its log; False if it is not finite (the run diverged)."""
+        total = float(loss_sums[r])
+        logs[r].add_loss(total, loss_counts[r])
+        loss_sums[r], loss_counts[r] = 0.0, 0
+        return math.isfinite(total)
+
+    def checkpoint(r: int) -> None:
+        logs[r].checkpoint(group.run_state_dict(r), adam_state_dict(group, adam, r, cfgs[r].lr),
+                           generators[r].get_state())
+
+    bar = tqdm(total=first.iterations, initial=min(log.step for log in logs),
+               desc=f"{R} stacked runs, {first.dataset}", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        with _StopFlag() as stop:
+            while unfinished():
+                group_step = min(logs[r].step for r in unfinished())
+                active = [results[r] is None and logs[r].step == group_step for r in range(R)]
+                x = train_x[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs)]).to(device)]
+                x_seen, eps, eps_clean = draws.next(x, active)
+                per_run = -objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)  # [R]
+                keep = torch.tensor(active, device=device)
+                group.flat.grad = None
+                torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
+                adam.step(group.flat, group.flat.grad, [cfg.lr_at(log.step) for cfg, log in zip(cfgs, logs)], active)
+                loss_sums += torch.where(keep, per_run.detach().double(), torch.zeros_like(loss_sums))
+                validate, save = [], []
+                for r in range(R):
+                    if active[r]:
+                        logs[r].state["step"] += 1
+                        loss_counts[r] += 1
+                        if logs[r].validation_due():
+                            validate.append(r)
+                        if logs[r].checkpoint_due(r in validate):
+                            save.append(r)
+                bar.update(min(logs[r].step for r in range(R)) - bar.n)
+                interrupted = stop.signal is not None
+                if validate or save or interrupted:  # the only host syncs: validation and checkpoints
+                    for r in (unfinished() if interrupted else sorted(set(validate) | set(save))):
+                        if not flush_losses(r):
+                            results[r] = logs[r].finish("diverged", _DIVERGED.format(
+                                logs[r].state["loss_count"], logs[r].step, run_dirs[r] / LAST))
+                    validate = [r for r in validate if results[r] is None]
+                    if validate:
+                        vals = stacked_iwae(group, validate, val_x, first.val_k, [c.seed + 1 for c in cfgs],
+                                            chunk_samples)
+                        tests = (stacked_iwae(group, validate, test_x, first.k, [c.seed + 2 for c in cfgs],
+                                              chunk_samples) if test_x is not None else [None] * len(validate))
+                        for r, val, test_bound in zip(validate, vals, tests):
+                            logs[r].record_validation(val, group.run_state_dict(r), test_bound)
+                        bar.set_postfix(best=f"{max(logs[r].state['best_val'] for r in validate):.2f}")
+                    for r in unfinished():
+                        if r in save or interrupted:
+                            checkpoint(r)
+                        if r in validate and logs[r].finished_status() == "early-stopped":
+                            results[r] = logs[r].finish("early-stopped", EARLY_STOP_MESSAGE.format(cfgs[r].patience))
+                        elif interrupted:
+                            results[r] = logs[r].interrupted(stop.signal)
+                for r in unfinished():
+                    if logs[r].step >= cfgs[r].iterations:
+                        results[r] = logs[r].finish("completed")
+    except RunIOError as error:
+        for r in unfinished():
+            logs[r].fail(error)
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+_DIVERGED = ("the training objective became non-finite in the last {} steps before step {}; the last checkpoint "
+             "({}) holds the last finite state. Try a lower learning rate (--lr) or a different seed.")
+
+
+def _long_group_steps(runs: int) -> int:
+    """Compile (in auto mode) when the group's remaining work is long: the per-run threshold of a
+    single run, counted in run-steps."""
+    from .model import LONG_TRAINING_STEPS
+
+    return max(1, LONG_TRAINING_STEPS // runs)
+
+
+class _GroupDraws:
+    """Each run's training draws from its own generator, in air_objective's order: the denoising
+    noise, the reparameterization noise of the (noisy) bound, then that of the clean bound. Runs
+    whose generators are in the same state (same seed and step, e.g. one seed across the strength
+    grid) draw once and share the numbers."""
+
+    def __init__(self, cfgs: list[RunConfig], generators: list[torch.Generator], x_shape, device):
+        first = cfgs[0]
+        self.generators, self.device = generators, device
+        self.noise_runs = [draws_noise(cfg) for cfg in cfgs]
+        self.two = two_bounds(first)
+        self.eps_shape = (first.m, first.k, first.batch_size, first.architecture.z_dim)
+        self.sigma = torch.tensor([cfg.regularizer.sigma for cfg in cfgs], device=device).view(-1, *[1] * (1 + len(x_shape)))
+
+    def next(self, x: torch.Tensor, active: list[bool]):
+        """(x_seen, eps, eps_clean) for the group's minibatch ``x`` [R, B, ...]; inactive runs draw nothing."""
+        R, dtype = x.shape[0], x.dtype
+        noise = torch.zeros_like(x)
+        eps = torch.zeros(R, *self.eps_shape, device=self.device, dtype=dtype)
+        eps_clean = torch.zeros_like(eps) if self.two else None
+        drawn: dict[tuple, int] = {}
+        for r in range(R):
+            if not active[r]:
+                continue
+            g = self.generators[r]
+            key = (self.noise_runs[r], bytes(g.get_state().cpu().numpy()))
+            source = drawn.setdefault(key, r)
+            if source != r:  # the same stream at the same position: the same numbers
+                noise[r], eps[r] = noise[source], eps[source]
+                if self.two:
+                    eps_clean[r] = eps_clean[source]
+                g.set_state(self.generators[source].get_state())
+                continue
+            if self.noise_runs[r]:
+                noise[r] = torch.randn(x.shape[1:], generator=g, device=self.device, dtype=dtype)
+            eps[r] = torch.randn(self.eps_shape, generator=g, device=self.device, dtype=dtype)
+            if self.two:
+                eps_clean[r] = torch.randn(self.eps_shape, generator=g, device=self.device, dtype=dtype)
+        return x + self.sigma * noise, eps, eps_clean
