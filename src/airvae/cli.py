@@ -248,8 +248,10 @@ def cmd_plot(args) -> int:
 
 
 def _add_executor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", default="local", choices=("local", "ray"),
-                   help="local: this machine (default); ray: one Ray task per run, local Ray or --address")
+    p.add_argument("--executor", default="auto", choices=("auto", "local", "stacked", "ray"),
+                   help="auto (default): stacked on a GPU, on a CPU whichever measures faster here; local: worker "
+                        "processes of one run each; stacked: the runs sharing an architecture trained as one "
+                        "model per group; ray: one Ray task per run, local Ray or --address")
     p.add_argument("--workers", type=integer, default=1,
                    help="local: worker processes (each gets cores/workers threads); ray: CPUs of a local Ray")
     p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001); default: start a local Ray")
@@ -283,7 +285,7 @@ def cmd_reproduce(args) -> int:
     grid = _grid(args.grid)
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
-    executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task)
+    executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task, args.device)
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
                          data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
     print((out_dir / "REPORT.md").read_text())

@@ -1,6 +1,6 @@
 """Stacked training: the runs of a sweep that share an architecture, trained as one model.
 
-A group's R runs keep their parameters in one ``[R, P]`` tensor. Every step evaluates the R
+A group's R runs keep each parameter as one ``[R, ...]`` tensor. Every step evaluates the R
 training objectives with one vmapped call of the very code a single run uses
 (:func:`torch.func.functional_call` over the run's own encoder and decoder modules), so each layer
 becomes one batched matrix product over the group instead of R small ones: on a GPU, where one
@@ -28,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.optim.adam import adam as torch_adam
 from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig
@@ -78,36 +80,46 @@ def group_key(cfg: RunConfig) -> str:
 
 
 class StackedAdam:
-    """Adam (Kingma & Ba, as torch.optim.Adam computes it) on ``[R, P]`` tensors, where row r is
-    run r's parameters: every run has its own step count and learning rate, and a run that is not
-    active is left exactly as it was (parameters and moments)."""
+    """Adam (Kingma & Ba, as torch.optim.Adam computes it) on stacked tensors ``[R, ...]``, where
+    slice r belongs to run r: every run has its own step count and learning rate, and a run that
+    is not active is left exactly as it was (parameters and moments)."""
 
-    def __init__(self, shape: tuple[int, int], device: torch.device):
-        self.exp_avg = torch.zeros(shape, device=device)
-        self.exp_avg_sq = torch.zeros(shape, device=device)
-        self.steps = [0] * shape[0]
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = [0] * params[0].shape[0]
 
-    def step(self, param: torch.Tensor, grad: torch.Tensor, lrs: list[float], active: list[bool]) -> None:
+    def step(self, lrs: list[float], active: list[bool]) -> None:
         beta1, beta2 = BETAS
-        steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
-        device = param.device
-        # Per-run scalars as [R, 1] columns (an inactive run's values are never used).
-        step_size = torch.tensor([lr / (1 - beta1 ** max(t, 1)) for lr, t in zip(lrs, steps)], device=device)[:, None]
-        bc2_sqrt = torch.tensor([(1 - beta2 ** max(t, 1)) ** 0.5 for t in steps], device=device)[:, None]
+        self.steps = steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
+        device = self.params[0].device
+        if all(active) and len(set(steps)) == 1 and len(set(lrs)) == 1 and _fast_adam_options(device):
+            # The usual case, every run at the same step: torch's own fused kernel, the very
+            # arithmetic a run trained alone gets (it increments the step counts itself).
+            counts = [torch.tensor(float(steps[0] - 1), device=device) for _ in self.params]
+            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], counts,
+                       fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lrs[0], weight_decay=0.0,
+                       eps=ADAM_EPS, maximize=False)
+            return
+        # Per-run scalars (an inactive run's are never used).
+        step_size = torch.tensor([lr / (1 - beta1 ** max(t, 1)) for lr, t in zip(lrs, steps)], device=device)
+        bc2_sqrt = torch.tensor([(1 - beta2 ** max(t, 1)) ** 0.5 for t in steps], device=device)
+        keep = None if all(active) else torch.tensor(active, device=device)
         with torch.no_grad():
-            if all(active):
-                self.exp_avg.lerp_(grad, 1 - beta1)
-                self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-                param.addcdiv_(self.exp_avg * step_size, denom, value=-1.0)
-            else:
-                keep = torch.tensor(active, device=device)[:, None]
-                exp_avg = torch.where(keep, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg)
-                exp_avg_sq = torch.where(keep, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad, self.exp_avg_sq)
-                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-                param.copy_(torch.where(keep, param - exp_avg * step_size / denom, param))
-                self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
-        self.steps = steps
+            for i, p in enumerate(self.params):
+                g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
+                exp_avg = self.exp_avg[i].lerp(g, 1 - beta1)
+                exp_avg_sq = self.exp_avg_sq[i].mul(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
+                update = exp_avg * step_size.view(shape) / denom
+                if keep is not None:
+                    mask = keep.view(shape)
+                    exp_avg = torch.where(mask, exp_avg, self.exp_avg[i])
+                    exp_avg_sq = torch.where(mask, exp_avg_sq, self.exp_avg_sq[i])
+                    update = torch.where(mask, update, torch.zeros_like(update))
+                p.sub_(update)
+                self.exp_avg[i], self.exp_avg_sq[i] = exp_avg, exp_avg_sq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +130,6 @@ class StackedAdam:
 class _Slot:
     part: str  # "encoder", "decoder" or "likelihood"
     name: str  # inside the part
-    shape: torch.Size
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
 
 class _LogProb(nn.Module):
@@ -149,8 +155,9 @@ class _BoundLikelihood:
 
 
 class StackedModel:
-    """R models of one architecture: parameters in one ``[R, P]`` leaf tensor, buffers stacked
-    ``[R, ...]``, and the modules of run 0 as the template every run is computed with."""
+    """R models of one architecture: each parameter stacked ``[R, ...]`` (one leaf tensor per
+    parameter, so gradients land without any scatter), buffers stacked the same way, and the
+    modules of run 0 as the template every run is computed with."""
 
     def __init__(self, models: list, device: torch.device):
         self.device = device
@@ -158,12 +165,9 @@ class StackedModel:
         members = {"encoder": [_inner_encoder(m) for m in models], "decoder": [m.decoder for m in models],
                    "likelihood": [_LogProb(m.likelihood) for m in models]}
         self.templates = {part: modules[0] for part, modules in members.items()}
-        self.slots, offset = [], 0
-        for part, module in self.templates.items():
-            for name, p in module.named_parameters():
-                self.slots.append(_Slot(part, name, p.shape, offset))
-                offset += p.numel()
-        self.flat = torch.zeros(self.R, offset, device=device)
+        self.slots = [_Slot(part, name) for part, module in self.templates.items() for name, _ in module.named_parameters()]
+        self.leaves = [torch.stack([dict(m.named_parameters())[s.name].detach() for m in members[s.part]]).to(device)
+                       .requires_grad_(True) for s in self.slots]
         self.buffers = {part: {name: torch.stack([dict(m.named_buffers())[name] for m in modules]).to(device)
                                for name, _ in self.templates[part].named_buffers()}
                         for part, modules in members.items()}
@@ -172,37 +176,29 @@ class StackedModel:
         self.saved = {part: set(module.state_dict()) for part, module in self.templates.items()}
         self.prefixes = [{"encoder": "encoder.encoder." if isinstance(m.encoder, DenoisingEncoder) else "encoder.",
                           "decoder": "decoder.", "likelihood": ""} for m in models]
-        for r, model in enumerate(models):
-            self.load_run(r, model.state_dict())
-        self.flat.requires_grad_(True)
 
-    def parameters(self, flat: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Per part, the ``[R, ...]`` views of ``flat`` (default: the group's) and the buffers."""
-        flat = self.flat if flat is None else flat
+    def parameters(self, detach: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Per part, the stacked ``[R, ...]`` parameters and buffers by name."""
         out = {part: dict(buffers) for part, buffers in self.buffers.items()}
-        for s in self.slots:
-            out[s.part][s.name] = flat[:, s.offset:s.offset + s.size].view(flat.shape[0], *s.shape)
+        for s, leaf in zip(self.slots, self.leaves):
+            out[s.part][s.name] = leaf.detach() if detach else leaf
         return out
 
     def run_state_dict(self, r: int) -> dict[str, torch.Tensor]:
         """Run r's model state_dict, exactly what a run trained alone saves."""
-        out = {}
-        for part, tensors in self.parameters(self.flat.detach()).items():
-            for name, t in tensors.items():
-                if name in self.saved[part]:
-                    out[self.prefixes[r][part] + name] = t[r].clone()
-        return out
+        return {self.prefixes[r][part] + name: t[r].clone() for part, tensors in self.parameters(detach=True).items()
+                for name, t in tensors.items() if name in self.saved[part]}
 
     def load_run(self, r: int, state_dict: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for s in self.slots:
-                self.flat[r, s.offset:s.offset + s.size] = state_dict[self.prefixes[r][s.part] + s.name].reshape(-1)
+            for s, leaf in zip(self.slots, self.leaves):
+                leaf[r] = state_dict[self.prefixes[r][s.part] + s.name]
 
     def runs(self, rows: list[int]) -> dict[str, dict[str, torch.Tensor]]:
         """The parameters and buffers of the runs ``rows`` only (detached)."""
         index = torch.tensor(rows, device=self.device)
         return {part: {name: t.index_select(0, index) for name, t in tensors.items()}
-                for part, tensors in self.parameters(self.flat.detach()).items()}
+                for part, tensors in self.parameters(detach=True).items()}
 
     def bind(self, params: dict[str, dict[str, torch.Tensor]]):
         """(encoder, decoder, likelihood) computing with one run's ``params`` (inside vmap)."""
@@ -226,21 +222,21 @@ def adam_state_dict(group: StackedModel, adam: StackedAdam, r: int, lr: float) -
     a stacked run resumes alone and a single run resumes in a group."""
     template = torch.optim.Adam([torch.zeros(1, device=group.device)], lr=lr, **_fast_adam_options(group.device))
     param_group = dict(template.state_dict()["param_groups"][0], params=list(range(len(group.slots))))
+    if not adam.steps[r]:
+        return {"state": {}, "param_groups": [param_group]}
     step = torch.tensor(float(adam.steps[r]), device=group.device if param_group.get("fused") else "cpu")
-    state = {i: {"step": step.clone(),
-                 "exp_avg": adam.exp_avg[r, s.offset:s.offset + s.size].view(s.shape).clone(),
-                 "exp_avg_sq": adam.exp_avg_sq[r, s.offset:s.offset + s.size].view(s.shape).clone()}
-             for i, s in enumerate(group.slots)}
-    return {"state": state if adam.steps[r] else {}, "param_groups": [param_group]}
+    return {"state": {i: {"step": step.clone(), "exp_avg": adam.exp_avg[i][r].clone(),
+                          "exp_avg_sq": adam.exp_avg_sq[i][r].clone()} for i in range(len(group.slots))},
+            "param_groups": [param_group]}
 
 
 def load_adam_state(group: StackedModel, adam: StackedAdam, r: int, optimizer_state: dict) -> None:
     state = optimizer_state["state"]
     with torch.no_grad():
-        for i, s in enumerate(group.slots):
+        for i in range(len(group.slots)):
             if i in state:
-                adam.exp_avg[r, s.offset:s.offset + s.size] = state[i]["exp_avg"].reshape(-1).to(group.device)
-                adam.exp_avg_sq[r, s.offset:s.offset + s.size] = state[i]["exp_avg_sq"].reshape(-1).to(group.device)
+                adam.exp_avg[i][r] = state[i]["exp_avg"]
+                adam.exp_avg_sq[i][r] = state[i]["exp_avg_sq"]
     adam.steps[r] = int(float(state[0]["step"])) if 0 in state else 0
 
 
@@ -355,7 +351,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
         torch.manual_seed(cfg.seed)
         models.append(model_from_config(cfg).to(device))
     group = StackedModel(models, device)
-    adam = StackedAdam(tuple(group.flat.shape), device)
+    adam = StackedAdam(group.leaves)
     schedules = [MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed) for cfg in cfgs]
     generators = [training_generator(cfg.seed, device) for cfg in cfgs]
     logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
@@ -406,9 +402,10 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                 x_seen, eps, eps_clean = draws.next(x, active)
                 per_run = -objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)  # [R]
                 keep = torch.tensor(active, device=device)
-                group.flat.grad = None
+                for leaf in group.leaves:
+                    leaf.grad = None
                 torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
-                adam.step(group.flat, group.flat.grad, [cfg.lr_at(log.step) for cfg, log in zip(cfgs, logs)], active)
+                adam.step([cfg.lr_at(log.step) for cfg, log in zip(cfgs, logs)], active)
                 loss_sums += torch.where(keep, per_run.detach().double(), torch.zeros_like(loss_sums))
                 validate, save = [], []
                 for r in range(R):
@@ -505,3 +502,68 @@ class _GroupDraws:
             if self.two:
                 eps_clean[r] = torch.randn(self.eps_shape, generator=g, device=self.device, dtype=dtype)
         return x + self.sigma * noise, eps, eps_clean
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int = 10,
+               threads_alone: int | None = None) -> tuple[float, float]:
+    """(group steps/s of the runs ``cfgs`` stacked, steps/s of the first run alone with
+    ``threads_alone`` threads), measured here on throwaway models: the training step of each
+    trainer (objective, backward, Adam; validation not included). What ``--executor auto`` decides
+    with, and what benchmarks/ reports."""
+    from .model import air_objective
+
+    x_all = torch.as_tensor(dataset.train[:max(c.batch_size for c in cfgs) * 2], device=device).float()
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(model_from_config(cfg).to(device))
+    group = StackedModel(models, device)
+    adam = StackedAdam(group.leaves)
+    generators = [training_generator(cfg.seed, device) for cfg in cfgs]
+    draws = _GroupDraws(cfgs, generators, x_all.shape[1:], device)
+    alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
+    batch = cfgs[0].batch_size
+    x = x_all[:batch].expand(len(cfgs), *x_all[:batch].shape).contiguous()
+    active, lrs = [True] * len(cfgs), [cfg.lr for cfg in cfgs]
+
+    def group_step():
+        x_seen, eps, eps_clean = draws.next(x, active)
+        for leaf in group.leaves:
+            leaf.grad = None
+        (-stacked_objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)).sum().backward()
+        adam.step(lrs, active)
+
+    model, cfg = models[0], cfgs[0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
+    generator = training_generator(cfg.seed, device)
+
+    def single_step():
+        loss = -air_objective(model, x_all[:batch], cfg.k, cfg.m, cfg.regularizer.alpha, generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    threads = torch.get_num_threads()
+    try:
+        group_rate = _rate(group_step, steps, device)
+        torch.set_num_threads(threads_alone or threads)
+        single_rate = _rate(single_step, steps * 4, device)
+    finally:
+        torch.set_num_threads(threads)
+    return group_rate, single_rate
+
+
+def _rate(step, steps: int, device: torch.device) -> float:
+    step()  # warm up (allocations, kernel selection)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps / (time.perf_counter() - started)

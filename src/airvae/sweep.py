@@ -240,7 +240,122 @@ def _ray_entry(fn, task: Task, threads: int) -> dict:
     return fn(task)
 
 
-def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0):
+class StackedExecutor:
+    """Trains the runs of a sweep that share an architecture, k, m and schedule as stacked groups
+    (:mod:`airvae.stacked`: one vmapped model per group, in this process, on one device), then
+    hands every task to ``fn`` as the other executors do: finished runs are skipped there, so only
+    evaluations (and the training of any run a group could not take) happen per task.
+
+    ``max_group`` caps the runs per group (memory). A run another process is writing is left out
+    of its group (``fn`` reports it as locked); a group that fails leaves its runs to ``fn``, which
+    trains them one by one from whatever checkpoints the group wrote (the formats are the same)."""
+
+    def __init__(self, max_group: int | None = None, progress: bool = False):
+        from .config import check_int
+
+        if max_group is not None:
+            check_int("max_group", max_group)
+        self.max_group, self.progress = max_group, progress
+
+    def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        trained = self.train_groups(tasks)
+        for task in tasks:
+            result = fn(task)
+            if task.job.name in trained:
+                result["trained"] = True
+            yield result
+
+    def groups(self, tasks: list[Task]) -> list[list[tuple[Task, RunConfig]]]:
+        """The unfinished, unlocked tasks, grouped as they will train (each group at most
+        ``max_group`` runs)."""
+        from .data import load_dataset
+        from .runs import RunLocked, check_unlocked
+        from .stacked import group_key
+
+        datasets, pending = {}, {}
+        for task in tasks:
+            if finished_summary(task.run_dir) is not None:
+                continue
+            try:
+                check_unlocked(task.run_dir)
+            except RunLocked:
+                continue
+            source = (task.job.dataset, task.data_dir)
+            if source not in datasets:
+                datasets[source] = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
+            cfg = task.job.run_config(datasets[source].dim, task.data_dir, task.device)
+            pending.setdefault((source, group_key(cfg)), []).append((task, cfg))
+        self._datasets = datasets
+        size = self.max_group or max(len(members) for members in pending.values()) if pending else 1
+        return [members[i:i + size] for members in pending.values() for i in range(0, len(members), size)]
+
+    def train_groups(self, tasks: list[Task]) -> set[str]:
+        """Train every group; returns the names of the jobs trained to the end here."""
+        import warnings
+
+        from .stacked import Member, train_group
+
+        trained = set()
+        for members in self.groups(tasks):
+            task0 = members[0][0]
+            dataset = self._datasets[(task0.job.dataset, task0.data_dir)]
+            try:
+                results = train_group([Member(cfg, task.run_dir) for task, cfg in members], dataset,
+                                      progress=self.progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - the runs are retried one by one by fn
+                warnings.warn(f"a stacked group of {len(members)} runs failed ({type(error).__name__}: {error}); "
+                              "training its runs one by one instead", RuntimeWarning, stacklevel=2)
+                continue
+            if any(result.status == "interrupted" for result in results):
+                raise KeyboardInterrupt
+            trained |= {task.job.name for (task, _), result in zip(members, results)
+                        if result.status in ("completed", "early-stopped")}
+        return trained
+
+
+class AutoExecutor:
+    """``--executor auto``: stacked groups on a GPU; on a CPU, whichever its own measurement on
+    this machine says is faster for the sweep at hand: ``workers`` processes of one run each, or
+    stacked groups (:func:`airvae.stacked.step_rates` on the largest group)."""
+
+    def __init__(self, workers: int = 1, device: str = "auto"):
+        self.workers, self.device = workers, device
+        self.choice: str | None = None
+        self.reason = ""
+
+    def choose(self, tasks: list[Task]):
+        from .devices import resolve_device
+        from .stacked import step_rates
+
+        stacked = StackedExecutor()
+        if resolve_device(self.device).type == "cuda":
+            self.choice, self.reason = "stacked", "a GPU is present"
+            return stacked
+        groups = stacked.groups(tasks)
+        largest = max(groups, key=len) if groups else []
+        if len(largest) < 2:
+            self.choice, self.reason = "local", "no two runs to stack"
+            return LocalExecutor(self.workers)
+        cfgs = [cfg for _, cfg in largest]
+        dataset = stacked._datasets[(largest[0][0].job.dataset, largest[0][0].data_dir)]
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        group_rate, single_rate = step_rates(cfgs, dataset, resolve_device(self.device), threads_alone=threads)
+        stacked_runs, local_runs = group_rate * len(cfgs), single_rate * self.workers
+        self.choice = "stacked" if stacked_runs > local_runs else "local"
+        self.reason = (f"measured here: {len(cfgs)} runs stacked {stacked_runs:.0f} run-steps/s, "
+                       f"{self.workers} worker(s) of one run {local_runs:.0f} run-steps/s")
+        return stacked if self.choice == "stacked" else LocalExecutor(self.workers)
+
+    def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        executor = self.choose(tasks)
+        print(f"airvae: executor auto -> {self.choice} ({self.reason})", file=sys.stderr)
+        yield from executor.map(fn, tasks)
+
+
+def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0,
+                  device: str = "auto"):
     from .config import check_int, is_real
 
     check_int("workers", workers, 1, MAX_WORKERS)
@@ -251,7 +366,11 @@ def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_
     if name == "ray":
         return RayExecutor(address=address, gpus_per_task=gpus_per_task,
                            num_cpus=None if address else max(workers, 1))
-    raise ValueError(f"invalid executor = {name!r}: allowed local, ray")
+    if name == "stacked":
+        return StackedExecutor()
+    if name == "auto":
+        return AutoExecutor(workers, device)
+    raise ValueError(f"invalid executor = {name!r}: allowed auto, local, ray, stacked")
 
 
 def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progress: bool = True,
