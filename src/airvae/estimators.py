@@ -7,7 +7,7 @@
 * :func:`inference_gap` -- Delta_inf = ln p(x) - L_k(x) per example (Table 1);
 * :func:`ais_log_likelihood` -- annealed importance sampling with HMC (not in the paper; an
   independent check of IW-SVI);
-* :func:`bdmc` -- bidirectional Monte Carlo (Grosse et al. 2015) on data :func:`simulate`\ d from
+* :func:`bdmc` -- bidirectional Monte Carlo (Grosse et al. 2015) on data :func:`simulate`-d from
   the model: a stochastic lower *and upper* bound on ln p(x), certifying how tight AIS is.
 
 Every estimator takes any model that follows :class:`airvae.model.LatentVariableModel`

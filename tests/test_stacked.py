@@ -1,0 +1,209 @@
+"""Stacked training against separate runs: the same parameters, validation estimates, selections
+and run directories up to float rounding; exact resume after SIGKILL; checkpoints shared with the
+single-run trainer; a per-run Adam that is torch's Adam."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from airvae.cli import main
+from airvae.config import Architecture, Regularizer, RunConfig
+from airvae.runs import LAST, load_checkpoint, read_json, read_metrics
+from airvae.stacked import Member, StackedAdam, group_key, train_group
+from airvae.sweep import select_strengths
+from airvae.train import train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def tiny_dataset(d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    probs = rng.random(d) * 0.6
+    make = lambda n: (rng.random((n, d)) < probs).astype(np.uint8)  # noqa: E731
+    return SimpleNamespace(train=make(300), valid=make(60), test=make(60), dim=d, deviation=None)
+
+
+BASE = RunConfig(dataset="tiny", architecture=Architecture("d16", "d16", 3), x_dim=20, k=3, m=2, iterations=40,
+                 batch_size=10, lr=3e-3, val_every=20, val_k=5, val_examples=30, checkpoint_every=10, device="cpu")
+# Groups as a sweep forms them: strengths and seeds mixed, DVAE with a plain run, WNI, partial denoising.
+GROUPS = {
+    "plain+dvae": [BASE.replace(seed=0), BASE.replace(seed=1), BASE.replace(seed=0, regularizer=Regularizer(sigma=0.3)),
+                   BASE.replace(seed=1, regularizer=Regularizer(sigma=0.5))],
+    "wni": [BASE.replace(seed=0, regularizer=Regularizer(max_norm=2.0)),
+            BASE.replace(seed=1, regularizer=Regularizer(max_norm=0.5))],
+    "dvae-0.5": [BASE.replace(seed=0, regularizer=Regularizer(sigma=0.3, alpha=0.5)),
+                 BASE.replace(seed=2, regularizer=Regularizer(sigma=0.6, alpha=0.5))],
+}
+
+
+def close(a: dict, b: dict, rtol=1e-5) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-6)
+        assert float((a[name] - b[name]).abs().max() / scale) < rtol, name
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_a_stacked_group_equals_its_runs_trained_separately(name, tmp_path):
+    cfgs, dataset = GROUPS[name], tiny_dataset()
+    assert len({group_key(c) for c in cfgs}) == 1
+    alone = [train(c, tmp_path / f"alone{i}", progress=False, dataset=dataset) for i, c in enumerate(cfgs)]
+    stacked = train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    results = []
+    for i, cfg in enumerate(cfgs):
+        a, s = tmp_path / f"alone{i}", tmp_path / f"stacked{i}"
+        assert alone[i].status == stacked[i].status == "completed" and stacked[i].steps == cfg.iterations
+        close(load_checkpoint(a / LAST)["model"], load_checkpoint(s / LAST)["model"])
+        ma, ms = read_metrics(a / "metrics.jsonl"), read_metrics(s / "metrics.jsonl")
+        assert [m["step"] for m in ma] == [m["step"] for m in ms] == [20, 40]
+        for key in ("val_log_likelihood", "train_loss", "lr"):
+            np.testing.assert_allclose([m[key] for m in ma], [m[key] for m in ms], rtol=1e-6)
+        assert sorted(p.name for p in a.rglob("*")) == sorted(p.name for p in s.rglob("*"))  # the same files
+        results += [{"job": {"dataset": "tiny", "family": name, "k": 3, "m": 2, "strength": i, "seed": 0},
+                     "status": "ok", "summary": read_json(d / "summary.json")} for d in (a, s)]
+    # the same strength wins whichever trainer produced the runs
+    by_trainer = [select_strengths(results[t::2]) for t in (0, 1)]
+    assert by_trainer[0] == by_trainer[1]
+
+
+def test_checkpoints_are_shared_with_the_single_run_trainer(tmp_path):
+    """A run trained alone to step 20 resumes in a group (waiting there while the others catch
+    up), and a group's checkpoint resumes alone; both end where separate training ends."""
+    cfgs, dataset = GROUPS["plain+dvae"], tiny_dataset()
+    reference = tmp_path / "reference"
+    train(cfgs[0], reference, progress=False, dataset=dataset)
+    half = cfgs[0].replace(iterations=40)
+    # run 0 is half trained alone (killed at step 20: same checkpoint as an uninterrupted run's)
+    _kill_at(half, tmp_path / "r0", dataset, 20)
+    members = [Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)]
+    results = train_group(members, dataset, progress=False)
+    assert [r.status for r in results] == ["completed"] * 4
+    close(load_checkpoint(reference / LAST)["model"], load_checkpoint(tmp_path / "r0" / LAST)["model"])
+    assert [m["step"] for m in read_metrics(tmp_path / "r0" / "metrics.jsonl")] == [20, 40]
+    # and back: the group's run 1, resumed alone after losing its last 20 steps, ends where it was
+    other = tmp_path / "alone1"
+    _kill_at(cfgs[1], other, dataset, 20, group=True)
+    train(cfgs[1], other, resume=True, progress=False, dataset=dataset)
+    close(load_checkpoint(tmp_path / "r1" / LAST)["model"], load_checkpoint(other / LAST)["model"])
+
+
+def _kill_at(cfg, run_dir, dataset, step, group=False):
+    """Train until ``step``'s checkpoint is written, then stop as a kill would."""
+    import airvae.train as train_module
+
+    class Killed(BaseException):
+        pass
+
+    real = train_module.save_checkpoint
+
+    def dies_after(path, state):
+        real(path, state)
+        if Path(path).name == "last.pt" and state["state"]["step"] == step:
+            raise Killed
+
+    train_module.save_checkpoint = dies_after
+    try:
+        if group:
+            train_group([Member(cfg, run_dir)], dataset, progress=False)
+        else:
+            train(cfg, run_dir, progress=False, dataset=dataset)
+    except Killed:
+        pass
+    finally:
+        train_module.save_checkpoint = real
+    assert load_checkpoint(run_dir / LAST)["state"]["step"] == step
+
+
+_GROUP = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {src!r}); sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from test_stacked import GROUPS, tiny_dataset
+    from airvae.stacked import Member, train_group
+    cfgs = [c.replace(iterations=3000, checkpoint_every=7, val_every=500) for c in GROUPS["plain+dvae"]]
+    train_group([Member(c, Path({root!r}) / f"r{{i}}") for i, c in enumerate(cfgs)], tiny_dataset(), progress=False)
+""")
+
+
+def test_a_group_killed_with_sigkill_and_rerun_ends_exactly_as_an_uninterrupted_one(tmp_path):
+    script = lambda root: _GROUP.format(src=SRC, tests=str(Path(__file__).parent), root=str(root))  # noqa: E731
+    subprocess.run([sys.executable, "-c", script(tmp_path / "reference")], check=True, timeout=600)
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", script(killed)])
+    deadline = time.time() + 300
+    while not all((killed / f"r{i}" / LAST).exists() for i in range(4)):
+        assert child.poll() is None and time.time() < deadline, "the group ended before it could be killed"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    steps = [load_checkpoint(killed / f"r{i}" / LAST)["state"]["step"] for i in range(4)]
+    assert 0 < min(steps) and max(steps) < 3000, "the kill must land mid-run"
+    subprocess.run([sys.executable, "-c", script(killed)], check=True, timeout=600)
+    for i in range(4):
+        a = load_checkpoint(tmp_path / "reference" / f"r{i}" / LAST)
+        b = load_checkpoint(killed / f"r{i}" / LAST)
+        assert a["state"]["step"] == b["state"]["step"] == 3000
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), (i, name)
+        metrics = lambda d: [m["val_log_likelihood"] for m in read_metrics(d / f"r{i}" / "metrics.jsonl")]  # noqa: E731
+        assert metrics(tmp_path / "reference") == metrics(killed)
+
+
+def test_stacked_adam_is_torch_adam_per_run_with_its_own_steps_and_learning_rates():
+    torch.manual_seed(0)
+    shapes = [(3, 4, 5), (3, 5)]
+    stacked = [torch.randn(s, requires_grad=True) for s in shapes]
+    alone = [[torch.nn.Parameter(t[r].detach().clone()) for t in stacked] for r in range(3)]
+    optimizers = [torch.optim.Adam(params, lr=0.1) for params in alone]
+    adam = StackedAdam(stacked)
+    plan = [([True, True, True], [0.1, 0.1, 0.1]), ([True, False, True], [0.05, 0.1, 0.02]),
+            ([False, True, True], [0.1, 0.03, 0.01]), ([True, True, True], [0.1, 0.1, 0.1])]
+    for active, lrs in plan:
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        adam.step(lrs, active)
+        for r in range(3):
+            if active[r]:
+                for p, g in zip(alone[r], grads):
+                    p.grad = g[r].clone()
+                for group in optimizers[r].param_groups:
+                    group["lr"] = lrs[r]
+                optimizers[r].step()
+        for r in range(3):
+            for p, q in zip(stacked, alone[r]):
+                torch.testing.assert_close(p.detach()[r], q.detach(), rtol=1e-6, atol=1e-7)
+    assert adam.steps == [3, 3, 4]
+
+
+def test_a_stacked_reproduction_reports_what_a_local_one_reports(tmp_path, data_dir):
+    base = ["reproduce", "table1", "--dataset", "caltech", "--budget", "smoke", "--seeds", "1", "--grid", "2.5,5",
+            "--data-dir", data_dir, "--no-progress", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "local"), "--executor", "local"]) == 0
+    assert main(base + ["--out", str(tmp_path / "stacked"), "--executor", "stacked"]) == 0
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.name != ".lock")  # noqa: E731
+    assert files(tmp_path / "local") == files(tmp_path / "stacked")
+    number = re.compile(r"-?\d+\.\d+(e-?\d+)?")
+    for name in ("table1.md", "table1.csv", "REPORT.md"):
+        local, stacked = ((tmp_path / d / name).read_text() for d in ("local", "stacked"))
+        # the same text (models, strengths selected, verdicts) around numbers equal up to rounding
+        assert number.sub("#", local) == number.sub("#", stacked.replace(str(tmp_path / "stacked"),
+                                                                          str(tmp_path / "local")))
+        values = lambda text: [float(m.group()) for m in number.finditer(text)]  # noqa: E731
+        np.testing.assert_allclose(values(local), values(stacked), rtol=1e-4, atol=0.011)
+    log = [json.loads(line) for line in (tmp_path / "stacked" / "sweep.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" for r in log) and sum(r["trained"] for r in log) == 7
