@@ -21,7 +21,6 @@ with outside load are retried (up to a budget) and flagged in the JSON ("contend
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
 import math
@@ -388,61 +387,14 @@ def ref_train_step(case: dict, device: torch.device, data: torch.Tensor):
     return step
 
 
-def stacked_train_step(case: dict, device: torch.device, data: torch.Tensor, models: int,
-                       sigmas: list[float] | None = None):
-    """Prototype: ``models`` same-architecture VAEs trained at once. Their parameters are stacked
-    (torch.func.stack_module_state) and one vmapped airvae objective (functional_call) makes every
-    layer a batched matrix product; one fused Adam updates all stacked tensors (Adam is elementwise,
-    so each model follows exactly its own trajectory). Each model gets its own minibatch and, when
-    ``sigmas`` is given, its own denoising sigma (alpha = 1) as a vmapped input."""
-    from torch.func import functional_call, stack_module_state, vmap
+def stacked_configs(case: dict, models: int, device: torch.device, sigmas: list[float] | None = None) -> list:
+    """The RunConfigs of ``models`` runs of ``case`` (seeds 0..models-1), for airvae.stacked."""
+    from airvae.config import Architecture, Regularizer, RunConfig
 
-    from airvae.bounds import iwae_bound
-    from airvae.model import log_weights_given_q
-
-    k = case["k"]
-
-    class Objective(nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, x, sigma):
-            if sigmas is None:
-                return air_objective(self.vae, x, k, 1, 1.0)
-            # eq. 13 with a per-model sigma: the encoder sees x + sigma * eps, the decoder scores x
-            mean, std = self.vae.encode(x + sigma * torch.randn_like(x), noisy=False)
-            return iwae_bound(log_weights_given_q(self.vae.decoder, x, mean, std, k)).mean(0)
-
-    torch.manual_seed(0)
-    objs = [Objective(build_vae(X_DIM, Z_DIM, case["enc"], case["dec"])).to(device) for _ in range(models)]
-    params, buffers = stack_module_state(objs)
-    base = copy.deepcopy(objs[0]).to("meta")
-    opt_params = list(params.values())
-    optimizer = torch.optim.Adam(opt_params, lr=case["lr"], **_fast_adam_options(device))
-    sigma_t = torch.tensor(sigmas if sigmas is not None else [0.0] * models, device=device)
-    n, batch, lr0, T = data.shape[0], case["batch"], case["lr"], case["T"]
-
-    def per_model(p, b, x, sigma):
-        return -functional_call(base, (p, b), (x, sigma)).mean()
-
-    batched = vmap(per_model, in_dims=(0, 0, 0, 0), randomness="different")
-    state = {"step": 0}
-
-    def step():
-        t = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
-        x = data[torch.randint(0, n, (models, batch), device=device)]
-        losses = batched(params, buffers, x, sigma_t)  # [models]
-        loss = losses.sum()
-        loss.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["step"] = t + 1
-
-    return step
+    return [RunConfig(dataset="bench", architecture=Architecture(case["enc"], case["dec"], Z_DIM), x_dim=X_DIM,
+                      k=case["k"], seed=i, lr=case["lr"], iterations=case["T"], batch_size=case["batch"],
+                      regularizer=Regularizer(sigma=sigmas[i] if sigmas else 0.0), device=str(device))
+            for i in range(models)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,22 +491,22 @@ def bench_stacked(args, timer, device, ceiling_ref, results):
 
 
 def _bench_stacked_case(args, timer, device, ceiling_ref, results, case):
+    """airvae.stacked's training step for groups of m runs against one run trained alone, as
+    run-steps/s (what a sweep gets done per second)."""
+    from airvae.stacked import training_steps
+
     data = make_data(case["n_train"], device)
     enc_f, dec_f = arch_flops(case["enc"], case["dec"])
     flops = 3 * case["batch"] * (enc_f + case["k"] * dec_f)
-    fns = {"single": in_mode(airvae_train_step(case, device, data), False)}
-    counts = [4] if args.quick else [2, 4, 8]
-    try:
-        for m in counts:
-            fns[f"stacked x{m}"] = in_mode(stacked_train_step(case, device, data, m), False)
-        if not args.quick:
-            fns["stacked x4 sigma-grid"] = in_mode(
-                stacked_train_step(case, device, data, 4, sigmas=[0.0, 0.1, 0.2, 0.3]), False)
-        warm_up(fns, args.warmup_steps)
-    except Exception as exc:  # noqa: BLE001 - a prototype: report, do not abort the benchmark
-        results.append({"section": "stacked", "case": case["name"], "error": repr(exc)})
-        print(f"stacked training prototype failed: {exc!r}")
-        return
+    fns = {}
+    for m in [4] if args.quick else [2, 4, 8]:
+        group_step, single_step = training_steps(stacked_configs(case, m, device), data, device)
+        fns.setdefault("single", in_mode(single_step, False))
+        fns[f"stacked x{m}"] = in_mode(group_step, False)
+    if not args.quick:
+        fns["stacked x4 sigma-grid"] = in_mode(training_steps(
+            stacked_configs(case, 4, device, sigmas=[0.0, 0.1, 0.2, 0.3]), data, device)[0], False)
+    warm_up(fns, args.warmup_steps)
     r = timer.compare(fns, args.rounds, args.min_time, 3)
     single = r["single"]["rate"]
     for name, meas in r.items():
@@ -830,7 +782,7 @@ def main(argv=None) -> dict:
         print("training steps")
         bench_training(args, timer, device, ceiling_ref, results)
     if "stacked" in sections:
-        print("stacked training (torch.func prototype)")
+        print("stacked training (airvae.stacked)")
         bench_stacked(args, timer, device, ceiling_ref, results)
     if "iwae" in sections:
         print("IWAE evaluation")

@@ -375,7 +375,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
     loss_counts = [0] * R
     objectives = stacked_objectives
     if compile_for(first.iterations - min(log.step for log in logs) >= _long_group_steps(R)):
-        objectives = torch.compile(stacked_objectives, dynamic=False)
+        objectives = _compiled(stacked_objectives, device)
 
     def unfinished() -> list[int]:
         return [r for r in range(R) if results[r] is None]
@@ -455,6 +455,29 @@ _DIVERGED = ("the training objective became non-finite in the last {} steps befo
              "({}) holds the last finite state. Try a lower learning rate (--lr) or a different seed.")
 
 
+def _compiled(fn, device: torch.device):
+    """``fn`` through torch.compile; on CUDA with CUDA graphs ("reduce-overhead": a whole step's
+    kernels replayed with one launch, the point of stacking on a launch-bound GPU). Falls back to
+    eager, with a warning, if compiling fails."""
+    import warnings
+
+    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as exc:  # noqa: BLE001
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"torch.compile of the stacked objective failed ({type(exc).__name__}: {exc}); "
+                          "continuing without it", RuntimeWarning, stacklevel=2)
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
+
+
 def _long_group_steps(runs: int) -> int:
     """Compile (in auto mode) when the group's remaining work is long: the per-run threshold of a
     single run, counted in run-steps."""
@@ -508,33 +531,30 @@ class _GroupDraws:
 # Measuring
 
 
-def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int = 10,
-               threads_alone: int | None = None) -> tuple[float, float]:
-    """(group steps/s of the runs ``cfgs`` stacked, steps/s of the first run alone with
-    ``threads_alone`` threads), measured here on throwaway models: the training step of each
-    trainer (objective, backward, Adam; validation not included). What ``--executor auto`` decides
-    with, and what benchmarks/ reports."""
+def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device, compile: bool = False):
+    """``(group_step, single_step)`` on throwaway models: one training step (objective, backward,
+    Adam) of the runs ``cfgs`` stacked, and of the first run trained alone, on minibatches of ``x``.
+    What ``--executor auto`` measures and what benchmarks/ times."""
     from .model import air_objective
 
-    x_all = torch.as_tensor(dataset.train[:max(c.batch_size for c in cfgs) * 2], device=device).float()
     models = []
     for cfg in cfgs:
         torch.manual_seed(cfg.seed)
         models.append(model_from_config(cfg).to(device))
     group = StackedModel(models, device)
     adam = StackedAdam(group.leaves)
-    generators = [training_generator(cfg.seed, device) for cfg in cfgs]
-    draws = _GroupDraws(cfgs, generators, x_all.shape[1:], device)
+    draws = _GroupDraws(cfgs, [training_generator(cfg.seed, device) for cfg in cfgs], x.shape[1:], device)
     alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
     batch = cfgs[0].batch_size
-    x = x_all[:batch].expand(len(cfgs), *x_all[:batch].shape).contiguous()
+    xs = x[:batch].expand(len(cfgs), *x[:batch].shape).contiguous()
     active, lrs = [True] * len(cfgs), [cfg.lr for cfg in cfgs]
+    objectives = _compiled(stacked_objectives, device) if compile else stacked_objectives
 
     def group_step():
-        x_seen, eps, eps_clean = draws.next(x, active)
+        x_seen, eps, eps_clean = draws.next(xs, active)
         for leaf in group.leaves:
             leaf.grad = None
-        (-stacked_objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)).sum().backward()
+        (-objectives(group, xs, x_seen, eps, eps_clean, alpha).mean(-1)).sum().backward()
         adam.step(lrs, active)
 
     model, cfg = models[0], cfgs[0]
@@ -542,11 +562,20 @@ def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int 
     generator = training_generator(cfg.seed, device)
 
     def single_step():
-        loss = -air_objective(model, x_all[:batch], cfg.k, cfg.m, cfg.regularizer.alpha, generator=generator).mean()
+        loss = -air_objective(model, x[:batch], cfg.k, cfg.m, cfg.regularizer.alpha, generator=generator).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    return group_step, single_step
+
+
+def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int = 10,
+               threads_alone: int | None = None) -> tuple[float, float]:
+    """(group steps/s of the runs ``cfgs`` stacked, steps/s of the first run alone with
+    ``threads_alone`` threads): :func:`training_steps` timed here."""
+    x = torch.as_tensor(dataset.train[:cfgs[0].batch_size], device=device).float()
+    group_step, single_step = training_steps(cfgs, x, device)
     threads = torch.get_num_threads()
     try:
         group_rate = _rate(group_step, steps, device)

@@ -1,0 +1,50 @@
+"""CUDA checks (benchmarks/gpu_check.sh runs them; skipped where no GPU is present): stacked
+training on the device equals separate runs, its compiled (CUDA-graph) objective equals eager,
+and evaluation keeps fp32 products (TF32 stays off)."""
+
+import pytest
+import torch
+
+from airvae.estimators import iwae_log_likelihood
+from airvae.model import build_vae
+from airvae.runs import LAST, load_checkpoint
+from airvae.stacked import Member, StackedModel, _compiled, stacked_objectives, train_group
+from airvae.train import train
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_a_stacked_group_on_the_gpu_equals_its_runs_trained_separately(tmp_path):
+    from test_stacked import GROUPS, close, tiny_dataset
+
+    cfgs, dataset = [c.replace(device="cuda") for c in GROUPS["plain+dvae"]], tiny_dataset()
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=dataset)
+    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    for i in range(len(cfgs)):
+        close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
+              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=1e-4)
+
+
+def test_the_compiled_stacked_objective_equals_eager():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    group = StackedModel([build_vae(30, 4, "d16", "d16").to(device) for _ in range(3)], device)
+    x = (torch.rand(3, 5, 30, device=device) < 0.3).float()
+    eps = torch.randn(3, 1, 2, 5, 4, device=device)
+    alpha = torch.ones(3, device=device)
+    eager = stacked_objectives(group, x, x, eps, None, alpha)
+    compiled = _compiled(stacked_objectives, device)
+    for _ in range(3):  # CUDA graphs record, then replay
+        value = compiled(group, x, x, eps, None, alpha)
+    torch.testing.assert_close(value, eager, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluation_uses_fp32_products():
+    assert not torch.backends.cuda.matmul.allow_tf32  # airvae never turns TF32 on (benchmarks/README.md)
+    torch.manual_seed(0)
+    model = build_vae(30, 4, "d16", "d16").cuda().eval()
+    x = (torch.rand(8, 30, device="cuda") < 0.3).float()
+    on_gpu = iwae_log_likelihood(model, x, 50).values
+    assert torch.isfinite(on_gpu).all()
