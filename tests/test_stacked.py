@@ -207,3 +207,25 @@ def test_a_stacked_reproduction_reports_what_a_local_one_reports(tmp_path, data_
         np.testing.assert_allclose(values(local), values(stacked), rtol=1e-4, atol=0.011)
     log = [json.loads(line) for line in (tmp_path / "stacked" / "sweep.jsonl").read_text().splitlines()]
     assert all(r["status"] == "ok" for r in log) and sum(r["trained"] for r in log) == 7
+
+
+def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir):
+    from airvae.evaluation import EvaluationSettings, evaluate_run
+    from airvae.stacked import evaluate_group
+    from airvae.sweep import Job
+
+    runs = []
+    for family, strength in (("plain", 0.0), ("denoise-1.0", 5.0), ("denoise-0.5", 5.0)):
+        job = Job(family, "caltech", 1, 1, strength, 0, "smoke", iterations=20)
+        run = tmp_path / family
+        train(job.run_config(784, data_dir, "cpu"), run, progress=False)
+        runs.append(run)
+    settings = EvaluationSettings(estimators=("bound", "iwae", "iwsvi"), max_examples=12, k_iwae=20, svi_k=20,
+                                  svi_l=4, svi_steps=5, device="cpu")
+    stacked = evaluate_group(runs, settings)
+    for run, together in zip(runs, stacked):
+        alone = evaluate_run(run, settings, recompute=True, progress=False)
+        assert together.keys() == alone.keys() and together["identity"] == alone["identity"]
+        for name in ("bound", "iwae", "iwsvi", "gap"):
+            np.testing.assert_allclose(together["estimates"][name]["values"], alone["estimates"][name]["values"],
+                                       rtol=1e-5, atol=1e-4)

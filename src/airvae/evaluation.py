@@ -260,21 +260,29 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
     cfg, model, digest, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device,
                                                          progress, settings)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
+    return store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split, device=device,
+                            digest=digest, seconds=time.perf_counter() - started)
+
+
+def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estimates: dict[str, Estimate], *, n: int,
+                     n_split: int, device, digest: str, seconds: float) -> dict:
+    """Write (and return) a run's evaluation record, keyed by the settings and by ``digest``, the
+    sha256 of the checkpoint bytes that were evaluated (even if best.pt changed meanwhile)."""
     result = {
         "format": FORMAT_VERSION,
         "run_dir": str(run_dir),
         "dataset": cfg.dataset,
         "deviation": getattr(dataset, "deviation", None),
         "split": settings.split,
-        "n": int(x.shape[0]),
+        "n": int(n),
         "n_split": int(n_split),
         "bound_k": settings.bound_k or cfg.k,
         "device": str(device),
         "settings": settings.to_dict(),
         "identity": settings.identity(),
-        "checkpoint_sha256": digest,  # of the bytes evaluated, even if best.pt changed meanwhile
+        "checkpoint_sha256": digest,
         "estimates": {name: est.to_dict() for name, est in estimates.items()},
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(evaluation_path(run_dir, settings), result)

@@ -126,8 +126,9 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
                                        largest: work[largest]})
 
 
-def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate:
-    """Peak memory of :func:`airvae.evaluation.evaluate_model` on ``examples`` examples of a run."""
+def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) -> MemoryEstimate:
+    """Peak memory of :func:`airvae.evaluation.evaluate_model` on ``examples`` examples of a run
+    (or of ``runs`` such runs evaluated together, :func:`airvae.stacked.evaluate_group`)."""
     z, row = cfg.architecture.z_dim, _decoded_row(cfg)
     chosen = settings.estimators
     parts: dict[str, int] = {}
@@ -144,5 +145,6 @@ def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate
         per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
         parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
     largest = max(parts, key=parts.get)  # estimators run one after the other
-    return MemoryEstimate("evaluation", {"parameters": model_bytes(cfg, optimizer=False),
-                                         "data on the device": FLOAT * cfg.x_dim * examples, largest: parts[largest]})
+    return MemoryEstimate("evaluation", {"parameters": runs * model_bytes(cfg, optimizer=False),
+                                         "data on the device": FLOAT * cfg.x_dim * examples,
+                                         largest: runs * parts[largest]})

@@ -39,7 +39,9 @@ from torch.optim.adam import adam as torch_adam
 from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig
-from .estimators import DEFAULT_CHUNK_SAMPLES, example_generator
+from .bounds import iwae_bound
+from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
+                         example_generator)
 from .model import _encode_log_weights, _log_weights_from_eps, _mean_bound, compile_for
 from .networks import DenoisingEncoder
 from .runs import LAST, RunIOError, RunLock, model_from_config
@@ -262,40 +264,181 @@ def stacked_objectives(group: StackedModel, x: torch.Tensor, x_seen: torch.Tenso
     return vmap(one_run, in_dims=in_dims)(group.parameters(), x, x_seen, eps, eps_clean, alpha)
 
 
+def _stacked_log_weights(group: StackedModel):
+    """log w for each run from its own decoder: (params [S], x [b, ...] shared, mean, std [S, b, z],
+    eps [S, m, k, b, z]) -> [S, m, k, b]; the single-run path (model._log_weights_from_eps), vmapped."""
+
+    def one_run(p, x, mean, std, eps):
+        _, dec, lik = group.bind(p)
+        return _log_weights_from_eps(dec, lik, x, mean, std, eps)
+
+    return vmap(one_run, in_dims=(0, None, 0, 0, 0))
+
+
+def _encode_stacked(group: StackedModel, params: dict, x: torch.Tensor, batch: int = 4096):
+    """Each run's clean encoder on ``x``: (mean, std), each [S, n, z]."""
+    means, stds = [], []
+    for start in range(0, x.shape[0], batch):
+        mean, std = vmap(lambda p: group.bind(p)[0](x[start:start + batch]))(params)
+        means.append(mean)
+        stds.append(std)
+    return torch.cat(means, 1), torch.cat(stds, 1)
+
+
 @torch.no_grad()
 def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, seeds: list[int],
-                 chunk_samples: int = DEFAULT_CHUNK_SAMPLES) -> list[float]:
-    """Mean IWAE-k estimate of each run in ``rows`` on the examples ``x`` (its clean encoder),
-    with run r's per-example random streams of ``seeds[r]``: what
-    :func:`airvae.estimators.iwae_log_likelihood` gives each run alone, up to float rounding."""
+                 chunk_samples: int = DEFAULT_CHUNK_SAMPLES, q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 repeats: int = 1) -> torch.Tensor:
+    """Per-example IWAE-k ``[S, n]`` (float64) of the runs ``rows``, with proposal ``q`` = (mean,
+    std) ``[S, n, z]`` or each run's clean encoder, averaged over ``repeats`` sets of k samples;
+    run r draws from the per-example streams of ``seeds[r]``. What
+    :func:`airvae.estimators.iwae_given_q` gives each run alone, up to float rounding (runs that
+    share a seed share their draws)."""
     params = group.runs(rows)
-    means, stds = vmap(lambda p: group.bind(p)[0](x))(params)  # [S, n, z]
+    means, stds = q if q is not None else _encode_stacked(group, params, x)
     n, z_dim = x.shape[0], means.shape[-1]
     per_chunk = max(1, chunk_samples // k)
     k_chunk = min(k, chunk_samples)
-
-    def log_weights(p, xb, mean, std, eps):
-        _, dec, lik = group.bind(p)
-        return _log_weights_from_eps(dec, lik, xb, mean, std, eps)
-
-    log_w_fn = vmap(log_weights, in_dims=(0, None, 0, 0, 0))
-    totals = torch.zeros(len(rows), dtype=torch.float64, device=x.device)
-    distinct = sorted(set(seeds[r] for r in rows))
+    log_weights = _stacked_log_weights(group)
+    values = torch.empty(len(rows), n, dtype=torch.float64, device=x.device)
     for start in range(0, n, per_chunk):
         xb = x[start:start + per_chunk]
         b = xb.shape[0]
-        draws = {seed: torch.stack([torch.randn(k, z_dim, generator=example_generator(seed, start + i, x.device),
-                                                device=x.device, dtype=x.dtype) for i in range(b)], dim=1)
-                 for seed in distinct}  # [k, b, z] per seed: runs of one seed share their draws
-        eps = torch.stack([draws[seeds[r]] for r in rows])  # [S, k, b, z]
-        running = None
-        for k0 in range(0, k, k_chunk):
-            log_w = log_w_fn(params, xb, means[:, start:start + b], stds[:, start:start + b],
-                             eps[:, k0:k0 + k_chunk].unsqueeze(1))[:, 0]  # [S, kc, b]
-            chunk = torch.logsumexp(log_w.double(), dim=1)
-            running = chunk if running is None else torch.logaddexp(running, chunk)
-        totals += (running - math.log(k)).sum(-1)
-    return (totals / n).tolist()
+        generators = {seed: [example_generator(seed, start + i, x.device) for i in range(b)]
+                      for seed in sorted(set(seeds[r] for r in rows))}
+        total = torch.zeros(len(rows), b, dtype=torch.float64, device=x.device)
+        for _ in range(repeats):
+            draws = {seed: torch.stack([torch.randn(k, z_dim, generator=g, device=x.device, dtype=x.dtype)
+                                        for g in gens], dim=1) for seed, gens in generators.items()}  # [k, b, z]
+            eps = torch.stack([draws[seeds[r]] for r in rows])  # [S, k, b, z]
+            running = None
+            for k0 in range(0, k, k_chunk):
+                log_w = log_weights(params, xb, means[:, start:start + b], stds[:, start:start + b],
+                                    eps[:, k0:k0 + k_chunk].unsqueeze(1))[:, 0]  # [S, kc, b]
+                chunk = torch.logsumexp(log_w.double(), dim=1)
+                running = chunk if running is None else torch.logaddexp(running, chunk)
+            total += running - math.log(k)
+        values[:, start:start + b] = total / repeats
+    return values
+
+
+def stacked_fit_iw_svi(group: StackedModel, rows: list[int], x: torch.Tensor, *, l: int, steps: int,  # noqa: E741
+                       lr: float, lr_decay: float, seed: int,
+                       chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """q*_{x,l} of eq. 42 for every example and run: (mean, std) ``[S, n, z]``, as
+    :func:`airvae.estimators.fit_iw_svi` fits it for each run alone (same initialization from the
+    encoder, Adam, learning-rate decay and random streams, which all runs share), one batched
+    parameter tensor for all runs."""
+    params = group.runs(rows)
+    mean0, std0 = _encode_stacked(group, params, x)
+    log_weights = _stacked_log_weights(group)
+    means, stds = [], []
+    for start in range(0, x.shape[0], chunk_examples):
+        xb = x[start:start + chunk_examples]
+        m0, s0 = mean0[:, start:start + chunk_examples], std0[:, start:start + chunk_examples]
+        if steps == 0:
+            means.append(m0)
+            stds.append(s0)
+            continue
+        mu = m0.detach().clone().requires_grad_(True)
+        rho = s0.detach().log().clone().requires_grad_(True)
+        opt = torch.optim.Adam([mu, rho], lr=lr)
+        gens = [example_generator(seed, start + i, x.device, STREAM_SVI) for i in range(xb.shape[0])]
+        noise = _StepNoise(gens, (l, mu.shape[-1]), None, x.device, mu.dtype)
+        with torch.enable_grad():
+            for t in range(steps):
+                for param_group in opt.param_groups:
+                    param_group["lr"] = lr * lr_decay ** (t / (steps - 1)) if steps > 1 else lr
+                eps, _ = noise.next()  # [l, b, z], shared by the runs
+                eps = eps.expand(len(rows), *eps.shape).unsqueeze(1)  # [S, 1, l, b, z]
+                log_w = log_weights(params, xb, mu, rho.exp(), eps)[:, 0]  # [S, l, b]
+                loss = -iwae_bound(log_w, dim=1).sum()  # every run and example independent
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        mu, std = mu.detach(), rho.detach().exp()
+        bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(std).all(-1) & (std > 0).all(-1))  # [S, b]
+        means.append(torch.where(bad[..., None], m0, mu))
+        stds.append(torch.where(bad[..., None], s0, std))
+    return torch.cat(means, 1), torch.cat(stds, 1)
+
+
+STACKED_ESTIMATORS = ("bound", "iwae", "iwsvi", "gap")  # what evaluate_group batches; others run per run
+
+
+def evaluation_key(cfg: RunConfig, settings) -> str:
+    """Runs with equal keys can be evaluated as one stacked model: the same data and model
+    structure, and the same k for the amortized bound."""
+    shared = cfg.replace(seed=0, regularizer=Regularizer(), data_dir=None, device="auto").to_json()
+    return json.dumps({"architecture": shared["architecture"], "dataset": shared["dataset"], "x_dim": shared["x_dim"],
+                       "wni": math.isfinite(cfg.regularizer.max_norm), "bound_k": settings.bound_k or cfg.k},
+                      sort_keys=True)
+
+
+def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) -> list[dict]:
+    """:func:`airvae.evaluation.evaluate_run` for runs that share an architecture (and training k),
+    batched: every estimator of ``settings`` (a subset of :data:`STACKED_ESTIMATORS`) computed for
+    all runs at once, with the evaluation's random streams (``settings.seed``) shared by all, as
+    they are when each run is evaluated alone. Writes and returns each run's evaluation record,
+    exactly what evaluate_run writes."""
+    from .data import evenly_spaced, load_dataset
+    from .devices import resolve_device
+    from .estimators import Estimate, inference_gap
+    from .evaluation import store_evaluation
+    from .resources import check_fits, evaluation_memory
+    from .runs import load_trained_model_with_digest
+
+    if not set(settings.estimators) <= set(STACKED_ESTIMATORS):
+        raise ValueError(f"evaluate_group batches {', '.join(STACKED_ESTIMATORS)} only, not {settings.estimators}")
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    loaded = [load_trained_model_with_digest(run_dir, "best", device) for run_dir in run_dirs]
+    cfgs = [cfg for cfg, _, _ in loaded]
+    if len({evaluation_key(cfg, settings) for cfg in cfgs}) != 1:
+        raise ValueError("evaluate_group: the runs do not share a dataset, an architecture and a training k")
+    dataset = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, progress=progress)
+    split = dataset.split(settings.split)
+    index = evenly_spaced(len(split), settings.max_examples)
+    check_fits(evaluation_memory(cfgs[0], settings, len(index), runs=len(run_dirs)), device,
+               "evaluate fewer runs at once, or lower --chunk-samples")
+    x = torch.as_tensor(split[index]).to(device=device, dtype=torch.float32)
+    group = StackedModel([model for _, model, _ in loaded], device)
+    rows, seeds = list(range(len(run_dirs))), [settings.seed] * len(run_dirs)
+    values, seconds = {}, {}
+
+    def timed(name, compute):
+        t = time.perf_counter()
+        values[name] = compute()
+        seconds[name] = (time.perf_counter() - t) / len(rows)  # each run's share
+
+    chosen, k_bound = settings.estimators, settings.bound_k or cfgs[0].k
+    if "bound" in chosen:
+        timed("bound", lambda: stacked_iwae(group, rows, x, k_bound, seeds, settings.chunk_samples,
+                                            repeats=settings.bound_repeats))
+    if "iwae" in chosen:
+        timed("iwae", lambda: stacked_iwae(group, rows, x, settings.k_iwae, seeds, settings.chunk_samples))
+    if "iwsvi" in chosen:
+        timed("iwsvi", lambda: stacked_iwae(group, rows, x, settings.svi_k, seeds, settings.chunk_samples,
+                                            q=stacked_fit_iw_svi(group, rows, x, l=settings.svi_l,
+                                                                 steps=settings.svi_steps, lr=settings.svi_lr,
+                                                                 lr_decay=settings.svi_lr_decay, seed=settings.seed,
+                                                                 chunk_examples=settings.svi_chunk_examples)))
+    names = {"bound": (f"bound-{k_bound}", {"k": k_bound, "repeats": settings.bound_repeats, "seed": settings.seed}),
+             "iwae": (f"iwae-{settings.k_iwae}", {"k": settings.k_iwae, "seed": settings.seed}),
+             "iwsvi": (f"iwsvi-{settings.svi_k}", {"k": settings.svi_k, "l": settings.svi_l, "steps": settings.svi_steps,
+                                                   "lr": settings.svi_lr, "lr_decay": settings.svi_lr_decay,
+                                                   "seed": settings.seed})}
+    records = []
+    dims = math.prod(x.shape[1:])
+    for r, (run_dir, (cfg, _, digest)) in enumerate(zip(run_dirs, loaded)):
+        estimates = {name: Estimate(names[name][0], values[name][r].cpu(), names[name][1], seconds[name], dims)
+                     for name in values}
+        if "bound" in estimates and "iwsvi" in estimates:
+            estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
+        records.append(store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
+                                        device=device, digest=digest,
+                                        seconds=(time.perf_counter() - started) / len(rows)))
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,9 +569,10 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                     validate = [r for r in validate if results[r] is None]
                     if validate:
                         vals = stacked_iwae(group, validate, val_x, first.val_k, [c.seed + 1 for c in cfgs],
-                                            chunk_samples)
+                                            chunk_samples).mean(-1).tolist()
                         tests = (stacked_iwae(group, validate, test_x, first.k, [c.seed + 2 for c in cfgs],
-                                              chunk_samples) if test_x is not None else [None] * len(validate))
+                                              chunk_samples).mean(-1).tolist()
+                                 if test_x is not None else [None] * len(validate))
                         for r, val, test_bound in zip(validate, vals, tests):
                             logs[r].record_validation(val, group.run_state_dict(r), test_bound)
                         bar.set_postfix(best=f"{max(logs[r].state['best_val'] for r in validate):.2f}")
