@@ -170,8 +170,8 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
                    progress: bool = False) -> dict[str, Estimate]:
     """Every estimator of ``settings`` on the examples ``x`` (``max_examples`` of them, spread
     evenly: :func:`airvae.data.evenly_spaced`), on the model's device. Returns
-    ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present. ``bound_k`` (the training k) is needed for ``bound`` unless
-    ``settings.bound_k`` is set."""
+    ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present.
+    ``bound_k`` (the training k) is needed for ``bound`` unless ``settings.bound_k`` is set."""
     x = torch.as_tensor(x)
     x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
     estimates: dict[str, Estimate] = {}

@@ -38,8 +38,8 @@ from torch.func import functional_call, vmap
 from torch.optim.adam import adam as torch_adam
 from tqdm.auto import tqdm
 
-from .config import Regularizer, RunConfig
 from .bounds import iwae_bound
+from .config import Regularizer, RunConfig
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
                          example_generator)
 from .model import _encode_log_weights, _log_weights_from_eps, _mean_bound, compile_for
@@ -91,6 +91,7 @@ class StackedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * params[0].shape[0]
+        self._counts, self._counted = None, None  # the fused kernel's step tensors (kept on the device)
 
     def step(self, lrs: list[float], active: list[bool]) -> None:
         beta1, beta2 = BETAS
@@ -99,10 +100,12 @@ class StackedAdam:
         if all(active) and len(set(steps)) == 1 and len(set(lrs)) == 1 and _fast_adam_options(device):
             # The usual case, every run at the same step: torch's own fused kernel, the very
             # arithmetic a run trained alone gets (it increments the step counts itself).
-            counts = [torch.tensor(float(steps[0] - 1), device=device) for _ in self.params]
-            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], counts,
+            if self._counted != steps[0] - 1:
+                self._counts = [torch.tensor(float(steps[0] - 1), device=device) for _ in self.params]
+            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
                        fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lrs[0], weight_decay=0.0,
                        eps=ADAM_EPS, maximize=False)
+            self._counted = steps[0]
             return
         # Per-run scalars (an inactive run's are never used).
         step_size = torch.tensor([lr / (1 - beta1 ** max(t, 1)) for lr, t in zip(lrs, steps)], device=device)
@@ -167,7 +170,8 @@ class StackedModel:
         members = {"encoder": [_inner_encoder(m) for m in models], "decoder": [m.decoder for m in models],
                    "likelihood": [_LogProb(m.likelihood) for m in models]}
         self.templates = {part: modules[0] for part, modules in members.items()}
-        self.slots = [_Slot(part, name) for part, module in self.templates.items() for name, _ in module.named_parameters()]
+        self.slots = [_Slot(part, name) for part, module in self.templates.items()
+                      for name, _ in module.named_parameters()]
         self.leaves = [torch.stack([dict(m.named_parameters())[s.name].detach() for m in members[s.part]]).to(device)
                        .requires_grad_(True) for s in self.slots]
         self.buffers = {part: {name: torch.stack([dict(m.named_buffers())[name] for m in modules]).to(device)
@@ -425,9 +429,9 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
                                                                  chunk_examples=settings.svi_chunk_examples)))
     names = {"bound": (f"bound-{k_bound}", {"k": k_bound, "repeats": settings.bound_repeats, "seed": settings.seed}),
              "iwae": (f"iwae-{settings.k_iwae}", {"k": settings.k_iwae, "seed": settings.seed}),
-             "iwsvi": (f"iwsvi-{settings.svi_k}", {"k": settings.svi_k, "l": settings.svi_l, "steps": settings.svi_steps,
-                                                   "lr": settings.svi_lr, "lr_decay": settings.svi_lr_decay,
-                                                   "seed": settings.seed})}
+             "iwsvi": (f"iwsvi-{settings.svi_k}", {"k": settings.svi_k, "l": settings.svi_l,
+                                                   "steps": settings.svi_steps, "lr": settings.svi_lr,
+                                                   "lr_decay": settings.svi_lr_decay, "seed": settings.seed})}
     records = []
     dims = math.prod(x.shape[1:])
     for r, (run_dir, (cfg, _, digest)) in enumerate(zip(run_dirs, loaded)):
@@ -642,7 +646,8 @@ class _GroupDraws:
         self.noise_runs = [draws_noise(cfg) for cfg in cfgs]
         self.two = two_bounds(first)
         self.eps_shape = (first.m, first.k, first.batch_size, first.architecture.z_dim)
-        self.sigma = torch.tensor([cfg.regularizer.sigma for cfg in cfgs], device=device).view(-1, *[1] * (1 + len(x_shape)))
+        sigma = torch.tensor([cfg.regularizer.sigma for cfg in cfgs], device=device)
+        self.sigma = sigma.view(-1, *[1] * (1 + len(x_shape)))  # [R, 1, 1, ...] against x [R, B, ...]
 
     def next(self, x: torch.Tensor, active: list[bool]):
         """(x_seen, eps, eps_clean) for the group's minibatch ``x`` [R, B, ...]; inactive runs draw nothing."""

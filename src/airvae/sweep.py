@@ -316,6 +316,43 @@ class StackedExecutor:
         return trained
 
 
+    def evaluate_groups(self, tasks: list[Task]) -> None:
+        """Evaluate the trained runs of ``tasks`` that share an architecture as stacked groups
+        (:func:`airvae.stacked.evaluate_group`), caching each run's result where ``fn`` (through
+        evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
+        import warnings
+
+        from .evaluation import EvaluationSettings, stored_evaluation
+        from .runs import load_config
+        from .stacked import STACKED_ESTIMATORS, evaluate_group, evaluation_key
+
+        pending = {}
+        for task in tasks:
+            if task.evaluation is None or finished_summary(task.run_dir) is None:
+                continue
+            try:
+                settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
+                if not set(settings.estimators) <= set(STACKED_ESTIMATORS) or stored_evaluation(task.run_dir,
+                                                                                                   settings):
+                    continue
+                cfg = load_config(task.run_dir)
+            except Exception:  # noqa: BLE001 - a damaged run is fn's to report
+                continue
+            key = (json.dumps(settings.to_dict(), sort_keys=True), evaluation_key(cfg, settings))
+            pending.setdefault(key, (settings, []))[1].append(task.run_dir)
+        for settings, run_dirs in pending.values():
+            size = self.max_group or len(run_dirs)
+            for i in range(0, len(run_dirs), size):
+                try:
+                    evaluate_group(run_dirs[i:i + size], settings, progress=self.progress)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # noqa: BLE001 - fn evaluates them one by one
+                    warnings.warn(f"a stacked evaluation of {len(run_dirs[i:i + size])} runs failed "
+                                  f"({type(error).__name__}: {error}); evaluating them one by one instead",
+                                  RuntimeWarning, stacklevel=2)
+
+
 class AutoExecutor:
     """``--executor auto``: stacked groups on a GPU; on a CPU, whichever its own measurement on
     this machine says is faster for the sweep at hand: ``workers`` processes of one run each, or
@@ -354,38 +391,6 @@ class AutoExecutor:
             self.executor = self.choose(tasks)
             print(f"airvae: executor auto -> {self.choice} ({self.reason})", file=sys.stderr)
         yield from self.executor.map(fn, tasks)
-
-
-    def evaluate_groups(self, tasks: list[Task]) -> None:
-        """Evaluate the trained runs of ``tasks`` that share an architecture as stacked groups
-        (:func:`airvae.stacked.evaluate_group`), caching each run's result where ``fn`` (through
-        evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
-        import warnings
-
-        from .evaluation import EvaluationSettings, stored_evaluation
-        from .runs import load_config
-        from .stacked import STACKED_ESTIMATORS, evaluate_group, evaluation_key
-
-        pending = {}
-        for task in tasks:
-            if task.evaluation is None or finished_summary(task.run_dir) is None:
-                continue
-            settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
-            if not set(settings.estimators) <= set(STACKED_ESTIMATORS) or stored_evaluation(task.run_dir, settings):
-                continue
-            key = (json.dumps(settings.to_dict(), sort_keys=True), evaluation_key(load_config(task.run_dir), settings))
-            pending.setdefault(key, (settings, []))[1].append(task.run_dir)
-        for settings, run_dirs in pending.values():
-            size = self.max_group or len(run_dirs)
-            for i in range(0, len(run_dirs), size):
-                try:
-                    evaluate_group(run_dirs[i:i + size], settings, progress=self.progress)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as error:  # noqa: BLE001 - fn evaluates them one by one
-                    warnings.warn(f"a stacked evaluation of {len(run_dirs[i:i + size])} runs failed "
-                                  f"({type(error).__name__}: {error}); evaluating them one by one instead",
-                                  RuntimeWarning, stacklevel=2)
 
 
 def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0,
