@@ -270,21 +270,21 @@ class StackedExecutor:
         """The unfinished, unlocked tasks, grouped as they will train (each group at most
         ``max_group`` runs)."""
         from .data import load_dataset
-        from .runs import RunLocked, check_unlocked
+        from .runs import check_unlocked
         from .stacked import group_key
 
         datasets, pending = {}, {}
         for task in tasks:
             if finished_summary(task.run_dir) is not None:
                 continue
+            source = (task.job.dataset, task.data_dir)
             try:
                 check_unlocked(task.run_dir)
-            except RunLocked:
+                if source not in datasets:
+                    datasets[source] = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
+                cfg = task.job.run_config(datasets[source].dim, task.data_dir, task.device)
+            except Exception:  # noqa: BLE001 - locked by another process, or failing: fn reports it per task
                 continue
-            source = (task.job.dataset, task.data_dir)
-            if source not in datasets:
-                datasets[source] = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
-            cfg = task.job.run_config(datasets[source].dim, task.data_dir, task.device)
             pending.setdefault((source, group_key(cfg)), []).append((task, cfg))
         self._datasets = datasets
         size = self.max_group or max(len(members) for members in pending.values()) if pending else 1
