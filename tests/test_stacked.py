@@ -163,31 +163,36 @@ def test_a_group_killed_with_sigkill_and_rerun_ends_exactly_as_an_uninterrupted_
         assert metrics(tmp_path / "reference") == metrics(killed)
 
 
-def test_stacked_adam_is_torch_adam_per_run_with_its_own_steps_and_learning_rates():
+def test_stacked_adam_is_torch_adam_per_run_and_leaves_the_runs_sitting_out_untouched():
     torch.manual_seed(0)
     shapes = [(3, 4, 5), (3, 5)]
     stacked = [torch.randn(s, requires_grad=True) for s in shapes]
     alone = [[torch.nn.Parameter(t[r].detach().clone()) for t in stacked] for r in range(3)]
-    optimizers = [torch.optim.Adam(params, lr=0.1) for params in alone]
+    optimizers = [torch.optim.Adam(params, lr=0.1, fused=True) for params in alone]
     adam = StackedAdam(stacked)
-    plan = [([True, True, True], [0.1, 0.1, 0.1]), ([True, False, True], [0.05, 0.1, 0.02]),
-            ([False, True, True], [0.1, 0.03, 0.01]), ([True, True, True], [0.1, 0.1, 0.1])]
-    for active, lrs in plan:
+    # run 1 sits out a step, then catches up alone, as after resuming from an older checkpoint
+    plan = [([True, True, True], 0.1), ([True, False, True], 0.05), ([False, True, False], 0.05),
+            ([True, True, True], 0.02)]
+    for active, lr in plan:
         grads = [torch.randn(s) for s in shapes]
         for p, g in zip(stacked, grads):
             p.grad = g.clone()
-        adam.step(lrs, active)
+        before = [p.detach().clone() for p in stacked]
+        adam.step(lr, active)
         for r in range(3):
-            if active[r]:
-                for p, g in zip(alone[r], grads):
-                    p.grad = g[r].clone()
-                for group in optimizers[r].param_groups:
-                    group["lr"] = lrs[r]
-                optimizers[r].step()
-        for r in range(3):
+            if not active[r]:
+                assert all(torch.equal(p.detach()[r], b[r]) for p, b in zip(stacked, before))
+                continue
+            for p, g in zip(alone[r], grads):
+                p.grad = g[r].clone()
+            optimizers[r].param_groups[0]["lr"] = lr
+            optimizers[r].step()
             for p, q in zip(stacked, alone[r]):
-                torch.testing.assert_close(p.detach()[r], q.detach(), rtol=1e-6, atol=1e-7)
-    assert adam.steps == [3, 3, 4]
+                assert torch.equal(p.detach()[r], q.detach())  # torch's own kernel: the same bits
+    assert adam.steps == [3, 3, 3]
+    with pytest.raises(ValueError, match="one step"):
+        adam.steps = [1, 2, 2]
+        adam.step(0.1, [True, True, True])
 
 
 def test_a_stacked_reproduction_reports_what_a_local_one_reports(tmp_path, data_dir):
@@ -229,3 +234,38 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
         for name in ("bound", "iwae", "iwsvi", "gap"):
             np.testing.assert_allclose(together["estimates"][name]["values"], alone["estimates"][name]["values"],
                                        rtol=1e-5, atol=1e-4)
+
+
+def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_bit(tmp_path):
+    """Runs 0-1 saved step 20, runs 2-3 still hold step 10: on rerun 2-3 catch up while 0-1 sit out,
+    and every run ends exactly where an uninterrupted group ends."""
+    import airvae.train as train_module
+
+    cfgs, dataset = GROUPS["plain+dvae"], tiny_dataset()
+    train_group([Member(c, tmp_path / f"reference{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    real, saved = train_module.save_checkpoint, []
+
+    def dies(path, state):
+        if Path(path).name == "last.pt" and state["state"]["step"] == 20 and len(saved) == 2:
+            raise Killed
+        real(path, state)
+        if Path(path).name == "last.pt" and state["state"]["step"] == 20:
+            saved.append(path)
+
+    train_module.save_checkpoint = dies
+    try:
+        with pytest.raises(Killed):
+            train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    finally:
+        train_module.save_checkpoint = real
+    assert [load_checkpoint(tmp_path / f"r{i}" / LAST)["state"]["step"] for i in range(4)] == [20, 20, 10, 10]
+    train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    for i in range(4):
+        a, b = (load_checkpoint(tmp_path / f"{name}{i}" / LAST) for name in ("reference", "r"))
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), (i, name)
+        assert [m["step"] for m in read_metrics(tmp_path / f"r{i}" / "metrics.jsonl")] == [20, 40]

@@ -82,49 +82,41 @@ def group_key(cfg: RunConfig) -> str:
 
 
 class StackedAdam:
-    """Adam (Kingma & Ba, as torch.optim.Adam computes it) on stacked tensors ``[R, ...]``, where
-    slice r belongs to run r: every run has its own step count and learning rate, and a run that
-    is not active is left exactly as it was (parameters and moments)."""
+    """Adam on stacked tensors ``[R, ...]`` (slice r belongs to run r) with torch's own kernel, the
+    very arithmetic a run trained alone gets, and a step count per run. A step updates the active
+    runs, which must be at the same step (they are: a group steps its runs in lockstep, and runs
+    whose checkpoints are ahead sit out until the others catch up); the others are left exactly
+    as they were (parameters and moments), so catching up changes nothing bit for bit."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * params[0].shape[0]
-        self._counts, self._counted = None, None  # the fused kernel's step tensors (kept on the device)
+        self.fused = bool(_fast_adam_options(params[0].device))
+        self._counts, self._counted = None, None  # the kernel's step tensors (kept on the device)
 
-    def step(self, lrs: list[float], active: list[bool]) -> None:
-        beta1, beta2 = BETAS
-        self.steps = steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
-        device = self.params[0].device
-        if all(active) and len(set(steps)) == 1 and len(set(lrs)) == 1 and _fast_adam_options(device):
-            # The usual case, every run at the same step: torch's own fused kernel, the very
-            # arithmetic a run trained alone gets (it increments the step counts itself).
-            if self._counted != steps[0] - 1:
-                self._counts = [torch.tensor(float(steps[0] - 1), device=device) for _ in self.params]
-            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
-                       fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lrs[0], weight_decay=0.0,
-                       eps=ADAM_EPS, maximize=False)
-            self._counted = steps[0]
-            return
-        # Per-run scalars (an inactive run's are never used).
-        step_size = torch.tensor([lr / (1 - beta1 ** max(t, 1)) for lr, t in zip(lrs, steps)], device=device)
-        bc2_sqrt = torch.tensor([(1 - beta2 ** max(t, 1)) ** 0.5 for t in steps], device=device)
-        keep = None if all(active) else torch.tensor(active, device=device)
+    def step(self, lr: float, active: list[bool]) -> None:
+        steps = {s for s, a in zip(self.steps, active) if a}
+        if len(steps) != 1:
+            raise ValueError(f"StackedAdam: the active runs must be at one step, not {sorted(steps)}")
+        (step,) = steps
+        if self._counted != step:  # the kernel increments these itself
+            device = self.params[0].device if self.fused else "cpu"
+            self._counts = [torch.tensor(float(step), device=device) for _ in self.params]
+        idle = None if all(active) else torch.tensor([not a for a in active], device=self.params[0].device)
+        kept = [tuple(t[idle].clone() for t in trio) for trio in zip(self.params, self.exp_avg, self.exp_avg_sq)] \
+            if idle is not None else None
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
-                exp_avg = self.exp_avg[i].lerp(g, 1 - beta1)
-                exp_avg_sq = self.exp_avg_sq[i].mul(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
-                update = exp_avg * step_size.view(shape) / denom
-                if keep is not None:
-                    mask = keep.view(shape)
-                    exp_avg = torch.where(mask, exp_avg, self.exp_avg[i])
-                    exp_avg_sq = torch.where(mask, exp_avg_sq, self.exp_avg_sq[i])
-                    update = torch.where(mask, update, torch.zeros_like(update))
-                p.sub_(update)
-                self.exp_avg[i], self.exp_avg_sq[i] = exp_avg, exp_avg_sq
+            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
+                       fused=self.fused, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr, weight_decay=0.0,
+                       eps=ADAM_EPS, maximize=False)
+            if kept is not None:  # the runs sitting out get back exactly what they had
+                for trio, old in zip(zip(self.params, self.exp_avg, self.exp_avg_sq), kept):
+                    for t, o in zip(trio, old):
+                        t[idle] = o
+        self._counted = step + 1
+        self.steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,7 +544,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                 for leaf in group.leaves:
                     leaf.grad = None
                 torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
-                adam.step([cfg.lr_at(log.step) for cfg, log in zip(cfgs, logs)], active)
+                adam.step(first.lr_at(group_step), active)
                 loss_sums += torch.where(keep, per_run.detach().double(), torch.zeros_like(loss_sums))
                 validate, save = [], []
                 for r in range(R):
@@ -696,7 +688,7 @@ def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device,
     alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
     batch = cfgs[0].batch_size
     xs = x[:batch].expand(len(cfgs), *x[:batch].shape).contiguous()
-    active, lrs = [True] * len(cfgs), [cfg.lr for cfg in cfgs]
+    active = [True] * len(cfgs)
     objectives = _compiled(stacked_objectives, device) if compile else stacked_objectives
 
     def group_step():
@@ -704,7 +696,7 @@ def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device,
         for leaf in group.leaves:
             leaf.grad = None
         (-objectives(group, xs, x_seen, eps, eps_clean, alpha).mean(-1)).sum().backward()
-        adam.step(lrs, active)
+        adam.step(cfgs[0].lr, active)
 
     model, cfg = models[0], cfgs[0]
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
