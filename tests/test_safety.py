@@ -49,9 +49,10 @@ class Killed(BaseException):
     """Stands for the death of the process at that point."""
 
 
-def killed_run(tmp_path, monkeypatch, at_step: int = 20):
+def killed_run(tmp_path, monkeypatch, at_step: int = 20, *extra: str):
     """A 40-step run whose process died right before writing last.pt at ``at_step`` (validations
-    every 10 steps): best.pt and the metrics line of that step are written, last.pt is older."""
+    every 10 steps): best.pt and the metrics line of that step are written, last.pt is older.
+    ``extra``: more flags of ``airvae train``."""
     import airvae.train as train_module
 
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
@@ -65,7 +66,7 @@ def killed_run(tmp_path, monkeypatch, at_step: int = 20):
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "save_checkpoint", dies)
         with pytest.raises(Killed):
-            main(train_args(data, run, "--iterations", "40"))
+            main(train_args(data, run, "--iterations", "40", *extra))
     return data, run
 
 

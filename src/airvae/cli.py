@@ -89,7 +89,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="discard the airvae run in --run-dir (refused for folders airvae did not create)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume even though the dataset's contents changed since the run was created")
+    _add_log(p)
     _add_common(p)
+
+
+def _add_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", help="tracking sinks besides metrics.jsonl: tensorboard (RUN/tensorboard/), mlflow "
+                                 "($MLFLOW_TRACKING_URI, else ./mlruns), both comma-separated, or none; "
+                                 "default: none for a new run, the run's own choice when resuming")
 
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
@@ -131,11 +138,19 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / dataset / f"{name}-seed{cfg.seed}"
 
 
+def _tracking(args):
+    """``--log`` as :class:`airvae.tracking.TrackingSettings`; None when not given."""
+    from .tracking import TrackingSettings
+
+    return None if args.log is None else TrackingSettings.parse(args.log)
+
+
 def cmd_train(args) -> int:
     from .data import load_dataset
     from .runs import load_config
     from .train import train
 
+    tracking = _tracking(args)
     if args.dataset is None:
         if not (args.resume and args.run_dir):
             raise ConfigError("missing --dataset: allowed mnist, omniglot, caltech or a .npz path "
@@ -145,7 +160,8 @@ def cmd_train(args) -> int:
         dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
         return _report_training(stored, args.run_dir, train(stored, args.run_dir, resume=True,
                                                             progress=not args.no_progress, dataset=dataset,
-                                                            allow_data_change=args.allow_data_change))
+                                                            allow_data_change=args.allow_data_change,
+                                                            tracking=tracking))
     _check_dataset_name(args.dataset)
     # Validate everything that does not need the data before loading it.
     Regularizer(alpha=args.alpha)
@@ -166,8 +182,8 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or default_run_dir(cfg)
     if dataset.deviation:
         print(f"note: {dataset.deviation}", file=sys.stderr)
-    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress, dataset=dataset, allow_data_change=args.allow_data_change)
+    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   dataset=dataset, allow_data_change=args.allow_data_change, tracking=tracking)
     return _report_training(cfg, run_dir, result)
 
 
@@ -281,11 +297,13 @@ def cmd_reproduce(args) -> int:
         _check_dataset_name(dataset)
     check_int("seeds", args.seeds, 1, MAX_SEED + 1)
     grid = _grid(args.grid)
+    tracking = _tracking(args)
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task)
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
-                         data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+                         data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
+                         tracking=tracking)
     print((out_dir / "REPORT.md").read_text())
     print(f"written to {out_dir}")
     if failures:
@@ -331,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
     p.add_argument("--out", type=path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     _add_executor(p)
+    _add_log(p)
     _add_common(p)
     _add_compile(p)
     p.set_defaults(func=cmd_reproduce)

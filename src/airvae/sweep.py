@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig, resolve_run_config
 from .model import COMPILE_ENV
+from .tracking import TrackingSettings
 
 # Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).
 PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
@@ -79,6 +80,7 @@ class Task:
     data_dir: str | None = None
     device: str = "auto"
     evaluation: dict | None = None  # EvaluationSettings fields; None: train only
+    tracking: TrackingSettings | None = None  # tracking sinks (--log); None: the run's own choice
 
     @property
     def run_dir(self) -> Path:
@@ -114,7 +116,7 @@ def execute(task: Task) -> dict:
         if summary is None:
             dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
             cfg = task.job.run_config(dataset.dim, task.data_dir, task.device)
-            result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset)
+            result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset, tracking=task.tracking)
             if result.status == "interrupted":
                 raise KeyboardInterrupt
             summary = read_json(run_dir / SUMMARY)
