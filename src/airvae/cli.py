@@ -1,4 +1,4 @@
-"""The ``airvae`` command line: ``train``, ``evaluate``, ``plot``, ``reproduce``, ``report``, ``datasets``.
+"""The ``airvae`` command line: ``train``, ``evaluate``, ``plot``, ``reproduce``, ``report``, ``bundle``, ``datasets``.
 
 Every user error (bad value, missing data, existing run) is reported as one line naming what is
 wrong and how to fix it, with exit status 2; never a traceback.
@@ -211,7 +211,7 @@ def cmd_datasets(args) -> int:
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=path, help="a training run directory")
+    p.add_argument("run_dir", type=path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
     p.add_argument("--estimators", default="bound,iwsvi,gap",
@@ -233,9 +233,11 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from .bundle import resolve
     from .evaluation import EvaluationSettings, evaluate_run, format_table, run_study
     from .runs import load_config
 
+    args.run_dir = resolve(args.run_dir)  # BUNDLE/RUN: the run in the bundle's extraction (a cache folder)
     load_config(args.run_dir)  # a clear error for a folder that is not a run
     check_int("seed", args.seed, 0, MAX_SEED)
     if args.study:
@@ -254,9 +256,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .bundle import resolve
     from .plots import plot_run
 
-    plots = plot_run(args.run_dir, args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
+    plots = plot_run(resolve(args.run_dir), args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
                      device=args.device)
     print("\n".join(f"written {path}" for path in plots.written.values()))
     print("\n".join(f"skipped {name}: {why}" for name, why in plots.skipped.items()))
@@ -315,10 +318,20 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .bundle import resolve
     from .reproduce import render
 
-    out_dir = render(args.results_dir)
+    out_dir = render(resolve(args.results_dir))
     print((out_dir / "REPORT.md").read_text())
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import write_bundle
+
+    out = write_bundle(args.results_dir, args.out)
+    print(f"written {out} ({out.stat().st_size / 1e6:.1f} MB): `airvae report {out}`, "
+          f"`airvae evaluate {out}/RUN` and airvae.load('{out}/RUN') read it anywhere")
     return 0
 
 
@@ -335,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("plot", help="training curves, samples, reconstructions, posterior statistics and WNI "
                                     "weight norms of a run, as PNGs in RUN/plots/")
-    p.add_argument("run_dir", type=Path, help="a training run directory")
+    p.add_argument("run_dir", type=Path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to draw (default best)")
     p.add_argument("--examples", type=int, default=1000, help="test examples for the posterior statistics")
     p.add_argument("--out", type=Path, help="output folder (default RUN/plots)")
@@ -354,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(p)
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="rebuild tables, figures and REPORT.md of a reproduction, no training")
-    p.add_argument("results_dir", type=path)
+    p.add_argument("results_dir", type=path, help="a reproduction's folder, or a bundle of one")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bundle", help="one zip archive of a reproduction (or a run) to share: tables, REPORT.md, "
+                                      "plots, every run's files and best weights as safetensors, no pickle")
+    p.add_argument("results_dir", type=path, help="a reproduction's folder, or a run directory")
+    p.add_argument("--out", type=path, help="the archive to write (default DIR.zip beside DIR); never overwritten")
+    p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
     p.add_argument("names", nargs="*", help="default: all three")
     _add_common(p)
