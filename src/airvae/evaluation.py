@@ -4,8 +4,10 @@
   IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
 * :func:`evaluate_model` -- library call on any model (:class:`airvae.model.LatentVariableModel`)
   and data;
-* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt``, evaluates a split and caches the
-  result as ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back);
+* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt`` (in a bundle's run, its
+  ``best.safetensors``), evaluates a split and caches the result as
+  ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back), and sends it
+  to the run's tracking sinks, if any (:mod:`airvae.tracking`);
 * :func:`format_table` -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
 * :func:`iwsvi_vs_iwae_study` / :func:`run_study` -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
 

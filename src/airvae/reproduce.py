@@ -426,7 +426,8 @@ def render(out_dir: str | Path) -> Path:
         report += claims
     report += ["", *_plots_section(out_dir, manifest, rows)]
     if failed:
-        report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `{r['run_dir'] / 'error.json'}`" for r in failed]
+        report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `runs/{r['job'].name}/error.json`"
+                                                 for r in failed]  # relative: the same report from a bundle
     (out_dir / "REPORT.md").write_text("\n".join(report) + "\n")
     return out_dir
 
