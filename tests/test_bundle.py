@@ -22,8 +22,9 @@ from airvae.runs import check_clearable, load_trained_model
 from test_safety import one_error_line, write_npz
 
 RUN = "runs/tiny/k1-m1/denoise-0.5-5/seed0"
+# The reproduction's own test evaluation (EVALUATION_BUDGETS["smoke"]).
 SMOKE_EVALUATION = ["--estimators", "bound,iwae,iwsvi,gap", "--max-examples", "32", "--k", "16", "--svi-k", "16",
-                    "--svi-l", "2", "--svi-steps", "5", "--no-progress", "--device", "cpu"]  # EVALUATION_BUDGETS["smoke"]
+                    "--svi-l", "2", "--svi-steps", "5", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

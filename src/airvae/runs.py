@@ -253,12 +253,14 @@ def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[d
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as weights:
-            return {name: weights.get_tensor(name) for name in weights.keys()}, dict(weights.metadata() or {})
+        with safe_open(str(path), framework="pt") as weights:  # on the CPU, then moved: any torch device works
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+            header = dict(weights.metadata() or {})
     except FileNotFoundError as error:
         raise RunError(f"weights {path} do not exist") from error
     except Exception as error:  # noqa: BLE001 - the safetensors parser's own errors: damage
         raise RunError(_corrupt(Path(path), error)) from error
+    return {name: tensor.to(device) for name, tensor in tensors.items()}, header
 
 
 def best_checkpoint_digest(run_dir: Path) -> str | None:
@@ -266,8 +268,10 @@ def best_checkpoint_digest(run_dir: Path) -> str | None:
     ``best.safetensors`` instead (from a bundle), that of the best.pt it was written from; None
     when the run has neither."""
     run_dir = Path(run_dir)
-    if (run_dir / BEST).exists() or not (run_dir / BEST_WEIGHTS).exists():
-        return _file_digest(run_dir / BEST) if (run_dir / BEST).exists() else None
+    if (run_dir / BEST).exists():
+        return _file_digest(run_dir / BEST)
+    if not (run_dir / BEST_WEIGHTS).exists():
+        return None
     from safetensors import safe_open
 
     try:

@@ -50,10 +50,11 @@ class TrackingSettings:
     mlflow_experiment: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.sinks, str) or not all(s in SINKS for s in self.sinks) or len(set(self.sinks)) < len(
-                self.sinks):
-            raise ConfigError(f"invalid log = {self.sinks!r}: allowed a comma-separated subset of "
-                              f"{', '.join(SINKS)}, or none")
+        sinks = self.sinks
+        if isinstance(sinks, str) or not set(sinks) <= set(SINKS) or len(set(sinks)) < len(sinks):
+            raise ConfigError(f"invalid log = {sinks!r}: allowed a comma-separated subset of {', '.join(SINKS)}, "
+                              "or none")
+        object.__setattr__(self, "sinks", tuple(sinks))
         for sink in self.sinks:
             module, extra = _PACKAGES[sink]
             if not _installed(module):
@@ -163,20 +164,17 @@ class _Mlflow:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             try:
-                experiment_id = self.client.create_experiment(experiment)
+                self.client.create_experiment(experiment)
             except Exception:  # noqa: BLE001 - another worker of a sweep created it meanwhile
-                found = self.client.get_experiment_by_name(experiment)
-                if found is None:
+                if self.client.get_experiment_by_name(experiment) is None:
                     raise
-                experiment_id = found.experiment_id
-        else:
-            experiment_id = found.experiment_id
+            found = self.client.get_experiment_by_name(experiment)
         if run_id is not None:
             try:
                 self.client.delete_run(run_id)  # MLflow metrics are append-only: the run is replaced
             except Exception:  # noqa: BLE001 - deleted by hand, or from another store: nothing to replace
                 pass
-        self.run_id = self.client.create_run(experiment_id, run_name=name,
+        self.run_id = self.client.create_run(found.experiment_id, run_name=name,
                                              tags={"airvae.run_dir": str(run_dir.resolve())}).info.run_id
 
     def params(self, config: dict) -> None:
@@ -229,7 +227,7 @@ class Tracker:
         for record in records:  # wall times as if the run had trained without stopping, ending now
             tracker.validation(record, now - (last - record.get("seconds", last)))
         step = records[-1]["step"] if records else 0
-        for path, result in current_evaluations(run_dir):
+        for path, result in _current_evaluations(run_dir):
             tracker.evaluation(path.stem, result, step, now)
         return tracker
 
@@ -267,12 +265,11 @@ def _open_sinks(run_dir: Path, stored: dict, replace: bool) -> dict:
 
 
 def _run_name(run_dir: Path) -> str:
-    """The run's folder with its parents up to the results or runs folder: ``caltech/VAE-seed0``."""
-    parts = run_dir.resolve().parts
-    return "/".join(parts[-3:]) if len(parts) >= 3 else run_dir.name
+    """The last four parts of the run's path: ``runs/caltech/VAE-seed0``, ``caltech/k1-m1/plain/seed0``."""
+    return "/".join(run_dir.resolve().parts[-4:])
 
 
-def current_evaluations(run_dir: Path) -> list[tuple[Path, dict]]:
+def _current_evaluations(run_dir: Path) -> list[tuple[Path, dict]]:
     """The run's stored evaluations of its current best checkpoint, by file name."""
     folder, digest, found = Path(run_dir) / EVALUATIONS, None, []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:

@@ -25,11 +25,11 @@ from .devices import resolve_device
 from .estimators import iwae_log_likelihood
 from .model import LONG_TRAINING_STEPS, air_objective, compile_for
 from .resources import check_fits, training_memory
-from .tracking import Tracker, TrackingSettings, choose_sinks
 from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
                    check_clearable, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
                    read_marker, read_metrics, run_dir_state, save_checkpoint, write_json, write_marker,
                    write_metrics)
+from .tracking import Tracker, TrackingSettings, choose_sinks
 
 
 class TrainingDiverged(RuntimeError):
