@@ -26,10 +26,11 @@ import stat
 import tempfile
 import time
 import zipfile
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from .runs import (BEST, BEST_WEIGHTS, CONFIG, ERROR, EVALUATIONS, MARKER, METRICS, SUMMARY, RunError,
-                   check_unlocked, load_config, read_json, save_best_weights)
+                   best_weights_safetensors, check_unlocked, load_config, read_json)
 
 BUNDLE_MARKER = "airvae-bundle.json"
 BUNDLE_FORMAT = 1
@@ -114,7 +115,7 @@ def _run_files(run_dir: Path, prefix: str) -> list:
 
     def add(name: str, path: Path, data=None):
         if path.is_file() and not path.is_symlink():
-            files.append((prefix + name, data or path.read_bytes, path.stat().st_mtime))
+            files.append((prefix + name, path.read_bytes if data is None else data, path.stat().st_mtime))
 
     for name in _RUN_FILES:
         add(name, run_dir / name)
@@ -125,13 +126,7 @@ def _run_files(run_dir: Path, prefix: str) -> list:
             for path in sorted((run_dir / folder).iterdir()):
                 if path.suffix in suffixes and not path.name.startswith("."):
                     add(f"{folder}/{path.name}", path)
-    if (run_dir / BEST).is_file():
-        def weights(run_dir=run_dir) -> bytes:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_best_weights(run_dir, Path(tmp) / "best.safetensors")
-                return (Path(tmp) / "best.safetensors").read_bytes()
-
-        add(BEST_WEIGHTS, run_dir / BEST, weights)
+    add(BEST_WEIGHTS, run_dir / BEST, partial(best_weights_safetensors, run_dir))  # converted when written
     return files
 
 

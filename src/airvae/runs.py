@@ -233,9 +233,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return read_checkpoint(path, device)[0]
 
 
-def save_best_weights(run_dir: Path, path: Path) -> None:
-    """Write the weights of ``RUN/checkpoints/best.pt`` (read weights-only) to ``path`` as
-    safetensors: tensors and a header of strings, a format that cannot carry code. The header keeps
+def best_weights_safetensors(run_dir: Path) -> bytes:
+    """The weights of ``RUN/checkpoints/best.pt`` (read weights-only) as a safetensors file:
+    tensors and a header of strings, a format that cannot carry code. The header keeps
     the checkpoint's step, validation estimate and the sha256 of best.pt, which stays the
     checkpoint's identity (:func:`best_checkpoint_digest`), so evaluations cached for best.pt hold
     for these weights."""
@@ -245,11 +245,11 @@ def save_best_weights(run_dir: Path, path: Path) -> None:
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state["model"].items()}
     metadata = {"format": "airvae-best-1", "checkpoint_sha256": digest, "step": str(state.get("step")),
                 "val_log_likelihood": repr(state.get("val_log_likelihood"))}
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+    return save(tensors, metadata=metadata)
 
 
 def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """The tensors and header of a ``best.safetensors`` (:func:`save_best_weights`)."""
+    """The tensors and header of a ``best.safetensors`` (:func:`best_weights_safetensors`)."""
     from safetensors import safe_open
 
     try:
