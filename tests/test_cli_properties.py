@@ -1,4 +1,4 @@
-"""Property tests over the command line: for every flag of train, evaluate, reproduce and report,
+"""Property tests over the command line: for every flag of train, evaluate, reproduce, report and bundle,
 any value (huge, tiny, nan, inf, empty, wrong type, random text) either works or is refused with
 exit status 2 and one line naming the flag, never a traceback, and a refused command leaves the
 file system as it found it.
@@ -32,11 +32,12 @@ VALUES = st.one_of(st.sampled_from(NUMBERS), st.integers(-10**40, 10**40).map(st
 TRAIN_FLAGS = ["--dataset", "--budget", "--arch", "--encoder", "--decoder", "--z-dim", "--k", "--m", "--sigma",
                "--sigma-sqrt-d", "--alpha", "--H", "--ten-over-h", "--seed", "--iterations", "--batch-size", "--lr",
                "--val-every", "--val-k", "--val-examples", "--patience", "--checkpoint-every", "--run-dir",
-               "--data-dir", "--device"]
+               "--data-dir", "--device", "--log"]
 EVALUATE_FLAGS = ["--study", "--estimators", "--split", "--max-examples", "--k", "--svi-k", "--svi-l", "--svi-steps",
                   "--svi-lr", "--ais-intermediate", "--ais-chains", "--chunk-samples", "--seed", "--device", "RUN"]
 REPRODUCE_FLAGS = ["TARGET", "--dataset", "--budget", "--seeds", "--grid", "--out", "--executor", "--workers",
-                   "--address", "--gpus-per-task", "--data-dir", "--device"]
+                   "--address", "--gpus-per-task", "--data-dir", "--device", "--log"]
+BUNDLE_FLAGS = ["RESULTS", "--out"]
 # How each flag may be named in a message, besides its own spelling.
 ALIASES = {"--H": ("H (max_norm)", "argument --H"), "--run-dir": ("run directory",), "RUN": ("run",),
            "TARGET": ("target",), "--dataset": ("dataset", "data"), "--data-dir": ("data directory",),
@@ -137,8 +138,13 @@ def report_argv(flag: str, value: str) -> list[str]:
     return ["report", value]
 
 
+def bundle_argv(flag: str, value: str) -> list[str]:
+    return ["bundle", value] if flag == "RESULTS" else ["bundle", "trained", flag, value]
+
+
 COMMANDS = [(train_argv, flag) for flag in TRAIN_FLAGS] + [(evaluate_argv, flag) for flag in EVALUATE_FLAGS] + \
-           [(reproduce_argv, flag) for flag in REPRODUCE_FLAGS] + [(report_argv, "RESULTS")]
+           [(reproduce_argv, flag) for flag in REPRODUCE_FLAGS] + [(report_argv, "RESULTS")] + \
+           [(bundle_argv, flag) for flag in BUNDLE_FLAGS]
 
 
 @pytest.mark.parametrize("argv, flag", COMMANDS, ids=[f"{a.__name__[:-5]}{f}" for a, f in COMMANDS])

@@ -22,7 +22,8 @@ def test_docs_build_strictly_offline(tmp_path):
                            "-d", str(site)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     api = (site / "api" / "index.html").read_text()
-    for name in ("iw_svi_log_likelihood", "cap_weight_norms", "plot_run", "load_trained_model"):
+    for name in ("iw_svi_log_likelihood", "cap_weight_norms", "plot_run", "load_trained_model", "write_bundle",
+                 "TrackingSettings"):
         assert name in api, name  # the reference is generated from the docstrings
     for page in ("reproduce-a-table", "use-air-in-my-model", "estimate-log-likelihood"):
         assert (site / page / "index.html").exists()

@@ -49,9 +49,10 @@ class Killed(BaseException):
     """Stands for the death of the process at that point."""
 
 
-def killed_run(tmp_path, monkeypatch, at_step: int = 20):
+def killed_run(tmp_path, monkeypatch, at_step: int = 20, *extra: str):
     """A 40-step run whose process died right before writing last.pt at ``at_step`` (validations
-    every 10 steps): best.pt and the metrics line of that step are written, last.pt is older."""
+    every 10 steps): best.pt and the metrics line of that step are written, last.pt is older.
+    ``extra``: more flags of ``airvae train``."""
     import airvae.train as train_module
 
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
@@ -65,7 +66,7 @@ def killed_run(tmp_path, monkeypatch, at_step: int = 20):
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "save_checkpoint", dies)
         with pytest.raises(Killed):
-            main(train_args(data, run, "--iterations", "40"))
+            main(train_args(data, run, "--iterations", "40", *extra))
     return data, run
 
 
@@ -372,7 +373,7 @@ def test_reproduce_exits_non_zero_naming_the_runs_that_failed(tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "train", fails_for_wni)
     code = main(["reproduce", "table1", "--dataset", str(data), "--budget", "smoke", "--grid", "5",
-                 "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"])
+                 "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu", "--executor", "local"])
     assert code == 1
     err = capsys.readouterr().err
     assert "1 run(s) did not finish" in err and "wni-5/seed0: failed: RuntimeError: simulated failure" in err

@@ -4,12 +4,17 @@ Library use inside your own PyTorch VAE::
 
     from airvae import DenoisingEncoder, cap_weight_norms, iwae_bound, log_weights_given_q
 
+A trained model, from a run directory or a bundle (``airvae bundle``), in one line::
+
+    model = airvae.load("runs/caltech/VAE-seed0")
+
 Likelihoods (``Bernoulli``, ``Gaussian``, ``DiscretizedLogistic``) score x from the decoder's
 output; the estimators of :mod:`airvae.estimators` take any model following
 :class:`LatentVariableModel`.
 """
 
 from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
+from .bundle import load
 from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config
 from .likelihoods import (Bernoulli, DiscretizedLogistic, Gaussian, Likelihood, bits_per_dim,
                           log_likelihood_from_bits_per_dim)
@@ -25,6 +30,6 @@ __all__ = [
     "CappedWeightNormLinear", "ConfigError", "DenoisingEncoder", "DiscretizedLogistic", "Gaussian", "GaussianEncoder",
     "LatentVariableModel", "Likelihood", "MLPDecoder", "Regularizer", "RunConfig", "VAE", "air_objective",
     "bernoulli_log_prob", "bits_per_dim", "build_vae", "cap_weight_norms", "conditional_log_prob", "elbo",
-    "gaussian_log_prob", "iwae_bound", "log_likelihood_from_bits_per_dim", "log_weights_given_q", "parse_hidden_spec",
-    "resolve_run_config", "standard_normal_log_prob",
+    "gaussian_log_prob", "iwae_bound", "load", "log_likelihood_from_bits_per_dim", "log_weights_given_q",
+    "parse_hidden_spec", "resolve_run_config", "standard_normal_log_prob",
 ]

@@ -1,4 +1,4 @@
-"""The ``airvae`` command line: ``train``, ``evaluate``, ``plot``, ``reproduce``, ``report``, ``datasets``.
+"""The ``airvae`` command line: ``train``, ``evaluate``, ``plot``, ``reproduce``, ``report``, ``bundle``, ``datasets``.
 
 Every user error (bad value, missing data, existing run) is reported as one line naming what is
 wrong and how to fix it, with exit status 2; never a traceback.
@@ -89,7 +89,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="discard the airvae run in --run-dir (refused for folders airvae did not create)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume even though the dataset's contents changed since the run was created")
+    _add_log(p)
     _add_common(p)
+
+
+def _add_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", help="tracking sinks besides metrics.jsonl: tensorboard (RUN/tensorboard/), mlflow "
+                                 "($MLFLOW_TRACKING_URI, else ./mlruns), both comma-separated, or none; "
+                                 "default: none for a new run, the run's own choice when resuming")
 
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
@@ -131,11 +138,19 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / dataset / f"{name}-seed{cfg.seed}"
 
 
+def _tracking(args):
+    """``--log`` as :class:`airvae.tracking.TrackingSettings`; None when not given."""
+    from .tracking import TrackingSettings
+
+    return None if args.log is None else TrackingSettings.parse(args.log)
+
+
 def cmd_train(args) -> int:
     from .data import load_dataset
     from .runs import load_config
     from .train import train
 
+    tracking = _tracking(args)
     if args.dataset is None:
         if not (args.resume and args.run_dir):
             raise ConfigError("missing --dataset: allowed mnist, omniglot, caltech or a .npz path "
@@ -145,7 +160,8 @@ def cmd_train(args) -> int:
         dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
         return _report_training(stored, args.run_dir, train(stored, args.run_dir, resume=True,
                                                             progress=not args.no_progress, dataset=dataset,
-                                                            allow_data_change=args.allow_data_change))
+                                                            allow_data_change=args.allow_data_change,
+                                                            tracking=tracking))
     _check_dataset_name(args.dataset)
     # Validate everything that does not need the data before loading it.
     Regularizer(alpha=args.alpha)
@@ -166,8 +182,8 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or default_run_dir(cfg)
     if dataset.deviation:
         print(f"note: {dataset.deviation}", file=sys.stderr)
-    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress, dataset=dataset, allow_data_change=args.allow_data_change)
+    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   dataset=dataset, allow_data_change=args.allow_data_change, tracking=tracking)
     return _report_training(cfg, run_dir, result)
 
 
@@ -195,7 +211,7 @@ def cmd_datasets(args) -> int:
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=path, help="a training run directory")
+    p.add_argument("run_dir", type=path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
     p.add_argument("--estimators", default="bound,iwsvi,gap",
@@ -217,9 +233,11 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from .bundle import resolve
     from .evaluation import EvaluationSettings, evaluate_run, format_table, run_study
     from .runs import load_config
 
+    args.run_dir = resolve(args.run_dir)  # BUNDLE/RUN: the run in the bundle's extraction (a cache folder)
     load_config(args.run_dir)  # a clear error for a folder that is not a run
     check_int("seed", args.seed, 0, MAX_SEED)
     if args.study:
@@ -238,9 +256,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .bundle import resolve
     from .plots import plot_run
 
-    plots = plot_run(args.run_dir, args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
+    plots = plot_run(resolve(args.run_dir), args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
                      device=args.device)
     print("\n".join(f"written {path}" for path in plots.written.values()))
     print("\n".join(f"skipped {name}: {why}" for name, why in plots.skipped.items()))
@@ -283,11 +302,13 @@ def cmd_reproduce(args) -> int:
         _check_dataset_name(dataset)
     check_int("seeds", args.seeds, 1, MAX_SEED + 1)
     grid = _grid(args.grid)
+    tracking = _tracking(args)
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task, args.device)
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
-                         data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
+                         data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
+                         tracking=tracking)
     print((out_dir / "REPORT.md").read_text())
     print(f"written to {out_dir}")
     if failures:
@@ -299,10 +320,20 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .bundle import resolve
     from .reproduce import render
 
-    out_dir = render(args.results_dir)
+    out_dir = render(resolve(args.results_dir))
     print((out_dir / "REPORT.md").read_text())
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import write_bundle
+
+    out = write_bundle(args.results_dir, args.out)
+    print(f"written {out} ({out.stat().st_size / 1e6:.1f} MB): `airvae report {out}`, "
+          f"`airvae evaluate {out}/RUN` and airvae.load('{out}/RUN') read it anywhere")
     return 0
 
 
@@ -319,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("plot", help="training curves, samples, reconstructions, posterior statistics and WNI "
                                     "weight norms of a run, as PNGs in RUN/plots/")
-    p.add_argument("run_dir", type=Path, help="a training run directory")
+    p.add_argument("run_dir", type=Path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to draw (default best)")
     p.add_argument("--examples", type=int, default=1000, help="test examples for the posterior statistics")
     p.add_argument("--out", type=Path, help="output folder (default RUN/plots)")
@@ -333,12 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
     p.add_argument("--out", type=path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     _add_executor(p)
+    _add_log(p)
     _add_common(p)
     _add_compile(p)
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="rebuild tables, figures and REPORT.md of a reproduction, no training")
-    p.add_argument("results_dir", type=path)
+    p.add_argument("results_dir", type=path, help="a reproduction's folder, or a bundle of one")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bundle", help="one zip archive of a reproduction (or a run) to share: tables, REPORT.md, "
+                                      "plots, every run's files and best weights as safetensors, no pickle")
+    p.add_argument("results_dir", type=path, help="a reproduction's folder, or a run directory")
+    p.add_argument("--out", type=path, help="the archive to write (default DIR.zip beside DIR); never overwritten")
+    p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
     p.add_argument("names", nargs="*", help="default: all three")
     _add_common(p)

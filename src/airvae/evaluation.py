@@ -4,8 +4,10 @@
   IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
 * :func:`evaluate_model` -- library call on any model (:class:`airvae.model.LatentVariableModel`)
   and data;
-* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt``, evaluates a split and caches the
-  result as ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back);
+* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt`` (in a bundle's run, its
+  ``best.safetensors``), evaluates a split and caches the result as
+  ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back), and sends it
+  to the run's tracking sinks, if any (:mod:`airvae.tracking`);
 * :func:`format_table` -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
 * :func:`iwsvi_vs_iwae_study` / :func:`run_study` -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
 
@@ -27,7 +29,8 @@ import torch
 
 from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
-from .runs import BEST, write_json
+from .runs import best_checkpoint_digest, write_json
+from .tracking import log_evaluation
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound, bdmc,
                          fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
@@ -212,19 +215,6 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
 # Run level
 
 
-def _checkpoint_digest(run_dir: Path) -> str | None:
-    """sha256 of the checkpoint evaluate_run would load now: a cached result is stale once best.pt
-    changes."""
-    path = Path(run_dir) / BEST
-    if not path.exists():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
     return Path(run_dir) / EVALUATIONS_DIR / f"{settings.split}-{settings.short_hash()}.json"
 
@@ -239,7 +229,7 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
         return None
     if not isinstance(stored, dict) or stored.get("identity") != settings.identity():
         return None
-    if stored.get("checkpoint_sha256") != _checkpoint_digest(Path(run_dir)):
+    if stored.get("checkpoint_sha256") != best_checkpoint_digest(run_dir):
         return None
     return stored
 
@@ -285,7 +275,9 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
         "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(evaluation_path(run_dir, settings), result)
+    path = evaluation_path(run_dir, settings)
+    write_json(path, result)
+    log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
     return result
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .runs import LOCK, METRICS as METRICS_FILE, RunError, RunLock, check_unlocked, read_json, read_metrics, write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
+from .tracking import TrackingSettings
 
 TABLE_FAMILIES = ("plain", "denoise-0.5", "denoise-1.0", "wni")
 FAMILY_LABELS = {"plain": "{base}", "denoise-0.5": "D{base} (alpha=0.5)", "denoise-1.0": "D{base} (alpha=1.0)",
@@ -134,9 +135,11 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executor, out_dir: Path, *,
               grid: tuple[float, ...] | None = None, data_dir: str | None = None, device: str = "auto",
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, tracking: TrackingSettings | None = None) -> list[dict]:
     """Train, select on validation, evaluate on test, render. Idempotent: re-running skips
-    finished work and resumes interrupted runs. Everything is checked before anything is written,
+    finished work and resumes interrupted runs. ``tracking``
+    (:class:`airvae.tracking.TrackingSettings`): the runs' sinks besides metrics.jsonl; None keeps
+    each run's own choice. Everything is checked before anything is written,
     and the output folder is locked against a second reproduction. Returns the results of the
     runs that did not finish (status "failed" or "locked"), each with its ``name`` and ``error``."""
     if target not in TARGETS:
@@ -159,7 +162,7 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
     with RunLock(out_dir):
         write_json(out_dir / "manifest.json", manifest)
         log = out_dir / "sweep.jsonl"
-        make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev)  # noqa: E731
+        make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev, tracking)  # noqa: E731
         if spec.evaluate_all:
             results = run_tasks([make(job, evaluation) for job in jobs], executor, log, progress, "train+evaluate")
         else:
@@ -423,7 +426,8 @@ def render(out_dir: str | Path) -> Path:
         report += claims
     report += ["", *_plots_section(out_dir, manifest, rows)]
     if failed:
-        report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `{r['run_dir'] / 'error.json'}`" for r in failed]
+        report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `runs/{r['job'].name}/error.json`"
+                                                 for r in failed]  # relative: the same report from a bundle
     (out_dir / "REPORT.md").write_text("\n".join(report) + "\n")
     return out_dir
 

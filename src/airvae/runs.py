@@ -8,8 +8,14 @@ and the rules that keep it safe.
     RUN/metrics.jsonl          one JSON object per validation
     RUN/checkpoints/last.pt    model, optimizer, step, RNG state (for exact resume)
     RUN/checkpoints/best.pt    model at the best validation estimate (early stopping)
+    RUN/checkpoints/best.safetensors
+                               the same weights as safetensors, in place of best.pt, in a run
+                               extracted from a bundle (airvae.bundle)
     RUN/summary.json           status and final numbers, rewritten as the run progresses
     RUN/evaluations/*.json     cached evaluations (airvae.evaluation)
+    RUN/plots/                 figures of `airvae plot` (airvae.plots)
+    RUN/tracking.json          the run's tracking sinks (--log; airvae.tracking)
+    RUN/tensorboard/           TensorBoard event files (--log tensorboard)
 
 Safety rules, each enforced here:
 
@@ -49,14 +55,18 @@ except ImportError:  # Windows: no flock; runs are then not protected against a 
 
 CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json", ".lock"
 CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
+TRACKING, TENSORBOARD = "tracking.json", "tensorboard"
 LAST, BEST = f"{CHECKPOINTS}/last.pt", f"{CHECKPOINTS}/best.pt"
+BEST_WEIGHTS = f"{CHECKPOINTS}/best.safetensors"
 MARKER_FORMAT = 1
+EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")  # the files of TensorBoard's SummaryWriter
 
 # What airvae writes into a run directory, by entry: anything else makes the folder foreign, and
 # airvae refuses to delete it.
-_RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR)))
-_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best)\.pt"), EVALUATIONS: re.compile(r"[\w.-]+\.json"),
-                "plots": re.compile(r"[\w.-]+\.(png|json)")}
+_RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR, TRACKING)))
+_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best)\.pt|best\.safetensors"),
+                EVALUATIONS: re.compile(r"[\w.-]+\.json"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
+                TENSORBOARD: EVENT_FILE}
 # A temporary file of atomic_write_bytes: "." + the target's name + "." + mkstemp's 8 random characters.
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
 
@@ -223,6 +233,62 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return read_checkpoint(path, device)[0]
 
 
+def best_weights_safetensors(run_dir: Path) -> bytes:
+    """The weights of ``RUN/checkpoints/best.pt`` (read weights-only) as a safetensors file:
+    tensors and a header of strings, a format that cannot carry code. The header keeps
+    the checkpoint's step, validation estimate and the sha256 of best.pt, which stays the
+    checkpoint's identity (:func:`best_checkpoint_digest`), so evaluations cached for best.pt hold
+    for these weights."""
+    from safetensors.torch import save
+
+    state, digest = read_checkpoint(Path(run_dir) / BEST)
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state["model"].items()}
+    metadata = {"format": "airvae-best-1", "checkpoint_sha256": digest, "step": str(state.get("step")),
+                "val_log_likelihood": repr(state.get("val_log_likelihood"))}
+    return save(tensors, metadata=metadata)
+
+
+def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """The tensors and header of a ``best.safetensors`` (:func:`best_weights_safetensors`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:  # on the CPU, then moved: any torch device works
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+            header = dict(weights.metadata() or {})
+    except FileNotFoundError as error:
+        raise RunError(f"weights {path} do not exist") from error
+    except Exception as error:  # noqa: BLE001 - the safetensors parser's own errors: damage
+        raise RunError(_corrupt(Path(path), error)) from error
+    return {name: tensor.to(device) for name, tensor in tensors.items()}, header
+
+
+def best_checkpoint_digest(run_dir: Path) -> str | None:
+    """The identity of a run's best checkpoint: the sha256 of ``best.pt``, or, in a run that holds
+    ``best.safetensors`` instead (from a bundle), that of the best.pt it was written from; None
+    when the run has neither."""
+    run_dir = Path(run_dir)
+    if (run_dir / BEST).exists():
+        return _file_digest(run_dir / BEST)
+    if not (run_dir / BEST_WEIGHTS).exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(run_dir / BEST_WEIGHTS), framework="pt") as weights:
+            return (weights.metadata() or {}).get("checkpoint_sha256")
+    except Exception:  # noqa: BLE001 - damaged: no cached result can match; loading it names the damage
+        return None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs and models
 
@@ -254,7 +320,8 @@ def model_from_config(cfg: RunConfig):
 
 def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None):
     """``(config, model)``: the trained model of a run (``which``: "best" by validation, or
-    "last"), in eval mode."""
+    "last"), in eval mode. The best weights come from ``best.pt``, or from ``best.safetensors`` in
+    a run extracted from a bundle."""
     cfg, model, _ = load_trained_model_with_digest(run_dir, which, device)
     return cfg, model
 
@@ -267,7 +334,12 @@ def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "bes
     cfg = load_config(run_dir)
     device = device or "cpu"
     path = Path(run_dir) / (BEST if which == "best" else LAST)
-    state, digest = read_checkpoint(path, device)
+    if which == "best" and not path.exists() and (Path(run_dir) / BEST_WEIGHTS).exists():
+        path = Path(run_dir) / BEST_WEIGHTS
+        weights, header = read_best_weights(path, device)
+        state, digest = {"model": weights}, header.get("checkpoint_sha256") or _file_digest(path)
+    else:
+        state, digest = read_checkpoint(path, device)
     model = model_from_config(cfg).to(device)
     try:
         model.load_state_dict(state["model"])

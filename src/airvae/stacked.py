@@ -443,10 +443,12 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
 
 @dataclass
 class Member:
-    """One run of a group: its configuration and run directory."""
+    """One run of a group: its configuration, run directory and tracking sinks (None: the run's
+    own choice, :mod:`airvae.tracking`)."""
 
     cfg: RunConfig
     run_dir: Path
+    tracking: object = None
 
 
 def train_group(members: list[Member], dataset, *, progress: bool = True,
@@ -457,6 +459,7 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
     another process is writing makes the call fail with RunLocked: leave it out). The members must
     share :func:`group_key` and the dataset."""
     from .resources import check_fits, training_memory
+    from .tracking import choose_sinks
     from .train import check_training_inputs, open_run_dir
 
     if len({group_key(m.cfg) for m in members}) != 1:
@@ -474,6 +477,9 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
         for m in members:
             locks.enter_context(RunLock(m.run_dir))
         cfgs = [open_run_dir(m.cfg, m.run_dir, dataset, resume=True, overwrite=False) for m in members]
+        for m in members:
+            if m.tracking is not None:
+                choose_sinks(m.run_dir, m.tracking)
         return _train_group_locked(cfgs, [m.run_dir for m in members], dataset, device, progress,
                                    chunk_samples or max(1, DEFAULT_CHUNK_SAMPLES // len(members)))
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig, resolve_run_config
 from .model import COMPILE_ENV
+from .tracking import TrackingSettings
 
 # Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).
 PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
@@ -79,6 +80,7 @@ class Task:
     data_dir: str | None = None
     device: str = "auto"
     evaluation: dict | None = None  # EvaluationSettings fields; None: train only
+    tracking: TrackingSettings | None = None  # tracking sinks (--log); None: the run's own choice
 
     @property
     def run_dir(self) -> Path:
@@ -114,7 +116,7 @@ def execute(task: Task) -> dict:
         if summary is None:
             dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
             cfg = task.job.run_config(dataset.dim, task.data_dir, task.device)
-            result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset)
+            result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset, tracking=task.tracking)
             if result.status == "interrupted":
                 raise KeyboardInterrupt
             summary = read_json(run_dir / SUMMARY)
@@ -301,7 +303,7 @@ class StackedExecutor:
             task0 = members[0][0]
             dataset = self._datasets[(task0.job.dataset, task0.data_dir)]
             try:
-                results = train_group([Member(cfg, task.run_dir) for task, cfg in members], dataset,
+                results = train_group([Member(cfg, task.run_dir, task.tracking) for task, cfg in members], dataset,
                                       progress=self.progress)
             except KeyboardInterrupt:
                 raise

@@ -29,6 +29,7 @@ from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, R
                    check_clearable, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
                    read_marker, read_metrics, run_dir_state, save_checkpoint, write_json, write_marker,
                    write_metrics)
+from .tracking import Tracker, TrackingSettings, choose_sinks
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,9 +167,12 @@ def _diff(a: dict, b: dict, prefix: str = ""):
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, dataset=None, allow_data_change: bool = False) -> TrainResult:
+          progress: bool = True, dataset=None, allow_data_change: bool = False,
+          tracking: TrackingSettings | None = None) -> TrainResult:
     """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
-    already loaded :class:`airvae.data.BinaryDataset`.
+    already loaded :class:`airvae.data.BinaryDataset`. ``tracking``: the sinks (TensorBoard, MLflow)
+    the run writes to besides metrics.jsonl (:mod:`airvae.tracking`); None keeps the run's own
+    choice (none for a new run).
 
     Nothing is written before every check has passed (:func:`check_training_inputs`); the run
     directory is then locked for the whole call (:class:`airvae.runs.RunLock`)."""
@@ -182,6 +186,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     with RunLock(run_dir):
         cfg = open_run_dir(cfg, run_dir, dataset, resume=resume, overwrite=overwrite,
                            allow_data_change=allow_data_change)
+        if tracking is not None:
+            choose_sinks(run_dir, tracking)
         return _train_locked(cfg, run_dir, dataset, device, progress)
 
 
@@ -189,7 +195,9 @@ class RunLog:
     """A training run's bookkeeping and files: the loop state that is checkpointed (step, best
     validation, loss average, elapsed time), metrics lines, best and last checkpoints, and the
     summary. The one place that writes a run directory during training, whether the run trains
-    alone (:func:`train`) or in a stacked group (:mod:`airvae.stacked`)."""
+    alone (:func:`train`) or in a stacked group (:mod:`airvae.stacked`). It also feeds the run's
+    tracking sinks (``RUN/tracking.json``: :mod:`airvae.tracking`), rebuilt from metrics.jsonl at
+    each start."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, deviation: str | None = None):
         self.cfg, self.run_dir, self.deviation = cfg, Path(run_dir), deviation
@@ -197,6 +205,7 @@ class RunLog:
         self.state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
                       "loss_sum": 0.0, "loss_count": 0}
         self._clock = time.perf_counter()
+        self.tracker = Tracker()  # no sinks until start()
 
     @property
     def step(self) -> int:
@@ -220,9 +229,10 @@ class RunLog:
         return None
 
     def start(self, device: torch.device) -> None:
-        """Undo what a killed process logged after the checkpoint we resume from, mark the run
-        running and start its clock."""
+        """Undo what a killed process logged after the checkpoint we resume from, rebuild the
+        tracking sinks from what remains, mark the run running and start its clock."""
         _forget_after(self.run_dir, self.step, device)
+        self.tracker = Tracker.start(self.run_dir, self.cfg, read_metrics(self.run_dir / METRICS))
         write_json(self.run_dir / SUMMARY, {"status": "running", "model": self.cfg.model_name, "steps": self.step})
         self._clock = time.perf_counter() - self.state["seconds"]
 
@@ -253,7 +263,9 @@ class RunLog:
             state["bad_validations"] += 1
         self._tick()
         # Logged before last.pt is written: a kill in between is undone on resume (_forget_after).
-        append_line(self.run_dir / METRICS, json.dumps({**record, "seconds": state["seconds"]}))
+        record["seconds"] = state["seconds"]
+        append_line(self.run_dir / METRICS, json.dumps(record))
+        self.tracker.validation(record)
         state.update(loss_sum=0.0, loss_count=0)
 
     def checkpoint(self, model_state: dict, optimizer_state: dict, rng_state: torch.Tensor) -> None:
@@ -270,6 +282,7 @@ class RunLog:
             "best_val_log_likelihood": state["best_val"] if state["best_step"] is not None else None,
             "val_k": self.cfg.val_k, "seconds": state["seconds"],
         })
+        self.tracker.close(status)
         return _result(self.run_dir, status, state)
 
     def fail(self, error: RunIOError) -> None:
@@ -278,6 +291,7 @@ class RunLog:
             self.finish("failed", str(error))
         except RunIOError:
             (self.run_dir / SUMMARY).unlink(missing_ok=True)  # rather none than a stale "running"
+            self.tracker.close("failed")
 
     def interrupted(self, signum: int) -> TrainResult:
         return self.finish("interrupted", f"stopped by signal {signum} at step {self.step}; resume with "
