@@ -94,8 +94,7 @@ class _StopFlag:
 def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
     """Everything about a run that can be checked before its directory is touched: the data fits
     the config, the device exists, and the memory the run needs is there. Returns the device."""
-    if dataset.dim != cfg.x_dim:
-        raise ConfigError(f"invalid x_dim = {cfg.x_dim}: dataset {cfg.dataset!r} has dimension {dataset.dim}")
+    cfg.check_dataset(dataset)
     n_train = len(dataset.train)
     if cfg.batch_size > n_train:
         raise ConfigError(f"invalid batch_size = {cfg.batch_size}: allowed at most the {n_train} training examples "
@@ -168,7 +167,7 @@ def _diff(a: dict, b: dict, prefix: str = ""):
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, dataset=None, allow_data_change: bool = False) -> TrainResult:
     """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
-    already loaded :class:`airvae.data.BinaryDataset`.
+    already loaded :class:`airvae.data.Dataset`.
 
     Nothing is written before every check has passed (:func:`check_training_inputs`); the run
     directory is then locked for the whole call (:class:`airvae.runs.RunLock`)."""
