@@ -70,9 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                           "levels, gaussian for real-valued data")
     lik.add_argument("--gaussian-std", type=float,
                      help="gaussian: the fixed std, or the initial value of a learned one (default 1)")
-    lik.add_argument("--std-mode", choices=("fixed", "global", "per-dimension", "decoder"),
-                     help="gaussian: fixed std, one learned std, a learned std per dimension, or stds emitted by "
-                          "the decoder (default global)")
+    lik.add_argument("--std-mode", help="gaussian: fixed, global (one learned std), per-dimension (learned) or "
+                                        "decoder (emitted by the decoder) (default global)")
     lik.add_argument("--num-bins", type=integer,
                      help="discretized-logistic: levels of the data grid i/(num_bins-1) (default: the data's, "
                           "e.g. 256 for 8-bit images, 17 for digits)")
@@ -130,8 +129,7 @@ def _regularizer(args, x_dim: int) -> Regularizer:
 
 def _likelihood(args, dataset) -> LikelihoodConfig:
     """--likelihood and its options; what is not given follows the data (LikelihoodConfig.for_data)."""
-    default = LikelihoodConfig.for_data(dataset.levels)
-    kind = args.likelihood or default.kind
+    kind = args.likelihood or LikelihoodConfig.for_data(dataset.levels).kind
     options = {name: value for name, value in (("std", args.gaussian_std), ("std_mode", args.std_mode),
                                                ("num_bins", args.num_bins), ("components", args.components))
                if value is not None}

@@ -635,7 +635,7 @@ def _load_user_npz(path: Path) -> Dataset:
         if x.shape[1:] != event:
             raise DatasetError(f"{path}: split {s!r} has shape {x.shape}, expected (N, {', '.join(map(str, event))}) "
                                "like 'train'")
-    rows = [x.reshape(len(x), -1) for x in arrays]
+    rows = [x.reshape(len(x), math.prod(event)) for x in arrays]
     image_shape = tuple(int(n) for n in event) if len(event) == 3 else None
     levels = _levels(path, rows, levels)
     if levels == 2:

@@ -67,11 +67,11 @@ def parse_spec(spec: str, role: str = "encoder") -> tuple[tuple[Conv, ...], tupl
                 f"architecture spec {spec!r}: layer {token!r} is neither 'd<units>' (a dense ELU layer, e.g. "
                 "'d300-d300') nor 'c<channels>k<kernel>s<stride>' (a convolution, e.g. 'c32k4s2-c64k4s2')")
     order = "".join(kinds)
-    first, then = ("c", "d") if role == "encoder" else ("d", "c")
-    if then + first in order:
+    if ("dc" if role == "encoder" else "cd") in order:
         example = "c32k4s2-c64k4s2-d256" if role == "encoder" else "d256-c64k4s2-c32k4s2"
-        raise ValueError(f"architecture spec {spec!r}: an {role} lists its {'convolution' if first == 'c' else 'dense'} "
-                         f"layers before its {'dense' if first == 'c' else 'convolution'} layers (e.g. {example!r})")
+        before, after = ("convolution", "dense") if role == "encoder" else ("dense", "convolution")
+        raise ValueError(f"architecture spec {spec!r}: {'an' if role == 'encoder' else 'a'} {role} lists its {before} "
+                         f"layers before its {after} layers (e.g. {example!r})")
     return tuple(convs), tuple(dense)
 
 

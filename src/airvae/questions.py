@@ -78,7 +78,8 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
     lines += [f"- **{labels[e]}** {ESTIMATOR_MEANINGS[e]}." for e in estimators]
     lines += ["", "Differences are paired by seed (same initial weights, minibatches and training draws): "
               "baseline bits/dim − regularized bits/dim, so **positive = the regularizer helps**; mean ± SE over "
-              "seeds and the t-based 95% interval (with 3 seeds, t = 4.30: only a consistent effect counts).", ""]
+              "seeds and the t-based 95% interval (t = 4.30 for 3 seeds: only an effect consistent across seeds counts).",
+              ""]
     fig, axes = plt.subplots(1, len(manifest["datasets"]), figsize=(5.5 * len(manifest["datasets"]), 3.8),
                              squeeze=False)
     for ax, dataset in zip(axes[0], manifest["datasets"]):
@@ -136,7 +137,10 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
                                           for r in mine) and family != "plain" else ""
             lines.append(f"| {_label(family, 1)} | {_strength_text(family, strength, dims)}{chosen} | "
                          f"{_mean_se_text(values, 2)} | {len(values)} |")
-    lines.append("")
+    still_improving = [r for r in mine if r["summary"].get("best_step") == r["summary"].get("steps")]
+    lines += ["", f"Regime: {len(still_improving)} of {len(mine)} selected runs had their best validation estimate "
+              "at their last step (still improving when training stopped, so not overfitting, the regime AIR "
+              "targets); the others stopped improving earlier and were evaluated at their best step.", ""]
     _draw(ax, dataset, by_family, estimators[0], labels)
     return lines
 

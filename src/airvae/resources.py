@@ -168,10 +168,13 @@ def evaluation_memory(cfg: RunConfig, settings, examples: int) -> MemoryEstimate
         fit = 2 * FLOAT * min(examples, settings.svi_chunk_examples) * settings.svi_l * row
         parts[f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})"] = max(
             fit, iwae_bytes(cfg, settings.svi_k, examples, settings.chunk_samples))
+    chains = settings.ais_chains + settings.ais_tuning_chains
+    per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
     if "ais" in chosen:
-        chains = settings.ais_chains + settings.ais_tuning_chains
-        per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
         parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
+    if "bdmc" in chosen:  # forward and reverse AIS, one after the other, on the simulated examples
+        parts[f"BDMC with {chains:,} chains"] = 2 * FLOAT * min(settings.bdmc_examples,
+                                                                 settings.ais_chunk_examples) * per_example
     largest = max(parts, key=parts.get)  # estimators run one after the other
     return MemoryEstimate("evaluation", {"parameters": model_bytes(cfg, optimizer=False),
                                          "data on the device": FLOAT * cfg.x_dim * examples, largest: parts[largest]})
