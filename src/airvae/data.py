@@ -70,8 +70,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import math
 import http.client
+import math
 import os
 import tempfile
 import urllib.error
@@ -86,10 +86,10 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "Dataset",
     "CACHE_DIR_ENV",
     "DATASETS",
     "DATA_DIR_ENV",
+    "Dataset",
     "DatasetError",
     "load_dataset",
 ]
@@ -574,8 +574,7 @@ def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool
         cache = cache_dir / f"{v.key}.npz"
         if cache.is_file():
             arrays, origin = _read_cache(cache, v)
-            return Dataset(spec.name, *arrays, source=f"{cache} (cache of {origin})",
-                                 deviation=v.deviation)
+            return Dataset(spec.name, *arrays, source=f"{cache} (cache of {origin})", deviation=v.deviation)
         found = {n: next((d / n for d in dirs if (d / n).is_file()), None) for n in v.files}
         if all(found.values()):
             return _convert(spec, v, list(found.values()), cache)
@@ -642,9 +641,7 @@ def _load_user_npz(path: Path) -> Dataset:
         rows = [x.astype(np.uint8, copy=False) for x in rows]
     else:
         rows = [(x / np.float32(levels - 1) if levels else x).astype(np.float32) for x in rows]
-    kind = "binary" if levels == 2 else "real-valued" if levels is None else f"{levels} grey levels"
-    return Dataset(path.stem, *rows, source=f"{path}: user-supplied dataset, {kind}", levels=levels,
-                   image_shape=image_shape)
+    return Dataset(path.stem, *rows, source=f"{path}: user-supplied dataset", levels=levels, image_shape=image_shape)
 
 
 def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
