@@ -15,6 +15,7 @@ from airvae.data import load_dataset
 from airvae.likelihoods import DiscretizedLogistic
 from airvae.networks import Conv, ConvDecoder, ConvEncoder, conv_map_shapes, parse_spec
 from airvae.questions import grey_conv, paired
+from airvae.reproduce import bdmc_section, extra_evaluation
 from airvae.resources import model_bytes
 from airvae.runs import load_trained_model
 from airvae.sweep import Job
@@ -211,3 +212,19 @@ def test_grey_conv_report_pairs_runs_by_seed(tmp_path):
     assert "per seed +0.0000, +0.0100, +0.0200" in dvae and "**no detectable difference" in dvae
     assert any("10/H = 2.5 (H = 4) (selected)" in line for line in lines)  # selected on validation, not 5
     assert (tmp_path / "grey-conv.png").exists()
+
+
+def test_reproduce_estimators_become_a_second_evaluation_and_bdmc_a_report_section():
+    extra = extra_evaluation("table1", "quick", ("ais", "bdmc"))
+    assert extra["estimators"] == ("ais", "bdmc") and extra["max_examples"] == 500  # the table's test examples
+    assert (extra["ais_intermediate"], extra["ais_chains"], extra["bdmc_examples"]) == (200, 4, 50)
+    assert extra_evaluation("table1", "quick", ()) is None
+    with pytest.raises(ValueError, match="figure3 has no test evaluation"):
+        extra_evaluation("figure3", "quick", ("ais",))
+    with pytest.raises(ConfigError, match="invalid estimators"):
+        extra_evaluation("table1", "quick", ("nope",))
+    estimates = {"bdmc_lower": {"mean": -81.0, "n": 50}, "bdmc_upper": {"mean": -80.5, "n": 50},
+                 "bdmc_iwsvi": {"mean": -80.75, "n": 50}}
+    row = {"job": Job("plain", "digits", architecture="digits"), "evaluation": {"estimates": estimates}}
+    lines = bdmc_section([row, {"job": Job("plain", "digits", seed=1), "evaluation": None}])
+    assert lines[-1] == "| `digits/k1-m1/plain/seed0` | 80.50 | 81.00 | 0.50 | 80.75 (slack ≤ 0.25) | 50 |"
