@@ -17,7 +17,7 @@ from airvae.networks import Conv, ConvDecoder, ConvEncoder, conv_map_shapes, par
 from airvae.questions import grey_conv, paired
 from airvae.reproduce import bdmc_section, extra_evaluation
 from airvae.resources import model_bytes
-from airvae.runs import load_trained_model
+from airvae.runs import load_trained_model, model_from_config
 from airvae.sweep import Job
 
 SMALL = ["--budget", "smoke", "--iterations", "4", "--val-every", "2", "--val-k", "4", "--batch-size", "20",
@@ -82,13 +82,12 @@ def test_flattened_conv_decoder_keeps_the_likelihood_layout():
 
 
 def test_conv_memory_estimate_counts_the_parameters():
-    for encoder, decoder, likelihood in [("c8k3s2-c16k3s2", "c16k3s2-c8k3s2", LikelihoodConfig("discretized-logistic", num_bins=17)),
-                                          ("c4k5s1-d20", "d20-c4k5s1", LikelihoodConfig("gaussian", std_mode="decoder")),
-                                          ("d30", "d30", LikelihoodConfig())]:
+    for encoder, decoder, likelihood in [
+            ("c8k3s2-c16k3s2", "c16k3s2-c8k3s2", LikelihoodConfig("discretized-logistic", num_bins=17)),
+            ("c4k5s1-d20", "d20-c4k5s1", LikelihoodConfig("gaussian", std_mode="decoder")),
+            ("d30", "d30", LikelihoodConfig())]:
         cfg = resolve_run_config("digits", x_dim=64, image_shape=(1, 8, 8), likelihood=likelihood, encoder=encoder,
                                  decoder=decoder, z_dim=5)
-        from airvae.runs import model_from_config
-
         model = model_from_config(cfg)
         encoder_count = sum(p.numel() for p in model.encoder.parameters())
         count = sum(p.numel() for p in model.parameters())

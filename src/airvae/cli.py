@@ -60,7 +60,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHITECTURES),
                    help="architecture preset of Table 6 (default: the dataset's own)")
     p.add_argument("--encoder", help="encoder hidden layers, e.g. d300-d300, or for images convolutions "
-                                      "c<channels>k<kernel>s<stride> first, e.g. c32k4s2-c64k4s2-d256 (overrides --arch)")
+                                      "c<channels>k<kernel>s<stride> first, e.g. c32k4s2-c64k4s2-d256 "
+                                      "(overrides --arch)")
     p.add_argument("--decoder", help="decoder hidden layers in the decoder's order, e.g. d300-d300; the mirror of "
                                       "a conv encoder, e.g. d256-c64k4s2-c32k4s2 (overrides --arch)")
     p.add_argument("--z-dim", type=integer, help="latent dimension (default 64)")
@@ -216,7 +217,8 @@ def cmd_datasets(args) -> int:
     for name in args.names or DATASETS:
         d = load_dataset(name, data_dir=args.data_dir, progress=not args.no_progress)
         shape = "" if d.image_shape is None else f" ({'x'.join(map(str, d.image_shape))})"
-        print(f"| {d.name} | {len(d.train)} | {len(d.valid)} | {len(d.test)} | {d.dim}{shape} | {d.kind} | {d.source} |")
+        print(f"| {d.name} | {len(d.train)} | {len(d.valid)} | {len(d.test)} | {d.dim}{shape} | {d.kind} "
+              f"| {d.source} |")
         if d.deviation:
             print(f"|  | deviation: {d.deviation} ||||||")
     return 0

@@ -282,8 +282,9 @@ class RunConfig:
 
     def _check_image_shape(self) -> None:
         shape = self.image_shape
-        require(shape is None or (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(n) and n >= 1 for n in shape)
-                                  and math.prod(shape) == self.x_dim), "image_shape", shape,
+        require(shape is None or (isinstance(shape, tuple) and len(shape) == 3
+                                  and all(is_int(n) and n >= 1 for n in shape) and math.prod(shape) == self.x_dim),
+               "image_shape", shape,
                f"None, or (C, H, W) with C*H*W = x_dim = {self.x_dim}")
         if not self.architecture.convolutional:
             return

@@ -78,7 +78,8 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
     lines += [f"- **{labels[e]}** {ESTIMATOR_MEANINGS[e]}." for e in estimators]
     lines += ["", "Differences are paired by seed (same initial weights, minibatches and training draws): "
               "baseline bits/dim − regularized bits/dim, so **positive = the regularizer helps**; mean ± SE over "
-              "seeds and the t-based 95% interval (t = 4.30 for 3 seeds: only an effect consistent across seeds counts).",
+              "seeds and the t-based 95% interval (t = 4.30 for 3 seeds: only an effect consistent across seeds "
+              "counts).",
               ""]
     fig, axes = plt.subplots(1, len(manifest["datasets"]), figsize=(5.5 * len(manifest["datasets"]), 3.8),
                              squeeze=False)

@@ -52,7 +52,7 @@ TARGETS = {
     "figure4": Target(ks=(1, 8), families=("plain", "denoise-1.0"), ms=(1, 8), track_test=True),
     # Not the paper's: do DVAE and WNI improve a conv VAE on grey-level images (airvae.questions)? Weaker
     # strengths than Table 7's: on 8x8 digits sigma*sqrt(d) = 1 is sigma = 0.125 per pixel, about what
-    # sigma*sqrt(d) = 3.5 is on 28x28 MNIST (measured: 2.5 already cost DVAE ~4.7 validation nats).
+    # sigma*sqrt(d) = 3.5 is on 28x28 MNIST (measured: 2.5 already cost DVAE 4.5 validation nats).
     "grey-conv": Target(ks=(1,), families=("plain", "denoise-1.0", "wni"), architecture="digits",
                         default_dataset="digits",
                         grids={"smoke": (5.0,), "quick": (1.0, 2.5, 5.0), "paper": (0.5, 1.0, 2.5, 5.0, 10.0)}),
@@ -78,8 +78,8 @@ FIGURE3_STUDIES = {
 GRIDS = {"smoke": (5.0,), "quick": (5.0, 10.0), "paper": PAPER_GRID}
 # AIS (and BDMC) effort per budget, for `--estimators ais,bdmc`: EvaluationSettings fields ("paper": the defaults,
 # 500 intermediate distributions, 16 chains, 100 simulated examples). "quick": on the digits conv VAE (60 test
-# examples) T=200 with 4 chains came 0.1 nats closer to IW-SVI than T=100 with 8 chains, at the same cost (~7x
-# IW-SVI's at the quick settings); both stayed ~0.7 nats below IW-SVI (measured).
+# examples) T=200 with 4 chains came 0.2 nats closer to IW-SVI than T=100 with 8 chains, at the same cost (6-8x
+# IW-SVI's at the quick settings); both stayed 0.7-0.8 nats below IW-SVI (measured).
 AIS_BUDGETS = {"smoke": dict(ais_intermediate=10, ais_chains=2, bdmc_examples=4),
                "quick": dict(ais_intermediate=200, ais_chains=4, bdmc_examples=50), "paper": {}}
 TRACKED_TEST_EXAMPLES = {"smoke": 32, "quick": 500, "paper": 2000}
@@ -425,6 +425,8 @@ def _paper_column(column: str) -> str:
 
 def render(out_dir: str | Path) -> Path:
     """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs."""
+    from .questions import QUESTIONS
+
     out_dir = Path(out_dir)
     if not (out_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
@@ -451,7 +453,8 @@ def render(out_dir: str | Path) -> Path:
         elif n is not None:
             examples = f"{n} of the {n_split} test examples, spread evenly"
         else:
-            examples = f"{ev['max_examples']} test examples, spread evenly" if ev["max_examples"] else "all test examples"
+            examples = (f"{ev['max_examples']} test examples, spread evenly" if ev["max_examples"]
+                        else "all test examples")
         report += [f"Test evaluation: IW-SVI with k={ev['svi_k']}, l={ev['svi_l']}, T={ev['svi_steps']} "
                    f"(paper: k=5000, l=8, T=3000){iwae} on {examples}; strengths selected on the validation "
                    "estimate only.", ""]
@@ -466,8 +469,6 @@ def render(out_dir: str | Path) -> Path:
                    f"(AIS/BDMC: {ev.get('ais_intermediate', 500)} intermediate distributions, "
                    f"{ev.get('ais_chains', 16)} chains; BDMC on {ev.get('bdmc_examples', 100)} examples simulated "
                    "from each model).", ""]
-    from .questions import QUESTIONS
-
     estimators, labels = estimators_present(rows), estimator_labels(rows)
     if target in QUESTIONS:
         paths, lines = QUESTIONS[target](manifest, rows, out_dir)
@@ -510,7 +511,8 @@ def bdmc_section(rows: list[dict]) -> list[str]:
              "example) an upper bound on ln p(x) of data simulated from the model; upper − lower bounds the error "
              "of AIS with these settings there, and upper − IW-SVI the slack of IW-SVI. It certifies the "
              "estimators on the model's own samples, not on the test set.", "",
-             "| run | −ln p(x) ≥ (upper) | −ln p(x) ≤ (lower) | width (nats) | IW-SVI on the same examples | n |",
+             "| run | −ln p(x) ≥ (upper) | −ln p(x) ≤ (lower) | width (nats) | IW-SVI on the same examples "
+             "| n |",
              "|---|---|---|---|---|---|"]
     for r in held:
         estimates = r["evaluation"]["estimates"]
