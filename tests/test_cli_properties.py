@@ -25,23 +25,27 @@ NUMBERS = ["0", "1", "2", "3", "-1", "-0", "0.5", "1.5", "1e3", "1e9", "1e13", "
            "123456789012345678901234567890", "-1e9", "nan", "-nan", "inf", "-inf", "", " ", "abc", "0x10",
            "1,2", "5,nan", "True", "None", "[]", "{}", "-", "--", "cpu", "cuda", "cuda:-1", "cuda:99",
            "cpu:abc", "mps", "d300-d300", "d0", "none", "d99999999", "z64", "tiny.npz", "missing.npz", "run",
-           "figure4", "table1", "test", "mnist", "/", ".", "a\x00b", "\x00", "\n", "é", "💥"]
+           "figure4", "table1", "test", "mnist", "/", ".", "a\x00b", "\x00", "\n", "é", "💥", "digits", "gaussian",
+           "discretized-logistic", "per-dimension", "c4k3s2", "c4k3s2-d8", "d8-c4k3s2", "c4k4s2-c4k4s2", "ais,bdmc",
+           "bdmc", "gap"]
 VALUES = st.one_of(st.sampled_from(NUMBERS), st.integers(-10**40, 10**40).map(str),
                    st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=12))
 
 TRAIN_FLAGS = ["--dataset", "--budget", "--arch", "--encoder", "--decoder", "--z-dim", "--k", "--m", "--sigma",
                "--sigma-sqrt-d", "--alpha", "--H", "--ten-over-h", "--seed", "--iterations", "--batch-size", "--lr",
                "--val-every", "--val-k", "--val-examples", "--patience", "--checkpoint-every", "--run-dir",
-               "--data-dir", "--device", "--log"]
+               "--data-dir", "--device", "--log", "--likelihood", "--gaussian-std", "--std-mode", "--num-bins",
+               "--components"]
 EVALUATE_FLAGS = ["--study", "--estimators", "--split", "--max-examples", "--k", "--svi-k", "--svi-l", "--svi-steps",
-                  "--svi-lr", "--ais-intermediate", "--ais-chains", "--chunk-samples", "--seed", "--device", "RUN"]
-REPRODUCE_FLAGS = ["TARGET", "--dataset", "--budget", "--seeds", "--grid", "--out", "--executor", "--workers",
-                   "--address", "--gpus-per-task", "--data-dir", "--device", "--log"]
+                  "--svi-lr", "--ais-intermediate", "--ais-chains", "--bdmc-examples", "--chunk-samples", "--seed",
+                  "--device", "RUN"]
+REPRODUCE_FLAGS = ["TARGET", "--dataset", "--budget", "--seeds", "--grid", "--out", "--estimators", "--executor",
+                   "--workers", "--address", "--gpus-per-task", "--data-dir", "--device", "--log"]
 BUNDLE_FLAGS = ["RESULTS", "--out"]
 # How each flag may be named in a message, besides its own spelling.
 ALIASES = {"--H": ("H (max_norm)", "argument --H"), "--run-dir": ("run directory",), "RUN": ("run",),
            "TARGET": ("target",), "--dataset": ("dataset", "data"), "--data-dir": ("data directory",),
-           "--k": ("k", "IWAE"), "RESULTS": ("results_dir", "manifest")}
+           "--k": ("k", "IWAE"), "RESULTS": ("results_dir", "manifest"), "--gaussian-std": ("gaussian std",)}
 
 
 def named(flag: str, message: str, value: str) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import scipy.io
 
 from airvae import data as D
-from airvae.data import BinaryDataset, DatasetError, load_dataset
+from airvae.data import Dataset, DatasetError, load_dataset
 
 DATA = Path(os.environ.get("AIRVAE_TEST_DATA_DIR",
                            Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -48,11 +48,11 @@ def _copy(tmp_path: Path, *files: Path) -> Path:
     return d
 
 
-def _load(name, data_dir, cache_dir, **kw) -> BinaryDataset:
+def _load(name, data_dir, cache_dir, **kw) -> Dataset:
     return load_dataset(name, data_dir=data_dir, cache_dir=cache_dir, download=False, **kw)
 
 
-def _same(a: BinaryDataset, b: BinaryDataset) -> None:
+def _same(a: Dataset, b: Dataset) -> None:
     for s in ("train", "valid", "test"):
         np.testing.assert_array_equal(a.split(s), b.split(s))
 
@@ -231,16 +231,52 @@ def test_user_npz_loads(tmp_path):
         ds.split("validation")
 
 
+def test_user_npz_of_8bit_images_and_real_values(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 3, 4, 5), dtype=np.uint8) for s, n in (("train", 6), ("valid", 2),
+                                                                               ("test", 3))}
+    np.savez(tmp_path / "rgb.npz", **images)
+    ds = load_dataset(tmp_path / "rgb.npz")
+    assert (ds.levels, ds.image_shape, ds.dim, ds.kind, ds.train.dtype) == (256, (3, 4, 5), 60, "256 levels",
+                                                                            np.float32)
+    # rows are the images flattened row-major, as models see them: x / 255 exactly
+    np.testing.assert_array_equal(ds.test[1].reshape(3, 4, 5) * 255, images["test"][1])
+    assert ds.test[2, 4 * 5 + 5 + 2] * 255 == images["test"][2, 1, 1, 2]
+
+    real = {s: rng.normal(size=(n, 7)) for s, n in (("train", 6), ("valid", 2), ("test", 3))}
+    np.savez(tmp_path / "real.npz", **real)
+    ds = load_dataset(tmp_path / "real.npz")
+    assert (ds.levels, ds.image_shape, ds.kind) == (None, None, "real-valued")
+    np.testing.assert_array_equal(ds.valid, real["valid"].astype(np.float32))
+
+    grey = {s: rng.integers(0, 17, (n, 1, 8, 8)) for s, n in (("train", 6), ("valid", 2), ("test", 3))}
+    np.savez(tmp_path / "grey.npz", levels=17, **grey)
+    ds = load_dataset(tmp_path / "grey.npz")
+    assert (ds.levels, ds.image_shape) == (17, (1, 8, 8))
+    np.testing.assert_array_equal(ds.train * 16, grey["train"].reshape(6, 64))
+
+
 @pytest.mark.parametrize("arrays, match", [
-    (dict(train=np.full((4, 3), 0.5), valid=np.zeros((2, 3)), test=np.zeros((2, 3))),
-     "values other than 0 and 1"),
     (dict(train=np.zeros((4, 3)), valid=np.zeros((2, 3)), test=np.full((2, 3), np.nan)),
-     "values other than 0 and 1"),
+     "'test' contains NaN or infinite values"),
+    (dict(train=np.zeros((4, 3), np.int16), valid=np.zeros((2, 3), np.int16), test=np.full((2, 3), 300, np.int16)),
+     "integer values from 0 to 300"),
+    (dict(train=np.zeros((4, 3), np.int8), valid=np.full((2, 3), -1, np.int8), test=np.zeros((2, 3), np.int8)),
+     "integer values from -1 to 0"),
+    (dict(train=np.full((4, 3), 5), valid=np.zeros((2, 3)), test=np.zeros((2, 3)), levels=4),
+     "outside the integers 0..3"),
+    (dict(train=np.full((4, 3), 0.5), valid=np.zeros((2, 3)), test=np.zeros((2, 3)), levels=2),
+     "outside the integers 0..1"),
+    (dict(train=np.zeros((4, 3)), valid=np.zeros((2, 3)), test=np.zeros((2, 3)), levels=1000),
+     "'levels' must be one integer from 2 to 256"),
     (dict(train=np.zeros((4, 3)), validation=np.zeros((2, 3)), test=np.zeros((2, 3))),
      "lacks valid"),
     (dict(train=np.zeros((4, 3)), valid=np.zeros((2, 5)), test=np.zeros((2, 3))),
      "'valid' has shape"),
+    (dict(train=np.zeros((4, 1, 2, 2)), valid=np.zeros((2, 1, 2, 3)), test=np.zeros((2, 1, 2, 2))),
+     "'valid' has shape"),
     (dict(train=np.zeros(4), valid=np.zeros(2), test=np.zeros(2)), "'train' has shape"),
+    (dict(train=np.zeros((4, 8, 8)), valid=np.zeros((2, 8, 8)), test=np.zeros((2, 8, 8))), r"x\[:, None\]"),
 ])
 def test_user_npz_errors(tmp_path, arrays, match):
     f = tmp_path / "bad.npz"
@@ -368,3 +404,32 @@ def test_evaluation_subsets_of_mnist_see_every_digit_block(tmp_path):
     first, spread = test[:500].mean(0), test[D.evenly_spaced(len(test), 500)].mean(0)
     whole = test.mean(0)
     assert np.abs(spread - whole).mean() < 0.5 * np.abs(first - whole).mean()
+
+
+# ----------------------------------------------------------------- bundled digits
+
+def test_digits_load_with_their_documented_split_and_checksum():
+    """The bundled file is scikit-learn's, byte for byte (sha256), and the split is the documented
+    permutation: train/valid/test partition the 1797 images, in RandomState(0)'s order."""
+    import gzip
+    from importlib import resources
+
+    ds = load_dataset("digits")
+    assert (ds.name, ds.levels, ds.image_shape, ds.dim) == ("digits", 17, (1, 8, 8), 64)
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == (1197, 300, 300)
+    path = resources.files("airvae").joinpath("bundled", D.DIGITS_FILE)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == D.DIGITS_SHA256
+    with gzip.open(path, "rt") as f:
+        table = np.array([[int(v) for v in line.split(",")] for line in f])
+    assert table.shape == (1797, 65) and table[:, :64].min() == 0 and table[:, :64].max() == 16
+    order = np.random.RandomState(0).permutation(1797)
+    np.testing.assert_array_equal(np.concatenate([ds.train, ds.valid, ds.test]) * 16, table[order, :64])
+    assert ds.digest == "8c5e3921b2a90df9a25500b768fdccf40ed4edfa5784f7036904ed33354ee258"  # changes are caught
+
+
+def test_tampered_digits_are_refused(monkeypatch, tmp_path):
+    (tmp_path / "bundled").mkdir()
+    (tmp_path / "bundled" / D.DIGITS_FILE).write_bytes(b"not the digits")
+    monkeypatch.setattr(D.resources, "files", lambda package: tmp_path)
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        load_dataset("digits")

@@ -219,11 +219,13 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
     from airvae.stacked import evaluate_group
     from airvae.sweep import Job
 
-    runs = []
+    from airvae.data import load_dataset
+
+    runs, caltech = [], load_dataset("caltech", data_dir=data_dir, progress=False)
     for family, strength in (("plain", 0.0), ("denoise-1.0", 5.0), ("denoise-0.5", 5.0)):
         job = Job(family, "caltech", 1, 1, strength, 0, "smoke", iterations=20)
         run = tmp_path / family
-        train(job.run_config(784, data_dir, "cpu"), run, progress=False)
+        train(job.run_config(caltech, data_dir, "cpu"), run, progress=False, dataset=caltech)
         runs.append(run)
     settings = EvaluationSettings(estimators=("bound", "iwae", "iwsvi"), max_examples=12, k_iwae=20, svi_k=20,
                                   svi_l=4, svi_steps=5, device="cpu")

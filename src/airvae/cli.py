@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, Regularizer, check_int, h_from_ten_over_h,
-                     resolve_run_config, sigma_from_sqrt_d)
+from .config import (ARCHITECTURES, BUDGETS, LIKELIHOODS, MAX_SEED, ConfigError, LikelihoodConfig, Regularizer,
+                     check_int, h_from_ten_over_h, resolve_run_config, sigma_from_sqrt_d)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,16 +51,32 @@ def directory(text: str) -> str:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset",
-                   help="mnist, omniglot, caltech, or a path to your own .npz with train/valid/test 0/1 arrays "
+                   help="mnist, omniglot, caltech, digits (bundled, 17 grey levels), or a path to your own .npz with "
+                        "train/valid/test arrays, (N, D) or (N, C, H, W): 0/1, 8-bit integers or real-valued floats "
                         "(not needed with --resume: the stored configuration is used)")
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS),
                    help="smoke: seconds; quick: minutes on a laptop CPU (1%% of the paper's iterations); "
                         "paper: appendix E exactly (default: quick)")
     p.add_argument("--arch", choices=sorted(ARCHITECTURES),
                    help="architecture preset of Table 6 (default: the dataset's own)")
-    p.add_argument("--encoder", help="encoder hidden layers, e.g. d300-d300 (overrides --arch)")
-    p.add_argument("--decoder", help="decoder hidden layers, e.g. d300-d300 (overrides --arch)")
+    p.add_argument("--encoder", help="encoder hidden layers, e.g. d300-d300, or for images convolutions "
+                                      "c<channels>k<kernel>s<stride> first, e.g. c32k4s2-c64k4s2-d256 "
+                                      "(overrides --arch)")
+    p.add_argument("--decoder", help="decoder hidden layers in the decoder's order, e.g. d300-d300; the mirror of "
+                                      "a conv encoder, e.g. d256-c64k4s2-c32k4s2 (overrides --arch)")
     p.add_argument("--z-dim", type=integer, help="latent dimension (default 64)")
+    lik = p.add_argument_group("likelihood p(x|z)")
+    lik.add_argument("--likelihood", choices=LIKELIHOODS,
+                     help="default: bernoulli for binary data, discretized-logistic on the data's grid for grey "
+                          "levels, gaussian for real-valued data")
+    lik.add_argument("--gaussian-std", type=float,
+                     help="gaussian: the fixed std, or the initial value of a learned one (default 1)")
+    lik.add_argument("--std-mode", help="gaussian: fixed, global (one learned std), per-dimension (learned) or "
+                                        "decoder (emitted by the decoder) (default global)")
+    lik.add_argument("--num-bins", type=integer,
+                     help="discretized-logistic: levels of the data grid i/(num_bins-1) (default: the data's, "
+                          "e.g. 256 for 8-bit images, 17 for digits)")
+    lik.add_argument("--components", type=integer, help="discretized-logistic: mixture components (default 1)")
     p.add_argument("--k", type=integer, default=1, help="importance samples: 1 = VAE (ELBO), k > 1 = IWAE-k")
     p.add_argument("--m", type=integer, default=1, help="Monte Carlo repeats of the bound per example")
     reg = p.add_argument_group("amortized inference regularization")
@@ -119,6 +135,17 @@ def _regularizer(args, x_dim: int) -> Regularizer:
                        max_norm=math.inf if max_norm is None else max_norm)
 
 
+def _likelihood(args, dataset) -> LikelihoodConfig:
+    """--likelihood and its options; what is not given follows the data (LikelihoodConfig.for_data)."""
+    kind = args.likelihood or LikelihoodConfig.for_data(dataset.levels).kind
+    options = {name: value for name, value in (("std", args.gaussian_std), ("std_mode", args.std_mode),
+                                               ("num_bins", args.num_bins), ("components", args.components))
+               if value is not None}
+    if kind == "discretized-logistic" and "num_bins" not in options and dataset.levels is not None:
+        options["num_bins"] = dataset.levels
+    return LikelihoodConfig(kind, **options)
+
+
 def _check_dataset_name(name: str) -> None:
     from .data import DATASETS
 
@@ -173,7 +200,8 @@ def cmd_train(args) -> int:
         check_run_dir_use(args.run_dir, resume=args.resume, overwrite=args.overwrite)  # before loading data
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
     cfg = resolve_run_config(
-        args.dataset, x_dim=dataset.dim, budget=args.budget, architecture=args.arch, encoder=args.encoder,
+        args.dataset, x_dim=dataset.dim, image_shape=dataset.image_shape, likelihood=_likelihood(args, dataset),
+        budget=args.budget, architecture=args.arch, encoder=args.encoder,
         decoder=args.decoder, z_dim=args.z_dim, regularizer=_regularizer(args, dataset.dim), k=args.k,
         m=args.m, seed=args.seed, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
         val_every=args.val_every, val_k=args.val_k, val_examples=args.val_examples, patience=args.patience,
@@ -200,13 +228,15 @@ def _report_training(cfg, run_dir: Path, result) -> int:
 def cmd_datasets(args) -> int:
     from .data import DATASETS, load_dataset
 
-    print("| dataset | train | valid | test | dim | source |")
-    print("|---|---|---|---|---|---|")
+    print("| dataset | train | valid | test | dim | values | source |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.names or DATASETS:
         d = load_dataset(name, data_dir=args.data_dir, progress=not args.no_progress)
-        print(f"| {d.name} | {len(d.train)} | {len(d.valid)} | {len(d.test)} | {d.dim} | {d.source} |")
+        shape = "" if d.image_shape is None else f" ({'x'.join(map(str, d.image_shape))})"
+        print(f"| {d.name} | {len(d.train)} | {len(d.valid)} | {len(d.test)} | {d.dim}{shape} | {d.kind} "
+              f"| {d.source} |")
         if d.deviation:
-            print(f"|  | deviation: {d.deviation} |||||")
+            print(f"|  | deviation: {d.deviation} ||||||")
     return 0
 
 
@@ -215,7 +245,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
     p.add_argument("--estimators", default="bound,iwsvi,gap",
-                   help="comma-separated subset of bound, iwae, iwsvi, ais, gap (default bound,iwsvi,gap)")
+                   help="comma-separated subset of bound, iwae, iwsvi, ais, gap, bdmc (default bound,iwsvi,gap); "
+                        "bdmc: the sandwich lower <= ln p(x) <= upper on data simulated from the model")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--max-examples", type=integer, help="evaluate only the first N examples of the split")
     p.add_argument("--k", dest="k_iwae", type=integer, default=5000, help="IWAE-k samples (default 5000)")
@@ -225,6 +256,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svi-lr", type=float, help="IW-SVI learning rate")
     p.add_argument("--ais-intermediate", type=integer, default=500, help="AIS intermediate distributions")
     p.add_argument("--ais-chains", type=integer, default=16, help="AIS chains per example")
+    p.add_argument("--bdmc-examples", type=integer, default=100,
+                   help="bdmc: examples simulated from the model (default 100)")
     p.add_argument("--chunk-samples", type=integer, help="latents decoded per chunk (memory bound)")
     p.add_argument("--seed", type=integer, default=0, help=f"0 to {MAX_SEED}")
     p.add_argument("--recompute", action="store_true", help="ignore a stored result with the same settings")
@@ -249,7 +282,8 @@ def cmd_evaluate(args) -> int:
     settings = EvaluationSettings(
         estimators=args.estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
         svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, ais_intermediate=args.ais_intermediate,
-        ais_chains=args.ais_chains, seed=args.seed, device=args.device, **optional)
+        ais_chains=args.ais_chains, bdmc_examples=args.bdmc_examples, seed=args.seed, device=args.device,
+        **optional)
     result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress)
     print(format_table(result))
     return 0
@@ -297,7 +331,7 @@ def cmd_reproduce(args) -> int:
 
     if args.target not in TARGETS:
         raise ConfigError(f"invalid target = {args.target!r}: allowed {', '.join(TARGETS)}")
-    datasets = [d.strip() for d in args.dataset.split(",")]
+    datasets = [d.strip() for d in (args.dataset or TARGETS[args.target].default_dataset).split(",")]
     for dataset in datasets:
         _check_dataset_name(dataset)
     check_int("seeds", args.seeds, 1, MAX_SEED + 1)
@@ -306,9 +340,10 @@ def cmd_reproduce(args) -> int:
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task, args.device)
+    estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip()) if args.estimators else ()
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
                          data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
-                         tracking=tracking)
+                         tracking=tracking, estimators=estimators)
     print((out_dir / "REPORT.md").read_text())
     print(f"written to {out_dir}")
     if failures:
@@ -357,12 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
-    p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2, figure3 or figure4")
-    p.add_argument("--dataset", default="caltech", help="mnist, omniglot, caltech, or several comma-separated")
+    p.add_argument("target", help="table1, table2, table3, table4, figure1, figure2, figure3 or figure4; or "
+                                   "grey-conv (not the paper's: DVAE and WNI on a conv VAE, grey-level images)")
+    p.add_argument("--dataset", help="mnist, omniglot, caltech, digits, a .npz, or several comma-separated "
+                                     "(default: caltech; digits for grey-conv)")
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=integer, default=1, help="seeds per configuration (0 .. seeds-1)")
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
     p.add_argument("--out", type=path, help="output folder (default results/TARGET-DATASET-BUDGET)")
+    p.add_argument("--estimators",
+                   help="more estimators for the evaluated models, beside the target's IW-SVI: ais and/or bdmc "
+                        "(comma-separated; effort set by --budget), e.g. ais,bdmc")
     _add_executor(p)
     _add_log(p)
     _add_common(p)

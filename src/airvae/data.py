@@ -1,4 +1,5 @@
-"""Binarized image datasets of Shu et al. (2018): MNIST, OMNIGLOT, Caltech 101 Silhouettes.
+"""Datasets: the binarized images of Shu et al. (2018) (MNIST, OMNIGLOT, Caltech 101
+Silhouettes), one bundled grey-level set (scikit-learn's digits), and users' own ``.npz`` files.
 
 Loading works like torchvision's datasets: on first use the source files are taken
 from a local folder or downloaded from their canonical public URL, verified by
@@ -43,18 +44,34 @@ Dataset-specific conventions:
   ``perm = RandomState(123).permutation(24345)`` on the pool, last 1345 rows =
   valid, first 23000 = train. If chardata.mat cannot be found the rebuilt
   ``omniglot_28x28_from_lake_DEVIATION.npz`` is used (23000/1345/8115); its
-  ``BinaryDataset.deviation`` says why its numbers are not comparable with the paper.
+  ``Dataset.deviation`` says why its numbers are not comparable with the paper.
   The two variants have different cache files so they never mix.
 
-A user's own ``.npz`` (arrays ``train``, ``valid``, ``test`` of 0/1 values, shape
-``(N, D)``, any D, any integer/float/bool dtype) is loaded by passing its path; it is
-validated but not cached.
+**digits** (bundled, no download): the 1797 8x8 images of 17 grey levels (0..16) that
+scikit-learn ships as ``sklearn/datasets/data/digits.csv.gz`` (a copy of the test set of UCI's
+"Optical Recognition of Handwritten Digits", Alpaydin & Kaynak 1998, CC BY 4.0; provenance and
+checksum in ``airvae/bundled/README.md``). Fixed split: ``RandomState(0).permutation(1797)``, the
+first 1197 rows train, the next 300 valid, the last 300 test. Values ``x / 16``, ``levels=17``,
+``image_shape=(1, 8, 8)``.
+
+A user's own ``.npz`` (arrays ``train``, ``valid``, ``test``, each ``(N, D)`` or images
+``(N, C, H, W)``) is loaded by passing its path; it is validated but not cached. Its values say
+what they are: 0/1 (any dtype) are binary; other integers (any integer dtype) are 8-bit grey
+levels 0..255, given to models as ``x / 255``; other floats are real-valued, given as they are.
+An optional integer entry ``levels`` (2..256) declares integer data on ``levels`` grey levels
+``0..levels-1`` instead (given as ``x / (levels - 1)``).
+
+Every :class:`Dataset` holds its splits as the rows models see, images flattened row-major:
+uint8 0/1 for binary data, float32 otherwise; ``levels`` (2, the grid size, or None for
+real-valued) and ``image_shape`` say how to read them.
 """
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.client
+import math
 import os
 import tempfile
 import urllib.error
@@ -62,21 +79,22 @@ import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 __all__ = [
-    "BinaryDataset",
     "CACHE_DIR_ENV",
     "DATASETS",
     "DATA_DIR_ENV",
+    "Dataset",
     "DatasetError",
     "load_dataset",
 ]
 
-DATASETS: tuple[str, ...] = ("mnist", "omniglot", "caltech")
+DATASETS: tuple[str, ...] = ("mnist", "omniglot", "caltech", "digits")
 DATA_DIR_ENV = "AIRVAE_DATA_DIR"
 CACHE_DIR_ENV = "AIRVAE_CACHE_DIR"
 SPLITS = ("train", "valid", "test")
@@ -93,8 +111,13 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
-class BinaryDataset:
-    """Three splits of binary vectors plus where they came from."""
+class Dataset:
+    """Three splits of examples, one row each (images flattened row-major), plus what their values
+    are and where they came from.
+
+    ``levels`` = 2: binary, uint8 0/1 (the paper's data); an integer L > 2: grey levels, float32 on
+    the grid ``i / (L - 1)``; None: real-valued float32. ``image_shape`` ``(C, H, W)``: the rows are
+    images (None: flat vectors)."""
 
     name: str
     train: np.ndarray
@@ -102,18 +125,28 @@ class BinaryDataset:
     test: np.ndarray
     source: str
     deviation: str | None = None
+    levels: int | None = 2
+    image_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        dtype = np.uint8 if self.levels == 2 else np.float32
         for s in SPLITS:
             x = getattr(self, s)
-            if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.uint8:
-                raise DatasetError(f"{self.name}: split {s!r} must be a 2-D uint8 array")
+            if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != dtype:
+                raise DatasetError(f"{self.name}: split {s!r} must be a 2-D {np.dtype(dtype).name} array")
             if x.shape[0] == 0:
                 raise DatasetError(f"{self.name}: split {s!r} is empty; every split needs at least one example")
         if len({getattr(self, s).shape[1] for s in SPLITS}) != 1:
             raise DatasetError(f"{self.name}: splits have different dimensions")
         if self.dim == 0:
             raise DatasetError(f"{self.name}: examples have 0 values; each needs at least one")
+        if self.image_shape is not None and math.prod(self.image_shape) != self.dim:
+            raise DatasetError(f"{self.name}: image_shape {self.image_shape} does not hold {self.dim} values")
+
+    @property
+    def kind(self) -> str:
+        """``binary``, ``N levels`` or ``real-valued``."""
+        return "binary" if self.levels == 2 else "real-valued" if self.levels is None else f"{self.levels} levels"
 
     @property
     def dim(self) -> int:
@@ -162,7 +195,7 @@ class _Variant:
     read: Callable[[list[Path], "_Variant"], Arrays]
     sizes: tuple[int, int, int]  # expected rows of train, valid, test
     label: str  # shown in "file missing" messages
-    provenance: str  # ends up in BinaryDataset.source
+    provenance: str  # ends up in Dataset.source
     url: str | None = None  # base URL the files can be downloaded from (None: no public copy)
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied after validation
     deviation: str | None = None
@@ -318,7 +351,28 @@ _SPECS: dict[str, _Spec] = {
             url="https://people.cs.umass.edu/~marlin/data/", transform=_caltech_to_vae),
     )),
 }
-assert tuple(_SPECS) == DATASETS
+assert tuple(_SPECS) + ("digits",) == DATASETS
+
+
+DIGITS_FILE = "digits.csv.gz"
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"  # as in scikit-learn 1.9.1
+DIGITS_SIZES = (1197, 300, 300)
+DIGITS_PROVENANCE = (
+    "scikit-learn's digits (8x8, 17 grey levels, 1797 images; the test set of UCI's Optical Recognition of "
+    "Handwritten Digits, Alpaydin & Kaynak 1998, CC BY 4.0), bundled with airvae; split 1197/300/300 by "
+    "RandomState(0).permutation(1797); values x/16")
+
+
+def load_digits() -> Dataset:
+    """The bundled grey-level dataset (module docstring): verified by sha256, split as documented."""
+    with resources.as_file(resources.files("airvae").joinpath("bundled", DIGITS_FILE)) as path:
+        _verify(path, f"sha256:{DIGITS_SHA256}")
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # 64 pixels, then the label (unused)
+    pixels = table[np.random.RandomState(0).permutation(len(table)), :64].astype(np.float32) / 16
+    ends = np.cumsum(DIGITS_SIZES)
+    return Dataset("digits", pixels[:ends[0]], pixels[ends[0]:ends[1]], pixels[ends[1]:], source=DIGITS_PROVENANCE,
+                   levels=17, image_shape=(1, 8, 8))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -459,7 +513,7 @@ def _raw_dir(cache_dir: Path) -> Path:
     return tmp
 
 
-def _convert(spec: _Spec, v: _Variant, paths: list[Path], cache: Path) -> BinaryDataset:
+def _convert(spec: _Spec, v: _Variant, paths: list[Path], cache: Path) -> Dataset:
     for p, expected in zip(paths, v.files.values()):
         _verify(p, expected)
     where = ", ".join(map(str, paths))
@@ -475,7 +529,7 @@ def _convert(spec: _Spec, v: _Variant, paths: list[Path], cache: Path) -> Binary
         arrays = tuple(v.transform(x) for x in arrays)
     origin = f"{where}: {v.provenance}"
     _write_cache(cache, arrays, origin)
-    return BinaryDataset(spec.name, *arrays, source=origin, deviation=v.deviation)
+    return Dataset(spec.name, *arrays, source=origin, deviation=v.deviation)
 
 
 def _missing_message(spec: _Spec, cache_dir: Path, dirs: list[Path], partial: list[str],
@@ -499,7 +553,7 @@ def _missing_message(spec: _Spec, cache_dir: Path, dirs: list[Path], partial: li
 
 # --------------------------------------------------------------------------- public
 
-def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool) -> BinaryDataset:
+def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool) -> Dataset:
     cache_dir = Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
                      or Path.home() / ".cache" / "airvae").expanduser()
     dirs: list[Path] = []
@@ -520,8 +574,7 @@ def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool
         cache = cache_dir / f"{v.key}.npz"
         if cache.is_file():
             arrays, origin = _read_cache(cache, v)
-            return BinaryDataset(spec.name, *arrays, source=f"{cache} (cache of {origin})",
-                                 deviation=v.deviation)
+            return Dataset(spec.name, *arrays, source=f"{cache} (cache of {origin})", deviation=v.deviation)
         found = {n: next((d / n for d in dirs if (d / n).is_file()), None) for n in v.files}
         if all(found.values()):
             return _convert(spec, v, list(found.values()), cache)
@@ -543,13 +596,13 @@ def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool
     raise DatasetError(_missing_message(spec, cache_dir, dirs, partial, download, failures))
 
 
-def _load_user_npz(path: Path) -> BinaryDataset:
+def _load_user_npz(path: Path) -> Dataset:
     if not path.is_file():
         raise DatasetError(
             f"dataset file {path} does not exist. Pass the path of an existing .npz or one "
             f"of {', '.join(DATASETS)}."
         )
-    need = ("arrays 'train', 'valid', 'test', each (N, D) of 0/1 values, e.g. "
+    need = ("arrays 'train', 'valid', 'test', each (N, D) or (N, C, H, W), e.g. "
             "np.savez(path, train=x_train, valid=x_valid, test=x_test)")
     if not zipfile.is_zipfile(path):
         raise DatasetError(f"{path} is not an .npz archive (it is not a zip file); a dataset .npz needs {need}")
@@ -565,26 +618,72 @@ def _load_user_npz(path: Path) -> BinaryDataset:
                     f"a dataset .npz needs {need}"
                 )
             arrays = [d[s] for s in SPLITS]
+            levels = d["levels"] if "levels" in d.files else None
     except DatasetError:  # a ValueError too; must not be re-wrapped below
         raise
     except _CACHE_ERRORS as e:
         raise DatasetError(f"could not read {path} as .npz ({type(e).__name__}: {e}); "
                            f"it needs {need}") from e
-    if arrays[0].ndim != 2:
-        raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {need}")
-    arrays = _check_splits(arrays, (None, None, None), arrays[0].shape[1], str(path))
-    return BinaryDataset(path.stem, *arrays, source=f"{path}: user-supplied dataset")
+    event = arrays[0].shape[1:]
+    if len(event) not in (1, 3):
+        raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {need} "
+                           "(single-channel images (N, H, W) as x[:, None])")
+    for s, x in zip(SPLITS, arrays):
+        if x.dtype.kind not in "biuf":
+            raise DatasetError(f"{path}: split {s!r} has non-numeric dtype {x.dtype}")
+        if x.shape[1:] != event:
+            raise DatasetError(f"{path}: split {s!r} has shape {x.shape}, expected (N, {', '.join(map(str, event))}) "
+                               "like 'train'")
+    rows = [x.reshape(len(x), math.prod(event)) for x in arrays]
+    image_shape = tuple(int(n) for n in event) if len(event) == 3 else None
+    levels = _levels(path, rows, levels)
+    if levels == 2:
+        rows = [x.astype(np.uint8, copy=False) for x in rows]
+    else:
+        rows = [(x / np.float32(levels - 1) if levels else x).astype(np.float32) for x in rows]
+    return Dataset(path.stem, *rows, source=f"{path}: user-supplied dataset", levels=levels, image_shape=image_shape)
+
+
+def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
+    """The kind of values of a user's splits (module docstring): 2 (binary), the number of grey
+    levels, or None (real-valued); raises DatasetError for values that are none of these."""
+    if declared is not None:
+        ok = declared.ndim == 0 and declared.dtype.kind in "iu" and 2 <= int(declared) <= 256
+        if not ok:
+            raise DatasetError(f"{path}: 'levels' must be one integer from 2 to 256 (the data are integers "
+                               f"0..levels-1), got {declared!r}")
+        levels = int(declared)
+        for s, x in zip(SPLITS, rows):
+            if x.size and not (np.all(x == np.round(x)) and x.min() >= 0 and x.max() <= levels - 1):
+                raise DatasetError(f"{path}: split {s!r} has values outside the integers 0..{levels - 1} that "
+                                   f"'levels' = {levels} declares")
+        return levels
+    if all(_is_binary(x) for x in rows):
+        return 2
+    if all(x.dtype.kind in "biu" for x in rows):
+        low, high = min(int(x.min()) for x in rows if x.size), max(int(x.max()) for x in rows if x.size)
+        if low < 0 or high > 255:
+            raise DatasetError(f"{path}: integer values from {low} to {high}; integers are read as 8-bit grey levels "
+                               "0..255. Store real-valued data as floats, or declare the grid with a 'levels' entry")
+        return 256
+    for s, x in zip(SPLITS, rows):
+        if not np.isfinite(x).all():
+            raise DatasetError(f"{path}: split {s!r} contains NaN or infinite values; remove or replace them")
+    return None
 
 
 def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, download: bool = True,
-                 progress: bool = True) -> BinaryDataset:
-    """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``) or a user ``.npz``.
+                 progress: bool = True) -> Dataset:
+    """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``, the bundled ``"digits"``) or
+    a user ``.npz``.
 
     See the module docstring for the resolution order (cache, ``data_dir``, download).
     Raises :class:`DatasetError` with instructions for every data problem.
     """
     text = os.fspath(name_or_path)
+    if text.lower() == "digits":
+        return load_digits()
     if text.lower() in _SPECS:
         return _load_named(_SPECS[text.lower()], data_dir, cache_dir, download, progress)
     path = Path(text).expanduser()

@@ -16,8 +16,8 @@ from torch.nn.utils import parametrize
 
 from .bounds import gaussian_log_ratio_from_noise, iwae_bound
 from .likelihoods import Bernoulli, Likelihood
-from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder,
-                       GaussianEncoder, MLPDecoder)
+from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, ConvDecoder,
+                       ConvEncoder, DenoisingEncoder, GaussianEncoder, MLPDecoder, parse_spec)
 
 
 class LatentVariableModel(Protocol):
@@ -282,15 +282,36 @@ def _capped_linear(linear: nn.Linear, max_norm: float) -> CappedWeightNormLinear
 
 
 def build_vae(x_dim: int, z_dim: int, encoder_hidden: str, decoder_hidden: str,
-              sigma: float = 0.0, max_norm: float = math.inf, likelihood: Likelihood | None = None) -> VAE:
+              sigma: float = 0.0, max_norm: float = math.inf, likelihood: Likelihood | None = None,
+              image_shape: tuple[int, int, int] | None = None) -> VAE:
     """The paper's model family: plain VAE/IWAE at ``sigma=0, max_norm=inf``; WNI when
     ``max_norm`` is finite; denoising when ``sigma > 0``; both together compose. ``likelihood``
-    (default Bernoulli, the paper's) sets p(x|z); the dense decoder emits its parameters."""
-    encoder: nn.Module = cap_weight_norms(GaussianEncoder(x_dim, z_dim, encoder_hidden), max_norm)
+    (default Bernoulli, the paper's) sets p(x|z); the decoder emits its parameters.
+
+    Specs with convolution layers (:mod:`airvae.networks`) need ``image_shape`` ``(C, H, W)`` with
+    ``C*H*W = x_dim``: the model then still takes flattened data ``[B, x_dim]`` (the conv encoder
+    reshapes it, the conv decoder emits the flattened layout), so training and every estimator see
+    the same shapes whatever the architecture."""
+    def conv(spec: str, role: str) -> bool:
+        if not parse_spec(spec, role)[0]:
+            return False
+        if image_shape is None or math.prod(image_shape) != x_dim:
+            raise ValueError(f"{role} {spec!r} has convolution layers: they need image data, image_shape (C, H, W) "
+                             f"with C*H*W = x_dim = {x_dim}, got {image_shape!r}")
+        return True
+
+    params_per_dim = 1 if likelihood is None else likelihood.params_per_dim
+    if conv(encoder_hidden, "encoder"):
+        encoder: nn.Module = ConvEncoder(image_shape, z_dim, encoder_hidden)
+    else:
+        encoder = GaussianEncoder(x_dim, z_dim, encoder_hidden)
+    encoder = cap_weight_norms(encoder, max_norm)
     if sigma > 0:
         encoder = DenoisingEncoder(encoder, sigma)
-    if likelihood is None or isinstance(likelihood, Bernoulli):
-        decoder: nn.Module = BernoulliDecoder(z_dim, x_dim, decoder_hidden)
+    if conv(decoder_hidden, "decoder"):
+        decoder: nn.Module = ConvDecoder(z_dim, image_shape, decoder_hidden, params_per_dim, flatten=True)
+    elif likelihood is None or isinstance(likelihood, Bernoulli):
+        decoder = BernoulliDecoder(z_dim, x_dim, decoder_hidden)
     else:
-        decoder = MLPDecoder(z_dim, x_dim, decoder_hidden, likelihood.params_per_dim)
+        decoder = MLPDecoder(z_dim, x_dim, decoder_hidden, params_per_dim)
     return VAE(encoder, decoder, likelihood)

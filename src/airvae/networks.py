@@ -5,34 +5,97 @@ eq. 13).
 Architecture specs follow the paper's Table 6 notation: ``d300-d300`` is two dense layers of 300
 units, each followed by an ELU. The encoder ends in a mean layer and a softplus *variance* layer
 (``z64``), the decoder in a logit layer (``x784``).
+
+Image data (``[C, H, W]`` examples) may also use convolution layers, ``c<channels>k<kernel>s<stride>``,
+each followed by an ELU, with padding ``(kernel - 1) // 2``. A spec lists layers in the order data
+flows through the network, so an encoder is convolutions then dense layers, and a decoder is the
+mirror image: dense layers, then in a decoder ``cCkKsS`` is the transposed convolution *from* the
+C-channel map that the encoder's ``cCkKsS`` produces. The decoder mirroring the encoder
+``c32k4s2-c64k4s2-d256`` is ``d256-c64k4s2-c32k4s2``: z -> 256 -> a 64-channel map -> transposed
+convolution (k4 s2) -> 32 channels -> transposed convolution (k4 s2) -> the likelihood's parameters
+at the image's size (each transposed convolution restores exactly the size its mirror took in).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-_LAYER = re.compile(r"^d([1-9][0-9]*)$")
+_DENSE = re.compile(r"d([1-9][0-9]*)")
+_CONV = re.compile(r"c([1-9][0-9]*)k([1-9][0-9]*)s([1-9][0-9]*)")
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One ``c<channels>k<kernel>s<stride>`` token of an architecture spec."""
+
+    channels: int
+    kernel: int
+    stride: int
+
+    @property
+    def padding(self) -> int:
+        return (self.kernel - 1) // 2
+
+    def output_size(self, size: int) -> int:
+        """Side of the map a convolution with this kernel, stride and padding makes from ``size``."""
+        return (size + 2 * self.padding - self.kernel) // self.stride + 1
+
+
+def parse_spec(spec: str, role: str = "encoder") -> tuple[tuple[Conv, ...], tuple[int, ...]]:
+    """``(convolutions, dense widths)`` of an architecture spec (see the module docstring):
+    ``"c32k4s2-c64k4s2-d256"`` -> ``((Conv(32, 4, 2), Conv(64, 4, 2)), (256,))`` for an encoder; a
+    decoder (``role="decoder"``) lists its dense layers first. ``""`` or ``"none"``: no layers."""
+    spec = spec.strip()
+    if spec in ("", "none"):
+        return (), ()
+    convs, dense, kinds = [], [], []
+    for token in spec.split("-"):
+        if (match := _DENSE.fullmatch(token)) is not None:
+            dense.append(int(match.group(1)))
+            kinds.append("d")
+        elif (match := _CONV.fullmatch(token)) is not None:
+            convs.append(Conv(*(int(g) for g in match.groups())))
+            kinds.append("c")
+        else:
+            raise ValueError(
+                f"architecture spec {spec!r}: layer {token!r} is neither 'd<units>' (a dense ELU layer, e.g. "
+                "'d300-d300') nor 'c<channels>k<kernel>s<stride>' (a convolution, e.g. 'c32k4s2-c64k4s2')")
+    order = "".join(kinds)
+    if ("dc" if role == "encoder" else "cd") in order:
+        example = "c32k4s2-c64k4s2-d256" if role == "encoder" else "d256-c64k4s2-c32k4s2"
+        before, after = ("convolution", "dense") if role == "encoder" else ("dense", "convolution")
+        raise ValueError(f"architecture spec {spec!r}: {'an' if role == 'encoder' else 'a'} {role} lists its {before} "
+                         f"layers before its {after} layers (e.g. {example!r})")
+    return tuple(convs), tuple(dense)
 
 
 def parse_hidden_spec(spec: str) -> tuple[int, ...]:
-    """``"d300-d300"`` -> ``(300, 300)``; ``""`` or ``"none"`` -> ``()`` (a linear map)."""
-    spec = spec.strip()
-    if spec in ("", "none"):
-        return ()
-    sizes = []
-    for token in spec.split("-"):
-        match = _LAYER.match(token)
-        if match is None:
-            raise ValueError(
-                f"architecture spec {spec!r}: layer {token!r} is not of the form 'd<units>' "
-                "(e.g. 'd300-d300' for two dense ELU layers of 300 units)"
-            )
-        sizes.append(int(match.group(1)))
-    return tuple(sizes)
+    """``"d300-d300"`` -> ``(300, 300)``; ``""`` or ``"none"`` -> ``()`` (a linear map). Dense layers only."""
+    convs, dense = parse_spec(spec)
+    if convs:
+        raise ValueError(f"architecture spec {spec!r}: convolution layers need an image-shaped network "
+                         "(ConvEncoder, ConvDecoder); a dense network takes 'd<units>' layers only")
+    return dense
+
+
+def conv_map_shapes(image_shape: tuple[int, int, int], convs: tuple[Conv, ...]) -> list[tuple[int, int, int]]:
+    """The feature maps ``[C, H, W]`` an encoder's convolutions make from an image, the image first.
+    Raises ValueError when a layer would shrink the map below 1x1."""
+    shapes = [tuple(image_shape)]
+    for conv in convs:
+        _, height, width = shapes[-1]
+        shape = (conv.channels, conv.output_size(height), conv.output_size(width))
+        if min(shape[1:]) < 1:
+            raise ValueError(f"convolution c{conv.channels}k{conv.kernel}s{conv.stride} would shrink the "
+                             f"{height}x{width} map to {shape[1]}x{shape[2]}: use a smaller kernel or fewer layers")
+        shapes.append(shape)
+    return shapes
 
 
 def capped_rows(v: torch.Tensor, u: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -196,6 +259,63 @@ class BernoulliDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.logits(self.trunk(z))
+
+
+class ConvEncoder(nn.Module):
+    """q(z|x) for images ``[C, H, W]``: convolutions (each + ELU), then :class:`GaussianEncoder`'s
+    dense layers and heads on the flattened map. Takes x as ``[B, C, H, W]`` or flattened,
+    ``[B, C*H*W]``. WNI converts its convolutions too (:func:`airvae.model.cap_weight_norms`)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], z_dim: int, spec: str):
+        super().__init__()
+        convs, dense = parse_spec(spec, "encoder")
+        self.image_shape, self.z_dim = tuple(image_shape), z_dim
+        shapes = conv_map_shapes(self.image_shape, convs)
+        layers: list[nn.Module] = []
+        for conv, (in_channels, _, _) in zip(convs, shapes):
+            layers += [nn.Conv2d(in_channels, conv.channels, conv.kernel, conv.stride, conv.padding), nn.ELU()]
+        self.convs = nn.Sequential(*layers)
+        self.head = GaussianEncoder(math.prod(shapes[-1]), z_dim, dense)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.convs(x.reshape(x.shape[0], *self.image_shape)).flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """Decoder for images ``[C, H, W]``: dense layers (each + ELU), a dense projection to the
+    smallest feature map, then transposed convolutions (ELU between them) up to the likelihood's
+    ``params_per_dim * C`` channels at ``H x W`` (the spec's mirror image: module docstring).
+    Emits ``[N, P*C, H, W]``, or with ``flatten`` the same values as ``[N, P*C*H*W]`` (the layout
+    of flattened data ``[B, C*H*W]``: parameter p of dimension d is output ``p*C*H*W + d``)."""
+
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], spec: str, params_per_dim: int = 1,
+                 flatten: bool = False):
+        super().__init__()
+        convs, dense = parse_spec(spec, "decoder")
+        if not convs:
+            raise ValueError(f"ConvDecoder: spec {spec!r} has no convolution layer; use MLPDecoder")
+        self.z_dim, self.image_shape, self.flatten = z_dim, tuple(image_shape), flatten
+        # The maps of the encoder this decoder mirrors, image first; the decoder walks them backwards.
+        shapes = conv_map_shapes(self.image_shape, convs[::-1])[::-1]
+        self.trunk, width = mlp(z_dim, dense)
+        self.project = nn.Sequential(nn.Linear(width, math.prod(shapes[0])), nn.ELU(), nn.Unflatten(1, shapes[0]))
+        layers: list[nn.Module] = []
+        for i, conv in enumerate(convs):
+            last = i == len(convs) - 1
+            out_channels = params_per_dim * self.image_shape[0] if last else convs[i + 1].channels
+            (_, h_in, w_in), (_, h_out, w_out) = shapes[i], shapes[i + 1]
+            # the sizes a transposed convolution can make from h_in are h_full .. h_full + stride - 1
+            padding = tuple(out - ((size - 1) * conv.stride - 2 * conv.padding + conv.kernel)
+                            for out, size in ((h_out, h_in), (w_out, w_in)))
+            layers.append(nn.ConvTranspose2d(conv.channels, out_channels, conv.kernel, conv.stride, conv.padding,
+                                             output_padding=padding))
+            if not last:
+                layers.append(nn.ELU())
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        params = self.deconvs(self.project(self.trunk(z)))
+        return params.flatten(1) if self.flatten else params
 
 
 class MLPDecoder(nn.Module):

@@ -11,8 +11,8 @@ them beside as JSON.
 * ``weight_norms`` -- WNI runs: each encoder layer's weight-vector norms against H (eq. 18)
   (``weight_norms.json``).
 
-Image figures need 28x28 data (x_dim = 784, the paper's three datasets); for other data they are
-skipped, and :class:`RunPlots` says why.
+Image figures need 28x28 data (x_dim = 784, the paper's three datasets) and a Bernoulli likelihood;
+for other runs they are skipped, and :class:`RunPlots` says why.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         no_data = f"test data unavailable ({error}); pass data_dir / --data-dir"
     not_images = None if cfg.x_dim == IMAGE_SIDE ** 2 else \
         f"x_dim = {cfg.x_dim} is not a {IMAGE_SIDE}x{IMAGE_SIDE} image"
+    if cfg.likelihood.kind != "bernoulli":  # the figures show Bernoulli means, sigmoid(decoder(z))
+        not_images = f"drawn for Bernoulli likelihoods only (this run's is {cfg.likelihood.kind})"
     generator = torch.Generator(device=device).manual_seed(seed)
 
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The paper's Tables 1-4 and Figures 1-4, regenerated at any budget, each beside the paper's own
 numbers, with a REPORT.md saying, claim by claim and under each log-likelihood estimator the folder
-holds, whether the run supports what the paper found.
+holds, whether the run supports what the paper found; and questions the paper leaves open, measured
+the same way (:mod:`airvae.questions`).
 
 ``reproduce`` plans a sweep, runs it (train; select the regularization strength on validation;
 evaluate on test; Figure 3's study), and calls ``render``; ``render`` (``airvae report``) rebuilds
@@ -36,6 +37,9 @@ class Target:
     evaluate_all: bool = False  # figures evaluate every strength on test (an ablation, not a selection)
     track_test: bool = False
     study: bool = False  # Figure 3: IW-SVI vs IWAE-k on the seed-0 model of each dataset, no test table
+    architecture: str | None = None  # a preset of config.ARCHITECTURES for every run; None: each dataset's own
+    default_dataset: str = "caltech"
+    grids: dict | None = None  # budget -> strengths, instead of GRIDS
 
 
 TARGETS = {
@@ -47,6 +51,12 @@ TARGETS = {
     "figure2": Target(ks=(1, 8, 64), evaluate_all=True),
     "figure3": Target(ks=(1,), families=("plain",), study=True),
     "figure4": Target(ks=(1, 8), families=("plain", "denoise-1.0"), ms=(1, 8), track_test=True),
+    # Not the paper's: do DVAE and WNI improve a conv VAE on grey-level images (airvae.questions)? Weaker
+    # strengths than Table 7's: on 8x8 digits sigma*sqrt(d) = 1 is sigma = 0.125 per pixel, about what
+    # sigma*sqrt(d) = 3.5 is on 28x28 MNIST (measured: 2.5 already cost DVAE 4.5 validation nats).
+    "grey-conv": Target(ks=(1,), families=("plain", "denoise-1.0", "wni"), architecture="digits",
+                        default_dataset="digits",
+                        grids={"smoke": (5.0,), "quick": (1.0, 2.5, 5.0), "paper": (0.5, 1.0, 2.5, 5.0, 10.0)}),
 }
 
 # Evaluation effort per budget (EvaluationSettings fields). "paper" is appendix C exactly.
@@ -67,6 +77,12 @@ FIGURE3_STUDIES = {
 }
 # Strengths swept per budget; quick spans the range Table 7 selected (2.5-15) with two points.
 GRIDS = {"smoke": (5.0,), "quick": (5.0, 10.0), "paper": PAPER_GRID}
+# AIS (and BDMC) effort per budget, for `--estimators ais,bdmc`: EvaluationSettings fields ("paper": the defaults,
+# 500 intermediate distributions, 16 chains, 100 simulated examples). "quick": on the digits conv VAE (60 test
+# examples) T=200 with 4 chains came 0.2 nats closer to IW-SVI than T=100 with 8 chains, at the same cost (6-8x
+# IW-SVI's at the quick settings); both stayed 0.7-0.8 nats below IW-SVI (measured).
+AIS_BUDGETS = {"smoke": dict(ais_intermediate=10, ais_chains=2, bdmc_examples=4),
+               "quick": dict(ais_intermediate=200, ais_chains=4, bdmc_examples=50), "paper": {}}
 TRACKED_TEST_EXAMPLES = {"smoke": 32, "quick": 500, "paper": 2000}
 
 
@@ -81,7 +97,7 @@ MAX_PLANNED_RUNS = 10_000
 def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[float, ...] | None = None) -> list[Job]:
     """The training jobs of a reproduction."""
     spec = TARGETS[target]
-    grid = tuple(grid or GRIDS[budget])
+    grid = swept_strengths(target, budget, grid)
     per_seed = len(datasets) * len(spec.ks) * len(spec.ms) * sum(
         len(grid) if family in REGULARIZED and target != "figure4" else 1 for family in spec.families)
     if per_seed * seeds > MAX_PLANNED_RUNS:
@@ -104,8 +120,15 @@ def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[
                     for strength in strengths:
                         for seed in range(seeds):
                             jobs.append(Job(family, dataset, k, m, strength, seed, budget,
-                                            TRACKED_TEST_EXAMPLES[budget] if spec.track_test else 0))
+                                            TRACKED_TEST_EXAMPLES[budget] if spec.track_test else 0,
+                                            architecture=spec.architecture))
     return jobs
+
+
+def swept_strengths(target: str, budget: str, grid: tuple[float, ...] | None = None) -> tuple[float, ...]:
+    """The regularization strengths a reproduction sweeps: ``grid`` if given, else the target's own
+    for the budget, else :data:`GRIDS`."""
+    return tuple(grid or (TARGETS[target].grids or {}).get(budget) or GRIDS[budget])
 
 
 def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
@@ -119,7 +142,7 @@ def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
         if job.dataset not in datasets:
             datasets[job.dataset] = load_dataset(job.dataset, data_dir=data_dir, progress=False)
         dataset = datasets[job.dataset]
-        check_training_inputs(job.run_config(dataset.dim, data_dir, device), dataset)
+        check_training_inputs(job.run_config(dataset, data_dir, device), dataset)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -133,20 +156,40 @@ def _check_out_dir(out_dir: Path) -> None:
     check_unlocked(out_dir)  # refused at once while another reproduction writes here
 
 
+def extra_evaluation(target: str, budget: str, estimators: tuple[str, ...]) -> dict | None:
+    """The second test evaluation that ``--estimators`` asks for (e.g. ``ais``, ``bdmc``), on the same
+    examples as the target's own, with the budget's AIS effort (:data:`AIS_BUDGETS`); None for none.
+    Its estimators sit beside the target's in the report (:func:`_merged_evaluation`)."""
+    from .evaluation import EvaluationSettings
+
+    if not estimators:
+        return None
+    spec = TARGETS[target]
+    if spec.study or spec.track_test:
+        raise ValueError(f"invalid estimators = {','.join(estimators)!r}: {target} has no test evaluation to add "
+                         "them to (allowed with table1-4, figure1, figure2 and grey-conv)")
+    extra = dict(EVALUATION_BUDGETS[budget], split="test", estimators=tuple(estimators), **AIS_BUDGETS[budget])
+    EvaluationSettings(**extra)  # validated before any work
+    return extra
+
+
 def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executor, out_dir: Path, *,
               grid: tuple[float, ...] | None = None, data_dir: str | None = None, device: str = "auto",
-              progress: bool = True, tracking: TrackingSettings | None = None) -> list[dict]:
+              progress: bool = True, tracking: TrackingSettings | None = None,
+              estimators: tuple[str, ...] = ()) -> list[dict]:
     """Train, select on validation, evaluate on test, render. Idempotent: re-running skips
-    finished work and resumes interrupted runs. ``tracking``
+    finished work and resumes interrupted runs. Everything is checked before anything is written,
+    and the output folder is locked against a second reproduction. ``tracking``
     (:class:`airvae.tracking.TrackingSettings`): the runs' sinks besides metrics.jsonl; None keeps
-    each run's own choice. Everything is checked before anything is written,
-    and the output folder is locked against a second reproduction. Returns the results of the
-    runs that did not finish (status "failed" or "locked"), each with its ``name`` and ``error``."""
+    each run's own choice. ``estimators`` (e.g. ``("ais",)``) are run on the evaluated models in a
+    second evaluation (:func:`extra_evaluation`). Returns the results of the runs that did not
+    finish (status "failed" or "locked"), each with its ``name`` and ``error``."""
     if target not in TARGETS:
         raise ValueError(f"invalid target = {target!r}: allowed {', '.join(TARGETS)}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     jobs = plan(target, datasets, budget, seeds, grid)
+    extra = extra_evaluation(target, budget, estimators)
     check_jobs(jobs, data_dir, device)
     spec = TARGETS[target]
     evaluation = study = None
@@ -157,22 +200,31 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
         # under both kinds (IWAE-k costs ~10% of IW-SVI).
         evaluation = dict(EVALUATION_BUDGETS[budget], split="test", estimators=("bound", "iwae", "iwsvi", "gap"))
     manifest = {"target": target, "datasets": datasets, "budget": budget, "seeds": seeds,
-                "grid": list(grid or GRIDS[budget]), "evaluation": evaluation, "study": study,
+                "grid": list(swept_strengths(target, budget, grid)), "evaluation": evaluation, "study": study,
                 "jobs": [asdict(j) for j in jobs]}
+    if extra is not None:
+        manifest["extra_evaluation"] = extra
     with RunLock(out_dir):
         write_json(out_dir / "manifest.json", manifest)
         log = out_dir / "sweep.jsonl"
         make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev, tracking)  # noqa: E731
         if spec.evaluate_all:
             results = run_tasks([make(job, evaluation) for job in jobs], executor, log, progress, "train+evaluate")
+            evaluated = [job for job in jobs if job.name in {r["name"] for r in results if r["status"] == "ok"}]
         else:
             results = run_tasks([make(job) for job in jobs], executor, log, progress, "train")
+            evaluated = []
             if evaluation is not None:
                 chosen = select_strengths(results)
                 selected = [job for job in jobs if chosen[(job.dataset, job.family, job.k, job.m)] == job.strength]
                 trained_ok = {r["name"] for r in results if r["status"] == "ok"}
-                results += run_tasks([make(job, evaluation) for job in selected if job.name in trained_ok],
-                                     executor, log, progress, "evaluate (test)")
+                evaluated = [job for job in selected if job.name in trained_ok]
+                results += run_tasks([make(job, evaluation) for job in evaluated], executor, log, progress,
+                                     "evaluate (test)")
+        if extra is not None:
+            ok = {r["name"] for r in results if r["status"] == "ok" and "evaluation" in r}
+            results += run_tasks([make(job, extra) for job in evaluated if job.name in ok], executor, log, progress,
+                                 f"evaluate (test, {', '.join(estimators)})")
         if study is not None:
             _run_figure3(out_dir, jobs, study, device, progress)
         render(out_dir)
@@ -376,6 +428,8 @@ def _paper_column(column: str) -> str:
 
 def render(out_dir: str | Path) -> Path:
     """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs."""
+    from .questions import QUESTIONS
+
     out_dir = Path(out_dir)
     if not (out_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
@@ -395,17 +449,34 @@ def render(out_dir: str | Path) -> Path:
     if manifest["evaluation"]:
         ev = manifest["evaluation"]
         iwae = f" and IWAE-{ev['k_iwae']} with the encoder" if "iwae" in ev["estimators"] else ""
+        done = next((r["evaluation"] for r in rows if r["evaluation"]), {})  # how many examples there really were
+        n, n_split = done.get("n"), done.get("n_split")
+        if n is not None and n == n_split:
+            examples = f"all {n} test examples"
+        elif n is not None:
+            examples = f"{n} of the {n_split} test examples, spread evenly"
+        else:
+            examples = (f"{ev['max_examples']} test examples, spread evenly" if ev["max_examples"]
+                        else "all test examples")
         report += [f"Test evaluation: IW-SVI with k={ev['svi_k']}, l={ev['svi_l']}, T={ev['svi_steps']} "
-                   f"(paper: k=5000, l=8, T=3000){iwae} on {ev['max_examples'] or 'all'} test examples"
-                   f"{' spread evenly over the test set' if ev['max_examples'] else ''}; "
-                   "strengths selected on the validation estimate only.", ""]
+                   f"(paper: k=5000, l=8, T=3000){iwae} on {examples}; strengths selected on the validation "
+                   "estimate only.", ""]
     if manifest.get("study"):
         st = manifest["study"]
         report += [f"Figure 3 on the seed-0 VAE of each dataset, {st['max_examples'] or 'all'} test examples: IWAE-k "
                    f"for k in {st['ks']}; IW-SVI (k={st['svi_k']}, l={st['l']}) for T in {st['steps_list']}; "
                    f"IW-SVI (T={st['fixed_steps']}) for each k (paper: k up to 100000, T up to 3000, T = 3000).", ""]
+    if manifest.get("extra_evaluation"):
+        ev = manifest["extra_evaluation"]
+        report += [f"Also on the evaluated models, same test examples: {', '.join(ev['estimators'])} "
+                   f"(AIS/BDMC: {ev.get('ais_intermediate', 500)} intermediate distributions, "
+                   f"{ev.get('ais_chains', 16)} chains; BDMC on {ev.get('bdmc_examples', 100)} examples simulated "
+                   "from each model).", ""]
     estimators, labels = estimators_present(rows), estimator_labels(rows)
-    if target.startswith("table"):
+    if target in QUESTIONS:
+        paths, lines = QUESTIONS[target](manifest, rows, out_dir)
+        report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths] + [""] + lines
+    elif target.startswith("table"):
         md, csv_rows = render_table(manifest, rows)
         (out_dir / f"{target}.md").write_text(md + "\n")
         buffer = io.StringIO()
@@ -424,12 +495,37 @@ def render(out_dir: str | Path) -> Path:
         if manifest["evaluation"]:
             report += claims_preamble(labels, estimators)
         report += claims
+    report += bdmc_section(rows)
     report += ["", *_plots_section(out_dir, manifest, rows)]
     if failed:
         report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `runs/{r['job'].name}/error.json`"
                                                  for r in failed]  # relative: the same report from a bundle
     (out_dir / "REPORT.md").write_text("\n".join(report) + "\n")
     return out_dir
+
+
+def bdmc_section(rows: list[dict]) -> list[str]:
+    """REPORT.md lines for the BDMC sandwiches the evaluated runs hold (none: no lines): per run, the
+    certified interval on its own simulated data, beside IW-SVI there when it was run."""
+    held = [r for r in rows if "bdmc_lower" in ((r.get("evaluation") or {}).get("estimates") or {})]
+    if not held:
+        return []
+    lines = ["", "## BDMC: how tight the estimators are on each model's own samples", "",
+             "Forward AIS gives a stochastic lower bound and reverse AIS (from the latent that generated each "
+             "example) an upper bound on ln p(x) of data simulated from the model; upper − lower bounds the error "
+             "of AIS with these settings there, and upper − IW-SVI the slack of IW-SVI. It certifies the "
+             "estimators on the model's own samples, not on the test set.", "",
+             "| run | −ln p(x) ≥ (upper) | −ln p(x) ≤ (lower) | width (nats) | IW-SVI on the same examples "
+             "| n |",
+             "|---|---|---|---|---|---|"]
+    for r in held:
+        estimates = r["evaluation"]["estimates"]
+        lower, upper = estimates["bdmc_lower"], estimates["bdmc_upper"]
+        svi = estimates.get("bdmc_iwsvi")
+        svi_text = "–" if svi is None else f"{-svi['mean']:.2f} (slack ≤ {upper['mean'] - svi['mean']:.2f})"
+        lines.append(f"| `{r['job'].name}` | {-upper['mean']:.2f} | {-lower['mean']:.2f} | "
+                     f"{upper['mean'] - lower['mean']:.2f} | {svi_text} | {lower.get('n', '')} |")
+    return lines
 
 
 def _plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ draws) and are meant to be within a small factor of the truth: good enough to te
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -70,10 +71,10 @@ def check_fits(need: MemoryEstimate, device: torch.device, advice: str) -> None:
         raise ConfigError(f"{need}, but {device} has {format_bytes(have)} available; {advice}")
 
 
-def _widths(spec: str) -> tuple[int, ...]:
-    from .networks import parse_hidden_spec
+def _widths(spec: str, role: str) -> tuple[int, ...]:
+    from .networks import parse_spec
 
-    return parse_hidden_spec(spec)
+    return parse_spec(spec, role)[1]
 
 
 def _dense_parameters(inputs: int, hidden: tuple[int, ...], outputs: int) -> int:
@@ -81,17 +82,48 @@ def _dense_parameters(inputs: int, hidden: tuple[int, ...], outputs: int) -> int
     return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
+def _conv_sizes(cfg: RunConfig, role: str) -> tuple[int, int, int]:
+    """(parameters, floats of one example's feature maps, floats of the map next to the dense layers)
+    of the encoder's or decoder's convolutions; zeros without any."""
+    from .networks import conv_map_shapes, parse_spec
+
+    convs = parse_spec(getattr(cfg.architecture, role), role)[0]
+    if not convs:
+        return 0, 0, 0
+    if role == "decoder":
+        convs = convs[::-1]  # the encoder it mirrors: its maps are the decoder's, walked backwards
+    shapes = conv_map_shapes(cfg.image_shape, convs)
+    channels = [shape[0] for shape in shapes]  # layer i maps channels[i] <-> channels[i + 1]
+    if role == "decoder":
+        channels[0] *= cfg.likelihood.params_per_dim  # the last transposed convolution emits P per channel
+    weights = sum((channels[i] * channels[i + 1]) * conv.kernel ** 2 + channels[i + 1] for i, conv in enumerate(convs))
+    return weights, sum(math.prod(shape) for shape in shapes[1:]), math.prod(shapes[-1])
+
+
 def _decoded_row(cfg: RunConfig) -> int:
-    """Floats held per decoded latent: z, the reparameterization terms, each hidden layer's
-    pre- and post-activation, and the logits with their softplus and x * logits."""
-    return 3 * cfg.architecture.z_dim + 2 * sum(_widths(cfg.architecture.decoder)) + 3 * cfg.x_dim
+    """Floats held per decoded latent: z, the reparameterization terms, each hidden layer's (and
+    feature map's) pre- and post-activation, and the P parameters per dimension with the
+    likelihood's intermediate terms."""
+    maps = _conv_sizes(cfg, "decoder")[1]
+    return (3 * cfg.architecture.z_dim + 2 * sum(_widths(cfg.architecture.decoder, "decoder")) + 2 * maps
+            + 3 * cfg.likelihood.params_per_dim * cfg.x_dim)
+
+
+def _encoder_row(cfg: RunConfig) -> int:
+    """Floats held per encoded example: the input, hidden layers and feature maps, and the heads."""
+    maps = _conv_sizes(cfg, "encoder")[1]
+    return 2 * sum(_widths(cfg.architecture.encoder, "encoder")) + 2 * maps + 4 * cfg.architecture.z_dim + cfg.x_dim
 
 
 def model_bytes(cfg: RunConfig, optimizer: bool = True) -> int:
     """Parameters (and, when training, their gradients and Adam's two moments)."""
     arch = cfg.architecture
-    encoder = _dense_parameters(cfg.x_dim, _widths(arch.encoder), 2 * arch.z_dim)
-    decoder = _dense_parameters(arch.z_dim, _widths(arch.decoder), cfg.x_dim)
+    encoder_convs, _, encoder_flat = _conv_sizes(cfg, "encoder")
+    decoder_convs, _, decoder_flat = _conv_sizes(cfg, "decoder")
+    encoder = encoder_convs + _dense_parameters(encoder_flat or cfg.x_dim, _widths(arch.encoder, "encoder"),
+                                                2 * arch.z_dim)
+    decoder = decoder_convs + _dense_parameters(arch.z_dim, _widths(arch.decoder, "decoder"),
+                                                decoder_flat or cfg.likelihood.params_per_dim * cfg.x_dim)
     return FLOAT * (encoder + decoder) * (4 if optimizer else 1) + FLOAT * encoder  # + WNI's computed weights
 
 
@@ -112,9 +144,8 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
     reg = cfg.regularizer
     passes = 2 if reg.sigma > 0 and 0 < reg.alpha < 1 else 1  # eq. 16 computes both bounds
     latents = cfg.batch_size * cfg.m * cfg.k
-    encoder_row = 2 * sum(_widths(cfg.architecture.encoder)) + 4 * cfg.architecture.z_dim + cfg.x_dim
     # activations kept for backward, and the gradients of the same size during it
-    step = runs * 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * encoder_row)
+    step = runs * 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * _encoder_row(cfg))
     validation = iwae_bytes(cfg, cfg.val_k, cfg.val_examples or 10**9, DEFAULT_CHUNK_SAMPLES)
     tracked = iwae_bytes(cfg, cfg.k, cfg.track_test_examples, DEFAULT_CHUNK_SAMPLES) if cfg.track_test_examples else 0
     group = f"{runs} runs' " if runs > 1 else ""
@@ -140,10 +171,13 @@ def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) ->
         fit = 2 * FLOAT * min(examples, settings.svi_chunk_examples) * settings.svi_l * row
         parts[f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})"] = max(
             fit, iwae_bytes(cfg, settings.svi_k, examples, settings.chunk_samples))
+    chains = settings.ais_chains + settings.ais_tuning_chains
+    per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
     if "ais" in chosen:
-        chains = settings.ais_chains + settings.ais_tuning_chains
-        per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
         parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
+    if "bdmc" in chosen:  # forward and reverse AIS, one after the other, on the simulated examples
+        parts[f"BDMC with {chains:,} chains"] = 2 * FLOAT * min(settings.bdmc_examples,
+                                                                 settings.ais_chunk_examples) * per_example
     largest = max(parts, key=parts.get)  # estimators run one after the other
     return MemoryEstimate("evaluation", {"parameters": runs * model_bytes(cfg, optimizer=False),
                                          "data on the device": FLOAT * cfg.x_dim * examples,

@@ -315,7 +315,8 @@ def model_from_config(cfg: RunConfig):
     from .model import build_vae
 
     arch, reg = cfg.architecture, cfg.regularizer
-    return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm)
+    return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm,
+                     cfg.likelihood.build(cfg.x_dim), cfg.image_shape)
 
 
 def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None):

@@ -45,6 +45,7 @@ class Job:
     budget: str = "quick"
     track_test_examples: int = 0
     iterations: int | None = None
+    architecture: str | None = None  # a preset of config.ARCHITECTURES; None: the dataset's own
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -59,14 +60,16 @@ class Job:
         strength = f"-{self.strength:g}" if self.strength else ""
         return f"{dataset}/k{self.k}-m{self.m}/{self.family}{strength}/seed{self.seed}"
 
-    def run_config(self, x_dim: int, data_dir: str | None = None, device: str = "auto") -> RunConfig:
+    def run_config(self, dataset, data_dir: str | None = None, device: str = "auto") -> RunConfig:
+        """The run's configuration on ``dataset`` (an :class:`airvae.data.Dataset`: its dimension,
+        image shape and kind of values)."""
         alpha = float(self.family.split("-")[1]) if self.family.startswith("denoise") else 1.0
         regularizer = Regularizer.from_paper(
-            x_dim, sigma_sqrt_d=self.strength if self.family.startswith("denoise") else 0.0,
+            dataset.dim, sigma_sqrt_d=self.strength if self.family.startswith("denoise") else 0.0,
             ten_over_h=self.strength if self.family == "wni" else 0.0, alpha=alpha)
         return resolve_run_config(
-            self.dataset, x_dim=x_dim, budget=self.budget,
-            architecture="mnist-large" if self.family == "large-encoder" else None,
+            self.dataset, x_dim=dataset.dim, image_shape=dataset.image_shape, levels=dataset.levels,
+            budget=self.budget, architecture="mnist-large" if self.family == "large-encoder" else self.architecture,
             regularizer=regularizer, k=self.k, m=self.m, seed=self.seed, iterations=self.iterations,
             track_test_examples=self.track_test_examples or None, data_dir=data_dir, device=device)
 
@@ -115,7 +118,7 @@ def execute(task: Task) -> dict:
         out["trained"] = summary is None
         if summary is None:
             dataset = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
-            cfg = task.job.run_config(dataset.dim, task.data_dir, task.device)
+            cfg = task.job.run_config(dataset, task.data_dir, task.device)
             result = train(cfg, run_dir, resume=True, progress=False, dataset=dataset, tracking=task.tracking)
             if result.status == "interrupted":
                 raise KeyboardInterrupt
@@ -284,7 +287,7 @@ class StackedExecutor:
                 check_unlocked(task.run_dir)
                 if source not in datasets:
                     datasets[source] = load_dataset(task.job.dataset, data_dir=task.data_dir, progress=False)
-                cfg = task.job.run_config(datasets[source].dim, task.data_dir, task.device)
+                cfg = task.job.run_config(datasets[source], task.data_dir, task.device)
             except Exception:  # noqa: BLE001 - locked by another process, or failing: fn reports it per task
                 continue
             pending.setdefault((source, group_key(cfg)), []).append((task, cfg))

@@ -95,8 +95,7 @@ class _StopFlag:
 def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
     """Everything about a run that can be checked before its directory is touched: the data fits
     the config, the device exists, and the memory the run needs is there. Returns the device."""
-    if dataset.dim != cfg.x_dim:
-        raise ConfigError(f"invalid x_dim = {cfg.x_dim}: dataset {cfg.dataset!r} has dimension {dataset.dim}")
+    cfg.check_dataset(dataset)
     n_train = len(dataset.train)
     if cfg.batch_size > n_train:
         raise ConfigError(f"invalid batch_size = {cfg.batch_size}: allowed at most the {n_train} training examples "
@@ -170,7 +169,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
           progress: bool = True, dataset=None, allow_data_change: bool = False,
           tracking: TrackingSettings | None = None) -> TrainResult:
     """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
-    already loaded :class:`airvae.data.BinaryDataset`. ``tracking``: the sinks (TensorBoard, MLflow)
+    already loaded :class:`airvae.data.Dataset`. ``tracking``: the sinks (TensorBoard, MLflow)
     the run writes to besides metrics.jsonl (:mod:`airvae.tracking`); None keeps the run's own
     choice (none for a new run).
 
