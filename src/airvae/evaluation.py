@@ -221,7 +221,9 @@ def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) ->
 
 def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) -> dict | None:
     """The cached result of ``settings`` on this run, or None if absent, unreadable or stale
-    (computed with other settings or from another checkpoint)."""
+    (computed with other settings or from another checkpoint). A run folder without weights (a
+    results folder committed or shared without them) keeps its evaluations: there is no checkpoint
+    for them to be stale against."""
     path = evaluation_path(run_dir, settings)
     try:
         stored = json.loads(path.read_text())
@@ -229,7 +231,8 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
         return None
     if not isinstance(stored, dict) or stored.get("identity") != settings.identity():
         return None
-    if stored.get("checkpoint_sha256") != best_checkpoint_digest(run_dir):
+    current = best_checkpoint_digest(run_dir)
+    if current is not None and stored.get("checkpoint_sha256") != current:
         return None
     return stored
 
