@@ -227,3 +227,16 @@ def test_reproduce_estimators_become_a_second_evaluation_and_bdmc_a_report_secti
     row = {"job": Job("plain", "digits", architecture="digits"), "evaluation": {"estimates": estimates}}
     lines = bdmc_section([row, {"job": Job("plain", "digits", seed=1), "evaluation": None}])
     assert lines[-1] == "| `digits/k1-m1/plain/seed0` | 80.50 | 81.00 | 0.50 | 80.75 (slack ≤ 0.25) | 50 |"
+
+
+def test_real_values_beyond_float32_are_refused_before_anything_is_written(tmp_path, capsys):
+    from airvae.cli import main
+
+    data = tmp_path / "huge.npz"
+    rng = np.random.default_rng(0)
+    splits = {s: rng.random((n, 4)) for s, n in (("train", 20), ("valid", 5), ("test", 5))}
+    splits["train"][0, 0] = 1e39  # finite as float64, inf as float32
+    np.savez(data, **splits)
+    assert main(["train", "--dataset", str(data), "--budget", "smoke", "--run-dir", str(tmp_path / "run"),
+                 "--no-progress", "--batch-size", "5"]) == 2
+    assert "float32" in capsys.readouterr().err and not (tmp_path / "run").exists()

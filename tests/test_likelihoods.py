@@ -101,7 +101,8 @@ def test_bits_per_dim_conversions_are_exact():
 def test_gaussian_matches_torch_on_images_with_sample_axes(std_mode):
     torch.manual_seed(0)
     x = torch.randn(4, 2, 3, 3)
-    likelihood = Gaussian(0.7, std_mode, event_shape=(2, 3, 3) if std_mode == "per-dimension" else None)
+    std0 = 1.0 if std_mode == "decoder" else 0.7  # (the decoder emits the std: std itself is refused)
+    likelihood = Gaussian(std0, std_mode, event_shape=(2, 3, 3) if std_mode == "per-dimension" else None)
     if std_mode in ("global", "per-dimension"):
         with torch.no_grad():
             likelihood.log_std.add_(torch.randn(likelihood.log_std.shape) * 0.3)
@@ -111,7 +112,8 @@ def test_gaussian_matches_torch_on_images_with_sample_axes(std_mode):
     if std_mode == "fixed":
         std = torch.tensor(0.7)
     else:
-        std = params[:, :, 2:].exp() if std_mode == "decoder" else likelihood.log_std.exp()
+        # a learned std is min_std (1e-3 by default) + exp(its log parameter)
+        std = 1e-3 + (params[:, :, 2:].exp() if std_mode == "decoder" else likelihood.log_std.exp())
     expected = torch.distributions.Normal(mean, std).log_prob(x).sum((-3, -2, -1))
     torch.testing.assert_close(likelihood.log_prob(x, params), expected)
 
@@ -123,7 +125,7 @@ def test_gaussian_learned_std_is_floored_and_validated():
     x, mean = torch.zeros(1, 3), torch.full((1, 3), 0.5)
     expected = torch.distributions.Normal(mean, 0.01).log_prob(x).sum(-1)
     torch.testing.assert_close(likelihood.log_prob(x, mean), expected)
-    for kwargs in ({"std_mode": "learned"}, {"std": 0.0}, {"std_mode": "per-dimension"},
+    for kwargs in ({"std_mode": "learned"}, {"std": 0.0}, {"std_mode": "per-dimension"}, {"std": 0.5, "std_mode": "decoder"},
                    {"std_mode": "global", "event_shape": (3,)}):
         with pytest.raises(ValueError):
             Gaussian(**kwargs)
@@ -195,7 +197,7 @@ class ConvDecoder(nn.Module):
 
 def test_log_weights_score_images_through_a_conv_decoder():
     torch.manual_seed(0)
-    likelihood = Gaussian(0.3, "decoder")
+    likelihood = Gaussian(std_mode="decoder")
     decoder = ConvDecoder(3, 2 * likelihood.params_per_dim)
     x = torch.randn(5, 2, 4, 4)
     mean, std = torch.randn(5, 3), torch.rand(5, 3) + 0.5
@@ -205,7 +207,7 @@ def test_log_weights_score_images_through_a_conv_decoder():
     eps = torch.randn((2, 4, 5, 3), generator=torch.Generator().manual_seed(3))  # the same draws, by hand
     z = mean + std * eps
     out = decoder(z.reshape(-1, 3)).reshape(2, 4, 5, 4, 4, 4)
-    log_px = torch.distributions.Normal(out[..., :2, :, :], out[..., 2:, :, :].exp()).log_prob(x).sum((-3, -2, -1))
+    log_px = torch.distributions.Normal(out[..., :2, :, :], 1e-3 + out[..., 2:, :, :].exp()).log_prob(x).sum((-3, -2, -1))
     log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
     log_qz = torch.distributions.Normal(mean, std).log_prob(z).sum(-1)
     torch.testing.assert_close(log_w, log_px + log_pz - log_qz, rtol=1e-5, atol=1e-4)
@@ -224,3 +226,18 @@ def test_a_learned_likelihood_trains_with_the_model_and_the_estimators_leave_it_
     assert "likelihood.log_std" in model.state_dict()
     # The paper's Bernoulli model keeps its parameters (and checkpoints) exactly: its likelihood has none.
     assert not any(name.startswith("likelihood") for name in build_vae(6, 2, "d8", "d8").state_dict())
+
+
+def test_a_learned_std_always_has_a_gradient_and_extreme_log_scales_stay_finite():
+    # std = min_std + exp(l): at the floor a smooth parameterization still moves (a clamp would not).
+    likelihood = Gaussian(1.0, "global")
+    with torch.no_grad():
+        likelihood.log_std.fill_(math.log(1e-3) - 5)
+    likelihood.log_prob(torch.zeros(1, 3), torch.full((1, 3), 5.0)).sum().backward()
+    assert likelihood.log_std.grad.abs().item() > 0
+    # a decoder emitting log scales of -100 or +100 gives finite log-probabilities and gradients
+    log_scale = torch.tensor([-100.0, 100.0, -90.0], requires_grad=True)
+    x, mean = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5, 0.2, 0.3])
+    value = discretized_logistic_log_prob(x, mean, log_scale, 256)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(log_scale.grad).all()

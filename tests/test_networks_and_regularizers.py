@@ -43,14 +43,18 @@ def test_wni_is_identity_below_the_cap():
 
 
 def test_h_infinite_and_sigma_zero_give_the_plain_model_exactly():
-    torch.manual_seed(0)
-    plain = build_vae(12, 2, "d8", "d8")
+    from airvae import VAE, BernoulliDecoder
+
+    torch.manual_seed(0)  # the plain VAE, built by hand from its two networks
+    plain = VAE(GaussianEncoder(12, 2, "d8"), BernoulliDecoder(2, 12, "d8"))
     torch.manual_seed(0)
     same = build_vae(12, 2, "d8", "d8", sigma=0.0, max_norm=math.inf)
-    for (n1, p1), (n2, p2) in zip(plain.state_dict().items(), same.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2)
+    assert list(plain.state_dict()) == list(same.state_dict())
+    assert all(torch.equal(p, same.state_dict()[name]) for name, p in plain.state_dict().items())
     assert not any(isinstance(m, CappedWeightNormLinear) for m in same.modules())
     assert not isinstance(same.encoder, DenoisingEncoder)
+    x = binary(4, 12)
+    torch.testing.assert_close(same.encode(x), plain.encode(x), rtol=0, atol=0)
 
 
 def test_sigma_zero_denoising_wrapper_reduces_to_vae_exactly():
@@ -240,7 +244,12 @@ def test_conv_wni_is_identity_below_the_cap_and_trains_u():
         cap.u.fill_(20.0)  # sigmoid ~ 1: the cap H * sigmoid(u) >> ||v||
     torch.testing.assert_close(layer(x), expected)
     layer(x).square().sum().backward()
-    assert cap.u.grad is not None and layer.parametrizations.weight.original.grad is not None
+    assert cap.u.grad.abs().sum() == 0  # below the cap the cap has no say
+    with torch.no_grad():
+        cap.u.fill_(-20.0)  # now every filter is at its (tiny) cap: u is what sets their norms
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert (cap.u.grad.abs() > 0).all() and layer.parametrizations.weight.original.grad.abs().sum() > 0
 
 
 def test_cap_weight_norms_converts_every_dense_and_conv_layer_once():

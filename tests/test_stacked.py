@@ -288,3 +288,20 @@ def test_conv_models_with_a_discretized_likelihood_stack_too(tmp_path):
     for i in range(2):  # batched convolutions round differently from single ones: a looser tolerance
         close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
               load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=5e-4)
+
+
+def test_conv_wni_runs_with_different_caps_keep_their_own_cap_in_a_group(tmp_path):
+    from airvae.config import resolve_run_config
+    from airvae.data import load_dataset
+
+    digits = load_dataset("digits", progress=False)
+    cfgs = [resolve_run_config("digits", x_dim=digits.dim, image_shape=digits.image_shape, levels=digits.levels,
+                               budget="smoke", device="cpu", iterations=10, val_every=10, seed=0,
+                               regularizer=Regularizer(max_norm=h)) for h in (0.05, 100.0)]
+    assert len({group_key(c) for c in cfgs}) == 1
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=digits)
+    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], digits, progress=False)
+    for i in range(2):
+        close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
+              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=5e-4)

@@ -133,10 +133,8 @@ class LikelihoodConfig:
 
     @property
     def params_per_dim(self) -> int:
-        """P: parameters the decoder emits per data dimension."""
-        if self.kind == "discretized-logistic":
-            return 2 if self.components == 1 else 3 * self.components
-        return 2 if self.kind == "gaussian" and self.std_mode == "decoder" else 1
+        """P: parameters the decoder emits per data dimension (the likelihood's own count)."""
+        return self.build(1).params_per_dim
 
     def build(self, x_dim: int):
         """The :class:`airvae.likelihoods.Likelihood` for data of ``x_dim`` dimensions."""

@@ -640,7 +640,12 @@ def _load_user_npz(path: Path) -> Dataset:
     if levels == 2:
         rows = [x.astype(np.uint8, copy=False) for x in rows]
     else:
-        rows = [(x / np.float32(levels - 1) if levels else x).astype(np.float32) for x in rows]
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+            rows = [(x / np.float32(levels - 1) if levels else x).astype(np.float32) for x in rows]
+        for s, x in zip(SPLITS, rows):
+            if not np.isfinite(x).all():  # finite as float64, beyond float32's range (|x| > 3.4e38)
+                raise DatasetError(f"{path}: split {s!r} has values too large for float32 (above 3.4e38); "
+                                   "rescale the data")
     return Dataset(path.stem, *rows, source=f"{path}: user-supplied dataset", levels=levels, image_shape=image_shape)
 
 

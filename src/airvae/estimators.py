@@ -188,9 +188,10 @@ def _as_input(model: torch.nn.Module, x) -> torch.Tensor:
     return x
 
 
-def _dims(x) -> int:
-    """Data dimensions per example of ``x`` (a tensor, array or nested list)."""
-    return math.prod(np.shape(x)[1:])
+def _dims(model: LatentVariableModel, x) -> int | None:
+    """Data dimensions per example of ``x`` (a tensor, array or nested list), for bits/dim; None
+    where bits/dim mean nothing (a density over real values, not a probability of discrete data)."""
+    return math.prod(np.shape(x)[1:]) if getattr(model.likelihood, "discrete", True) else None
 
 
 def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int:
@@ -302,7 +303,8 @@ def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 50
     log (1/k) sum_i p(x, z_i)/q(z_i|x), exactly ``k`` samples per example."""
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, progress, name or f"IWAE-{k}")
-    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time, _dims(x))
+    return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time,
+                    _dims(model, x))
 
 
 def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
@@ -316,7 +318,7 @@ def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repe
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, progress, f"L_{k} x{repeats}")
     return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
-                    time.perf_counter() - start_time, _dims(x))
+                    time.perf_counter() - start_time, _dims(model, x))
 
 
 def _amortized_iwae(model: LatentVariableModel, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
@@ -422,7 +424,7 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int
                              disable=not progress, leave=False) as bar:
         values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
     settings = {"k": k, "l": l, "steps": steps, "lr": lr, "lr_decay": lr_decay, "seed": seed}
-    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, _dims(x))
+    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, _dims(model, x))
 
 
 def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
@@ -539,7 +541,7 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_inter
     settings = {**_ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
                                 target_accept, adapt_rate, seed),
                 "mean_acceptance": accept_sum / max(n, 1)}  # a diagnostic, not a setting
-    return Estimate("ais", values, settings, time.perf_counter() - start_time, _dims(x))
+    return Estimate("ais", values, settings, time.perf_counter() - start_time, _dims(model, x))
 
 
 def _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps, step_size, adaptation, seed,
@@ -661,9 +663,12 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
     start_time = time.perf_counter()
     x = _as_input(model, x)
     z = torch.as_tensor(z).to(device=x.device, dtype=next(model.decoder.parameters()).dtype)
-    if z.dim() != 2 or z.shape[0] != x.shape[0]:
-        raise ValueError(f"bdmc: z has shape {list(z.shape)}; expected [n, z_dim] with n = {x.shape[0]} (one latent "
-                         "per example of x, as simulate() returns)")
+    if z.dim() != 2 or z.shape[0] != x.shape[0] or z.shape[1] != latent_dim(model, x[:1]):
+        raise ValueError(f"bdmc: z has shape {list(z.shape)}; expected [n, z_dim] with n = {x.shape[0]} and the "
+                         f"model's z_dim = {latent_dim(model, x[:1])} (one latent per example of x, as simulate() "
+                         "returns)")
+    if not torch.isfinite(z).all():
+        raise ValueError("bdmc: z contains NaN or infinite values")
     n = x.shape[0]
     lower, upper = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     accept = [0.0, 0.0]
@@ -691,5 +696,6 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
     settings = _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains,
                              target_accept, adapt_rate, seed)
     seconds = time.perf_counter() - start_time
-    return (Estimate("bdmc-lower", lower, {**settings, "mean_acceptance": accept[0] / n}, seconds, _dims(x)),
-            Estimate("bdmc-upper", upper, {**settings, "mean_acceptance": accept[1] / n}, seconds, _dims(x)))
+    dims = _dims(model, x)
+    return (Estimate("bdmc-lower", lower, {**settings, "mean_acceptance": accept[0] / n}, seconds, dims),
+            Estimate("bdmc-upper", upper, {**settings, "mean_acceptance": accept[1] / n}, seconds, dims))

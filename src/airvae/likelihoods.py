@@ -52,6 +52,7 @@ class Likelihood(nn.Module):
     """p(x|z) given the decoder's output (see the module docstring for the shapes)."""
 
     params_per_dim: int = 1  # P: parameter tensors the decoder emits per data dimension
+    discrete: bool = True  # a probability of discrete data (bits/dim mean something), not a density
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over the event axes: x ``[B, *event]``, params ``[*sample, B, P*C, ...]``
@@ -125,12 +126,13 @@ class Gaussian(Likelihood):
       ``event_shape``, the shape of one example (``(D,)`` or ``(C, H, W)``) (P = 1);
     * ``"decoder"``: the decoder emits the log std of every dimension after the means (P = 2).
 
-    Learned stds are parameterized by their logarithm and floored at ``min_std``: without a
-    floor, a dimension that is constant in the data (a black image border) drives its std to 0 and
-    the likelihood to infinity.
+    Learned stds are ``min_std + exp(l)`` for a learned (or decoder-emitted) l: without a floor, a
+    dimension that is constant in the data (a black image border) drives its std to 0 and the
+    likelihood to infinity, and a smooth floor (unlike clamping) never leaves a gradient of 0.
     """
 
     STD_MODES = ("fixed", "global", "per-dimension", "decoder")
+    discrete = False
 
     def __init__(self, std: float = 1.0, std_mode: str = "fixed", event_shape: tuple[int, ...] | None = None,
                  min_std: float = 1e-3):
@@ -139,8 +141,11 @@ class Gaussian(Likelihood):
             raise ValueError(f"invalid std_mode = {std_mode!r}: allowed {', '.join(self.STD_MODES)}")
         if not (std > 0 and math.isfinite(std)):
             raise ValueError(f"invalid std = {std!r}: allowed a finite number > 0")
-        if not 0 <= min_std < std:
+        if std_mode != "fixed" and not 0 <= min_std < std:
             raise ValueError(f"invalid min_std = {min_std!r}: allowed [0, std)")
+        if std_mode == "decoder" and std != 1.0:
+            raise ValueError(f"invalid std = {std!r} with std_mode='decoder': the decoder emits the std; leave std "
+                             "at its default")
         if (std_mode == "per-dimension") != (event_shape is not None):
             raise ValueError("Gaussian: event_shape (the shape of one example) is needed for, and only for, "
                              "std_mode='per-dimension'")
@@ -150,13 +155,13 @@ class Gaussian(Likelihood):
             self.register_buffer("std", torch.tensor(float(std)))
         elif std_mode in ("global", "per-dimension"):
             shape = () if std_mode == "global" else tuple(event_shape)
-            self.log_std = nn.Parameter(torch.full(shape, math.log(std)))
+            self.log_std = nn.Parameter(torch.full(shape, math.log(std - min_std)))  # starts at std
 
     def _mean_and_std(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.std_mode == "fixed":
             return parts[0], self.std
         log_std = parts[1] if self.std_mode == "decoder" else self.log_std
-        return parts[0], log_std.exp().clamp_min(self.min_std)
+        return parts[0], self.min_std + log_std.exp()
 
     def log_prob(self, x, params):
         event_dims = x.dim() - 1
@@ -192,7 +197,9 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     either tail and no underflow for narrow scales.
     """
     half = 0.5 / (num_bins - 1)
-    inv_scale = torch.exp(-log_scale)
+    # Scales beyond e^-20 (a millionth of a bin) or e^20 mean nothing, and exp(-log_scale) would
+    # overflow to inf (NaN gradients) below about -88 in float32.
+    inv_scale = torch.exp(-log_scale.clamp(-20.0, 20.0))
     centred = x - mean
     upper, lower = (centred + half) * inv_scale, (centred - half) * inv_scale
     inner = F.logsigmoid(upper) + F.logsigmoid(-lower) + _log1mexp(-2 * half * inv_scale)

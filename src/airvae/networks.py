@@ -171,14 +171,21 @@ class CappedFilterNorm(nn.Module):
         super().__init__()
         if not max_norm > 0:
             raise ValueError(f"max_norm (H) must be > 0, got {max_norm}")
-        self.max_norm, self.groups, self.transposed = max_norm, groups, transposed
+        self.groups, self.transposed = groups, transposed
+        # H as a non-persistent buffer, as in CappedWeightNormLinear: stacked groups pass each run's own H.
+        self.register_buffer("h", torch.tensor(float(max_norm)), persistent=False)
         self.u = nn.Parameter(torch.zeros(out_channels))  # u = 0: the cap starts at H/2, as for dense layers
+
+    @property
+    def max_norm(self) -> float:
+        """The cap H of eq. 18."""
+        return float(self.h)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self.transposed:
-            return capped_rows(v.flatten(1), self.u, self.max_norm).view_as(v)
+            return capped_rows(v.flatten(1), self.u, self.h).view_as(v)
         filters = v.unflatten(0, (self.groups, -1)).transpose(1, 2)  # [groups, out/groups, in/groups, *kernel]
-        capped = capped_rows(filters.flatten(2).flatten(0, 1), self.u, self.max_norm)  # one row per output channel
+        capped = capped_rows(filters.flatten(2).flatten(0, 1), self.u, self.h)  # one row per output channel
         return capped.view(filters.shape).transpose(1, 2).reshape(v.shape)
 
     def extra_repr(self) -> str:

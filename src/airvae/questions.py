@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .likelihoods import LN2  # noqa: E402
+from .likelihoods import bits_per_dim  # noqa: E402
 from .reproduce import ESTIMATOR_MEANINGS, _label, _selected_rows, estimator_labels, estimators_present  # noqa: E402
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
@@ -33,7 +33,7 @@ def bits_per_dim_of(evaluation: dict | None, estimator: str) -> float | None:
     estimate = ((evaluation or {}).get("estimates") or {}).get(estimator)
     if not estimate or not estimate.get("dims"):
         return None
-    return -estimate["mean"] / (estimate["dims"] * LN2)
+    return float(bits_per_dim(estimate["mean"], estimate["dims"]))
 
 
 def paired(differences: list[float]) -> dict | None:

@@ -379,7 +379,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     exactly what evaluate_run writes."""
     from .data import evenly_spaced, load_dataset
     from .devices import resolve_device
-    from .estimators import Estimate, inference_gap
+    from .estimators import Estimate, _dims, inference_gap
     from .evaluation import store_evaluation
     from .resources import check_fits, evaluation_memory
     from .runs import load_trained_model_with_digest
@@ -425,7 +425,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
                                                    "steps": settings.svi_steps, "lr": settings.svi_lr,
                                                    "lr_decay": settings.svi_lr_decay, "seed": settings.seed})}
     records = []
-    dims = math.prod(x.shape[1:])
+    dims = _dims(loaded[0][1], x)
     for r, (run_dir, (cfg, _, digest)) in enumerate(zip(run_dirs, loaded)):
         estimates = {name: Estimate(names[name][0], values[name][r].cpu(), names[name][1], seconds[name], dims)
                      for name in values}
