@@ -48,3 +48,17 @@ def test_evaluation_uses_fp32_products():
     x = (torch.rand(8, 30, device="cuda") < 0.3).float()
     on_gpu = iwae_log_likelihood(model, x, 50).values
     assert torch.isfinite(on_gpu).all()
+
+
+def test_a_run_killed_on_the_gpu_resumes_exactly(tmp_path):
+    """The training stream is restored on the device (the checkpoint's CPU generator state is
+    loaded onto the GPU by map_location): a resumed run ends bit for bit as an uninterrupted one."""
+    from test_safety import Killed  # noqa: F401 - the same simulated kill as the CPU tests
+    from test_stacked import GROUPS, _kill_at, tiny_dataset
+
+    cfg, dataset = GROUPS["plain+dvae"][2].replace(device="cuda"), tiny_dataset()
+    train(cfg, tmp_path / "reference", progress=False, dataset=dataset)
+    _kill_at(cfg, tmp_path / "killed", dataset, 20)
+    train(cfg, tmp_path / "killed", resume=True, progress=False, dataset=dataset)
+    a, b = (load_checkpoint(tmp_path / d / LAST)["model"] for d in ("reference", "killed"))
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -246,3 +246,12 @@ def test_report_rebuilds_a_committed_results_folder_exactly(tmp_path):
     assert not list(copy.rglob("*.pt")) and not list(copy.rglob("*.safetensors"))
     assert main(["report", str(copy)]) == 0
     assert (copy / "REPORT.md").read_text() == (committed / "REPORT.md").read_text()
+
+
+def test_one_seed_gives_no_verdict_and_equal_numbers_never_contradict():
+    from airvae.reproduce import verdict
+
+    assert verdict((-0.10, float("nan"))).startswith("cannot tell (one seed")
+    assert verdict((0.0, 0.0)) == "inconclusive"
+    assert verdict((0.5, 0.2)) == "supports" and verdict((-0.5, 0.2)) == "contradicts"
+    assert verdict((0.3, 0.2)) == "inconclusive"

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from airvae import runs
 from airvae.cli import main
-from airvae.runs import BEST, LAST
+from airvae.runs import BEST, BEST_NEXT, LAST, load_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -349,11 +350,64 @@ def test_resuming_on_changed_data_is_refused_unless_allowed(trained, capsys):
 
 def test_a_kill_between_the_first_best_and_last_checkpoint_logs_nothing_twice(tmp_path, monkeypatch):
     data, run = killed_run(tmp_path, monkeypatch, at_step=10)
-    assert (run / BEST).exists() and not (run / LAST).exists()
+    assert (run / BEST_NEXT).exists() and not (run / BEST).exists() and not (run / LAST).exists()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert main(train_args(data, run, "--resume", "--iterations", "40")) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
+    assert (run / BEST).exists() and not (run / BEST_NEXT).exists()
+
+
+def test_a_kill_after_a_new_best_never_costs_the_previous_best(tmp_path, monkeypatch):
+    """Killed after staging step 20's best but before last.pt: if the resumed run then validates
+    worse (another device, changed data), step 10's best.pt is still there and still the best."""
+    import airvae.train as train_module
+
+    data, run = killed_run(tmp_path, monkeypatch, at_step=20)
+    assert load_checkpoint(run / BEST)["step"] == 10 and load_checkpoint(run / BEST_NEXT)["step"] == 20
+    real = train_module.iwae_log_likelihood
+    monkeypatch.setattr(train_module, "iwae_log_likelihood",
+                        lambda *a, **k: SimpleNamespace(mean=real(*a, **k).mean - 1000.0))
+    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_step"] == 10 and load_checkpoint(run / BEST)["step"] == 10
+    assert not (run / BEST_NEXT).exists()
+    assert main(["evaluate", str(run), "--max-examples", "4", "--svi-steps", "2", "--svi-k", "4",
+                 "--no-progress"]) == 0
+
+
+def test_resuming_a_finished_run_keeps_its_training_time(trained):
+    data, run = trained
+    seconds = json.loads((run / "summary.json").read_text())["seconds"]
+    assert main(train_args(data, run, "--resume")) == 0
+    assert json.loads((run / "summary.json").read_text())["seconds"] == pytest.approx(seconds, abs=0.05)
+
+
+def test_an_unplanned_stop_leaves_a_true_status(tmp_path, monkeypatch):
+    import airvae.train as train_module
+
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(train_module, "iwae_log_likelihood", out_of_memory)
+    assert main(train_args(data, run)) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "OutOfMemoryError" in summary["message"]
+
+
+def test_a_lock_file_that_is_a_link_is_never_written_through(trained, tmp_path, capsys):
+    data, run = trained
+    victim = tmp_path / "thesis.tex"
+    victim.write_text("years of work")
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(victim)
+    assert main(train_args(data, run, "--resume")) == 2
+    assert "link" in one_error_line(capsys)
+    with pytest.raises(runs.RunError, match="link"):
+        runs.check_unlocked(run)
+    assert victim.read_text() == "years of work"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,3 +532,12 @@ def test_evaluate_refuses_settings_that_cannot_fit_before_any_work(trained, caps
         assert main(["evaluate", str(run), "--no-progress", *flags]) == 2
         assert "memory" in one_error_line(capsys)
     assert not (run / "evaluations").exists()
+
+
+def test_resuming_from_the_stored_configuration_refuses_settings_it_would_ignore(trained, capsys):
+    _, run = trained
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(run), "--iterations", "400", "--k", "5", "--no-progress"]) == 2
+    err = one_error_line(capsys)
+    assert "--iterations" in err and "--k" in err
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress", "--device", "cpu"]) == 0

@@ -305,3 +305,35 @@ def test_conv_wni_runs_with_different_caps_keep_their_own_cap_in_a_group(tmp_pat
     for i in range(2):
         close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
               load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=5e-4)
+
+
+def test_groups_are_split_to_fit_the_devices_memory(monkeypatch):
+    import airvae.resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda device: 10 * resources.GiB)
+    need = lambda n: resources.MemoryEstimate("training", {"runs": n * 3 * resources.GiB})  # noqa: E731
+    assert resources.largest_group(need, torch.device("cpu"), 10) == 2  # 6 GiB <= 80% of 10 < 9 GiB
+    assert resources.largest_group(need, torch.device("cpu"), 1) == 1
+    monkeypatch.setattr(resources, "available_memory", lambda device: None)
+    assert resources.largest_group(need, torch.device("cpu"), 7) == 7
+
+
+def test_a_group_refuses_before_touching_any_member_when_one_cannot_be_used(tmp_path):
+    cfgs, dataset = GROUPS["plain+dvae"][:2], tiny_dataset()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(Exception, match="not an airvae run"):
+        train_group([Member(cfgs[0], tmp_path / "r0"), Member(cfgs[1], foreign)], dataset, progress=False)
+    assert not (tmp_path / "r0").exists() and [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+
+
+def test_a_diverging_run_stops_in_its_group_with_a_true_message_and_the_others_finish(tmp_path):
+    cfgs, dataset = GROUPS["plain+dvae"][:2], tiny_dataset()
+    cfgs = [cfgs[0], cfgs[1].replace(regularizer=Regularizer(sigma=1e30))]  # run 1's encoder sees infinities
+    results = train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    assert [r.status for r in results] == ["completed", "diverged"]
+    summary = read_json(tmp_path / "r1" / "summary.json")
+    assert summary["status"] == "diverged" and "holds step" in summary["message"] and "--lr" in summary["message"]
+    assert not (tmp_path / "r1" / LAST).exists() or torch.isfinite(
+        torch.cat([t.flatten() for t in load_checkpoint(tmp_path / "r1" / LAST)["model"].values()])).all()

@@ -172,6 +172,12 @@ def _tracking(args):
     return None if args.log is None else TrackingSettings.parse(args.log)
 
 
+# What `train --resume --run-dir DIR` alone may be given: where and how to run, not what to train.
+_RESUME_FLAGS = {"dataset", "resume", "run_dir", "device", "data_dir", "no_progress", "compile", "log",
+                 "allow_data_change", "func", "command"}
+_TRAIN_DEFAULTS: dict = {}  # the train parser's defaults, filled by build_parser
+
+
 def cmd_train(args) -> int:
     from .data import load_dataset
     from .runs import load_config
@@ -182,6 +188,11 @@ def cmd_train(args) -> int:
         if not (args.resume and args.run_dir):
             raise ConfigError("missing --dataset: allowed mnist, omniglot, caltech or a .npz path "
                               "(only `--resume --run-dir DIR` may leave it out)")
+        ignored = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+                   if dest not in _RESUME_FLAGS and value != _TRAIN_DEFAULTS.get(dest)]
+        if ignored:  # the stored configuration is used: a setting given now would be silently ignored
+            raise ConfigError(f"{', '.join(sorted(ignored))} cannot change a run resumed from its own configuration; "
+                              "drop them, or give --dataset and every setting to compare them with the stored ones")
         stored = load_config(args.run_dir)
         stored = stored.replace(device=args.device, data_dir=args.data_dir or stored.data_dir)
         dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
@@ -379,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p)
     _add_compile(p)
     p.set_defaults(func=cmd_train)
+    _TRAIN_DEFAULTS.update({action.dest: action.default for action in p._actions})
     p = sub.add_parser("evaluate", help="estimate ln p(x), the amortized bound and the inference gap of a run")
     _add_evaluate_arguments(p)
     _add_compile(p)

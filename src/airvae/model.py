@@ -150,32 +150,45 @@ def compile_enabled() -> bool:
     return _compile.enabled
 
 
+def torch_compile(fn, mode: str | None = None):
+    """``torch.compile(fn)`` with airvae's settings: a persistent cache, static shapes, and room for
+    the graphs of many runs (and stacked groups) in one process."""
+    # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home / "airvae" / "torchinductor"))
+    # Static shapes: one specialised graph per (architecture, grad mode, shape); a run sees a
+    # handful (training, evaluation chunks, the last partial chunk, IW-SVI). Dynamic-shape kernels
+    # were measurably slower for the small training shapes. Several runs or groups in one process
+    # must not hit Dynamo's default limit of 8 graphs and silently fall back to eager.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def call_compiled(compiled, eager, args, what: str):
+    """``compiled(*args)``; if compiling fails (no C++ compiler, an unsupported platform...), warn
+    once and return ``eager(*args)``. Returns (output, whether the compiled version worked)."""
+    try:
+        return compiled(*args), True
+    except Exception as exc:  # noqa: BLE001
+        out = eager(*args)  # a genuine error raises here again
+        warnings.warn(f"torch.compile of {what} failed ({type(exc).__name__}: {exc}); continuing without it",
+                      RuntimeWarning, stacklevel=3)
+        return out, False
+
+
 def _run_kernel(kernel, *args) -> torch.Tensor:
     """``kernel(*args)``, compiled when compilation is on."""
     if not _compile.enabled:
         return kernel(*args)
     compiled = _compile.fns.get(kernel)
     if compiled is None:
-        # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
-        cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home / "airvae" / "torchinductor"))
-        # Static shapes: one specialised graph per (architecture, grad mode, shape); a run sees a
-        # handful (training, evaluation chunks, the last partial chunk, IW-SVI). Dynamic-shape
-        # kernels were measurably slower for the small training shapes. Several runs in one
-        # process must not hit Dynamo's default limit of 8 graphs and silently fall back to eager.
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = _compile.fns[kernel] = torch.compile(kernel, dynamic=False)
-    try:
-        return compiled(*args)
-    except Exception as exc:  # noqa: BLE001
-        out = kernel(*args)  # a genuine error raises here again
-        # Eager works, so compiling is what failed (no C++ compiler, unsupported platform...).
-        warnings.warn(f"torch.compile of the log-weights kernel failed ({type(exc).__name__}: {exc}); "
-                      "continuing without it", RuntimeWarning, stacklevel=3)
+        compiled = _compile.fns[kernel] = torch_compile(kernel)
+    out, worked = call_compiled(compiled, kernel, args, "the log-weights kernel")
+    if not worked:
         _compile.enabled, _compile.mode = False, "off"
-        return out
+    return out
 
 
 class VAE(nn.Module):

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .runs import LOCK, METRICS as METRICS_FILE, RunError, RunLock, check_unlocked, read_json, read_metrics, write_json
+from .runs import FINISHED, LOCK, METRICS as METRICS_FILE, RunError, RunLock, check_unlocked, read_json, read_metrics
+from .runs import write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
 from .tracking import TrackingSettings
 
@@ -281,7 +282,7 @@ def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
         summary = read_json(summary_path) if summary_path.exists() else {}
         row = {"job": job, "run_dir": run_dir, "summary": summary, "evaluation": None,
                "failed": (run_dir / "error.json").exists()}
-        if manifest["evaluation"] and summary.get("status") in ("completed", "early-stopped"):
+        if manifest["evaluation"] and summary.get("status") in FINISHED:
             row["evaluation"] = _merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]))
         row["metrics"] = read_metrics(run_dir / METRICS_FILE)
         rows.append(row)
@@ -364,8 +365,9 @@ def _label(family: str, k: int) -> str:
 
 
 def _selected_rows(manifest: dict, rows: list[dict]) -> list[dict]:
-    trained = [{"job": asdict(r["job"]), "status": "ok" if r["summary"] else "failed", "summary": r["summary"]}
-               for r in rows]
+    # only finished runs compete, as in the sweep itself (a diverged or running run's best validation does not)
+    trained = [{"job": asdict(r["job"]), "summary": r["summary"],
+                "status": "ok" if r["summary"].get("status") in FINISHED else "failed"} for r in rows]
     chosen = select_strengths(trained)
     return [r for r in rows if chosen[(r["job"].dataset, r["job"].family, r["job"].k, r["job"].m)] == r["job"].strength]
 
@@ -556,23 +558,23 @@ def _plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]
     return lines
 
 
-def verdict(improvement: tuple[float, float] | None, other_se: float = 0.0) -> str:
+def verdict(improvement: tuple[float, float] | None) -> str:
     """'supports' if the improvement exceeds twice its standard error, 'contradicts' if it is
-    below minus that, otherwise 'inconclusive'."""
+    below minus that, otherwise 'inconclusive'; with one seed there is no standard error, and no
+    verdict (a difference's sign alone says nothing about noise)."""
     if improvement is None:
         return "cannot tell (missing numbers)"
     diff, se = improvement
-    se = math.hypot(0 if math.isnan(se) else se, other_se)
-    if se == 0:
-        return "supports" if diff > 0 else "contradicts"
+    if math.isnan(se):  # one seed
+        return "cannot tell (one seed: no noise estimate; run --seeds 2 or more)"
     return "supports" if diff > 2 * se else "contradicts" if diff < -2 * se else "inconclusive"
 
 
 def _difference(a, b):
+    """a - b for (mean, standard error) pairs; the error is NaN when either has none (one seed)."""
     if a is None or b is None:
         return None
-    se = math.hypot(0 if math.isnan(a[1]) else a[1], 0 if math.isnan(b[1]) else b[1])
-    return a[0] - b[0], se
+    return a[0] - b[0], math.hypot(a[1], b[1])
 
 
 def claims_preamble(labels: dict[str, str], estimators: list[str]) -> list[str]:

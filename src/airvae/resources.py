@@ -71,6 +71,19 @@ def check_fits(need: MemoryEstimate, device: torch.device, advice: str) -> None:
         raise ConfigError(f"{need}, but {device} has {format_bytes(have)} available; {advice}")
 
 
+def largest_group(need, device: torch.device, runs: int, share: float = 0.8) -> int:
+    """The most runs, up to ``runs``, that ``need(n)`` (a MemoryEstimate for n stacked runs) fits
+    in ``share`` of the memory ``device`` has available; at least 1 (one run alone is checked again
+    where it trains)."""
+    have = available_memory(device)
+    if have is None:
+        return runs
+    n = runs
+    while n > 1 and need(n).bytes > share * have:
+        n = max(1, min(n - 1, int(n * share * have / need(n).bytes)))  # the estimate is about linear in n
+    return n
+
+
 def _widths(spec: str, role: str) -> tuple[int, ...]:
     from .networks import parse_spec
 

@@ -57,6 +57,8 @@ CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summar
 CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
 TRACKING, TENSORBOARD = "tracking.json", "tensorboard"
 LAST, BEST = f"{CHECKPOINTS}/last.pt", f"{CHECKPOINTS}/best.pt"
+BEST_NEXT = f"{CHECKPOINTS}/best.next.pt"  # a new best, promoted to best.pt once last.pt is written
+FINISHED = ("completed", "early-stopped")  # the summary statuses of a run that is over
 BEST_WEIGHTS = f"{CHECKPOINTS}/best.safetensors"
 MARKER_FORMAT = 1
 EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")  # the files of TensorBoard's SummaryWriter
@@ -64,7 +66,7 @@ EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")  # the files of TensorBoar
 # What airvae writes into a run directory, by entry: anything else makes the folder foreign, and
 # airvae refuses to delete it.
 _RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR, TRACKING)))
-_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best)\.pt|best\.safetensors"),
+_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safetensors"),
                 EVALUATIONS: re.compile(r"[\w.-]+\.json"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
                 TENSORBOARD: EVENT_FILE}
 # A temporary file of atomic_write_bytes: "." + the target's name + "." + mkstemp's 8 random characters.
@@ -368,17 +370,11 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.directory.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        f = _open_lock(self.path, write=True)
         try:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
+            _flock(f, self.directory)
+        except BaseException:
             f.close()
-            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunLocked(f"{self.directory} is being written by another airvae process (PID {holder}); "
-                                "wait for it to finish or stop it, then try again") from error
             raise
         f.seek(0)
         f.truncate()
@@ -399,11 +395,40 @@ class RunLock:
         self.release()
 
 
+def _open_lock(path: Path, write: bool):
+    """The lock file, never through a link (a ``.lock`` that is a link to someone's file must not
+    have a PID written into it)."""
+    flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunError(f"{path} is a symbolic link; airvae never writes through links: remove it") from error
+        raise write_error(path, error) from error
+    return os.fdopen(fd, "r+" if write else "r")
+
+
+def _flock(f, directory: Path) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise RunLocked(f"{directory} is being written by another airvae process (PID {holder}); "
+                        "wait for it to finish or stop it, then try again") from error
+
+
 def check_unlocked(directory: Path) -> None:
     """Raise :class:`RunLocked` (naming the PID) if another process is writing ``directory``;
-    creates nothing."""
-    if (Path(directory) / LOCK).exists():
-        RunLock(directory).acquire().release()
+    creates and writes nothing."""
+    path = Path(directory) / LOCK
+    if path.exists() or path.is_symlink():
+        with _open_lock(path, write=False) as f:
+            _flock(f, Path(directory))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,6 +484,10 @@ def run_dir_state(run_dir: Path) -> str:
         return "new"
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
+    links = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_symlink()]
+    if links:  # airvae writes its files in place (metrics.jsonl is appended to): never through a link
+        raise RunError(f"{run_dir} holds symbolic links ({', '.join(sorted(links)[:3])}); airvae never writes "
+                       "through links: replace them with the files, or choose another --run-dir")
     if (run_dir / CONFIG).exists():
         if read_marker(run_dir) is None:  # no marker: only a valid airvae config makes it a run (airvae < 0.2)
             try:

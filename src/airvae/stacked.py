@@ -42,11 +42,12 @@ from .bounds import iwae_bound
 from .config import Regularizer, RunConfig
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
                          example_generator)
-from .model import _encode_log_weights, _log_weights_from_eps, _mean_bound, compile_for
+from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
+                    torch_compile)
 from .networks import DenoisingEncoder
-from .runs import LAST, RunIOError, RunLock, model_from_config
+from .runs import RunLock, model_from_config
 from .train import (EARLY_STOP_MESSAGE, MinibatchSchedule, RunLog, TrainResult, _fast_adam_options, _StopFlag,
-                    restore_generator, training_generator)
+                    diverged_message, restore_generator, training_generator)
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which single runs use
 
@@ -95,6 +96,7 @@ class StackedAdam:
         self.steps = [0] * params[0].shape[0]
         self.fused = bool(_fast_adam_options(params[0].device))
         self._counts, self._counted = None, None  # the kernel's step tensors (kept on the device)
+        self._idle, self._idle_index = None, None  # the runs sitting out, as a device index tensor
 
     def step(self, lr: float, active: list[bool]) -> None:
         steps = {s for s, a in zip(self.steps, active) if a}
@@ -104,17 +106,18 @@ class StackedAdam:
         if self._counted != step:  # the kernel increments these itself
             device = self.params[0].device if self.fused else "cpu"
             self._counts = [torch.tensor(float(step), device=device) for _ in self.params]
-        idle = None if all(active) else torch.tensor([not a for a in active], device=self.params[0].device)
-        kept = [tuple(t[idle].clone() for t in trio) for trio in zip(self.params, self.exp_avg, self.exp_avg_sq)] \
-            if idle is not None else None
+        idle = [r for r, a in enumerate(active) if not a]
+        if idle and idle != self._idle:  # an index tensor on the device: no host sync per step
+            self._idle, self._idle_index = idle, torch.tensor(idle, device=self.params[0].device)
+        tensors = [t for trio in zip(self.params, self.exp_avg, self.exp_avg_sq) for t in trio]
         with torch.no_grad():
+            kept = [t.index_select(0, self._idle_index) for t in tensors] if idle else None
             torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
                        fused=self.fused, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr, weight_decay=0.0,
                        eps=ADAM_EPS, maximize=False)
             if kept is not None:  # the runs sitting out get back exactly what they had
-                for trio, old in zip(zip(self.params, self.exp_avg, self.exp_avg_sq), kept):
-                    for t, o in zip(trio, old):
-                        t[idle] = o
+                for t, old in zip(tensors, kept):
+                    t.index_copy_(0, self._idle_index, old)
         self._counted = step + 1
         self.steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
 
@@ -382,14 +385,13 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     from .estimators import Estimate, _dims, inference_gap
     from .evaluation import store_evaluation
     from .resources import check_fits, evaluation_memory
-    from .runs import load_trained_model_with_digest
+    from .runs import load_config, load_trained_model_with_digest
 
     if not set(settings.estimators) <= set(STACKED_ESTIMATORS):
         raise ValueError(f"evaluate_group batches {', '.join(STACKED_ESTIMATORS)} only, not {settings.estimators}")
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    loaded = [load_trained_model_with_digest(run_dir, "best", device) for run_dir in run_dirs]
-    cfgs = [cfg for cfg, _, _ in loaded]
+    cfgs = [load_config(run_dir) for run_dir in run_dirs]  # everything checked before models are loaded
     if len({evaluation_key(cfg, settings) for cfg in cfgs}) != 1:
         raise ValueError("evaluate_group: the runs do not share a dataset, an architecture and a training k")
     dataset = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, progress=progress)
@@ -397,7 +399,9 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     index = evenly_spaced(len(split), settings.max_examples)
     check_fits(evaluation_memory(cfgs[0], settings, len(index), runs=len(run_dirs)), device,
                "evaluate fewer runs at once, or lower --chunk-samples")
+    loaded = [load_trained_model_with_digest(run_dir, "best", device) for run_dir in run_dirs]
     x = torch.as_tensor(split[index]).to(device=device, dtype=torch.float32)
+    loaded[0][1].likelihood.validate(x)  # the data fits the likelihood, as evaluate_run checks
     group = StackedModel([model for _, model, _ in loaded], device)
     rows, seeds = list(range(len(run_dirs))), [settings.seed] * len(run_dirs)
     values, seconds = {}, {}
@@ -458,21 +462,19 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
     Every run is checked and locked as :func:`airvae.train.train` checks and locks it (a run that
     another process is writing makes the call fail with RunLocked: leave it out). The members must
     share :func:`group_key` and the dataset."""
-    from .resources import check_fits, training_memory
+    from .runs import check_unlocked
     from .tracking import choose_sinks
-    from .train import check_training_inputs, open_run_dir
+    from .train import check_run_dir_use, check_training_inputs, open_run_dir
 
     if len({group_key(m.cfg) for m in members}) != 1:
         raise ValueError("train_group: the runs do not share an architecture, schedule, k, m and structure")
-    devices = {str(check_training_inputs(m.cfg, dataset)) for m in members}
+    devices = {str(check_training_inputs(m.cfg, dataset, runs=len(members))) for m in members}
     if len(devices) != 1:
         raise ValueError(f"train_group: the runs ask for different devices ({', '.join(sorted(devices))})")
     device = torch.device(devices.pop())
-    first = members[0].cfg
-    rows = len(dataset.train) + min(len(dataset.valid), first.val_examples or len(dataset.valid)) + min(
-        len(dataset.test), first.track_test_examples)
-    check_fits(training_memory(first, rows, runs=len(members)), device,
-               "train fewer runs per group, or lower --k, --m or the batch size")
+    for m in members:  # every member checked before any is touched, as train() does for one
+        check_run_dir_use(m.run_dir, resume=True, overwrite=False)
+        check_unlocked(m.run_dir)
     with contextlib.ExitStack() as locks:
         for m in members:
             locks.enter_context(RunLock(m.run_dir))
@@ -480,8 +482,10 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
         for m in members:
             if m.tracking is not None:
                 choose_sinks(m.run_dir, m.tracking)
-        return _train_group_locked(cfgs, [m.run_dir for m in members], dataset, device, progress,
-                                   chunk_samples or max(1, DEFAULT_CHUNK_SAMPLES // len(members)))
+        # A CPU's caches want small chunks (the group's split among its runs); a GPU wants large products.
+        chunk = chunk_samples or (DEFAULT_CHUNK_SAMPLES if device.type == "cuda"
+                                  else max(1, DEFAULT_CHUNK_SAMPLES // len(members)))
+        return _train_group_locked(cfgs, [m.run_dir for m in members], dataset, device, progress, chunk)
 
 
 def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, device: torch.device,
@@ -502,17 +506,11 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
     logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
     results: list[TrainResult | None] = [None] * R  # a finished run stays in the group, inactive:
     for r, log in enumerate(logs):                  # the group's shapes (and so its rounding) never change
-        saved = log.saved(device)
+        saved, results[r] = log.resume(device)
         if saved is not None:
             group.load_run(r, saved["model"])
             load_adam_state(group, adam, r, saved["optimizer"])
             restore_generator(generators[r], saved)
-            status = log.finished_status()
-            if status is not None:
-                results[r] = log.finish(status, EARLY_STOP_MESSAGE.format(cfgs[r].patience)
-                                        if status == "early-stopped" else None)
-                continue
-        log.start(device)
 
     draws = _GroupDraws(cfgs, generators, train_x.shape[1:], device)
     alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
@@ -533,7 +531,8 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
         return math.isfinite(total)
 
     def checkpoint(r: int) -> None:
-        logs[r].checkpoint(group.run_state_dict(r), adam_state_dict(group, adam, r, cfgs[r].lr),
+        # the lr of the step just taken: what torch's param_group holds when a run alone checkpoints
+        logs[r].checkpoint(group.run_state_dict(r), adam_state_dict(group, adam, r, cfgs[r].lr_at(logs[r].step - 1)),
                            generators[r].get_state())
 
     bar = tqdm(total=first.iterations, initial=min(log.step for log in logs),
@@ -566,8 +565,8 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                 if validate or save or interrupted:  # the only host syncs: validation and checkpoints
                     for r in (unfinished() if interrupted else sorted(set(validate) | set(save))):
                         if not flush_losses(r):
-                            results[r] = logs[r].finish("diverged", _DIVERGED.format(
-                                logs[r].state["loss_count"], logs[r].step, run_dirs[r] / LAST))
+                            results[r] = logs[r].finish("diverged", diverged_message(
+                                f"became non-finite before step {logs[r].step}", run_dirs[r]))
                     validate = [r for r in validate if results[r] is None]
                     if validate:
                         vals = stacked_iwae(group, validate, val_x, first.val_k, [c.seed + 1 for c in cfgs],
@@ -588,7 +587,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                 for r in unfinished():
                     if logs[r].step >= cfgs[r].iterations:
                         results[r] = logs[r].finish("completed")
-    except RunIOError as error:
+    except BaseException as error:  # a full disk, out of memory, a second Ctrl-C...: true statuses
         for r in unfinished():
             logs[r].fail(error)
         raise
@@ -597,29 +596,19 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
     return results
 
 
-_DIVERGED = ("the training objective became non-finite in the last {} steps before step {}; the last checkpoint "
-             "({}) holds the last finite state. Try a lower learning rate (--lr) or a different seed.")
-
-
 def _compiled(fn, device: torch.device):
     """``fn`` through torch.compile; on CUDA with CUDA graphs ("reduce-overhead": a whole step's
     kernels replayed with one launch, the point of stacking on a launch-bound GPU). Falls back to
-    eager, with a warning, if compiling fails."""
-    import warnings
-
-    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
-    state = {"fn": compiled}
+    eager, with one warning, if compiling fails."""
+    state = {"fn": torch_compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)}
 
     def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as exc:  # noqa: BLE001
-            if state["fn"] is fn:
-                raise
-            warnings.warn(f"torch.compile of the stacked objective failed ({type(exc).__name__}: {exc}); "
-                          "continuing without it", RuntimeWarning, stacklevel=2)
-            state["fn"] = fn
+        if state["fn"] is fn:
             return fn(*args)
+        out, worked = call_compiled(state["fn"], fn, args, "the stacked objective")
+        if not worked:
+            state["fn"] = fn
+        return out
 
     return call
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig, resolve_run_config
+from .runs import FINISHED
 from .model import COMPILE_ENV
 from .tracking import TrackingSettings
 
@@ -99,7 +100,7 @@ def finished_summary(run_dir: Path) -> dict | None:
         summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None
     except RunError:
         return None
-    return summary if isinstance(summary, dict) and summary.get("status") in ("completed", "early-stopped") else None
+    return summary if isinstance(summary, dict) and summary.get("status") in FINISHED else None
 
 
 def execute(task: Task) -> dict:
@@ -251,16 +252,13 @@ class StackedExecutor:
     hands every task to ``fn`` as the other executors do: finished runs are skipped there, so only
     evaluations (and the training of any run a group could not take) happen per task.
 
-    ``max_group`` caps the runs per group (memory). A run another process is writing is left out
-    of its group (``fn`` reports it as locked); a group that fails leaves its runs to ``fn``, which
-    trains them one by one from whatever checkpoints the group wrote (the formats are the same)."""
+    A group is as large as the device's memory allows (:func:`airvae.resources.largest_group`);
+    larger sets of runs are split. A run another process is writing is left out of its group
+    (``fn`` reports it as locked); a group that fails leaves its runs to ``fn``, which trains them
+    one by one from whatever checkpoints the group wrote (the formats are the same)."""
 
-    def __init__(self, max_group: int | None = None, progress: bool = False):
-        from .config import check_int
-
-        if max_group is not None:
-            check_int("max_group", max_group)
-        self.max_group, self.progress = max_group, progress
+    def __init__(self, progress: bool = False):
+        self.progress = progress
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
         trained = self.train_groups(tasks)
@@ -272,9 +270,10 @@ class StackedExecutor:
             yield result
 
     def groups(self, tasks: list[Task]) -> list[list[tuple[Task, RunConfig]]]:
-        """The unfinished, unlocked tasks, grouped as they will train (each group at most
-        ``max_group`` runs)."""
+        """The unfinished, unlocked tasks, grouped as they will train."""
         from .data import load_dataset
+        from .devices import resolve_device
+        from .resources import largest_group, training_memory
         from .runs import check_unlocked
         from .stacked import group_key
 
@@ -292,8 +291,14 @@ class StackedExecutor:
                 continue
             pending.setdefault((source, group_key(cfg)), []).append((task, cfg))
         self._datasets = datasets
-        size = self.max_group or max(len(members) for members in pending.values()) if pending else 1
-        return [members[i:i + size] for members in pending.values() for i in range(0, len(members), size)]
+        groups = []
+        for (source, _), members in pending.items():
+            cfg, dataset = members[0][1], datasets[source]
+            rows = len(dataset.train) + len(dataset.valid) + len(dataset.test)  # at most these on the device
+            size = largest_group(lambda runs: training_memory(cfg, rows, runs), resolve_device(cfg.device),
+                                 len(members))
+            groups += [members[i:i + size] for i in range(0, len(members), size)]
+        return groups
 
     def train_groups(self, tasks: list[Task]) -> set[str]:
         """Train every group; returns the names of the jobs trained to the end here."""
@@ -317,7 +322,7 @@ class StackedExecutor:
             if any(result.status == "interrupted" for result in results):
                 raise KeyboardInterrupt
             trained |= {task.job.name for (task, _), result in zip(members, results)
-                        if result.status in ("completed", "early-stopped")}
+                        if result.status in FINISHED}
         return trained
 
 
@@ -327,7 +332,9 @@ class StackedExecutor:
         evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
         import warnings
 
+        from .devices import resolve_device
         from .evaluation import EvaluationSettings, stored_evaluation
+        from .resources import evaluation_memory, largest_group
         from .runs import load_config
         from .stacked import STACKED_ESTIMATORS, evaluate_group, evaluation_key
 
@@ -346,7 +353,9 @@ class StackedExecutor:
             key = (json.dumps(settings.to_dict(), sort_keys=True), evaluation_key(cfg, settings))
             pending.setdefault(key, (settings, []))[1].append(task.run_dir)
         for settings, run_dirs in pending.values():
-            size = self.max_group or len(run_dirs)
+            cfg = load_config(run_dirs[0])
+            size = largest_group(lambda runs: evaluation_memory(cfg, settings, settings.max_examples or 10**5, runs),
+                                 resolve_device(settings.device), len(run_dirs))
             for i in range(0, len(run_dirs), size):
                 try:
                     evaluate_group(run_dirs[i:i + size], settings, progress=self.progress)

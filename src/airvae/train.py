@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from .devices import resolve_device
 from .estimators import iwae_log_likelihood
 from .model import LONG_TRAINING_STEPS, air_objective, compile_for
 from .resources import check_fits, training_memory
-from .runs import (BEST, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
+from .runs import (BEST, BEST_NEXT, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
                    check_clearable, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
-                   read_marker, read_metrics, run_dir_state, save_checkpoint, write_json, write_marker,
+                   read_marker, read_metrics, run_dir_state, save_checkpoint, write_error, write_json, write_marker,
                    write_metrics)
 from .tracking import Tracker, TrackingSettings, choose_sinks
 
@@ -92,9 +93,10 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
+def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.device:
     """Everything about a run that can be checked before its directory is touched: the data fits
-    the config, the device exists, and the memory the run needs is there. Returns the device."""
+    the config, the device exists, and the memory the run needs (with ``runs`` - 1 others in a
+    stacked group, :mod:`airvae.stacked`) is there. Returns the device."""
     cfg.check_dataset(dataset)
     n_train = len(dataset.train)
     if cfg.batch_size > n_train:
@@ -105,8 +107,9 @@ def check_training_inputs(cfg: RunConfig, dataset) -> torch.device:
     device = resolve_device(cfg.device)
     n_valid = len(dataset.valid) if cfg.val_examples is None else min(len(dataset.valid), cfg.val_examples)
     rows = n_train + n_valid + min(len(dataset.test), cfg.track_test_examples)
-    check_fits(training_memory(cfg, rows), device,
-               "lower --k, --m, --batch-size, --val-k, --z-dim or the layer widths (--encoder, --decoder)")
+    check_fits(training_memory(cfg, rows, runs), device,
+               "lower --k, --m, --batch-size, --val-k, --z-dim or the layer widths (--encoder, --decoder)"
+               + (", or stack fewer runs" if runs > 1 else ""))
     return device
 
 
@@ -210,13 +213,24 @@ class RunLog:
     def step(self) -> int:
         return self.state["step"]
 
-    def saved(self, device: torch.device) -> dict | None:
-        """The last checkpoint (its loop state restored here), or None for a fresh start."""
-        if not (self.run_dir / LAST).exists():
-            return None
-        saved = load_checkpoint(self.run_dir / LAST, device)
-        self.state = dict(saved["state"])
-        return saved
+    def resume(self, device: torch.device) -> tuple[dict | None, TrainResult | None]:
+        """Where the run stands: its last checkpoint (None for a fresh start; its loop state is
+        restored here) and, for a run that is already over, its result (summary rewritten). An
+        unfinished run is then started: what a killed process wrote after the checkpoint is undone,
+        the tracking sinks are rebuilt, the summary says running and the clock runs on."""
+        saved = None
+        if (self.run_dir / LAST).exists():
+            saved = load_checkpoint(self.run_dir / LAST, device)
+            self.state = dict(saved["state"])
+        self._clock = time.perf_counter() - self.state["seconds"]
+        _forget_after(self.run_dir, self.step, device)
+        self.tracker = Tracker.start(self.run_dir, self.cfg, read_metrics(self.run_dir / METRICS))
+        status = self.finished_status() if saved is not None else None
+        if status is not None:
+            return saved, self.finish(status, EARLY_STOP_MESSAGE.format(self.cfg.patience)
+                                      if status == "early-stopped" else None)
+        write_json(self.run_dir / SUMMARY, {"status": "running", "model": self.cfg.model_name, "steps": self.step})
+        return saved, None
 
     def finished_status(self) -> str | None:
         """"completed" or "early-stopped" when the loop state says the run is over (told by the
@@ -226,14 +240,6 @@ class RunLog:
         if self.cfg.patience is not None and self.state["bad_validations"] >= self.cfg.patience:
             return "early-stopped"
         return None
-
-    def start(self, device: torch.device) -> None:
-        """Undo what a killed process logged after the checkpoint we resume from, rebuild the
-        tracking sinks from what remains, mark the run running and start its clock."""
-        _forget_after(self.run_dir, self.step, device)
-        self.tracker = Tracker.start(self.run_dir, self.cfg, read_metrics(self.run_dir / METRICS))
-        write_json(self.run_dir / SUMMARY, {"status": "running", "model": self.cfg.model_name, "steps": self.step})
-        self._clock = time.perf_counter() - self.state["seconds"]
 
     def _tick(self) -> None:
         self.state["seconds"] = time.perf_counter() - self._clock
@@ -257,7 +263,9 @@ class RunLog:
             record["test_bound"] = test_bound
         if val > state["best_val"]:
             state.update(best_val=val, best_step=step, bad_validations=0)
-            save_checkpoint(self.run_dir / BEST, {"model": model_state, "step": step, "val_log_likelihood": val})
+            # Staged: it becomes best.pt once last.pt (whose state names it the best) is written, so a
+            # kill in between never leaves a best.pt that the resumed run's state knows nothing of.
+            save_checkpoint(self.run_dir / BEST_NEXT, {"model": model_state, "step": step, "val_log_likelihood": val})
         else:
             state["bad_validations"] += 1
         self._tick()
@@ -271,6 +279,7 @@ class RunLog:
         self._tick()
         save_checkpoint(self.run_dir / LAST, {"model": model_state, "optimizer": optimizer_state,
                                               "state": dict(self.state), "rng": rng_state})
+        _promote_best(self.run_dir)
 
     def finish(self, status: str, message: str | None = None) -> TrainResult:
         self._tick()
@@ -284,13 +293,18 @@ class RunLog:
         self.tracker.close(status)
         return _result(self.run_dir, status, state)
 
-    def fail(self, error: RunIOError) -> None:
-        """After a failed write (disk full...), leave a summary that tells the truth."""
+    def fail(self, error: BaseException) -> None:
+        """After anything that stops the loop unplanned (a full disk, out of memory, a second
+        Ctrl-C, a bug), leave a summary that tells the truth: "interrupted" or "failed", with why;
+        the last checkpoint is intact."""
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        message = (f"{type(error).__name__}: {error}" if not isinstance(error, RunIOError) else str(error)) + \
+            f"; resume with `airvae train --resume --run-dir {self.run_dir}`"
         try:
-            self.finish("failed", str(error))
+            self.finish(status, message)
         except RunIOError:
             (self.run_dir / SUMMARY).unlink(missing_ok=True)  # rather none than a stale "running"
-            self.tracker.close("failed")
+            self.tracker.close(status)
 
     def interrupted(self, signum: int) -> TrainResult:
         return self.finish("interrupted", f"stopped by signal {signum} at step {self.step}; resume with "
@@ -314,15 +328,13 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
     generator = training_generator(cfg.seed, device)
     log = RunLog(cfg, run_dir, getattr(dataset, "deviation", None))
 
-    saved = log.saved(device)
+    saved, done = log.resume(device)
+    if done is not None:
+        return done
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         restore_generator(generator, saved)
-        status = log.finished_status()
-        if status is not None:
-            return log.finish(status, EARLY_STOP_MESSAGE.format(cfg.patience) if status == "early-stopped" else None)
-    log.start(device)
 
     compiling = compile_for(cfg.iterations - log.step >= LONG_TRAINING_STEPS)  # auto: long runs only
     bar = tqdm(total=cfg.iterations, initial=log.step, desc=f"{cfg.model_name} {cfg.dataset}",
@@ -341,10 +353,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
                 loss = -air_objective(model, x, cfg.k, cfg.m, alpha, generator=generator).mean()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
-                    message = (f"training objective became {loss_value} at step {step}; the last "
-                               f"checkpoint ({run_dir / LAST}) holds step "
-                               f"{_checkpoint_step(run_dir)}. Try a lower learning rate (--lr) or "
-                               "a different seed.")
+                    message = diverged_message(f"became {loss_value} at step {step}", run_dir)
                     log.finish("diverged", message)
                     raise TrainingDiverged(message)
                 optimizer.zero_grad(set_to_none=True)
@@ -369,7 +378,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
                 if stop.signal is not None:
                     log.checkpoint(model.state_dict(), optimizer.state_dict(), generator.get_state())
                     return log.interrupted(stop.signal)
-        except RunIOError as error:
+        except TrainingDiverged:
+            raise  # its summary is written
+        except BaseException as error:
             log.fail(error)
             raise
         finally:
@@ -389,26 +400,45 @@ def restore_generator(generator: torch.Generator, saved: dict) -> None:
     (CPU vs CUDA states differ) restarts the stream from a seed derived from (seed, step):
     still a valid run, no longer bit-for-bit the uninterrupted one."""
     state = saved.get("rng")
-    try:
-        generator.set_state(state)
+    try:  # a generator's state is a CPU ByteTensor even for a CUDA generator (the checkpoint's map_location moved it)
+        generator.set_state(state.cpu() if isinstance(state, torch.Tensor) else state)
     except (RuntimeError, TypeError):
         generator.manual_seed(int(saved["state"]["step"]) * 1_000_003 + generator.initial_seed())
 
 
 def _forget_after(run_dir: Path, step: int, device: torch.device) -> None:
-    """Undo what a killed process logged after the checkpoint we resume from (step 0: none): its
-    metrics lines and a best.pt from a later step will be produced again, identically."""
+    """Undo what a killed process wrote after the checkpoint we resume from (step 0: none): its
+    metrics lines and a staged best from a later step (both are produced again). A staged best
+    that the checkpoint already knows (the kill fell between last.pt and its promotion) becomes
+    best.pt."""
     if (run_dir / METRICS).exists():  # rewritten whole: this also drops a line torn by the kill
         write_metrics(run_dir / METRICS, [record for record in read_metrics(run_dir / METRICS)
                                           if record["step"] <= step])
-    if (run_dir / BEST).exists() and load_checkpoint(run_dir / BEST, device)["step"] > step:
-        (run_dir / BEST).unlink()
+    if (run_dir / BEST_NEXT).exists():
+        if load_checkpoint(run_dir / BEST_NEXT, device)["step"] <= step:
+            _promote_best(run_dir)
+        else:
+            (run_dir / BEST_NEXT).unlink()
+
+
+def _promote_best(run_dir: Path) -> None:
+    if (run_dir / BEST_NEXT).exists():
+        try:
+            os.replace(run_dir / BEST_NEXT, run_dir / BEST)
+        except OSError as error:
+            raise write_error(run_dir / BEST, error) from error
 
 
 def _fast_adam_options(device: torch.device) -> dict:
     # The fused kernel updates all parameters in one call: 1.2-2x faster than the default
     # per-tensor loop on CPU, and it makes optimizer.step() atomic with respect to signals.
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def diverged_message(what: str, run_dir: Path) -> str:
+    """Why a run stopped with a non-finite objective, where its last good state is, what to try."""
+    return (f"training objective {what}; the last checkpoint ({run_dir / LAST}) holds step "
+            f"{_checkpoint_step(run_dir)}. Try a lower learning rate (--lr) or a different seed.")
 
 
 def _checkpoint_step(run_dir: Path):
