@@ -44,8 +44,13 @@ def test_stored_paper_findings_are_recomputed_from_the_papers_numbers():
                 air, base = rows[family][column], rows["plain"][column]
                 gain = base["neg_log_likelihood"][0] - air["neg_log_likelihood"][0]
                 reduction = base["inference_gap"][0] - air["inference_gap"][0]
+                se = {m: math.hypot(air[m][1], base[m][1]) for m in ("neg_log_likelihood", "inference_gap")}
                 assert found == {"log_likelihood_gain": round(gain, 2), "improves_log_likelihood": gain > 0,
-                                 "inference_gap_reduction": round(reduction, 2), "reduces_inference_gap": reduction > 0}
+                                 "inference_gap_reduction": round(reduction, 2), "reduces_inference_gap": reduction > 0,
+                                 "log_likelihood_gain_se": round(se["neg_log_likelihood"], 2),
+                                 "inference_gap_reduction_se": round(se["inference_gap"], 2),
+                                 "log_likelihood_difference_clear": abs(gain) > 2 * se["neg_log_likelihood"],
+                                 "inference_gap_difference_clear": abs(reduction) > 2 * se["inference_gap"]}
     no_reduction = {(name, family, column) for name in ("table1", "table2", "table3")
                     for family, cells in tables[name]["findings"].items() for column, found in cells.items()
                     if not found["reduces_inference_gap"]}
@@ -69,13 +74,20 @@ def test_claim_verdicts_quote_the_papers_finding_for_each_cell():
     for target in ("table1", "table2", "table3"):
         for line in _claims(target):
             match = re.match(r"- (\w+), (.+?) (improves test log-likelihood|reduces the test inference gap) "
-                             r".*?: \*\*paper: (yes|no)\*\*", line)
+                             r".*?: \*\*paper: (yes|no|no clear difference)\*\*", line)
             if match:
                 dataset, label, what, found = match.groups()
                 cell = (target, labels[label], dataset)
                 kind = "gap" if "gap" in what else "ll"
                 seen[kind].add(cell)
-                assert found == ("no" if kind == "gap" and cell in NO_GAP_REDUCTION else "yes"), line
+                # a difference within twice the paper's own standard errors established no direction
+                finding = paper_tables()[target]["findings"][labels[label]][dataset]
+                clear = finding["inference_gap_difference_clear" if kind == "gap" else "log_likelihood_difference_clear"]
+                assert found == ("no clear difference" if not clear else
+                                 "no" if kind == "gap" and cell in NO_GAP_REDUCTION else "yes"), line
+                if kind == "gap" and cell in NO_GAP_REDUCTION:
+                    assert found != "yes"  # the paper did not find a reduction there
+                    assert "nats larger" in line or "nats smaller" not in line
     assert len(seen["gap"]) == len(seen["ll"]) == 27  # every cell of Tables 1-3 was checked
     caltech_wni = next(line for line in _claims("table2") if line.startswith("- caltech, WNI-IWAE reduces"))
     assert "Δinf 22.18 vs 21.52: 0.66 nats larger" in caltech_wni
@@ -121,8 +133,10 @@ def test_estimators_that_disagree_are_flagged_and_verdicts_follow_the_paper_dire
     assert ll[2] == "  - IWAE-500 (encoder q): +1.00 ± 0.08 nats: **supports**"
     assert "estimators disagree" in ll[3]
     gap = block("- caltech, WNI-IWAE reduces the test inference gap")
-    assert "**paper: no**" in gap[0]
-    assert gap[1].endswith("+2.00 ± 0.00 nats: **contradicts**") and gap[2].endswith("**contradicts**")
+    # the paper's gap was larger, but within twice its own standard errors: it set no direction,
+    # so the statement itself is judged
+    assert "**paper: no clear difference**" in gap[0] and "0.66 nats larger" in gap[0]
+    assert gap[1].endswith("+2.00 ± 0.00 nats: **holds here**") and gap[2].endswith("**holds here**")
     assert "disagree" not in gap[3]
 
 
@@ -163,7 +177,10 @@ def _check_outputs(out):
     assert (out / "table1.csv").read_text().startswith("model,strength,column,metric")
     report = (out / "REPORT.md").read_text()
     assert "## Claims" in report and re.search(r"\*\*(supports|contradicts|inconclusive)\*\*", report)
-    assert report.count("**paper: yes**") == 6 and "Larochelle" not in report  # Caltech: AIR wins both claims
+    # Caltech: the paper's gap reductions by DVAE are clear; its log-likelihood gains (0.2-0.5 nats) and WNI's
+    # gap change are within twice its own standard errors
+    assert report.count("**paper: yes**") == 2 and report.count("**paper: no clear difference**") == 4
+    assert "Larochelle" not in report
     assert "IW-SVI (k=16, l=2, T=5)" in report and "IWAE-16 (encoder q)" in report  # both estimators judged
     links = re.findall(r"\[png\]\(([^)]+)\)", report)
     assert len(links) == 4 * 4 + 1  # curves, samples, reconstructions, posterior; weight norms for WNI only

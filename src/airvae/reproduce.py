@@ -589,20 +589,28 @@ def claims_preamble(labels: dict[str, str], estimators: list[str]) -> list[str]:
 
 
 def claim(statement: str, paper_found: bool | None, paper_detail: str, differences: dict,
-          labels: dict[str, str], details: dict[str, str] | None = None) -> list[str]:
+          labels: dict[str, str], details: dict[str, str] | None = None, paper_clear: bool = True) -> list[str]:
     """One claim in REPORT.md: the statement with the paper's finding for the cell ("paper: yes"/"paper:
     no"), then, per estimator, our difference (positive = the statement holds; mean, SE) and its verdict
     against the paper's finding, and a flag if one estimator supports the paper where another contradicts it.
-    ``paper_found=None``: the paper has no number for this cell; the statement itself is judged."""
-    finding = {True: "yes", False: "no", None: "n/a"}[paper_found]
+    ``paper_found=None``: the paper has no number for this cell; ``paper_clear=False``: its own difference
+    is within twice its standard errors, so it established no direction. Either way the statement
+    itself is judged."""
+    if not paper_clear:
+        paper_found = None
+    finding = {True: "yes", False: "no", None: "n/a" if paper_clear else "no clear difference"}[paper_found]
     lines = [f"- {statement}: **paper: {finding}** ({paper_detail})"]
     verdicts = {}
     for estimator, diff in differences.items():
         oriented = diff if diff is None or paper_found is not False else (-diff[0], diff[1])
         verdicts[estimator] = verdict(oriented)
+        # without a direction from the paper, the verdict is on the statement itself
+        said = verdicts[estimator]
+        if paper_found is None:
+            said = {"supports": "holds here", "contradicts": "does not hold here"}.get(said, said)
         text = "n/a" if diff is None else f"{diff[0]:+.2f} ± {diff[1]:.2f} nats"
         extra = f" ({details[estimator]})" if details and estimator in details else ""
-        lines.append(f"  - {labels[estimator]}: {text}{extra}: **{verdicts[estimator]}**")
+        lines.append(f"  - {labels[estimator]}: {text}{extra}: **{said}**")
     if {"supports", "contradicts"} <= set(verdicts.values()):
         split = ", ".join(f"{labels[e]} {v}" for e, v in verdicts.items())
         lines.append(f"  - ⚠ **estimators disagree** ({split}): they measure different things (above); "
@@ -633,26 +641,38 @@ def table_claims(target: str, columns: list[str], values: dict, estimators: list
                 ll_detail = gap_detail = "no published number for this cell"
             else:
                 ll_detail = (f"−ln p(x) {published[family]['neg_log_likelihood'][0]:.2f} vs "
-                             f"{published['plain']['neg_log_likelihood'][0]:.2f}: {_nats(found['log_likelihood_gain'])}")
+                             f"{published['plain']['neg_log_likelihood'][0]:.2f}: {_nats(found['log_likelihood_gain'])}"
+                             f"{_noise(found, 'log_likelihood')}")
                 gap_detail = (f"Δinf {published[family]['inference_gap'][0]:.2f} vs "
                               f"{published['plain']['inference_gap'][0]:.2f}: "
-                              f"{_nats(found['inference_gap_reduction'], 'smaller', 'larger')}")
+                              f"{_nats(found['inference_gap_reduction'], 'smaller', 'larger')}"
+                              f"{_noise(found, 'inference_gap')}")
             lines += claim(f"{name} improves test log-likelihood over {base}",
                            found and found["improves_log_likelihood"], ll_detail, ours(family, "neg_log_likelihood"),
-                           labels)
+                           labels, paper_clear=not found or found["log_likelihood_difference_clear"])
             lines += claim(f"{name} reduces the test inference gap of {base}",
-                           found and found["reduces_inference_gap"], gap_detail, ours(family, "inference_gap"), labels)
+                           found and found["reduces_inference_gap"], gap_detail, ours(family, "inference_gap"), labels,
+                           paper_clear=not found or found["inference_gap_difference_clear"])
         if target == "table4":
             found = paper["findings"]["large-encoder"][paper_column]
             detail = (f"{_nats(-found['log_likelihood_loss'])} than {base}; the caption's \"by over 1 nat\" holds only "
                       f"against the best AIR row, {_label(found['best_air'], k)}: "
                       f"{found['log_likelihood_loss_vs_best_air']:.2f} nats")
-            hurt = {e: None if d is None else (-d[0], d[1]) for e, d in ours("large-encoder", "neg_log_likelihood").items()}
+            hurt = {e: None if d is None else (-d[0], d[1])
+                    for e, d in ours("large-encoder", "neg_log_likelihood").items()}
             lines += claim(f"{column}, a larger encoder ({_label('large-encoder', k)}) hurts test log-likelihood",
                            found["hurts_log_likelihood"], detail, hurt, labels)
     lines += ["", "At small budgets most differences are inside the noise: an honest 'inconclusive', not a failure "
               "to reproduce."]
     return lines
+
+
+def _noise(found: dict, metric: str) -> str:
+    """The paper's own uncertainty when its difference is within twice its combined standard error."""
+    if found[f"{metric}_difference_clear"]:
+        return ""
+    key = "log_likelihood_gain" if metric == "log_likelihood" else "inference_gap_reduction"
+    return f", within twice the paper's own standard errors (± {2 * found[key + '_se']:.2f})"
 
 
 def _nats(value: float, better: str = "better", worse: str = "worse") -> str:
