@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import stat
+import struct
 import warnings
 import zipfile
 from functools import partial
@@ -18,7 +19,7 @@ import airvae
 import airvae.sweep
 from airvae import bundle
 from airvae.cli import main
-from airvae.runs import check_clearable, load_trained_model
+from airvae.runs import BEST_WEIGHTS, RunLock, RunLocked, check_clearable, load_trained_model
 from test_safety import one_error_line, write_npz
 
 RUN = "runs/tiny/k1-m1/denoise-0.5-5/seed0"
@@ -120,37 +121,163 @@ def test_no_file_in_a_bundle_is_a_pickle_or_a_torch_checkpoint(reproduction, tmp
     assert config["data_dir"] is None  # a path of this machine, meaningless elsewhere
 
 
-def hostile(tmp_path: Path, name: str, data: bytes = b"{}", mode: int = stat.S_IFREG | 0o644) -> Path:
+FAILED = "runs/tiny/k1-m1/denoise-1.0-5/seed0"
+
+
+def test_a_reproduction_with_a_failed_run_is_bundled_and_a_damaged_config_is_named_first(reproduction, tmp_path,
+                                                                                          capsys):
+    results, archive = tmp_path / "results", tmp_path / "shared.zip"
+    shutil.copytree(reproduction, results)
+    shutil.rmtree(results / FAILED)  # a run that failed before writing its config: error.json only
+    (results / FAILED).mkdir()
+    (results / FAILED / "error.json").write_text(json.dumps({"error": "RuntimeError: it broke"}))
+    assert main(["bundle", str(results), "--out", str(archive)]) == 0
+    names = zipfile.ZipFile(archive).namelist()
+    assert f"{FAILED}/error.json" in names and not [n for n in names if n.startswith(f"{FAILED}/config")]
+    capsys.readouterr()
+    assert main(["report", str(results)]) == 0
+    from_folder = capsys.readouterr().out
+    assert main(["report", str(archive)]) == 0
+    assert capsys.readouterr().out == from_folder and f"`{FAILED[5:]}`: see" in from_folder
+
+    (results / RUN / "config.json").write_text("[1, 2]")  # valid JSON, not a configuration
+    report = (results / "REPORT.md").stat().st_mtime_ns
+    assert main(["bundle", str(results), "--out", str(tmp_path / "again.zip")]) == 2
+    assert f"{results / RUN / 'config.json'} holds list, not a run configuration" in one_error_line(capsys)
+    assert not (tmp_path / "again.zip").exists() and (results / "REPORT.md").stat().st_mtime_ns == report
+
+
+def test_bundle_holds_the_locks_while_it_renders_and_packs(reproduction, tmp_path, monkeypatch, capsys):
+    import airvae.reproduce
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduction, results)
+
+    def held(directory: Path) -> bool:
+        try:
+            RunLock(directory).acquire().release()
+        except RunLocked:
+            return True
+        return False
+
+    seen = []
+    render, weights = airvae.reproduce.render, bundle.best_weights_safetensors
+    monkeypatch.setattr(airvae.reproduce, "render", lambda out: seen.append(held(out) and held(out / RUN))
+                        or render(out))
+    monkeypatch.setattr(bundle, "best_weights_safetensors", lambda run: seen.append(held(results) and held(run))
+                        or weights(run))
+    assert main(["bundle", str(results), "--out", str(tmp_path / "shared.zip")]) == 0
+    assert seen == [True] * 5  # rendering, then packing each run's weights
+    # A run another process writes: refused before anything is written (REPORT.md included).
+    report = (results / "REPORT.md").stat().st_mtime_ns
+    with RunLock(results / FAILED):
+        assert main(["bundle", str(results), "--out", str(tmp_path / "again.zip")]) == 2
+    assert "being written by another airvae process" in one_error_line(capsys)
+    assert not (tmp_path / "again.zip").exists() and (results / "REPORT.md").stat().st_mtime_ns == report
+
+
+def test_an_out_path_that_cannot_be_written_is_named_and_never_overwritten(reproduction, tmp_path, monkeypatch,
+                                                                           capsys):
+    results = tmp_path / "results"
+    shutil.copytree(reproduction, results)
+    report = (results / "REPORT.md").stat().st_mtime_ns
+    (tmp_path / "tiny.npz").write_bytes(b"data")
+    for out, named in ((tmp_path / "tiny.npz" / "x.zip", f"{tmp_path / 'tiny.npz'} is a file, not a folder"),
+                       (Path("/proc/x.zip"), "could not write /proc/x.zip")):
+        assert main(["bundle", str(results), "--out", str(out)]) == 2
+        assert named in one_error_line(capsys)
+    assert (results / "REPORT.md").stat().st_mtime_ns == report  # refused before anything was written
+    # An --out that appears while the bundle is written (another process) is left as it is.
+    out, weights = tmp_path / "shared.zip", bundle.best_weights_safetensors
+
+    def meanwhile(run_dir):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+        return weights(run_dir)
+
+    monkeypatch.setattr(bundle, "best_weights_safetensors", meanwhile)
+    assert main(["bundle", str(results), "--out", str(out)]) == 2
+    assert f"{out} already exists" in one_error_line(capsys)
+    assert out.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["results", "shared.zip",
+                                                                                            "tiny.npz"]
+
+
+def test_an_extracted_bundle_bundles_again_with_its_weights(reproduction, tmp_path):
+    first, second = tmp_path / "run.zip", tmp_path / "again.zip"
+    assert main(["bundle", str(reproduction / RUN), "--out", str(first)]) == 0
+    assert main(["bundle", str(bundle.extract(first)), "--out", str(second)]) == 0
+    assert zipfile.ZipFile(second).read(BEST_WEIGHTS) == zipfile.ZipFile(first).read(BEST_WEIGHTS)
+    reference = airvae.load(reproduction / RUN)
+    assert all(torch.equal(airvae.load(second).state_dict()[n], t) for n, t in reference.state_dict().items())
+
+
+def hostile(tmp_path: Path, name: str, data: bytes = b"{}", mode: int = stat.S_IFREG | 0o644, *,
+            encrypted: bool = False, marker: bool = True, copies: int = 1) -> Path:
+    """A zip archive airvae never writes: a marker, then ``copies`` entries ``name`` (``{tmp}`` in it is
+    ``tmp_path``)."""
     archive = tmp_path / "hostile.zip"
     with zipfile.ZipFile(archive, "w") as z, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
-        z.writestr("airvae-bundle.json", json.dumps({"airvae_bundle": 1}))
-        info = zipfile.ZipInfo(name)
-        info.external_attr = mode << 16
-        z.writestr(info, data)
+        if marker:
+            z.writestr("airvae-bundle.json", json.dumps({"airvae_bundle": 1}))
+        for copy in range(copies):
+            info = zipfile.ZipInfo(name.format(tmp=tmp_path, copy=copy))
+            info.external_attr = mode << 16
+            z.writestr(info, data)
+    if encrypted:  # zipfile writes no flags it was given: set bit 0 in the last entry's two headers
+        raw = bytearray(archive.read_bytes())
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = raw.rfind(signature) + offset
+            struct.pack_into("<H", raw, at, struct.unpack_from("<H", raw, at)[0] | 0x1)
+        archive.write_bytes(bytes(raw))
     return archive
 
 
-@pytest.mark.parametrize("name, mode, why", [
-    ("../escaped.json", stat.S_IFREG | 0o644, "path traversal"),
-    ("runs/../../escaped.json", stat.S_IFREG | 0o644, "path traversal"),
-    ("/tmp/absolute.json", stat.S_IFREG | 0o644, "absolute path"),
-    ("runs/link.json", stat.S_IFLNK | 0o777, "symbolic link"),
-    ("runs/x/checkpoints/best.pt", stat.S_IFREG | 0o644, "not a kind of file a bundle holds"),
-    ("airvae-bundle.json", stat.S_IFREG | 0o644, "appears twice"),
+REGULAR = stat.S_IFREG | 0o644
+
+
+@pytest.mark.parametrize("name, mode, options, why", [
+    ("../escaped.json", REGULAR, {}, "path traversal"),
+    ("runs/../../../escaped.json", REGULAR, {}, "path traversal"),
+    ("runs\\..\\..\\..\\escaped.json", REGULAR, {}, "path traversal"),
+    ("{tmp}/escaped.json", REGULAR, {}, "absolute path"),
+    ("\\escaped.json", REGULAR, {}, "absolute path"),
+    ("C:escaped.json", REGULAR, {}, "absolute path"),
+    ("C:\\escaped.json", REGULAR, {}, "absolute path"),
+    ("runs/link.json", stat.S_IFLNK | 0o777, {}, "symbolic link"),
+    ("runs/fifo.json", stat.S_IFIFO | 0o644, {}, "special file"),
+    ("runs/tty.json", stat.S_IFCHR | 0o644, {}, "special file"),
+    ("runs/disk.json", stat.S_IFBLK | 0o644, {}, "special file"),
+    ("runs/x/checkpoints/best.pt", REGULAR, {}, "not a kind of file a bundle holds"),
+    ("airvae-bundle.json", REGULAR, {}, "appears twice"),
+    ("REPORT.md", REGULAR, {"encrypted": True}, "is encrypted"),
+    ("runs/{copy}.json", REGULAR, {"copies": 3}, "it holds 4 entries, more than 3"),
 ])
 def test_a_hostile_bundle_is_refused_in_one_line_and_nothing_is_extracted(tmp_path, monkeypatch, capsys, name, mode,
-                                                                         why):
+                                                                         options, why):
     cache = tmp_path / "cache"
     monkeypatch.setenv("AIRVAE_CACHE_DIR", str(cache))
-    archive = hostile(tmp_path, name, b"/etc/passwd" if stat.S_ISLNK(mode) else b"{}", mode)
+    monkeypatch.setattr(bundle, "MAX_FILES", 3)
+    archive = hostile(tmp_path, name, b"/etc/passwd" if stat.S_ISLNK(mode) else b"{}", mode, **options)
     for argv in (["report", str(archive)], ["evaluate", f"{archive}/runs/x", "--no-progress"]):
         assert main(argv) == 2
         err = one_error_line(capsys)
         assert "refused" in err and why in err and str(archive) in err
-    assert not list(cache.rglob("*")) and not (tmp_path.parent / "escaped.json").exists()
     with pytest.raises(airvae.runs.RunError, match=why):
         airvae.load(archive)
+    # Extracted as named, an escaping entry would land in the cache's folders, at an absolute path under
+    # tmp_path, or (backslashes) as one odd file name: nowhere is there such a file.
+    assert not list(cache.rglob("*")) and not list(tmp_path.rglob("*escaped*"))
+
+
+def test_a_zip_archive_without_the_marker_is_no_bundle(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    archive = hostile(tmp_path, "runs/x/config.json", marker=False)
+    assert main(["evaluate", f"{archive}/runs/x", "--no-progress"]) == 2
+    assert "is a zip archive but not an airvae bundle (airvae-bundle.json is missing)" in one_error_line(capsys)
+    with pytest.raises(airvae.runs.RunError, match="refused: it has no airvae-bundle.json"):
+        bundle.extract(archive)  # called directly, the same check
+    assert not list((tmp_path / "cache").rglob("*"))
 
 
 def test_size_limits_are_enforced_before_and_while_extracting(tmp_path, monkeypatch, capsys):
@@ -159,8 +286,12 @@ def test_size_limits_are_enforced_before_and_while_extracting(tmp_path, monkeypa
     monkeypatch.setattr(bundle, "MAX_BYTES", 1000)
     assert main(["report", str(archive)]) == 2
     assert "more than 1,000 bytes" in one_error_line(capsys)
-    # A header that understates its size (a zip bomb) is caught by counting what decompresses.
-    monkeypatch.setattr(bundle, "_checked_members", lambda z, path: z.infolist())
+    # A header that understates its size (a zip bomb): the counted sizes pass, and decompression stops at
+    # the stated size, so the entry fails its checksum.
+    raw = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size, both headers
+        struct.pack_into("<I", raw, raw.rfind(signature) + offset, 100)
+    archive.write_bytes(bytes(raw))
     assert main(["report", str(archive)]) == 2
-    assert "decompresses to more than 1,000 bytes" in one_error_line(capsys)
+    assert "Bad CRC-32 for file 'REPORT.md'" in one_error_line(capsys)
     assert not list((tmp_path / "cache" / "bundles").iterdir())  # the partial extraction was removed

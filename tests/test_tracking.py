@@ -3,6 +3,7 @@ config as hyperparameters and the run's evaluations, read back with TensorBoard'
 readers; a killed and resumed run logs no step twice in either."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,21 @@ def test_both_sinks_hold_what_metrics_jsonl_holds_the_config_and_the_evaluation(
         for name in ("bound", "iwsvi", "gap"):
             mean = pytest.approx(estimates[name]["mean"], rel=rel)
             assert logged[f"evaluation/{evaluation.stem}/{name}"] == [(30, mean)]  # at the run's last step
+    assert main(["evaluate", str(run), "--estimators", "bound,iwsvi", "--max-examples", "4", "--svi-k", "4",
+                 "--svi-steps", "2", "--no-progress", "--device", "cpu", "--recompute"]) == 0
+    for logged in (tensorboard_events(run), mlflow_history(run)):  # the same evaluation of the same weights
+        assert len(logged[f"evaluation/{evaluation.stem}/bound"]) == 1
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_file_store_switch_does_not_leak_into_the_callers_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    assert main(train_args(data, run, "--log", "mlflow")) == 0
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ and "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own reader
+    same(mlflow_history(run), expected(run), rel=0)
 
 
 def test_a_killed_and_resumed_run_logs_no_step_twice_in_either_sink(tmp_path, monkeypatch, mlflow_store):
@@ -141,3 +156,43 @@ def test_a_bad_or_uninstalled_sink_is_refused_before_anything_is_written(tmp_pat
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
     assert main(train_args(data, run, "--log", value)) == 2
     assert named in one_error_line(capsys) and not run.exists()
+
+
+def test_log_repairs_a_damaged_tracking_file(tmp_path, monkeypatch, capsys):
+    data, run = killed_run(tmp_path, monkeypatch, 20, "--log", "tensorboard")
+    (run / "tracking.json").write_text("[]")
+    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 2
+    assert "choose the sinks again with --log" in one_error_line(capsys)
+    assert main(train_args(data, run, "--resume", "--iterations", "40", "--log", "tensorboard")) == 0
+    assert json.loads((run / "tracking.json").read_text())["sinks"] == ["tensorboard"]
+    same(tensorboard_events(run), expected(run), rel=1e-6)
+
+
+def test_tensorboard_never_writes_through_a_link(tmp_path, monkeypatch, capsys):
+    data, run = killed_run(tmp_path, monkeypatch, 20, "--log", "tensorboard")
+    elsewhere = tmp_path / "elsewhere"
+    (run / "tensorboard").rename(elsewhere)
+    (run / "tensorboard").symlink_to(elsewhere)
+    before = {path.name: path.read_bytes() for path in elsewhere.iterdir()}
+    capsys.readouterr()
+    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "tensorboard sink failed" in warnings[0] and "link" in warnings[0]
+    assert {path.name: path.read_bytes() for path in elsewhere.iterdir()} == before
+
+
+def test_a_run_without_weights_logs_its_stored_evaluations_as_airvae_evaluate_reads_them(tmp_path, capsys):
+    from airvae.evaluation import EvaluationSettings, stored_evaluation
+    from airvae.runs import load_config, read_metrics
+    from airvae.tracking import Tracker
+
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    assert main(train_args(data, run, "--log", "tensorboard")) == 0
+    settings = EvaluationSettings(estimators=("bound",), max_examples=4, device="cpu")
+    assert main(["evaluate", str(run), "--estimators", "bound", "--max-examples", "4", "--no-progress",
+                 "--device", "cpu"]) == 0
+    for path in (run / "checkpoints").iterdir():  # a results folder shared without its weights
+        path.unlink()
+    assert stored_evaluation(run, settings) is not None  # still current for airvae evaluate and report
+    Tracker.start(run, load_config(run), read_metrics(run / "metrics.jsonl")).close()
+    assert len(tensorboard_events(run)[f"evaluation/test-{settings.short_hash()}/bound"]) == 1  # the sink agrees

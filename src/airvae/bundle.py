@@ -9,8 +9,9 @@ machine-specific ``data_dir`` cleared), ``metrics.jsonl``, ``summary.json``, ``e
 ``last.pt``, no tracking files). Only JSON, JSON lines, Markdown, CSV, PNG and safetensors.
 
 Opening one never trusts it: members are checked before anything is extracted (no absolute path,
-no ``..``, no link or other special file, no duplicate, only the kinds of file above, at most
-:data:`MAX_FILES` files and :data:`MAX_BYTES` bytes, counted while decompressing too). The
+no ``..``, no link or other special file, no encrypted entry, no duplicate, only the kinds of file
+above, at most :data:`MAX_FILES` files and :data:`MAX_BYTES` bytes by the headers' sizes, which no
+entry decompresses beyond: a header that understates a size fails the entry's checksum). The
 extraction lives in ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/`` (default
 ``~/.cache/airvae``); the archive is only ever read, and what ``evaluate`` and ``report`` compute
 from it is written into that folder.
@@ -18,7 +19,7 @@ from it is written into that folder.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -29,16 +30,19 @@ import zipfile
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from .runs import (BEST, BEST_WEIGHTS, CONFIG, ERROR, EVALUATIONS, MARKER, METRICS, SUMMARY, RunError,
-                   best_weights_safetensors, check_unlocked, load_config, read_json)
+from .runs import (_RUN_FOLDERS, BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, MARKER, METRICS, SUMMARY,
+                   TENSORBOARD, RunError, RunLock, _file_digest, best_weights_safetensors, load_config, read_json,
+                   write_error)
 
 BUNDLE_MARKER = "airvae-bundle.json"
 BUNDLE_FORMAT = 1
 SUFFIXES = (".json", ".jsonl", ".md", ".csv", ".png", ".safetensors")  # everything a bundle may hold
 MAX_FILES = 100_000
 MAX_BYTES = 8 << 30  # uncompressed: a paper-budget reproduction with every run's weights is well below
-_RUN_FILES = (MARKER, METRICS, SUMMARY, ERROR)
-_RUN_FOLDERS = {EVALUATIONS: (".json",), "plots": (".png", ".json")}
+# A run's entries that a bundle shares, by the run directory's own layout (airvae.runs); config.json
+# and the best weights are added apart, the lock, tracking files and last.pt never.
+_SHARED_FILES = (MARKER, METRICS, SUMMARY, ERROR)
+_SHARED_FOLDERS = {folder: names for folder, names in _RUN_FOLDERS.items() if folder not in (CHECKPOINTS, TENSORBOARD)}
 _RESULTS_SUFFIXES = (".md", ".csv", ".json", ".png")  # a reproduction's own files (not sweep.jsonl: a local log)
 
 
@@ -49,51 +53,119 @@ _RESULTS_SUFFIXES = (".md", ".csv", ".json", ".png")  # a reproduction's own fil
 def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Pack a reproduction's folder (``manifest.json``; its report is rebuilt first, as
     ``airvae report`` does) or a single run directory into ``out`` (default: ``DIR.zip`` beside
-    it). Refused while another process writes the folder, or if ``out`` exists."""
+    it). The folder and its runs are locked while the report is rebuilt and the files are read:
+    refused while another process writes any of them. ``out`` is never overwritten; everything is
+    checked (``out``, the locks, every run's config) before anything is written."""
     from . import __version__
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir() or results_dir.is_symlink():
         raise RunError(f"{results_dir} is not a folder: bundle a reproduction's folder or a run directory")
     out = Path(out) if out is not None else results_dir.resolve().parent / f"{results_dir.resolve().name}.zip"
-    if out.exists() or out.is_symlink():
-        raise RunError(f"{out} already exists; delete it or choose another --out")
-    check_unlocked(results_dir)
+    _check_out(out)
     if (results_dir / "manifest.json").is_file():
-        from .reproduce import render
         from .sweep import Job
 
-        render(results_dir)
         kind = "reproduction"
-        files = _results_files(results_dir)
-        for name in (Job(**job).name for job in read_json(results_dir / "manifest.json")["jobs"]):
-            run_dir = results_dir / "runs" / name
-            if run_dir.is_dir() and not run_dir.is_symlink():
-                check_unlocked(run_dir)
-                files += _run_files(run_dir, f"runs/{name}/")
+        runs = {f"runs/{job.name}/": results_dir / "runs" / job.name
+                for job in (Job(**job) for job in read_json(results_dir / "manifest.json")["jobs"])}
+        runs = {prefix: run_dir for prefix, run_dir in runs.items() if run_dir.is_dir() and not run_dir.is_symlink()}
     elif (results_dir / CONFIG).is_file():
-        load_config(results_dir)  # a damaged or foreign config is named here
-        kind, files = "run", _run_files(results_dir, "")
+        kind, runs = "run", {"": results_dir}
     else:
         raise RunError(f"{results_dir} is neither a reproduction (manifest.json) nor an airvae run directory")
-    files.append((BUNDLE_MARKER, json.dumps({"airvae_bundle": BUNDLE_FORMAT, "kind": kind, "source": results_dir.name,
-                                             "airvae_version": __version__,
-                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2).encode(),
-                  time.time()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name, data, mtime in sorted(files, key=lambda entry: entry[0]):
-                info = zipfile.ZipInfo(name, time.localtime(max(mtime, 315532800))[:6])  # zip dates start in 1980
-                info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, (stat.S_IFREG | 0o644) << 16
-                archive.writestr(info, data() if callable(data) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with contextlib.ExitStack() as held:
+        for folder in dict.fromkeys([results_dir, *runs.values()]):  # render draws plots into the runs: lock them too
+            held.callback(_lock(folder).release)
+        configs = {prefix: _shared_config(run_dir) for prefix, run_dir in runs.items()}
+        archive = held.enter_context(_NewFile(out))
+        files = []
+        if kind == "reproduction":
+            from .reproduce import render
+
+            render(results_dir)
+            files = _results_files(results_dir)
+        for prefix, run_dir in runs.items():
+            files += _run_files(run_dir, prefix, configs[prefix])
+        files.append((BUNDLE_MARKER, json.dumps({"airvae_bundle": BUNDLE_FORMAT, "kind": kind,
+                                                 "source": results_dir.name, "airvae_version": __version__,
+                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                                                indent=2).encode(), time.time()))
+        archive.write(files)
     return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        raise RunError(f"{out} already exists; delete it or choose another --out")
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not existing.is_dir():
+        raise RunError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+
+
+def _lock(folder: Path) -> RunLock:
+    """``folder``'s lock, held (:class:`airvae.runs.RunLocked` names the process writing it)."""
+    lock = RunLock(folder)
+    try:
+        return lock.acquire()
+    except OSError as error:  # a folder we may not write into: no lock file
+        raise write_error(lock.path, error) from error
+
+
+class _NewFile:
+    """The archive, written into a temporary file beside ``out`` (created on entering, so an
+    unwritable ``out`` is refused before anything else is written) and published by a hard link,
+    which, unlike a rename, fails if ``out`` appeared meanwhile: never overwritten, never torn."""
+
+    def __init__(self, out: Path):
+        self.out, self.tmp = out, None
+
+    def __enter__(self) -> "_NewFile":
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(dir=self.out.parent, prefix=f".{self.out.name}.")
+            os.close(fd)
+        except OSError as error:
+            raise write_error(self.out, error) from error
+        return self
+
+    def write(self, files: list) -> None:
+        """``files``: (archive name, bytes or a function giving them, modification time)."""
+        try:
+            with open(self.tmp, "wb") as f:
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for name, data, mtime in sorted(files, key=lambda entry: entry[0]):
+                        info = zipfile.ZipInfo(name, time.localtime(max(mtime, 315532800))[:6])  # zip dates: 1980+
+                        info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, (stat.S_IFREG | 0o644) << 16
+                        archive.writestr(info, data() if callable(data) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(self.tmp, 0o644)  # mkstemp's 0600 would keep the archive unreadable to colleagues
+            os.link(self.tmp, self.out)
+        except FileExistsError as error:
+            raise RunError(f"{self.out} already exists (written by another process meanwhile); it was left as it "
+                           "is: delete it or choose another --out") from error
+        except OSError as error:
+            raise write_error(self.out, error) from error
+
+    def __exit__(self, *exc) -> None:
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:  # not to be told as a failure to write the archive
+        raise RunError(f"could not read {path}: {error.strerror or error}") from error
+
+
+def _shared_config(run_dir: Path) -> bytes | None:
+    """A run's ``config.json`` as a bundle holds it (None: the run has none, e.g. it failed before
+    writing it): validated, with its ``data_dir`` cleared (a folder of this machine means nothing
+    elsewhere)."""
+    if not (run_dir / CONFIG).exists():
+        return None
+    return (json.dumps(load_config(run_dir).replace(data_dir=None).to_json(), indent=2) + "\n").encode()
 
 
 def _results_files(results_dir: Path) -> list:
@@ -104,29 +176,33 @@ def _results_files(results_dir: Path) -> list:
         if relative.parts[0] == "runs" or any(part.startswith(".") for part in relative.parts):
             continue
         if path.is_file() and not path.is_symlink() and path.suffix in _RESULTS_SUFFIXES:
-            files.append((relative.as_posix(), path.read_bytes, path.stat().st_mtime))
+            files.append((relative.as_posix(), partial(_read, path), path.stat().st_mtime))
     return files
 
 
-def _run_files(run_dir: Path, prefix: str) -> list:
-    """A run's shareable files as (archive name, bytes or a function giving them, mtime); the best
-    checkpoint as safetensors. Links are never followed; files airvae does not write are left out."""
+def _run_files(run_dir: Path, prefix: str, config: bytes | None) -> list:
+    """A run's shareable files as (archive name, bytes or a function giving them, mtime): ``config``
+    (:func:`_shared_config`) and the best checkpoint as safetensors (a run from a bundle: its
+    safetensors as they are). Links are never followed; files airvae does not write are left out."""
     files = []
 
     def add(name: str, path: Path, data=None):
         if path.is_file() and not path.is_symlink():
-            files.append((prefix + name, path.read_bytes if data is None else data, path.stat().st_mtime))
+            files.append((prefix + name, partial(_read, path) if data is None else data, path.stat().st_mtime))
 
-    for name in _RUN_FILES:
+    for name in _SHARED_FILES:
         add(name, run_dir / name)
-    config = {**read_json(run_dir / CONFIG), "data_dir": None}  # a folder of this machine means nothing there
-    add(CONFIG, run_dir / CONFIG, json.dumps(config, indent=2).encode() + b"\n")
-    for folder, suffixes in _RUN_FOLDERS.items():
+    if config is not None:
+        add(CONFIG, run_dir / CONFIG, config)
+    for folder, names in _SHARED_FOLDERS.items():
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():
             for path in sorted((run_dir / folder).iterdir()):
-                if path.suffix in suffixes and not path.name.startswith("."):
+                if names.fullmatch(path.name) and not path.name.startswith("."):
                     add(f"{folder}/{path.name}", path)
-    add(BEST_WEIGHTS, run_dir / BEST, partial(best_weights_safetensors, run_dir))  # converted when written
+    if (run_dir / BEST).exists():
+        add(BEST_WEIGHTS, run_dir / BEST, partial(best_weights_safetensors, run_dir))  # converted when written
+    else:
+        add(BEST_WEIGHTS, run_dir / BEST_WEIGHTS)
     return files
 
 
@@ -163,48 +239,48 @@ def resolve(path: str | os.PathLike) -> Path:
     root = extract(archive)
     target = root.joinpath(*inner.parts)
     if not target.is_dir():
-        runs = sorted(p.parent.relative_to(root).as_posix() for p in root.rglob(CONFIG))
+        runs = _runs_in(root)
         raise RunError(f"{archive} holds no folder {inner}; its runs are {', '.join(runs[:3]) or 'none'}"
                        f"{', ...' if len(runs) > 3 else ''}")
     return target
+
+
+def _runs_in(folder: Path) -> list[str]:
+    """The run directories below ``folder`` (each holds a config.json), relative to it."""
+    return sorted(path.parent.relative_to(folder).as_posix() for path in folder.rglob(CONFIG))
 
 
 def extract(archive: str | os.PathLike) -> Path:
     """The folder holding a bundle's files: ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/``,
     extracted on first use after every member is checked (module docstring); a refused archive
     extracts nothing and raises :class:`airvae.runs.RunError` saying why."""
-    from .data import CACHE_DIR_ENV
+    from .data import cache_root
 
     archive = Path(archive)
-    with open(archive, "rb") as f:
-        digest = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "airvae").expanduser() / "bundles"
-        target = root / digest.hexdigest()
+    root = cache_root() / "bundles"
+    try:
+        target = root / _file_digest(archive)
         if target.is_dir():
             return target
-        f.seek(0)
-        try:
-            with zipfile.ZipFile(f) as bundle:
-                members = _checked_members(bundle, archive)
-                root.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest.hexdigest()[:16]}-"))
+        with zipfile.ZipFile(archive) as bundle:
+            members = _checked_members(bundle, archive)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name[:16]}-"))
+            try:
+                _extract_members(bundle, members, tmp)
                 try:
-                    _extract_members(bundle, members, tmp, archive)
-                    try:
-                        os.rename(tmp, target)
-                    except OSError:
-                        if not target.is_dir():  # not another process extracting the same bundle meanwhile
-                            raise
-                        shutil.rmtree(tmp)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-        except zipfile.BadZipFile as error:
-            raise RunError(f"bundle {archive} is not a readable zip archive ({error})") from error
-        except OSError as error:
-            raise RunError(f"could not extract bundle {archive} into {root}: {error.strerror or error}") from error
+                    os.rename(tmp, target)
+                except OSError:
+                    if not target.is_dir():  # not another process extracting the same bundle meanwhile
+                        raise
+                    shutil.rmtree(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except zipfile.BadZipFile as error:
+        raise RunError(f"bundle {archive} is not a readable zip archive ({error}); nothing was extracted") from error
+    except OSError as error:
+        raise RunError(f"could not extract bundle {archive} into {root}: {error.strerror or error}") from error
     return target
 
 
@@ -250,20 +326,16 @@ def _checked_members(bundle: zipfile.ZipFile, archive: Path) -> list[zipfile.Zip
     return members
 
 
-def _extract_members(bundle: zipfile.ZipFile, members: list[zipfile.ZipInfo], folder: Path, archive: Path) -> None:
-    """Write each checked member below ``folder``, counting the bytes really decompressed (a header
-    may lie about sizes), and give it the archive's modification time: ``airvae report`` tells
-    stale plots by comparing times."""
-    written = 0
+def _extract_members(bundle: zipfile.ZipFile, members: list[zipfile.ZipInfo], folder: Path) -> None:
+    """Write each checked member below ``folder`` and give it the archive's modification time
+    (``airvae report`` tells stale plots by comparing times). No member decompresses to more than
+    its header's size, which :func:`_checked_members` counted: zipfile stops there, and a header
+    that understates the size fails the entry's CRC check (BadZipFile)."""
     for info in members:
         path = folder.joinpath(*info.filename.split("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
         with bundle.open(info) as source, open(path, "xb") as target:  # "x": never through something existing
-            for block in iter(lambda: source.read(1 << 20), b""):
-                written += len(block)
-                if written > MAX_BYTES:
-                    raise _refuse(archive, f"it decompresses to more than {MAX_BYTES:,} bytes")
-                target.write(block)
+            shutil.copyfileobj(source, target, 1 << 20)
         stamp = time.mktime(info.date_time + (0, 0, -1))
         os.utime(path, (stamp, stamp))
 
@@ -277,7 +349,7 @@ def load(path: str | os.PathLike, which: str = "best", device: str = "cpu"):
 
     folder = resolve(path)
     if folder != Path(path) and not (folder / CONFIG).exists():
-        runs = sorted(p.parent.relative_to(folder).as_posix() for p in folder.rglob(CONFIG))
+        runs = _runs_in(folder)
         raise RunError(f"{path} holds {len(runs)} runs; load one of them: {Path(path) / runs[0]}"
                        if runs else f"{path} holds no run")
     load_config(folder)  # a clear error for a folder that is not a run

@@ -553,9 +553,14 @@ def _missing_message(spec: _Spec, cache_dir: Path, dirs: list[Path], partial: li
 
 # --------------------------------------------------------------------------- public
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """airvae's cache folder (datasets, extracted bundles): ``cache_dir``, else ``$AIRVAE_CACHE_DIR``,
+    else ``~/.cache/airvae``."""
+    return Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "airvae").expanduser()
+
+
 def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool) -> Dataset:
-    cache_dir = Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
-                     or Path.home() / ".cache" / "airvae").expanduser()
+    cache_dir = cache_root(cache_dir)
     dirs: list[Path] = []
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if data_dir is not None:

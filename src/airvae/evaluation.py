@@ -29,7 +29,7 @@ import torch
 
 from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
-from .runs import best_checkpoint_digest, write_json
+from .runs import EVALUATIONS, best_checkpoint_digest, write_json
 from .tracking import log_evaluation
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound, bdmc,
@@ -40,7 +40,6 @@ from .model import LONG_EVALUATION_LATENTS, compile_for
 
 ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap", "bdmc")  # canonical order
 SPLITS = ("train", "valid", "test")
-EVALUATIONS_DIR = "evaluations"
 FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 took the first ones)
 # Fields that change how the work is done, not what is estimated: left out of the cache key.
 # (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
@@ -216,7 +215,7 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
 
 
 def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
-    return Path(run_dir) / EVALUATIONS_DIR / f"{settings.split}-{settings.short_hash()}.json"
+    return Path(run_dir) / EVALUATIONS / f"{settings.split}-{settings.short_hash()}.json"
 
 
 def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) -> dict | None:
@@ -235,6 +234,21 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
     if current is not None and stored.get("checkpoint_sha256") != current:
         return None
     return stored
+
+
+def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """Every evaluation in ``RUN/evaluations/`` that :func:`stored_evaluation` returns for its own
+    settings, with its file, by file name."""
+    found = []
+    for path in sorted((Path(run_dir) / EVALUATIONS).glob("*.json")):
+        try:
+            settings = EvaluationSettings.from_dict(json.loads(path.read_text())["settings"])
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not an evaluation record
+            continue
+        stored = stored_evaluation(run_dir, settings) if evaluation_path(run_dir, settings) == path else None
+        if stored is not None:
+            found.append((path, stored))
+    return found
 
 
 def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
@@ -279,8 +293,10 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = evaluation_path(run_dir, settings)
+    replaced = stored_evaluation(run_dir, settings)
     write_json(path, result)
-    log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
+    if replaced is None or replaced.get("checkpoint_sha256") != digest:  # --recompute: the sinks hold it already
+        log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
     return result
 
 
@@ -464,7 +480,7 @@ def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: 
     require(max_examples is None or (is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
            "an integer >= 1, or None for the whole split")
     cfg, model, _, _, x, _ = _load_best(run_dir, split, max_examples, resolve_device(device), progress)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS_DIR
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS
     data = iwsvi_vs_iwae_study(model, x, progress=progress, **study_kwargs)
     data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))
     _write_figure3(data, out_dir)

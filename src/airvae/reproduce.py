@@ -292,20 +292,17 @@ def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
 def _merged_evaluation(run_dir: Path, settings) -> dict | None:
     """The reproduction's evaluation of a run, plus the estimators of every other current evaluation of
     the same test examples (same split and max_examples), e.g. AIS added with ``airvae evaluate``."""
-    from .evaluation import EVALUATIONS_DIR, EvaluationSettings, stored_evaluation
+    from .evaluation import current_evaluations, stored_evaluation
 
     merged = stored_evaluation(run_dir, settings)
     if merged is None:
         return None
     merged = dict(merged, estimates=dict(merged["estimates"]))
-    for path in sorted((run_dir / EVALUATIONS_DIR).glob(f"{settings.split}-*.json")):
-        try:
-            other = EvaluationSettings.from_dict(json.loads(path.read_text())["settings"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        stored = stored_evaluation(run_dir, other) if other.max_examples == settings.max_examples else None
-        for name, estimate in (stored or {}).get("estimates", {}).items():
-            merged["estimates"].setdefault(name, estimate)
+    for _, other in current_evaluations(run_dir):
+        if (other["settings"].get("split"), other["settings"].get("max_examples")) == (settings.split,
+                                                                                       settings.max_examples):
+            for name, estimate in other.get("estimates", {}).items():
+                merged["estimates"].setdefault(name, estimate)
     return merged
 
 

@@ -18,8 +18,8 @@ run goes on, and the next start rebuilds the sink.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .runs import (EVENT_FILE, EVALUATIONS, METRICS, TENSORBOARD, TRACKING, RunError, best_checkpoint_digest,
-                   read_json, read_metrics, write_json)
+from .runs import EVENT_FILE, METRICS, TENSORBOARD, TRACKING, RunError, read_json, read_metrics, write_json
 
 SINKS = ("tensorboard", "mlflow")
 TRACKING_FORMAT = 1
 _PACKAGES = {"tensorboard": ("tensorboard", "airvae[tensorboard]"), "mlflow": ("mlflow", "airvae[mlflow]")}
 # MLflow run status per airvae run status
 _MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "interrupted": "KILLED"}
+_FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ class TrackingSettings:
     def __post_init__(self):
         sinks = self.sinks
         if isinstance(sinks, str) or not set(sinks) <= set(SINKS) or len(set(sinks)) < len(sinks):
-            raise ConfigError(f"invalid log = {sinks!r}: allowed a comma-separated subset of {', '.join(SINKS)}, "
-                              "or none")
+            raise _invalid(sinks)
         object.__setattr__(self, "sinks", tuple(sinks))
         for sink in self.sinks:
             module, extra = _PACKAGES[sink]
@@ -74,9 +73,12 @@ class TrackingSettings:
         if names == ["none"]:
             names = []
         elif not names or not all(name in SINKS for name in names):
-            raise ConfigError(f"invalid log = {text!r}: allowed a comma-separated subset of {', '.join(SINKS)}, "
-                              "or none")
+            raise _invalid(text)
         return cls(tuple(dict.fromkeys(names)))
+
+
+def _invalid(log) -> ConfigError:
+    return ConfigError(f"invalid log = {log!r}: allowed a comma-separated subset of {', '.join(SINKS)}, or none")
 
 
 def _installed(module: str) -> bool:
@@ -85,8 +87,12 @@ def _installed(module: str) -> bool:
 
 def choose_sinks(run_dir: Path, settings: TrackingSettings) -> None:
     """Record the sinks of a run (``RUN/tracking.json``); its next start rebuilds them from
-    ``metrics.jsonl``. Keeps the MLflow run id while the store stays the same."""
-    stored = read_tracking(run_dir)
+    ``metrics.jsonl``. Keeps the MLflow run id while the store stays the same. A damaged
+    tracking file is replaced: choosing the sinks again is its repair."""
+    try:
+        stored = read_tracking(run_dir)
+    except RunError:
+        stored = {}
     same_store = stored.get("mlflow_uri") == settings.mlflow_uri and \
         stored.get("mlflow_experiment") == settings.mlflow_experiment
     write_json(Path(run_dir) / TRACKING, {
@@ -128,7 +134,10 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         folder = run_dir / TENSORBOARD
-        if replace and folder.is_dir() and not folder.is_symlink():
+        if folder.is_symlink():
+            raise RunError(f"{folder} is a link, and airvae never writes through links; delete the link (the next "
+                           "start of the run rebuilds the sink in a folder of its own)")
+        if replace and folder.is_dir():
             for entry in folder.iterdir():  # only files SummaryWriter wrote; links never followed
                 if EVENT_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
                     entry.unlink()
@@ -149,15 +158,33 @@ class _TensorBoard:
         self.writer.close()
 
 
+@contextlib.contextmanager
+def _file_store_allowed(uri: str):
+    """MLflow 3 keeps its file store (``file:`` URIs) in maintenance mode, behind
+    ``MLFLOW_ALLOW_FILE_STORE``; it works offline and needs no database packages. The switch is
+    turned on only around airvae's own MLflow calls, unless the user set it (either way)."""
+    if not uri.startswith("file:") or _FILE_STORE_SWITCH in os.environ:
+        yield
+        return
+    os.environ[_FILE_STORE_SWITCH] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FILE_STORE_SWITCH, None)
+
+
 class _Mlflow:
+    """The MLflow sink; every call runs inside :func:`_file_store_allowed`."""
+
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_id: str | None, replace: bool, name: str):
-        if uri.startswith("file:"):
-            # MLflow 3 keeps its file store in maintenance mode, behind this switch; it works offline
-            # and needs no database packages.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = uri
+        with _file_store_allowed(uri):
+            self._open(run_dir, experiment, run_id, replace, name)
+
+    def _open(self, run_dir: Path, experiment: str, run_id: str | None, replace: bool, name: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
         if not replace:
             self.run_id = run_id
             return
@@ -181,19 +208,22 @@ class _Mlflow:
         from mlflow.entities import Param
 
         params = [Param(key, str(value)) for key, value in _flat(config).items()]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+        with _file_store_allowed(self.uri):
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+                self.client.log_batch(self.run_id, params=params[start:start + 100])
 
     def scalars(self, step: int, values: dict, walltime: float) -> None:
         from mlflow.entities import Metric
 
         stamp = int(walltime * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, step)
-                                                    for key, value in values.items()])
+        with _file_store_allowed(self.uri):
+            self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, step)
+                                                        for key, value in values.items()])
 
     def close(self, status: str | None) -> None:
         if status is not None:
-            self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FAILED"))
+            with _file_store_allowed(self.uri):
+                self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FAILED"))
 
 
 class Tracker:
@@ -215,6 +245,8 @@ class Tracker:
     def start(cls, run_dir: Path, cfg: RunConfig, records: list[dict]) -> "Tracker":
         """Rebuild the chosen sinks of a run from its ``records`` (``metrics.jsonl``) and current
         evaluations; the run then logs to them."""
+        from .evaluation import current_evaluations  # which imports this module
+
         run_dir = Path(run_dir)
         stored = read_tracking(run_dir)
         tracker = cls(_open_sinks(run_dir, stored, replace=True))
@@ -227,7 +259,7 @@ class Tracker:
         for record in records:  # wall times as if the run had trained without stopping, ending now
             tracker.validation(record, now - (last - record.get("seconds", last)))
         step = records[-1]["step"] if records else 0
-        for path, result in _current_evaluations(run_dir):
+        for path, result in current_evaluations(run_dir):
             tracker.evaluation(path.stem, result, step, now)
         return tracker
 
@@ -267,20 +299,6 @@ def _open_sinks(run_dir: Path, stored: dict, replace: bool) -> dict:
 def _run_name(run_dir: Path) -> str:
     """The last four parts of the run's path: ``runs/caltech/VAE-seed0``, ``caltech/k1-m1/plain/seed0``."""
     return "/".join(run_dir.resolve().parts[-4:])
-
-
-def _current_evaluations(run_dir: Path) -> list[tuple[Path, dict]]:
-    """The run's stored evaluations of its current best checkpoint, by file name."""
-    folder, digest, found = Path(run_dir) / EVALUATIONS, None, []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        digest = digest or best_checkpoint_digest(run_dir)
-        if isinstance(result, dict) and digest is not None and result.get("checkpoint_sha256") == digest:
-            found.append((path, result))
-    return found
 
 
 def log_evaluation(run_dir: Path, path: Path, result: dict) -> None:
