@@ -175,7 +175,13 @@ def test_tensorboard_never_writes_through_a_link(tmp_path, monkeypatch, capsys):
     (run / "tensorboard").symlink_to(elsewhere)
     before = {path.name: path.read_bytes() for path in elsewhere.iterdir()}
     capsys.readouterr()
-    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 0
+    # a run folder holding a link is refused before anything starts (airvae.runs.run_dir_state)
+    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 2
+    assert "holds symbolic links (tensorboard)" in one_error_line(capsys)
+    # and the sink itself, should a link appear later, is dropped with one warning
+    from airvae.tracking import _open_sinks, read_tracking
+
+    assert _open_sinks(run, read_tracking(run), replace=True) == {}
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "tensorboard sink failed" in warnings[0] and "link" in warnings[0]
     assert {path.name: path.read_bytes() for path in elsewhere.iterdir()} == before
