@@ -590,12 +590,12 @@ def claim(statement: str, paper_found: bool | None, paper_detail: str, differenc
     """One claim in REPORT.md: the statement with the paper's finding for the cell ("paper: yes"/"paper:
     no"), then, per estimator, our difference (positive = the statement holds; mean, SE) and its verdict
     against the paper's finding, and a flag if one estimator supports the paper where another contradicts it.
-    ``paper_found=None``: the paper has no number for this cell; ``paper_clear=False``: its own difference
-    is within twice its standard errors, so it established no direction. Either way the statement
-    itself is judged."""
+    ``paper_found=None``: the paper has no number for this cell. ``paper_clear=False``: the paper's own
+    difference is within twice its standard errors ("paper: no, within its noise"), so it set no
+    direction to support or contradict. In both cases the statement itself is judged ("holds here")."""
+    finding = {True: "yes", False: "no", None: "n/a"}[paper_found]
     if not paper_clear:
-        paper_found = None
-    finding = {True: "yes", False: "no", None: "n/a" if paper_clear else "no clear difference"}[paper_found]
+        finding, paper_found = f"{finding}, within its noise", None
     lines = [f"- {statement}: **paper: {finding}** ({paper_detail})"]
     verdicts = {}
     for estimator, diff in differences.items():
@@ -669,7 +669,7 @@ def _noise(found: dict, metric: str) -> str:
     if found[f"{metric}_difference_clear"]:
         return ""
     key = "log_likelihood_gain" if metric == "log_likelihood" else "inference_gap_reduction"
-    return f", within twice the paper's own standard errors (± {2 * found[key + '_se']:.2f})"
+    return f"; twice its standard error: {2 * found[key + '_se']:.2f}"
 
 
 def _nats(value: float, better: str = "better", worse: str = "worse") -> str:
