@@ -226,6 +226,7 @@ def test_conv_wni_filter_norms_never_exceed_h(conv, groups, v_scale, u_shift, h,
         cap.u.copy_(torch.randn(layer.out_channels) * 10 + u_shift)
     norms = filter_norms(layer)
     assert torch.all(norms <= h * (1 + 1e-5)), (norms.max().item(), h)
+    torch.testing.assert_close(cap.filter_norms(layer.weight), norms)  # what `airvae plot` draws
     # Eq. 18 per output channel: s_o = min(||v_o||, H sigmoid(u_o)), and each filter keeps its direction.
     expected = torch.minimum(filter_norms(layer, v), h * torch.sigmoid(cap.u))
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=1e-6 * h)

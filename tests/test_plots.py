@@ -101,3 +101,19 @@ def test_the_noisy_row_exists_only_for_a_denoising_encoder():
         noisy = _reconstructions_figure(build_vae(784, 4, "d8", "d8", sigma=0.3), x, 0, False)
     assert len(plain.axes) == 2 and len(noisy.axes) == 4
     assert "what the denoising encoder sees" in noisy.axes[2].get_title()
+
+
+def test_weight_norms_cover_the_convolutions_of_a_conv_wni_encoder(tmp_path):
+    from airvae.model import build_vae
+    from airvae.plots import _capped_layers, _weight_norms_figure
+
+    model = build_vae(1 * 8 * 8, 3, "c4k3s2-d8", "d8-c4k3s2", max_norm=1.5, image_shape=(1, 8, 8))
+    layers = {name: (norms, caps, h) for name, norms, caps, h in _capped_layers(model.encoder)}
+    convs = [name for name, m in model.encoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and set(convs) < set(layers)  # the dense layers are there too
+    for name in convs:
+        norms, caps, h = layers[name]
+        weight = dict(model.encoder.named_modules())[name].weight
+        assert torch.equal(norms, weight.flatten(1).norm(dim=1)) and h == 1.5 and (norms <= caps * (1 + 1e-6)).all()
+    _weight_norms_figure(_capped_layers(model.encoder), tmp_path / "weight_norms.json")
+    assert set(json.loads((tmp_path / "weight_norms.json").read_text())) == set(layers)

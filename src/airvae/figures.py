@@ -67,7 +67,7 @@ def _strength_figure(manifest, rows, out_dir, ks, relative, name):
         ax.set_xlabel("regularization strength (σ√d or 10/H)")
         ax.set_ylabel("test ln p(x) − baseline (nats)" if relative else "test ln p(x) (nats)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_or_empty(ax)
     if relative:
         claims.append("- Paper: with larger k the models underfit less at high strength (curves for k=64 stay "
                       "closer to 0 on the right). Compare the right ends of the curves above.")
@@ -142,7 +142,7 @@ def figure4(manifest, rows, out_dir: Path):
             ax.set_xlabel("training step")
             ax.set_ylabel("test L_k (nats)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _legend_or_empty(ax)
     claims.append("- Paper: VAE overfits (its test bound falls from its peak) as m grows, DVAE does not; "
                   "compare the drops above for m=1 vs m=8.")
     fig.suptitle(f"figure4: test amortized bound during training, budget {manifest['budget']}")
@@ -192,3 +192,11 @@ def figure3_claims(dataset: str, data: dict) -> list[str]:
 
 
 FIGURES = {"figure1": figure1, "figure2": figure2, "figure3": figure3, "figure4": figure4}
+
+
+def _legend_or_empty(ax) -> None:
+    """A legend, or a note that the panel has nothing yet (runs not finished or not evaluated)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no evaluated runs yet", ha="center", va="center", transform=ax.transAxes, color="grey")

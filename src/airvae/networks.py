@@ -188,6 +188,13 @@ class CappedFilterNorm(nn.Module):
         capped = capped_rows(filters.flatten(2).flatten(0, 1), self.u, self.h)  # one row per output channel
         return capped.view(filters.shape).transpose(1, 2).reshape(v.shape)
 
+    def filter_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """The norm of each output channel's filter in a weight of this layer's layout (the capped
+        weight: each is at most ``H * sigmoid(u_o)``)."""
+        if not self.transposed:
+            return weight.flatten(1).norm(dim=1)
+        return weight.unflatten(0, (self.groups, -1)).transpose(1, 2).flatten(2).flatten(0, 1).norm(dim=1)
+
     def extra_repr(self) -> str:
         return f"H={self.max_norm:g}, groups={self.groups}, transposed={self.transposed}"
 

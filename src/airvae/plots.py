@@ -28,10 +28,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
 
 from .data import evenly_spaced  # noqa: E402
 from .devices import resolve_device  # noqa: E402
-from .networks import CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
+from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
 from .runs import METRICS, RunError, load_config, load_trained_model, read_metrics, write_json  # noqa: E402
 
 FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
@@ -111,7 +112,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             out.skipped["posterior"] = no_data
         else:
             _save(_posterior_figure(model, test_x, out.directory / "posterior.json"), out, "posterior")
-        capped = [(name, m) for name, m in model.encoder.named_modules() if isinstance(m, CappedWeightNormLinear)]
+        capped = _capped_layers(model.encoder)
         if capped:
             _save(_weight_norms_figure(capped, out.directory / "weight_norms.json"), out, "weight_norms")
         else:
@@ -222,19 +223,36 @@ def _posterior_figure(model, x: torch.Tensor, json_path: Path):
     return fig
 
 
-def _weight_norms_figure(capped: list[tuple[str, CappedWeightNormLinear]], json_path: Path):
-    """Per layer: each unit's weight-vector norm ||w_i|| (sorted), its learned cap H sigmoid(u_i),
-    and H; eq. 18 keeps ||w_i|| <= H sigmoid(u_i) < H."""
+@torch.no_grad()
+def _capped_layers(encoder: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """Every layer that WNI caps (dense and convolution), as (name, each unit's or output channel's
+    weight norm, its cap H sigmoid(u), H)."""
+    layers = []
+    for name, module in encoder.named_modules():
+        if isinstance(module, CappedWeightNormLinear):
+            layers.append((name, module.weight.norm(dim=1), module.max_norm * torch.sigmoid(module.u),
+                           module.max_norm))
+        elif parametrize.is_parametrized(module, "weight"):
+            for cap in module.parametrizations.weight:
+                if isinstance(cap, CappedFilterNorm):
+                    layers.append((name, cap.filter_norms(module.weight), cap.max_norm * torch.sigmoid(cap.u),
+                                   cap.max_norm))
+    return layers
+
+
+def _weight_norms_figure(capped: list[tuple[str, torch.Tensor, torch.Tensor, float]], json_path: Path):
+    """Per capped layer (:func:`_capped_layers`): each unit's weight-vector norm ||w_i|| (sorted; an
+    output channel's whole filter for a convolution), its learned cap H sigmoid(u_i), and H; eq. 18
+    keeps ||w_i|| <= H sigmoid(u_i) < H."""
     fig, axes = plt.subplots(1, len(capped), figsize=(3.6 * len(capped), 3.2), squeeze=False)
     data = {}
-    for ax, (name, layer) in zip(axes[0], capped):
-        norms = layer.weight.norm(dim=1).cpu()
-        caps = (layer.max_norm * torch.sigmoid(layer.u)).cpu()
+    for ax, (name, norms, caps, max_norm) in zip(axes[0], capped):
+        norms, caps = norms.cpu(), caps.cpu()
         at_cap = int((norms >= caps * (1 - 1e-4)).sum())
-        data[name] = {"H": layer.max_norm, "norms": norms.tolist(), "caps": caps.tolist(), "at_cap": at_cap}
+        data[name] = {"H": max_norm, "norms": norms.tolist(), "caps": caps.tolist(), "at_cap": at_cap}
         ax.plot(torch.sort(norms).values.numpy(), ".", markersize=3, label="||w_i||")
         ax.plot(torch.sort(caps).values.numpy(), linewidth=1, label="cap H·sigmoid(u_i)")
-        ax.axhline(layer.max_norm, color="black", linestyle="--", linewidth=0.8, label=f"H = {layer.max_norm:.3g}")
+        ax.axhline(max_norm, color="black", linestyle="--", linewidth=0.8, label=f"H = {max_norm:.3g}")
         ax.set_title(f"{name}: {at_cap}/{len(norms)} units at their cap", fontsize=8)
         ax.set_xlabel("unit (sorted)")
         ax.grid(alpha=0.3)
