@@ -331,6 +331,13 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_sums_stay_float64_except_on_mps_which_has_none():
+    from airvae.devices import accumulator_dtype
+
+    assert accumulator_dtype(torch.device("cpu")) == accumulator_dtype(torch.device("cuda:0")) == torch.float64
+    assert accumulator_dtype(torch.device("mps")) == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------
 # BDMC, simulation, the model protocol
 

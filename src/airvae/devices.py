@@ -1,4 +1,4 @@
-"""Device selection: CUDA when present, else CPU."""
+"""Device selection: CUDA when present, else CPU; and the precision sums are kept in on each."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError(f"invalid device = {name!r}: MPS is not available on this machine; use cpu or auto")
     return device
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for sums of log weights and losses kept on ``device``: float64 (an IWAE-5000 or
+    AIS sum over many terms keeps its last digits), except on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bounds import iwae_bound, standard_normal_log_prob
-from .devices import resolve_device
+from .devices import accumulator_dtype, resolve_device
 from .likelihoods import Likelihood, bits_per_dim
 from .model import LatentVariableModel, conditional_log_prob, decode, log_weights_given_q
 
@@ -280,17 +280,17 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
         xb, mb, sb = x[start:start + per_chunk], mean[start:start + per_chunk], std[start:start + per_chunk]
         b = xb.shape[0]
         gens = [example_generator(seed, first_index + start + i, mb.device) for i in range(b)]
-        total = torch.zeros(b, dtype=torch.float64, device=mb.device)
+        total = torch.zeros(b, dtype=accumulator_dtype(mb.device), device=mb.device)
         for _ in range(repeats):
             eps = torch.stack([torch.randn(k, mb.shape[-1], generator=g, device=mb.device, dtype=mb.dtype)
                                for g in gens], dim=1)  # [k, b, z]
             running = None
             for k0 in range(0, k, k_chunk):
                 log_w = _log_weights_from_noise(model, xb, mb, sb, eps[k0:k0 + k_chunk])  # [kc, b]
-                chunk_lse = torch.logsumexp(log_w.double(), dim=0)
+                chunk_lse = torch.logsumexp(log_w.to(total.dtype), dim=0)
                 running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
             total += running - math.log(k)
-        values[start:start + b] = (total / repeats).cpu()
+        values[start:start + b] = (total / repeats).cpu().double()
         if bar is not None:
             bar.update(b)
     return values
@@ -572,17 +572,17 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
     tuning_chains = c - chains
     noise = _StepNoise(gens, (c, z_dim), (c,), device, dtype)  # momenta, Metropolis uniforms
     log_lik, g_lik, log_prior, g_prior = _log_densities(model, xb, z)
-    log_w = torch.zeros(c, b, dtype=torch.float64, device=device)
+    log_w = torch.zeros(c, b, dtype=accumulator_dtype(device), device=device)
     fixed = isinstance(step_size, torch.Tensor)
     eps = torch.full((1, b, 1), step_size, dtype=dtype, device=device) if not fixed else None
     used = torch.empty(len(betas) - 1, b, dtype=dtype, device=device)
-    accept_total = torch.zeros(b, dtype=torch.float64, device=device)
+    accept_total = torch.zeros(b, dtype=log_w.dtype, device=device)
     for t in range(1, len(betas)):
         beta = betas[t]
         if fixed:
             eps = step_size[t - 1].to(dtype)[None, :, None]
         used[t - 1] = eps[0, :, 0]
-        log_w += (beta - betas[t - 1]) * log_lik.double()  # ln f_t(z_{t-1}) - ln f_{t-1}(z_{t-1})
+        log_w += (beta - betas[t - 1]) * log_lik.to(log_w.dtype)  # ln f_t(z_{t-1}) - ln f_{t-1}(z_{t-1})
         momentum, uniform = noise.next()
         # Leapfrog on U(z) = -(ln p(z) + beta ln p(x|z)) with kinetic energy |p|^2 / 2.
         p = momentum + 0.5 * eps * (g_prior + beta * g_lik)
@@ -600,7 +600,7 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
         g_lik, g_prior = torch.where(keep, gl_new, g_lik), torch.where(keep, gp_new, g_prior)
         log_lik, log_prior = torch.where(accept, ll_new, log_lik), torch.where(accept, lp_new, log_prior)
         accept_prob = log_accept.exp()
-        accept_total += accept_prob[:chains].double().mean(0)
+        accept_total += accept_prob[:chains].to(log_w.dtype).mean(0)
         if tuning_chains and not fixed:  # the tuning chains' acceptance only: see ais_log_likelihood
             target_accept, adapt_rate = adaptation
             rate = accept_prob[chains:].mean(0)  # [b]

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .bounds import iwae_bound
 from .config import Regularizer, RunConfig
+from .devices import accumulator_dtype
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
                          example_generator)
 from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
@@ -288,7 +289,7 @@ def _encode_stacked(group: StackedModel, params: dict, x: torch.Tensor, batch: i
 def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, seeds: list[int],
                  chunk_samples: int = DEFAULT_CHUNK_SAMPLES, q: tuple[torch.Tensor, torch.Tensor] | None = None,
                  repeats: int = 1) -> torch.Tensor:
-    """Per-example IWAE-k ``[S, n]`` (float64) of the runs ``rows``, with proposal ``q`` = (mean,
+    """Per-example IWAE-k ``[S, n]`` (float64; float32 on MPS) of the runs ``rows``, with proposal ``q`` = (mean,
     std) ``[S, n, z]`` or each run's clean encoder, averaged over ``repeats`` sets of k samples;
     run r draws from the per-example streams of ``seeds[r]``. What
     :func:`airvae.estimators.iwae_given_q` gives each run alone, up to float rounding (runs that
@@ -299,13 +300,13 @@ def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, 
     per_chunk = max(1, chunk_samples // k)
     k_chunk = min(k, chunk_samples)
     log_weights = _stacked_log_weights(group)
-    values = torch.empty(len(rows), n, dtype=torch.float64, device=x.device)
+    values = torch.empty(len(rows), n, dtype=accumulator_dtype(x.device), device=x.device)
     for start in range(0, n, per_chunk):
         xb = x[start:start + per_chunk]
         b = xb.shape[0]
         generators = {seed: [example_generator(seed, start + i, x.device) for i in range(b)]
                       for seed in sorted(set(seeds[r] for r in rows))}
-        total = torch.zeros(len(rows), b, dtype=torch.float64, device=x.device)
+        total = torch.zeros(len(rows), b, dtype=values.dtype, device=x.device)
         for _ in range(repeats):
             draws = {seed: torch.stack([torch.randn(k, z_dim, generator=g, device=x.device, dtype=x.dtype)
                                         for g in gens], dim=1) for seed, gens in generators.items()}  # [k, b, z]
@@ -314,7 +315,7 @@ def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, 
             for k0 in range(0, k, k_chunk):
                 log_w = log_weights(params, xb, means[:, start:start + b], stds[:, start:start + b],
                                     eps[:, k0:k0 + k_chunk].unsqueeze(1))[:, 0]  # [S, kc, b]
-                chunk = torch.logsumexp(log_w.double(), dim=1)
+                chunk = torch.logsumexp(log_w.to(total.dtype), dim=1)
                 running = chunk if running is None else torch.logaddexp(running, chunk)
             total += running - math.log(k)
         values[:, start:start + b] = total / repeats
@@ -431,7 +432,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     records = []
     dims = _dims(loaded[0][1], x)
     for r, (run_dir, (cfg, _, digest)) in enumerate(zip(run_dirs, loaded)):
-        estimates = {name: Estimate(names[name][0], values[name][r].cpu(), names[name][1], seconds[name], dims)
+        estimates = {name: Estimate(names[name][0], values[name][r].cpu().double(), names[name][1], seconds[name], dims)
                      for name in values}
         if "bound" in estimates and "iwsvi" in estimates:
             estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
@@ -514,7 +515,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
 
     draws = _GroupDraws(cfgs, generators, train_x.shape[1:], device)
     alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
-    loss_sums = torch.zeros(R, dtype=torch.float64, device=device)  # per-step losses stay on the device
+    loss_sums = torch.zeros(R, dtype=accumulator_dtype(device), device=device)  # per-step losses stay on the device
     loss_counts = [0] * R
     objectives = stacked_objectives
     if compile_for(first.iterations - min(log.step for log in logs) >= _long_group_steps(R)):
@@ -550,7 +551,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                     leaf.grad = None
                 torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
                 adam.step(first.lr_at(group_step), active)
-                loss_sums += torch.where(keep, per_run.detach().double(), torch.zeros_like(loss_sums))
+                loss_sums += torch.where(keep, per_run.detach().to(loss_sums.dtype), torch.zeros_like(loss_sums))
                 validate, save = [], []
                 for r in range(R):
                     if active[r]:
