@@ -83,9 +83,8 @@ def test_checkpoints_are_shared_with_the_single_run_trainer(tmp_path):
     cfgs, dataset = GROUPS["plain+dvae"], tiny_dataset()
     reference = tmp_path / "reference"
     train(cfgs[0], reference, progress=False, dataset=dataset)
-    half = cfgs[0].replace(iterations=40)
     # run 0 is half trained alone (killed at step 20: same checkpoint as an uninterrupted run's)
-    _kill_at(half, tmp_path / "r0", dataset, 20)
+    _kill_at(cfgs[0], tmp_path / "r0", dataset, 20)
     members = [Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)]
     results = train_group(members, dataset, progress=False)
     assert [r.status for r in results] == ["completed"] * 4
