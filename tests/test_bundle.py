@@ -212,7 +212,8 @@ def test_an_extracted_bundle_bundles_again_with_its_weights(reproduction, tmp_pa
 
 
 def hostile(tmp_path: Path, name: str, data: bytes = b"{}", mode: int = stat.S_IFREG | 0o644, *,
-            encrypted: bool = False, marker: bool = True, copies: int = 1) -> Path:
+            encrypted: bool = False, marker: bool = True, copies: int = 1,
+            compression: int = zipfile.ZIP_STORED) -> Path:
     """A zip archive airvae never writes: a marker, then ``copies`` entries ``name`` (``{tmp}`` in it is
     ``tmp_path``)."""
     archive = tmp_path / "hostile.zip"
@@ -222,7 +223,7 @@ def hostile(tmp_path: Path, name: str, data: bytes = b"{}", mode: int = stat.S_I
             z.writestr("airvae-bundle.json", json.dumps({"airvae_bundle": 1}))
         for copy in range(copies):
             info = zipfile.ZipInfo(name.format(tmp=tmp_path, copy=copy))
-            info.external_attr = mode << 16
+            info.external_attr, info.compress_type = mode << 16, compression
             z.writestr(info, data)
     if encrypted:  # zipfile writes no flags it was given: set bit 0 in the last entry's two headers
         raw = bytearray(archive.read_bytes())
@@ -251,6 +252,8 @@ REGULAR = stat.S_IFREG | 0o644
     ("runs/x/checkpoints/best.pt", REGULAR, {}, "not a kind of file a bundle holds"),
     ("airvae-bundle.json", REGULAR, {}, "appears twice"),
     ("REPORT.md", REGULAR, {"encrypted": True}, "is encrypted"),
+    ("REPORT.md", REGULAR, {"compression": zipfile.ZIP_BZIP2}, "compressed with method 12, not deflate"),
+    ("REPORT.md", REGULAR, {"compression": zipfile.ZIP_LZMA}, "compressed with method 14, not deflate"),
     ("runs/{copy}.json", REGULAR, {"copies": 3}, "it holds 4 entries, more than 3"),
 ])
 def test_a_hostile_bundle_is_refused_in_one_line_and_nothing_is_extracted(tmp_path, monkeypatch, capsys, name, mode,

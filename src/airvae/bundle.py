@@ -9,9 +9,10 @@ machine-specific ``data_dir`` cleared), ``metrics.jsonl``, ``summary.json``, ``e
 ``last.pt``, no tracking files). Only JSON, JSON lines, Markdown, CSV, PNG and safetensors.
 
 Opening one never trusts it: members are checked before anything is extracted (no absolute path,
-no ``..``, no link or other special file, no encrypted entry, no duplicate, only the kinds of file
-above, at most :data:`MAX_FILES` files and :data:`MAX_BYTES` bytes by the headers' sizes, which no
-entry decompresses beyond: a header that understates a size fails the entry's checksum). The
+no ``..``, no link or other special file, no encrypted entry, deflate or none as compression, no
+duplicate, only the kinds of file above, at most :data:`MAX_FILES` files and :data:`MAX_BYTES` bytes
+by the headers' sizes, which no entry decompresses beyond: a header that understates a size fails
+the entry's checksum). The
 extraction lives in ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/`` (default
 ``~/.cache/airvae``); the archive is only ever read, and what ``evaluate`` and ``report`` compute
 from it is written into that folder.
@@ -31,7 +32,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 from .runs import (_RUN_FOLDERS, BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, MARKER, METRICS, SUMMARY,
-                   TENSORBOARD, RunError, RunLock, _file_digest, best_weights_safetensors, load_config, read_json,
+                   TENSORBOARD, RunError, RunLock, _stream_digest, best_weights_safetensors, load_config, read_json,
                    write_error)
 
 BUNDLE_MARKER = "airvae-bundle.json"
@@ -259,29 +260,36 @@ def extract(archive: str | os.PathLike) -> Path:
     archive = Path(archive)
     root = cache_root() / "bundles"
     try:
-        target = root / _file_digest(archive)
-        if target.is_dir():
-            return target
-        with zipfile.ZipFile(archive) as bundle:
-            members = _checked_members(bundle, archive)
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name[:16]}-"))
-            try:
-                _extract_members(bundle, members, tmp)
-                try:
-                    os.rename(tmp, target)
-                except OSError:
-                    if not target.is_dir():  # not another process extracting the same bundle meanwhile
-                        raise
-                    shutil.rmtree(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        with open(archive, "rb") as f:  # one open file, hashed then read: what is extracted is what was hashed
+            target = root / _stream_digest(f)
+            if target.is_dir():
+                return target
+            f.seek(0)
+            _extract_into(zipfile.ZipFile(f), archive, root, target)
     except zipfile.BadZipFile as error:
         raise RunError(f"bundle {archive} is not a readable zip archive ({error}); nothing was extracted") from error
     except OSError as error:
         raise RunError(f"could not extract bundle {archive} into {root}: {error.strerror or error}") from error
     return target
+
+
+def _extract_into(bundle: zipfile.ZipFile, archive: Path, root: Path, target: Path) -> None:
+    """Check every member, extract into a temporary folder beside ``target``, then rename it there."""
+    with bundle:
+        members = _checked_members(bundle, archive)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name[:16]}-"))
+        try:
+            _extract_members(bundle, members, tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # not another process extracting the same bundle meanwhile
+                    raise
+                shutil.rmtree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _refuse(archive: Path, why: str) -> RunError:
@@ -312,6 +320,9 @@ def _checked_members(bundle: zipfile.ZipFile, archive: Path) -> list[zipfile.Zip
             raise _refuse(archive, f"entry {name!r} is a special file")
         if info.flag_bits & 0x1:
             raise _refuse(archive, f"entry {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # zipfile bounds each deflate read's output; bzip2 and LZMA reads are not bounded
+            raise _refuse(archive, f"entry {name!r} is compressed with method {info.compress_type}, not deflate")
         if PurePosixPath(name).suffix not in SUFFIXES:
             raise _refuse(archive, f"entry {name!r} is not a kind of file a bundle holds ({', '.join(SUFFIXES)})")
         if name in seen:

@@ -284,10 +284,15 @@ def best_checkpoint_digest(run_dir: Path) -> str | None:
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return _stream_digest(f)
+
+
+def _stream_digest(f) -> str:
+    """The sha256 of what is left to read of a binary file object."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
