@@ -80,12 +80,14 @@ def test_iw_svi_is_within_002_nats(case):
 
 
 def test_ais_is_within_005_nats(case):
-    """Within 0.05 nats on average over the examples (0.02 asserted); per example the Monte Carlo
-    error of 256 chains is itself about 0.02-0.03 nats here, hence 0.1 per example."""
+    """Every example within 0.05 nats, and within 0.02 on average. The Monte Carlo error of 256
+    chains is itself up to about 0.04 nats per example here (measured: at most 0.037 with this seed,
+    0.047 with 1000 steps, 0.031 with 2000 steps and 128 chains), so 0.05 is the issue's bound with
+    little to spare, and a real bias of 0.02 on average would show."""
     model, x, _, exact = case
     est = ais_log_likelihood(model, x, num_intermediate=500, chains=256, seed=0)
     error = exact - est.values
-    assert abs(error.mean()) < 0.02 and (error.abs() < 0.1).all(), error.tolist()
+    assert abs(error.mean()) < 0.02 and (error.abs() < 0.05).all(), error.tolist()
 
 
 def test_bdmc_sandwich_contains_the_exact_value_and_narrows_with_more_steps():
