@@ -380,28 +380,39 @@ def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar
     if steps == 0:
         return m0, s0
     b = xb.shape[0]
+    gens = [example_generator(seed, first_index + i, m0.device, STREAM_SVI) for i in range(b)]
+    noise = _StepNoise(gens, (l, m0.shape[-1]), None, m0.device, m0.dtype)
+    return fit_gaussian_q(m0, s0, lambda mu, std, eps: _log_weights_from_noise(model, xb, mu, std, eps), noise,
+                          steps=steps, lr=lr, lr_decay=lr_decay, on_step=lambda: bar.update(b))
+
+
+def fit_gaussian_q(m0: torch.Tensor, s0: torch.Tensor, log_weights, noise: "_StepNoise", *, steps: int, lr: float,
+                   lr_decay: float, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IW-SVI's optimization (eq. 42) for a batch of examples: Adam on each example's (mean, log std),
+    from the encoder's ``m0, s0`` ``[..., b, z]``, maximizing the sum of their IWAE-l bounds, with the
+    learning rate decayed geometrically from ``lr`` to ``lr * lr_decay``.
+
+    ``log_weights(mean, std, eps)`` gives log w ``[..., l, b]`` for draws ``eps`` ``[l, b, z]`` from
+    ``noise`` (the examples' own streams). Leading dimensions are independent problems: a stacked
+    group's runs (:func:`airvae.stacked.stacked_fit_iw_svi`) share this code with a single model."""
     mu = m0.detach().clone().requires_grad_(True)
     rho = s0.detach().log().clone().requires_grad_(True)  # log sigma: unconstrained
     opt = torch.optim.Adam([mu, rho], lr=lr)
-    gens = [example_generator(seed, first_index + i, mu.device, STREAM_SVI) for i in range(b)]
-    noise = _StepNoise(gens, (l, mu.shape[-1]), None, mu.device, mu.dtype)
     with torch.enable_grad():
         for t in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_decay ** (t / (steps - 1)) if steps > 1 else lr
             eps, _ = noise.next()  # [l, b, z]
-            log_w = _log_weights_from_noise(model, xb, mu, rho.exp(), eps)  # [l, b]
-            loss = -iwae_bound(log_w, dim=0).sum()  # eq. 42, summed so examples stay independent
+            loss = -iwae_bound(log_weights(mu, rho.exp(), eps), dim=-2).sum()  # summed: examples stay independent
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.update(b)
+            if on_step is not None:
+                on_step()
     mu, std = mu.detach(), rho.detach().exp()
     # A diverged example (non-finite parameters) falls back to its encoder q: any q gives a valid bound.
     bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(std).all(-1) & (std > 0).all(-1))
-    if bad.any():
-        mu, std = torch.where(bad[:, None], m0, mu), torch.where(bad[:, None], s0, std)
-    return mu, std
+    return torch.where(bad[..., None], m0, mu), torch.where(bad[..., None], s0, std)
 
 
 def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int = 5000, l: int = 8,  # noqa: E741

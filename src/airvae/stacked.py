@@ -38,11 +38,10 @@ from torch.func import functional_call, vmap
 from torch.optim.adam import adam as torch_adam
 from tqdm.auto import tqdm
 
-from .bounds import iwae_bound
 from .config import Regularizer, RunConfig
 from .devices import accumulator_dtype
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
-                         example_generator)
+                         example_generator, fit_gaussian_q)
 from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
                     torch_compile)
 from .networks import DenoisingEncoder
@@ -340,26 +339,15 @@ def stacked_fit_iw_svi(group: StackedModel, rows: list[int], x: torch.Tensor, *,
             means.append(m0)
             stds.append(s0)
             continue
-        mu = m0.detach().clone().requires_grad_(True)
-        rho = s0.detach().log().clone().requires_grad_(True)
-        opt = torch.optim.Adam([mu, rho], lr=lr)
         gens = [example_generator(seed, start + i, x.device, STREAM_SVI) for i in range(xb.shape[0])]
-        noise = _StepNoise(gens, (l, mu.shape[-1]), None, x.device, mu.dtype)
-        with torch.enable_grad():
-            for t in range(steps):
-                for param_group in opt.param_groups:
-                    param_group["lr"] = lr * lr_decay ** (t / (steps - 1)) if steps > 1 else lr
-                eps, _ = noise.next()  # [l, b, z], shared by the runs
-                eps = eps.expand(len(rows), *eps.shape).unsqueeze(1)  # [S, 1, l, b, z]
-                log_w = log_weights(params, xb, mu, rho.exp(), eps)[:, 0]  # [S, l, b]
-                loss = -iwae_bound(log_w, dim=1).sum()  # every run and example independent
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        mu, std = mu.detach(), rho.detach().exp()
-        bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(std).all(-1) & (std > 0).all(-1))  # [S, b]
-        means.append(torch.where(bad[..., None], m0, mu))
-        stds.append(torch.where(bad[..., None], s0, std))
+        noise = _StepNoise(gens, (l, m0.shape[-1]), None, x.device, m0.dtype)
+
+        def run_log_weights(mu, std, eps, xb=xb):  # eps [l, b, z] shared by the runs -> [S, l, b]
+            return log_weights(params, xb, mu, std, eps.expand(len(rows), *eps.shape).unsqueeze(1))[:, 0]
+
+        mu, std = fit_gaussian_q(m0, s0, run_log_weights, noise, steps=steps, lr=lr, lr_decay=lr_decay)
+        means.append(mu)
+        stds.append(std)
     return torch.cat(means, 1), torch.cat(stds, 1)
 
 
