@@ -256,6 +256,24 @@ def _check_k(name: str, value: int) -> None:
 # IWAE-k scoring: one function for the amortized q (IWAE-k, the bound) and IW-SVI's fitted q
 
 
+def chunked_iwae(log_weights, draw, k: int, k_chunk: int, repeats: int, shape: tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+    """IWAE-k of a batch of examples ``shape`` (``[b]``, or ``[S, b]`` for a stacked group's runs),
+    averaged over ``repeats`` sets of k samples. ``draw()`` gives one set's standard-normal draws
+    ``[..., k, b, z]`` (each example from its own stream), ``log_weights(eps)`` the log weights
+    ``[..., kc, b]`` of a slice of them; the slices of ``k_chunk`` samples are merged with a running
+    logsumexp, in float64 (float32 on MPS), so chunking changes no result beyond rounding."""
+    total = torch.zeros(shape, dtype=accumulator_dtype(device), device=device)
+    for _ in range(repeats):
+        eps = draw()
+        running = None
+        for k0 in range(0, k, k_chunk):
+            chunk = torch.logsumexp(log_weights(eps[..., k0:k0 + k_chunk, :, :]).to(total.dtype), dim=-2)
+            running = chunk if running is None else torch.logaddexp(running, chunk)
+        total += running - math.log(k)
+    return total / repeats
+
+
 @torch.no_grad()
 def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, k: int, *,
                  repeats: int = 1, seed: int = 0, first_index: int = 0,
@@ -280,17 +298,15 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
         xb, mb, sb = x[start:start + per_chunk], mean[start:start + per_chunk], std[start:start + per_chunk]
         b = xb.shape[0]
         gens = [example_generator(seed, first_index + start + i, mb.device) for i in range(b)]
-        total = torch.zeros(b, dtype=accumulator_dtype(mb.device), device=mb.device)
-        for _ in range(repeats):
-            eps = torch.stack([torch.randn(k, mb.shape[-1], generator=g, device=mb.device, dtype=mb.dtype)
-                               for g in gens], dim=1)  # [k, b, z]
-            running = None
-            for k0 in range(0, k, k_chunk):
-                log_w = _log_weights_from_noise(model, xb, mb, sb, eps[k0:k0 + k_chunk])  # [kc, b]
-                chunk_lse = torch.logsumexp(log_w.to(total.dtype), dim=0)
-                running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
-            total += running - math.log(k)
-        values[start:start + b] = (total / repeats).cpu().double()
+
+        def draw(gens=gens, mb=mb):  # [k, b, z]
+            return torch.stack([torch.randn(k, mb.shape[-1], generator=g, device=mb.device, dtype=mb.dtype)
+                                for g in gens], dim=1)
+
+        def log_weights(eps, xb=xb, mb=mb, sb=sb):  # [kc, b]
+            return _log_weights_from_noise(model, xb, mb, sb, eps)
+
+        values[start:start + b] = chunked_iwae(log_weights, draw, k, k_chunk, repeats, (b,), mb.device).cpu().double()
         if bar is not None:
             bar.update(b)
     return values

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import Regularizer, RunConfig
 from .devices import accumulator_dtype
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
-                         example_generator, fit_gaussian_q)
+                         chunked_iwae, example_generator, fit_gaussian_q)
 from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
                     torch_compile)
 from .networks import DenoisingEncoder
@@ -305,19 +305,16 @@ def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, 
         b = xb.shape[0]
         generators = {seed: [example_generator(seed, start + i, x.device) for i in range(b)]
                       for seed in sorted(set(seeds[r] for r in rows))}
-        total = torch.zeros(len(rows), b, dtype=values.dtype, device=x.device)
-        for _ in range(repeats):
+
+        def draw(generators=generators):  # [S, k, b, z]
             draws = {seed: torch.stack([torch.randn(k, z_dim, generator=g, device=x.device, dtype=x.dtype)
                                         for g in gens], dim=1) for seed, gens in generators.items()}  # [k, b, z]
-            eps = torch.stack([draws[seeds[r]] for r in rows])  # [S, k, b, z]
-            running = None
-            for k0 in range(0, k, k_chunk):
-                log_w = log_weights(params, xb, means[:, start:start + b], stds[:, start:start + b],
-                                    eps[:, k0:k0 + k_chunk].unsqueeze(1))[:, 0]  # [S, kc, b]
-                chunk = torch.logsumexp(log_w.to(total.dtype), dim=1)
-                running = chunk if running is None else torch.logaddexp(running, chunk)
-            total += running - math.log(k)
-        values[:, start:start + b] = total / repeats
+            return torch.stack([draws[seeds[r]] for r in rows])
+
+        def run_log_weights(eps, xb=xb, start=start, b=b):  # [S, kc, b]
+            return log_weights(params, xb, means[:, start:start + b], stds[:, start:start + b], eps.unsqueeze(1))[:, 0]
+
+        values[:, start:start + b] = chunked_iwae(run_log_weights, draw, k, k_chunk, repeats, (len(rows), b), x.device)
     return values
 
 
