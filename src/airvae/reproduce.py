@@ -581,8 +581,11 @@ def claims_preamble(labels: dict[str, str], estimators: list[str]) -> list[str]:
             + ["", "Δinf = ln p(x) − L_k takes ln p(x) from each estimator and L_k from the encoder. A verdict "
                "compares our difference with the paper's finding for that cell: **supports** = the paper's "
                "direction by more than twice its standard error (over seeds), **contradicts** = the opposite "
-               "direction by as much, **inconclusive** = within the noise. Where estimators disagree, the "
-               "report says so and picks none: they answer different questions.", ""])
+               "direction by as much, **inconclusive** = within the noise. Where the paper's own difference is "
+               "within twice its standard error (**within its noise**: its ± columns do not establish a "
+               "direction) or it has no number, the statement itself is judged: **holds here** or **does not "
+               "hold here**. Where estimators disagree, the report says so and picks none: they answer "
+               "different questions.", ""])
 
 
 def claim(statement: str, paper_found: bool | None, paper_detail: str, differences: dict,
