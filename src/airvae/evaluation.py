@@ -106,8 +106,7 @@ class EvaluationSettings:
                "an integer >= 1, or None for the run's training k")
         for name in ("bound_repeats", "k_iwae", "svi_k", "svi_l", "ais_intermediate", "ais_chains",
                      "ais_leapfrog", "bdmc_examples", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, name, value, "an integer >= 1")
+            check_int(name, getattr(self, name))
         require(is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
                "an integer >= 0 (0 scores the encoder's q)")
         require(is_int(self.ais_tuning_chains) and self.ais_tuning_chains >= 0, "ais_tuning_chains",
@@ -175,7 +174,8 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
     ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present.
     ``bound_k`` (the training k) is needed for ``bound`` unless ``settings.bound_k`` is set."""
     x = torch.as_tensor(x)
-    x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
+    if settings.max_examples is not None and settings.max_examples < len(x):  # else all of x: no copy
+        x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
     estimates: dict[str, Estimate] = {}
     chosen = settings.estimators
     compile_for(_latents_decoded(settings, x.shape[0], bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode
@@ -223,32 +223,42 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
     (computed with other settings or from another checkpoint). A run folder without weights (a
     results folder committed or shared without them) keeps its evaluations: there is no checkpoint
     for them to be stale against."""
-    path = evaluation_path(run_dir, settings)
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
+    stored = _read_record(evaluation_path(run_dir, settings))
+    if stored is None or stored.get("identity") != settings.identity():
         return None
-    if not isinstance(stored, dict) or stored.get("identity") != settings.identity():
-        return None
-    current = best_checkpoint_digest(run_dir)
-    if current is not None and stored.get("checkpoint_sha256") != current:
-        return None
-    return stored
+    return stored if _of_checkpoint(stored, best_checkpoint_digest(run_dir)) else None
 
 
 def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     """Every evaluation in ``RUN/evaluations/`` that :func:`stored_evaluation` returns for its own
-    settings, with its file, by file name."""
+    settings, with its file, by file name (each file read once, the checkpoint hashed once)."""
+    paths = sorted((Path(run_dir) / EVALUATIONS).glob("*.json"))
+    digest = best_checkpoint_digest(run_dir) if paths else None
     found = []
-    for path in sorted((Path(run_dir) / EVALUATIONS).glob("*.json")):
+    for path in paths:
+        stored = _read_record(path)
         try:
-            settings = EvaluationSettings.from_dict(json.loads(path.read_text())["settings"])
-        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not an evaluation record
+            settings = EvaluationSettings.from_dict(stored["settings"])
+        except (ValueError, KeyError, TypeError):  # unreadable, or not an evaluation record
             continue
-        stored = stored_evaluation(run_dir, settings) if evaluation_path(run_dir, settings) == path else None
-        if stored is not None:
+        if (evaluation_path(run_dir, settings) == path and stored.get("identity") == settings.identity()
+                and _of_checkpoint(stored, digest)):
             found.append((path, stored))
     return found
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _of_checkpoint(stored: dict, digest: str | None) -> bool:
+    """Whether a record was computed from the checkpoint whose sha256 is ``digest`` (None: the run
+    has no weights, so nothing makes the record stale)."""
+    return digest is None or stored.get("checkpoint_sha256") == digest
 
 
 def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
@@ -293,9 +303,10 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = evaluation_path(run_dir, settings)
-    replaced = stored_evaluation(run_dir, settings)
+    replaced = _read_record(path)
     write_json(path, result)
-    if replaced is None or replaced.get("checkpoint_sha256") != digest:  # --recompute: the sinks hold it already
+    # --recompute of the same settings and weights: the sinks hold it already
+    if replaced is None or replaced.get("identity") != result["identity"] or not _of_checkpoint(replaced, digest):
         log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
     return result
 

@@ -3,7 +3,6 @@ returns the images it wrote and its claims (REPORT.md lines)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .reproduce import (_difference, _label, _mean_se, _metric, claim, estimator_labels,  # noqa: E402
                         estimators_present, figure3_dir)
+from .runs import read_json  # noqa: E402
 
 COLORS = {"plain": "black", "denoise-0.5": "tab:blue", "denoise-1.0": "tab:orange", "wni": "tab:green"}
 
@@ -163,7 +163,7 @@ def figure3(manifest, rows, out_dir: Path):
             claims.append(f"- {dataset}: no Figure 3 (its VAE run has not finished)")
             continue
         paths.append(folder / "figure3.png")
-        claims += figure3_claims(dataset, json.loads((folder / "figure3.json").read_text()))
+        claims += figure3_claims(dataset, read_json(folder / "figure3.json"))
     claims += ["", "Each is a single comparison of means over the same test examples (common random numbers), "
                "not a test: read the differences, not just the words."]
     return paths, claims

@@ -23,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .likelihoods import bits_per_dim  # noqa: E402
-from .reproduce import ESTIMATOR_MEANINGS, _label, _selected_rows, estimator_labels, estimators_present  # noqa: E402
+from .reproduce import (ESTIMATOR_MEANINGS, _fmt, _label, _mean_se, _selected_rows, estimator_labels,  # noqa: E402
+                        estimators_present)
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
 
@@ -108,9 +109,9 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
         cells = []
         for estimator in estimators + ["iwae"]:
             values = [v for r in runs.values() if (v := bits_per_dim_of(r["evaluation"], estimator)) is not None]
-            cells.append(_mean_se_text(values, 4))
+            cells.append(_fmt(_mean_se(values), 4))
         gaps = [((r["evaluation"] or {}).get("estimates") or {}).get("gap", {}).get("mean") for r in runs.values()]
-        cells.append(_mean_se_text([g for g in gaps if g is not None], 2))
+        cells.append(_fmt(_mean_se(gaps)))
         lines.append(f"| {_label(family, 1)} | {_strength_text(family, strength, dims)} | " + " | ".join(cells)
                      + f" | {len(runs)} |")
     lines += ["", "Paired differences, baseline − regularized (positive = the regularized model is better: "
@@ -142,22 +143,13 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
             chosen = " (selected)" if any(r["job"].family == family and r["job"].strength == strength
                                           for r in mine) and family != "plain" else ""
             lines.append(f"| {_label(family, 1)} | {_strength_text(family, strength, dims)}{chosen} | "
-                         f"{_mean_se_text(values, 2)} | {len(values)} |")
+                         f"{_fmt(_mean_se(values))} | {len(values)} |")
     still_improving = [r for r in mine if r["summary"].get("best_step") == r["summary"].get("steps")]
     lines += ["", f"Regime: {len(still_improving)} of {len(mine)} selected runs had their best validation estimate "
               "at their last step (still improving when training stopped, so not overfitting, the regime AIR "
               "targets); the others stopped improving earlier and were evaluated at their best step.", ""]
     _draw(ax, dataset, by_family, estimators[0], labels)
     return lines
-
-
-def _mean_se_text(values: list[float], digits: int) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    se = statistics.stdev(values) / math.sqrt(len(values))
-    return f"{statistics.fmean(values):.{digits}f} ± {se:.{digits}f}"
 
 
 def _draw(ax, dataset: str, by_family: dict, estimator: str, labels: dict) -> None:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .runs import FINISHED, LOCK, METRICS as METRICS_FILE, RunError, RunLock, check_unlocked, read_json, read_metrics
-from .runs import write_json
+from .runs import BEST, FINISHED, LOCK, METRICS as METRICS_FILE, RunError, RunLock, check_unlocked, read_json
+from .runs import read_metrics, write_json
 from .sweep import PAPER_GRID, REGULARIZED, Job, Task, run_tasks, select_strengths
 from .tracking import TrackingSettings
 
@@ -211,15 +211,16 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
         make = lambda job, ev=None: Task(job, str(out_dir), data_dir, device, ev, tracking)  # noqa: E731
         if spec.evaluate_all:
             results = run_tasks([make(job, evaluation) for job in jobs], executor, log, progress, "train+evaluate")
-            evaluated = [job for job in jobs if job.name in {r["name"] for r in results if r["status"] == "ok"}]
+            ok = {r["name"] for r in results if r["status"] == "ok"}
+            evaluated = [job for job in jobs if job.name in ok]
         else:
             results = run_tasks([make(job) for job in jobs], executor, log, progress, "train")
             evaluated = []
             if evaluation is not None:
                 chosen = select_strengths(results)
-                selected = [job for job in jobs if chosen[(job.dataset, job.family, job.k, job.m)] == job.strength]
-                trained_ok = {r["name"] for r in results if r["status"] == "ok"}
-                evaluated = [job for job in selected if job.name in trained_ok]
+                ok = {r["name"] for r in results if r["status"] == "ok"}
+                evaluated = [job for job in jobs if chosen[(job.dataset, job.family, job.k, job.m)] == job.strength
+                             and job.name in ok]
                 results += run_tasks([make(job, evaluation) for job in evaluated], executor, log, progress,
                                      "evaluate (test)")
         if extra is not None:
@@ -244,7 +245,7 @@ def _run_figure3(out_dir: Path, jobs: list[Job], study: dict, device: str, progr
     from .sweep import finished_summary
 
     for job in jobs:
-        run_dir, folder = out_dir / "runs" / job.name, figure3_dir(out_dir, job.dataset)
+        run_dir, folder = job.run_dir(out_dir), figure3_dir(out_dir, job.dataset)
         if job.seed != 0 or finished_summary(run_dir) is None:
             continue
         settings = folder / "study.json"
@@ -277,7 +278,7 @@ def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
     rows = []
     for job_fields in manifest["jobs"]:
         job = Job(**job_fields)
-        run_dir = out_dir / "runs" / job.name
+        run_dir = job.run_dir(out_dir)
         summary_path = run_dir / "summary.json"
         summary = read_json(summary_path) if summary_path.exists() else {}
         row = {"job": job, "run_dir": run_dir, "summary": summary, "evaluation": None,
@@ -292,13 +293,16 @@ def _collect(out_dir: Path) -> tuple[dict, list[dict]]:
 def _merged_evaluation(run_dir: Path, settings) -> dict | None:
     """The reproduction's evaluation of a run, plus the estimators of every other current evaluation of
     the same test examples (same split and max_examples), e.g. AIS added with ``airvae evaluate``."""
-    from .evaluation import current_evaluations, stored_evaluation
+    from .evaluation import current_evaluations, evaluation_path
 
-    merged = stored_evaluation(run_dir, settings)
+    current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
+    own = evaluation_path(run_dir, settings)
+    merged = next((stored for path, stored in current if path == own and stored["identity"] == settings.identity()),
+                  None)
     if merged is None:
         return None
     merged = dict(merged, estimates=dict(merged["estimates"]))
-    for _, other in current_evaluations(run_dir):
+    for _, other in current:
         if (other["settings"].get("split"), other["settings"].get("max_examples")) == (settings.split,
                                                                                        settings.max_examples):
             for name, estimate in other.get("estimates", {}).items():
@@ -350,11 +354,11 @@ def _mean_se(values: list[float]) -> tuple[float, float] | None:
     return statistics.fmean(values), se
 
 
-def _fmt(cell: tuple[float, float] | None) -> str:
+def _fmt(cell: tuple[float, float] | None, digits: int = 2) -> str:
     if cell is None:
         return "n/a"
     mean, se = cell
-    return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}"
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def _label(family: str, k: int) -> str:
@@ -545,7 +549,7 @@ def _plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]
              "| run | " + " | ".join(FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
     for r in shown.values():
         plots_dir = r["run_dir"] / PLOTS_DIR
-        inputs = [r["run_dir"] / name for name in ("metrics.jsonl", "checkpoints/best.pt")]
+        inputs = [r["run_dir"] / name for name in (METRICS_FILE, BEST)]
         marker = plots_dir / "curves.json"
         if not marker.exists() or any(p.exists() and p.stat().st_mtime > marker.stat().st_mtime for p in inputs):
             plot_run(r["run_dir"], device="cpu")

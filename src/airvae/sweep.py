@@ -61,6 +61,10 @@ class Job:
         strength = f"-{self.strength:g}" if self.strength else ""
         return f"{dataset}/k{self.k}-m{self.m}/{self.family}{strength}/seed{self.seed}"
 
+    def run_dir(self, root: str | Path) -> Path:
+        """The job's run directory in the results folder ``root``."""
+        return Path(root) / "runs" / self.name
+
     def run_config(self, dataset, data_dir: str | None = None, device: str = "auto") -> RunConfig:
         """The run's configuration on ``dataset`` (an :class:`airvae.data.Dataset`: its dimension,
         image shape and kind of values)."""
@@ -88,7 +92,7 @@ class Task:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.root) / "runs" / self.job.name
+        return self.job.run_dir(self.root)
 
 
 def finished_summary(run_dir: Path) -> dict | None:
@@ -257,8 +261,8 @@ class StackedExecutor:
     (``fn`` reports it as locked); a group that fails leaves its runs to ``fn``, which trains them
     one by one from whatever checkpoints the group wrote (the formats are the same)."""
 
-    def __init__(self, progress: bool = False):
-        self.progress = progress
+    def __init__(self):
+        self._datasets = {}  # (dataset, data_dir) -> Dataset, loaded once for grouping and training
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
         trained = self.train_groups(tasks)
@@ -277,7 +281,7 @@ class StackedExecutor:
         from .runs import check_unlocked
         from .stacked import group_key
 
-        datasets, pending = {}, {}
+        datasets, pending = self._datasets, {}
         for task in tasks:
             if finished_summary(task.run_dir) is not None:
                 continue
@@ -290,7 +294,6 @@ class StackedExecutor:
             except Exception:  # noqa: BLE001 - locked by another process, or failing: fn reports it per task
                 continue
             pending.setdefault((source, group_key(cfg)), []).append((task, cfg))
-        self._datasets = datasets
         groups = []
         for (source, _), members in pending.items():
             cfg, dataset = members[0][1], datasets[source]
@@ -312,7 +315,7 @@ class StackedExecutor:
             dataset = self._datasets[(task0.job.dataset, task0.data_dir)]
             try:
                 results = train_group([Member(cfg, task.run_dir, task.tracking) for task, cfg in members], dataset,
-                                      progress=self.progress)
+                                      progress=False)
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - the runs are retried one by one by fn
@@ -358,7 +361,7 @@ class StackedExecutor:
                                  resolve_device(settings.device), len(run_dirs))
             for i in range(0, len(run_dirs), size):
                 try:
-                    evaluate_group(run_dirs[i:i + size], settings, progress=self.progress)
+                    evaluate_group(run_dirs[i:i + size], settings, progress=False)
                 except KeyboardInterrupt:
                     raise
                 except Exception as error:  # noqa: BLE001 - fn evaluates them one by one
