@@ -424,7 +424,7 @@ def test_digits_load_with_their_documented_split_and_checksum():
     assert table.shape == (1797, 65) and table[:, :64].min() == 0 and table[:, :64].max() == 16
     order = np.random.RandomState(0).permutation(1797)
     np.testing.assert_array_equal(np.concatenate([ds.train, ds.valid, ds.test]) * 16, table[order, :64])
-    assert ds.digest == "8c5e3921b2a90df9a25500b768fdccf40ed4edfa5784f7036904ed33354ee258"  # changes are caught
+    assert D.dataset_digest(ds) == "8c5e3921b2a90df9a25500b768fdccf40ed4edfa5784f7036904ed33354ee258"  # changes are caught
 
 
 def test_tampered_digits_are_refused(monkeypatch, tmp_path):

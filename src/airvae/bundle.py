@@ -68,7 +68,7 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         from .sweep import Job
 
         kind = "reproduction"
-        runs = {f"runs/{job.name}/": results_dir / "runs" / job.name
+        runs = {f"runs/{job.name}/": job.run_dir(results_dir)
                 for job in (Job(**job) for job in read_json(results_dir / "manifest.json")["jobs"])}
         runs = {prefix: run_dir for prefix, run_dir in runs.items() if run_dir.is_dir() and not run_dir.is_symlink()}
     elif (results_dir / CONFIG).is_file():
@@ -77,7 +77,7 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         raise RunError(f"{results_dir} is neither a reproduction (manifest.json) nor an airvae run directory")
     with contextlib.ExitStack() as held:
         for folder in dict.fromkeys([results_dir, *runs.values()]):  # render draws plots into the runs: lock them too
-            held.callback(_lock(folder).release)
+            held.enter_context(RunLock(folder))
         configs = {prefix: _shared_config(run_dir) for prefix, run_dir in runs.items()}
         archive = held.enter_context(_NewFile(out))
         files = []
@@ -102,15 +102,6 @@ def _check_out(out: Path) -> None:
     existing = next(folder for folder in out.parents if folder.exists())
     if not existing.is_dir():
         raise RunError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
-
-
-def _lock(folder: Path) -> RunLock:
-    """``folder``'s lock, held (:class:`airvae.runs.RunLocked` names the process writing it)."""
-    lock = RunLock(folder)
-    try:
-        return lock.acquire()
-    except OSError as error:  # a folder we may not write into: no lock file
-        raise write_error(lock.path, error) from error
 
 
 class _NewFile:
@@ -363,5 +354,4 @@ def load(path: str | os.PathLike, which: str = "best", device: str = "cpu"):
         runs = _runs_in(folder)
         raise RunError(f"{path} holds {len(runs)} runs; load one of them: {Path(path) / runs[0]}"
                        if runs else f"{path} holds no run")
-    load_config(folder)  # a clear error for a folder that is not a run
     return load_trained_model(folder, which=which, device=device)[1]

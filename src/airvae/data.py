@@ -67,7 +67,6 @@ real-valued) and ``image_shape`` say how to read them.
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import http.client
@@ -151,10 +150,6 @@ class Dataset:
     @property
     def dim(self) -> int:
         return int(self.train.shape[1])
-
-    @functools.cached_property
-    def digest(self) -> str:
-        return dataset_digest(self)
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -386,9 +381,14 @@ def _digest(path: Path, kind: str) -> str:
     else:
         raise ValueError(f"unknown checksum kind {kind!r}")
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashed(h, f).hexdigest()
+
+
+def hashed(h, f):
+    """``h`` (a hashlib object) updated with what is left to read of the binary file ``f``, in 1 MiB blocks."""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h
 
 
 def _verify(path: Path, expected: str) -> None:
@@ -644,9 +644,11 @@ def _load_user_npz(path: Path) -> Dataset:
     levels = _levels(path, rows, levels)
     if levels == 2:
         rows = [x.astype(np.uint8, copy=False) for x in rows]
+    elif levels:  # grey levels 0..levels-1 scaled into [0, 1]
+        rows = [(x / np.float32(levels - 1)).astype(np.float32, copy=False) for x in rows]
     else:
         with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
-            rows = [(x / np.float32(levels - 1) if levels else x).astype(np.float32) for x in rows]
+            rows = [x.astype(np.float32, copy=False) for x in rows]
         for s, x in zip(SPLITS, rows):
             if not np.isfinite(x).all():  # finite as float64, beyond float32's range (|x| > 3.4e38)
                 raise DatasetError(f"{path}: split {s!r} has values too large for float32 (above 3.4e38); "

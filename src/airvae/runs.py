@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig
+from .data import hashed
 
 try:
     import fcntl
@@ -290,10 +291,7 @@ def _file_digest(path: Path) -> str:
 
 def _stream_digest(f) -> str:
     """The sha256 of what is left to read of a binary file object."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
+    return hashed(hashlib.sha256(), f).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,16 +373,19 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.directory.mkdir(parents=True, exist_ok=True)
-        f = _open_lock(self.path, write=True)
+        f = _open_lock(self.path, write=True)  # names its own failures
         try:
             _flock(f, self.directory)
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as error:  # not "locked" (that is RunLocked): a file system that refuses flock or the write
+            f.close()
+            raise write_error(self.path, error) from error
         except BaseException:
             f.close()
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         self._file = f
         return self
 
