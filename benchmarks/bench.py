@@ -342,7 +342,7 @@ def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **_fast_adam_options(device))
     n, batch, k, alpha = data.shape[0], case["batch"], case["k"], case.get("alpha", 1.0)
-    schedule = MinibatchSchedule(n, batch, seed=0)
+    schedule = MinibatchSchedule(n, batch, seed=0, device=device)
     lr0, T = case["lr"], case["T"]
     state = {"step": 0}
 
@@ -350,7 +350,7 @@ def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
         t = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = lr0 * 0.1 ** (t / (T - 1))
-        x = data[schedule.indices(t).to(device)]
+        x = data[schedule.indices(t)]
         loss = -air_objective(model, x, k, 1, alpha).mean()
         loss_value = loss.item()
         if not math.isfinite(loss_value):

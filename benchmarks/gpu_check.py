@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from bench import TRAIN_CASES, X_DIM, Z_DIM, arch_flops, make_data, matmul_ceiling, stacked_configs  # noqa: E402
+from bench import (TRAIN_CASES, X_DIM, Z_DIM, _sync as sync, arch_flops, make_data, matmul_ceiling,  # noqa: E402
+                   stacked_configs)
 
 from airvae.devices import resolve_device  # noqa: E402
 from airvae.estimators import fit_iw_svi, iwae_log_likelihood  # noqa: E402
@@ -39,11 +40,6 @@ PAPER = {"mnist": {"case": "mnist k=1", "valid": 10000, "test": 10000},
          "caltech": {"case": "caltech k=1", "valid": 2264, "test": 2307}}
 TABLE1_GROUPS = (8, 7, 7)  # runs per group per seed; the middle group evaluates two bounds per step
 VALIDATIONS, VAL_K, SVI = 150, 5000, {"k": 5000, "l": 8, "steps": 3000}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rate(fn, device, seconds: float, units: float = 1.0) -> float:

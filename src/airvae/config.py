@@ -218,6 +218,16 @@ class Regularizer:
         return cls(sigma=sigma_from_sqrt_d(sigma_sqrt_d, x_dim), alpha=alpha, max_norm=h_from_ten_over_h(ten_over_h))
 
     @property
+    def draws_noise(self) -> bool:
+        """Does a training step draw denoising noise (eq. 13)? Exactly when air_objective does."""
+        return self.sigma > 0 and self.alpha > 0
+
+    @property
+    def two_bounds(self) -> bool:
+        """Does a training step evaluate two bounds (eq. 16 with 0 < alpha < 1)?"""
+        return self.sigma > 0 and 0 < self.alpha < 1
+
+    @property
     def name(self) -> str:
         """The paper's model name for the encoder family (k is added by the caller)."""
         parts = []

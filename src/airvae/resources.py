@@ -155,7 +155,7 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
     from .estimators import DEFAULT_CHUNK_SAMPLES
 
     reg = cfg.regularizer
-    passes = 2 if reg.sigma > 0 and 0 < reg.alpha < 1 else 1  # eq. 16 computes both bounds
+    passes = 2 if reg.two_bounds else 1  # eq. 16 computes both bounds
     latents = cfg.batch_size * cfg.m * cfg.k
     # activations kept for backward, and the gradients of the same size during it
     step = runs * 2 * FLOAT * passes * (latents * _decoded_row(cfg) + cfg.batch_size * _encoder_row(cfg))

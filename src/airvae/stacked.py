@@ -39,6 +39,7 @@ from torch.optim.adam import adam as torch_adam
 from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig
+from .data import dataset_digest
 from .devices import accumulator_dtype
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
                          chunked_iwae, example_generator, fit_gaussian_q)
@@ -56,25 +57,13 @@ BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which singl
 # Which runs share a group
 
 
-def draws_noise(cfg: RunConfig) -> bool:
-    """Does the run's step draw denoising noise (eq. 13)? Exactly when air_objective does."""
-    reg = cfg.regularizer
-    return reg.sigma > 0 and reg.alpha > 0
-
-
-def two_bounds(cfg: RunConfig) -> bool:
-    """Does the run's step evaluate two bounds (eq. 16 with 0 < alpha < 1)?"""
-    reg = cfg.regularizer
-    return reg.sigma > 0 and 0 < reg.alpha < 1
-
-
 def group_key(cfg: RunConfig) -> str:
     """Runs with equal keys can train as one stacked model: everything but the seed and the
     regularizer's values is shared; WNI (a different module structure) and two-bound runs form
     their own groups."""
     shared = cfg.replace(seed=0, regularizer=Regularizer(), data_dir=None).to_json()
     shared["wni"] = math.isfinite(cfg.regularizer.max_norm)
-    shared["two_bounds"] = two_bounds(cfg)
+    shared["two_bounds"] = cfg.regularizer.two_bounds
     return json.dumps(shared, sort_keys=True)
 
 
@@ -354,7 +343,7 @@ STACKED_ESTIMATORS = ("bound", "iwae", "iwsvi", "gap")  # what evaluate_group ba
 def evaluation_key(cfg: RunConfig, settings) -> str:
     """Runs with equal keys can be evaluated as one stacked model: the same data and model
     structure, and the same k for the amortized bound."""
-    shared = cfg.replace(seed=0, regularizer=Regularizer(), data_dir=None, device="auto").to_json()
+    shared = cfg.to_json()
     return json.dumps({"architecture": shared["architecture"], "dataset": shared["dataset"], "x_dim": shared["x_dim"],
                        "wni": math.isfinite(cfg.regularizer.max_norm), "bound_k": settings.bound_k or cfg.k},
                       sort_keys=True)
@@ -464,7 +453,8 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
     with contextlib.ExitStack() as locks:
         for m in members:
             locks.enter_context(RunLock(m.run_dir))
-        cfgs = [open_run_dir(m.cfg, m.run_dir, dataset, resume=True, overwrite=False) for m in members]
+        digest = dataset_digest(dataset)  # one hash for the group
+        cfgs = [open_run_dir(m.cfg, m.run_dir, digest, resume=True, overwrite=False) for m in members]
         for m in members:
             if m.tracking is not None:
                 choose_sinks(m.run_dir, m.tracking)
@@ -487,7 +477,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
         models.append(model_from_config(cfg).to(device))
     group = StackedModel(models, device)
     adam = StackedAdam(group.leaves)
-    schedules = [MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed) for cfg in cfgs]
+    schedules = [MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed, device) for cfg in cfgs]
     generators = [training_generator(cfg.seed, device) for cfg in cfgs]
     logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
     results: list[TrainResult | None] = [None] * R  # a finished run stays in the group, inactive:
@@ -521,6 +511,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
         logs[r].checkpoint(group.run_state_dict(r), adam_state_dict(group, adam, r, cfgs[r].lr_at(logs[r].step - 1)),
                            generators[r].get_state())
 
+    kept = keep = None  # the active runs' mask, rebuilt when they change
     bar = tqdm(total=first.iterations, initial=min(log.step for log in logs),
                desc=f"{R} stacked runs, {first.dataset}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -528,10 +519,11 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
             while unfinished():
                 group_step = min(logs[r].step for r in unfinished())
                 active = [results[r] is None and logs[r].step == group_step for r in range(R)]
-                x = train_x[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs)]).to(device)]
+                x = train_x[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs)])]
                 x_seen, eps, eps_clean = draws.next(x, active)
                 per_run = -objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)  # [R]
-                keep = torch.tensor(active, device=device)
+                if active != kept:  # a host-to-device copy only when the active runs change
+                    kept, keep = active, torch.tensor(active, device=device)
                 for leaf in group.leaves:
                     leaf.grad = None
                 torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
@@ -616,8 +608,8 @@ class _GroupDraws:
     def __init__(self, cfgs: list[RunConfig], generators: list[torch.Generator], x_shape, device):
         first = cfgs[0]
         self.generators, self.device = generators, device
-        self.noise_runs = [draws_noise(cfg) for cfg in cfgs]
-        self.two = two_bounds(first)
+        self.noise_runs = [cfg.regularizer.draws_noise for cfg in cfgs]
+        self.two = first.regularizer.two_bounds
         self.eps_shape = (first.m, first.k, first.batch_size, first.architecture.z_dim)
         sigma = torch.tensor([cfg.regularizer.sigma for cfg in cfgs], device=device)
         self.sigma = sigma.view(-1, *[1] * (1 + len(x_shape)))  # [R, 1, 1, ...] against x [R, B, ...]

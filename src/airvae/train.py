@@ -2,9 +2,9 @@
 on an IWAE-k log-likelihood estimate with early stopping, checkpoints and exact resume.
 
 Exact resume rests on three choices: the minibatch of step t is a pure function of (seed, t), the
-learning rate of step t is a pure function of t, and the global RNG state (which draws the
-reparameterization and denoising noise) is saved with the model and optimizer. Validation uses its
-own per-example random streams and never touches the training RNG.
+learning rate of step t is a pure function of t, and the state of the run's own training generator
+(which draws the reparameterization and denoising noise) is saved with the model and optimizer.
+Validation uses its own per-example random streams and never touches the training generator.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ class TrainResult:
 
 
 class MinibatchSchedule:
-    """Shuffled epochs without replacement; batch ``t`` depends only on (seed, t)."""
+    """Shuffled epochs without replacement; batch ``t`` depends only on (seed, t). Each epoch's
+    permutation is drawn on the CPU and moved to ``device`` once, so a step indexes there without a
+    host-to-device copy (on CUDA, a copy from the host waits for the queued work)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
         self.steps_per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
 
@@ -61,7 +63,7 @@ class MinibatchSchedule:
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).to(self.device)
         return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
 
 
@@ -127,11 +129,11 @@ def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
     return state
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, dataset, *, resume: bool, overwrite: bool,
+def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
                  allow_data_change: bool = False) -> RunConfig:
     """Create the run directory, or check that resuming it is consistent; the caller holds its
-    lock. Returns the config to train with (the stored one when resuming)."""
-    data_digest = dataset_digest(dataset)
+    lock. ``data_digest``: :func:`airvae.data.dataset_digest` of the data it trains on. Returns the
+    config to train with (the stored one when resuming)."""
     if check_run_dir_use(run_dir, resume=resume, overwrite=overwrite) == "run":
         if overwrite:
             clear_run_dir(run_dir)
@@ -186,7 +188,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, progress=progress)
     device = check_training_inputs(cfg, dataset)
     with RunLock(run_dir):
-        cfg = open_run_dir(cfg, run_dir, dataset, resume=resume, overwrite=overwrite,
+        cfg = open_run_dir(cfg, run_dir, dataset_digest(dataset), resume=resume, overwrite=overwrite,
                            allow_data_change=allow_data_change)
         if tracking is not None:
             choose_sinks(run_dir, tracking)
@@ -223,8 +225,7 @@ class RunLog:
             saved = load_checkpoint(self.run_dir / LAST, device)
             self.state = dict(saved["state"])
         self._clock = time.perf_counter() - self.state["seconds"]
-        _forget_after(self.run_dir, self.step, device)
-        self.tracker = Tracker.start(self.run_dir, self.cfg, read_metrics(self.run_dir / METRICS))
+        self.tracker = Tracker.start(self.run_dir, self.cfg, _forget_after(self.run_dir, self.step, device))
         status = self.finished_status() if saved is not None else None
         if status is not None:
             return saved, self.finish(status, EARLY_STOP_MESSAGE.format(self.cfg.patience)
@@ -324,7 +325,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
-    schedule = MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed)
+    schedule = MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed, device)
     generator = training_generator(cfg.seed, device)
     log = RunLog(cfg, run_dir, getattr(dataset, "deviation", None))
 
@@ -349,7 +350,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, 
                 step = log.step
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr_at(step)
-                x = train_x[schedule.indices(step).to(device)]
+                x = train_x[schedule.indices(step)]
                 loss = -air_objective(model, x, cfg.k, cfg.m, alpha, generator=generator).mean()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
@@ -406,19 +407,21 @@ def restore_generator(generator: torch.Generator, saved: dict) -> None:
         generator.manual_seed(int(saved["state"]["step"]) * 1_000_003 + generator.initial_seed())
 
 
-def _forget_after(run_dir: Path, step: int, device: torch.device) -> None:
+def _forget_after(run_dir: Path, step: int, device: torch.device) -> list[dict]:
     """Undo what a killed process wrote after the checkpoint we resume from (step 0: none): its
     metrics lines and a staged best from a later step (both are produced again). A staged best
     that the checkpoint already knows (the kill fell between last.pt and its promotion) becomes
-    best.pt."""
+    best.pt. Returns the metrics records kept."""
+    kept = []
     if (run_dir / METRICS).exists():  # rewritten whole: this also drops a line torn by the kill
-        write_metrics(run_dir / METRICS, [record for record in read_metrics(run_dir / METRICS)
-                                          if record["step"] <= step])
+        kept = [record for record in read_metrics(run_dir / METRICS) if record["step"] <= step]
+        write_metrics(run_dir / METRICS, kept)
     if (run_dir / BEST_NEXT).exists():
         if load_checkpoint(run_dir / BEST_NEXT, device)["step"] <= step:
             _promote_best(run_dir)
         else:
             (run_dir / BEST_NEXT).unlink()
+    return kept
 
 
 def _promote_best(run_dir: Path) -> None:
