@@ -186,7 +186,9 @@ def cmd_train(args) -> int:
     tracking = _tracking(args)
     if args.dataset is None:
         if not (args.resume and args.run_dir):
-            raise ConfigError("missing --dataset: allowed mnist, omniglot, caltech or a .npz path "
+            from .data import DATASETS
+
+            raise ConfigError(f"missing --dataset: allowed {', '.join(DATASETS)} or a .npz path "
                               "(only `--resume --run-dir DIR` may leave it out)")
         ignored = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                    if dest not in _RESUME_FLAGS and value != _TRAIN_DEFAULTS.get(dest)]
@@ -259,7 +261,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of bound, iwae, iwsvi, ais, gap, bdmc (default bound,iwsvi,gap); "
                         "bdmc: the sandwich lower <= ln p(x) <= upper on data simulated from the model")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    p.add_argument("--max-examples", type=integer, help="evaluate only the first N examples of the split")
+    p.add_argument("--max-examples", type=integer, help="evaluate only N examples, spread evenly over the split")
     p.add_argument("--k", dest="k_iwae", type=integer, default=5000, help="IWAE-k samples (default 5000)")
     p.add_argument("--svi-k", type=integer, default=5000, help="IW-SVI scoring samples (default 5000)")
     p.add_argument("--svi-l", type=integer, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
@@ -429,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path, help="the archive to write (default DIR.zip beside DIR); never overwritten")
     p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("datasets", help="fetch, verify and describe the datasets")
-    p.add_argument("names", nargs="*", help="default: all three")
+    p.add_argument("names", nargs="*", help="default: all of them")
     _add_common(p)
     p.set_defaults(func=cmd_datasets)
     return parser

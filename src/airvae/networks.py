@@ -182,18 +182,22 @@ class CappedFilterNorm(nn.Module):
         return float(self.h)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        capped = capped_rows(self._rows(v), self.u, self.h)
         if not self.transposed:
-            return capped_rows(v.flatten(1), self.u, self.h).view_as(v)
+            return capped.view_as(v)
         filters = v.unflatten(0, (self.groups, -1)).transpose(1, 2)  # [groups, out/groups, in/groups, *kernel]
-        capped = capped_rows(filters.flatten(2).flatten(0, 1), self.u, self.h)  # one row per output channel
         return capped.view(filters.shape).transpose(1, 2).reshape(v.shape)
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight of this layer's layout as one row per output channel (its whole filter)."""
+        if not self.transposed:
+            return weight.flatten(1)
+        return weight.unflatten(0, (self.groups, -1)).transpose(1, 2).flatten(2).flatten(0, 1)
 
     def filter_norms(self, weight: torch.Tensor) -> torch.Tensor:
         """The norm of each output channel's filter in a weight of this layer's layout (the capped
         weight: each is at most ``H * sigmoid(u_o)``)."""
-        if not self.transposed:
-            return weight.flatten(1).norm(dim=1)
-        return weight.unflatten(0, (self.groups, -1)).transpose(1, 2).flatten(2).flatten(0, 1).norm(dim=1)
+        return self._rows(weight).norm(dim=1)
 
     def extra_repr(self) -> str:
         return f"H={self.max_norm:g}, groups={self.groups}, transposed={self.transposed}"
