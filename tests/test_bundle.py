@@ -72,7 +72,15 @@ def test_a_bundle_round_trips_after_the_folder_is_deleted(reproduction, tmp_path
     check_clearable(extracted / RUN)  # every entry is one airvae writes (safetensors, plots): still a run
 
 
-def test_a_bundle_of_one_run_loads_in_one_line(reproduction, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bundled(reproduction, tmp_path_factory) -> Path:
+    """The whole reproduction as one bundle (built once)."""
+    archive = tmp_path_factory.mktemp("bundled") / "all.zip"
+    assert main(["bundle", str(reproduction), "--out", str(archive)]) == 0
+    return archive
+
+
+def test_a_bundle_of_one_run_loads_in_one_line(reproduction, bundled, tmp_path, capsys):
     archive = tmp_path / "run.zip"
     assert main(["bundle", str(reproduction / RUN), "--out", str(archive)]) == 0
     model = airvae.load(archive)
@@ -81,19 +89,11 @@ def test_a_bundle_of_one_run_loads_in_one_line(reproduction, tmp_path, capsys):
     assert main(["bundle", str(reproduction / RUN), "--out", str(archive)]) == 2  # never overwritten
     assert "already exists" in one_error_line(capsys)
     with pytest.raises(airvae.runs.RunError, match="holds 4 runs; load one of them"):
-        airvae.load(_bundle_of(reproduction, tmp_path))
+        airvae.load(bundled)
 
 
-def _bundle_of(results: Path, tmp_path: Path) -> Path:
-    archive = tmp_path / "all.zip"
-    if not archive.exists():
-        assert main(["bundle", str(results), "--out", str(archive)]) == 0
-    return archive
-
-
-def test_no_file_in_a_bundle_is_a_pickle_or_a_torch_checkpoint(reproduction, tmp_path):
-    archive = _bundle_of(reproduction, tmp_path)
-    with zipfile.ZipFile(archive) as z:
+def test_no_file_in_a_bundle_is_a_pickle_or_a_torch_checkpoint(bundled):
+    with zipfile.ZipFile(bundled) as z:
         names = z.namelist()
         assert {"REPORT.md", "table1.md", "table1.csv", "manifest.json", "airvae-bundle.json"} <= set(names)
         assert sum(name.endswith("best.safetensors") for name in names) == 4
@@ -117,7 +117,7 @@ def test_no_file_in_a_bundle_is_a_pickle_or_a_torch_checkpoint(reproduction, tmp
                 ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
                 assert len(data) == 8 + size + max(ends), name
                 assert header["__metadata__"]["format"] == "airvae-best-1"
-    config = json.loads(zipfile.ZipFile(archive).read(f"{RUN}/config.json"))
+    config = json.loads(zipfile.ZipFile(bundled).read(f"{RUN}/config.json"))
     assert config["data_dir"] is None  # a path of this machine, meaningless elsewhere
 
 

@@ -113,7 +113,7 @@ def check(argv: list[str], flag: str, root: Path, capsys, value: str = "") -> No
         assert snapshot(root) == before, f"{argv} was refused but changed the workspace"
 
 
-_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+_SETTINGS = settings(max_examples=150, deadline=None,  # derandomized by conftest's profile
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

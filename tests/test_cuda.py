@@ -8,7 +8,7 @@ import torch
 from airvae.estimators import iwae_log_likelihood
 from airvae.model import build_vae
 from airvae.runs import LAST, load_checkpoint
-from airvae.stacked import Member, StackedModel, _compiled, stacked_objectives, train_group
+from airvae.stacked import StackedModel, _compiled, stacked_objectives
 from airvae.train import train
 
 pytestmark = [pytest.mark.cuda,
@@ -16,15 +16,9 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_a_stacked_group_on_the_gpu_equals_its_runs_trained_separately(tmp_path):
-    from test_stacked import GROUPS, close, tiny_dataset
+    from test_stacked import GROUPS, alone_and_stacked, tiny_dataset
 
-    cfgs, dataset = [c.replace(device="cuda") for c in GROUPS["plain+dvae"]], tiny_dataset()
-    for i, cfg in enumerate(cfgs):
-        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=dataset)
-    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
-    for i in range(len(cfgs)):
-        close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
-              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=1e-4)
+    alone_and_stacked([c.replace(device="cuda") for c in GROUPS["plain+dvae"]], tiny_dataset(), tmp_path, rtol=1e-4)
 
 
 def test_the_compiled_stacked_objective_equals_eager():
@@ -72,7 +66,6 @@ def test_evaluation_uses_fp32_products():
 def test_a_run_killed_on_the_gpu_resumes_exactly(tmp_path):
     """The training stream is restored on the device (the checkpoint's CPU generator state is
     loaded onto the GPU by map_location): a resumed run ends bit for bit as an uninterrupted one."""
-    from test_safety import Killed  # noqa: F401 - the same simulated kill as the CPU tests
     from test_stacked import GROUPS, _kill_at, tiny_dataset
 
     cfg, dataset = GROUPS["plain+dvae"][2].replace(device="cuda"), tiny_dataset()

@@ -19,15 +19,10 @@ from airvae.reproduce import bdmc_section, extra_evaluation
 from airvae.resources import model_bytes
 from airvae.runs import load_trained_model, model_from_config
 from airvae.sweep import Job
+from test_safety import one_error_line
 
 SMALL = ["--budget", "smoke", "--iterations", "4", "--val-every", "2", "--val-k", "4", "--batch-size", "20",
          "--z-dim", "3", "--no-progress", "--device", "cpu"]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("airvae: error:") and "Traceback" not in err, err
-    return err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,8 +225,6 @@ def test_reproduce_estimators_become_a_second_evaluation_and_bdmc_a_report_secti
 
 
 def test_real_values_beyond_float32_are_refused_before_anything_is_written(tmp_path, capsys):
-    from airvae.cli import main
-
     data = tmp_path / "huge.npz"
     rng = np.random.default_rng(0)
     splits = {s: rng.random((n, 4)) for s, n in (("train", 20), ("valid", 5), ("test", 5))}

@@ -453,10 +453,8 @@ def test_a_finished_run_reports_its_status_from_the_checkpoint_when_the_summary_
     assert (run / LAST).stat().st_mtime_ns == before
 
 
-def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", _HOLD.format(src=SRC, path=str(tmp_path))],
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path, holder):
+    child = holder(tmp_path)
     with pytest.raises(runs.RunLocked, match=f"PID {child.pid}"):
         runs.check_unlocked(tmp_path)
     os.kill(child.pid, signal.SIGKILL)

@@ -11,31 +11,22 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from airvae.cli import main
-from airvae.config import Architecture, Regularizer, RunConfig
+from airvae.config import Architecture, Regularizer
 from airvae.runs import LAST, load_checkpoint, read_json, read_metrics
 from airvae.stacked import Member, StackedAdam, group_key, train_group
 from airvae.sweep import select_strengths
 from airvae.train import train
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from test_safety import Killed
+from test_train import SRC, tiny_config, tiny_dataset
 
-
-def tiny_dataset(d=20, seed=0):
-    rng = np.random.default_rng(seed)
-    probs = rng.random(d) * 0.6
-    make = lambda n: (rng.random((n, d)) < probs).astype(np.uint8)  # noqa: E731
-    return SimpleNamespace(train=make(300), valid=make(60), test=make(60), dim=d, deviation=None)
-
-
-BASE = RunConfig(dataset="tiny", architecture=Architecture("d16", "d16", 3), x_dim=20, k=3, m=2, iterations=40,
-                 batch_size=10, lr=3e-3, val_every=20, val_k=5, val_examples=30, checkpoint_every=10, device="cpu")
+BASE = tiny_config(architecture=Architecture("d16", "d16", 3), k=3, m=2, iterations=40, val_k=5)
 # Groups as a sweep forms them: strengths and seeds mixed, DVAE with a plain run, WNI, partial denoising.
 GROUPS = {
     "plain+dvae": [BASE.replace(seed=0), BASE.replace(seed=1), BASE.replace(seed=0, regularizer=Regularizer(sigma=0.3)),
@@ -101,9 +92,6 @@ def _kill_at(cfg, run_dir, dataset, step, group=False):
     """Train until ``step``'s checkpoint is written, then stop as a kill would."""
     import airvae.train as train_module
 
-    class Killed(BaseException):
-        pass
-
     real = train_module.save_checkpoint
 
     def dies_after(path, state):
@@ -111,16 +99,12 @@ def _kill_at(cfg, run_dir, dataset, step, group=False):
         if Path(path).name == "last.pt" and state["state"]["step"] == step:
             raise Killed
 
-    train_module.save_checkpoint = dies_after
-    try:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(train_module, "save_checkpoint", dies_after)
         if group:
             train_group([Member(cfg, run_dir)], dataset, progress=False)
         else:
             train(cfg, run_dir, progress=False, dataset=dataset)
-    except Killed:
-        pass
-    finally:
-        train_module.save_checkpoint = real
     assert load_checkpoint(run_dir / LAST)["state"]["step"] == step
 
 
@@ -245,9 +229,6 @@ def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_b
     cfgs, dataset = GROUPS["plain+dvae"], tiny_dataset()
     train_group([Member(c, tmp_path / f"reference{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
 
-    class Killed(BaseException):
-        pass
-
     real, saved = train_module.save_checkpoint, []
 
     def dies(path, state):
@@ -257,12 +238,9 @@ def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_b
         if Path(path).name == "last.pt" and state["state"]["step"] == 20:
             saved.append(path)
 
-    train_module.save_checkpoint = dies
-    try:
-        with pytest.raises(Killed):
-            train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
-    finally:
-        train_module.save_checkpoint = real
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(train_module, "save_checkpoint", dies)
+        train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
     assert [load_checkpoint(tmp_path / f"r{i}" / LAST)["state"]["step"] for i in range(4)] == [20, 20, 10, 10]
     train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
     for i in range(4):
@@ -272,38 +250,39 @@ def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_b
         assert [m["step"] for m in read_metrics(tmp_path / f"r{i}" / "metrics.jsonl")] == [20, 40]
 
 
-def test_conv_models_with_a_discretized_likelihood_stack_too(tmp_path):
-    from airvae.config import resolve_run_config
-    from airvae.data import load_dataset
-
-    digits = load_dataset("digits", progress=False)  # bundled: 8x8 grey levels, a conv preset
-    cfgs = [resolve_run_config("digits", x_dim=digits.dim, image_shape=digits.image_shape, levels=digits.levels,
-                               budget="smoke", device="cpu", iterations=20, val_every=10, seed=seed,
-                               regularizer=Regularizer(sigma=sigma)) for seed, sigma in ((0, 0.0), (1, 0.1))]
-    assert cfgs[0].likelihood.kind == "discretized-logistic" and cfgs[0].architecture.encoder.startswith("c")
+def alone_and_stacked(cfgs, dataset, tmp_path, rtol):
+    """Train ``cfgs`` one by one and as a group; their last parameters agree to ``rtol``."""
     for i, cfg in enumerate(cfgs):
-        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=digits)
-    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], digits, progress=False)
-    for i in range(2):  # batched convolutions round differently from single ones: a looser tolerance
+        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=dataset)
+    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
+    for i in range(len(cfgs)):
         close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
-              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=5e-4)
+              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=rtol)
 
 
-def test_conv_wni_runs_with_different_caps_keep_their_own_cap_in_a_group(tmp_path):
+def _digits_configs(iterations, runs):
+    """Configs of the bundled digits' conv preset (8x8 grey levels), one per (seed, regularizer)."""
     from airvae.config import resolve_run_config
     from airvae.data import load_dataset
 
     digits = load_dataset("digits", progress=False)
-    cfgs = [resolve_run_config("digits", x_dim=digits.dim, image_shape=digits.image_shape, levels=digits.levels,
-                               budget="smoke", device="cpu", iterations=10, val_every=10, seed=0,
-                               regularizer=Regularizer(max_norm=h)) for h in (0.05, 100.0)]
+    return digits, [resolve_run_config("digits", x_dim=digits.dim, image_shape=digits.image_shape,
+                                       levels=digits.levels, budget="smoke", device="cpu", iterations=iterations,
+                                       val_every=10, seed=seed, regularizer=regularizer)
+                    for seed, regularizer in runs]
+
+
+def test_conv_models_with_a_discretized_likelihood_stack_too(tmp_path):
+    digits, cfgs = _digits_configs(20, [(0, Regularizer()), (1, Regularizer(sigma=0.1))])
+    assert cfgs[0].likelihood.kind == "discretized-logistic" and cfgs[0].architecture.encoder.startswith("c")
+    # batched convolutions round differently from single ones: a looser tolerance
+    alone_and_stacked(cfgs, digits, tmp_path, rtol=5e-4)
+
+
+def test_conv_wni_runs_with_different_caps_keep_their_own_cap_in_a_group(tmp_path):
+    digits, cfgs = _digits_configs(10, [(0, Regularizer(max_norm=h)) for h in (0.05, 100.0)])
     assert len({group_key(c) for c in cfgs}) == 1
-    for i, cfg in enumerate(cfgs):
-        train(cfg, tmp_path / f"alone{i}", progress=False, dataset=digits)
-    train_group([Member(c, tmp_path / f"stacked{i}") for i, c in enumerate(cfgs)], digits, progress=False)
-    for i in range(2):
-        close(load_checkpoint(tmp_path / f"alone{i}" / LAST)["model"],
-              load_checkpoint(tmp_path / f"stacked{i}" / LAST)["model"], rtol=5e-4)
+    alone_and_stacked(cfgs, digits, tmp_path, rtol=5e-4)
 
 
 def test_groups_are_split_to_fit_the_devices_memory(monkeypatch):

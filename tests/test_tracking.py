@@ -84,7 +84,8 @@ def test_both_sinks_hold_what_metrics_jsonl_holds_the_config_and_the_evaluation(
     assert found.data.params["architecture.encoder"] == "d8" and found.data.params["seed"] == "0"
     assert found.data.params["regularizer.max_norm"] == str(config["regularizer"]["max_norm"])
     assert found.info.status == "FINISHED" and str(mlflow_store) in found.info.artifact_uri
-    assert b"architecture.encoder" in tensorboard_hparams(run) and b"d8" in tensorboard_hparams(run)
+    hparams = tensorboard_hparams(run)
+    assert b"architecture.encoder" in hparams and b"d8" in hparams
 
     assert main(["evaluate", str(run), "--estimators", "bound,iwsvi", "--max-examples", "4", "--svi-k", "4",
                  "--svi-steps", "2", "--no-progress", "--device", "cpu"]) == 0
