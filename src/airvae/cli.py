@@ -339,6 +339,7 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
 
 def cmd_reproduce(args) -> int:
     from .devices import resolve_device
+    from .evaluation import parse_estimators
     from .reproduce import TARGETS, reproduce
     from .sweep import make_executor
 
@@ -353,7 +354,7 @@ def cmd_reproduce(args) -> int:
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
     executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task, args.device)
-    estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip()) if args.estimators else ()
+    estimators = parse_estimators(args.estimators) if args.estimators else ()
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
                          data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
                          tracking=tracking, estimators=estimators)

@@ -690,9 +690,10 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
     start_time = time.perf_counter()
     x = _as_input(model, x)
     z = torch.as_tensor(z).to(device=x.device, dtype=next(model.decoder.parameters()).dtype)
-    if z.dim() != 2 or z.shape[0] != x.shape[0] or z.shape[1] != latent_dim(model, x[:1]):
+    z_dim = latent_dim(model, x[:1])
+    if z.dim() != 2 or z.shape[0] != x.shape[0] or z.shape[1] != z_dim:
         raise ValueError(f"bdmc: z has shape {list(z.shape)}; expected [n, z_dim] with n = {x.shape[0]} and the "
-                         f"model's z_dim = {latent_dim(model, x[:1])} (one latent per example of x, as simulate() "
+                         f"model's z_dim = {z_dim} (one latent per example of x, as simulate() "
                          "returns)")
     if not torch.isfinite(z).all():
         raise ValueError("bdmc: z contains NaN or infinite values")

@@ -89,7 +89,7 @@ class EvaluationSettings:
 
     def __post_init__(self):
         if isinstance(self.estimators, str):
-            self.estimators = tuple(e.strip() for e in self.estimators.split(",") if e.strip())
+            self.estimators = parse_estimators(self.estimators)
         require(isinstance(self.estimators, (tuple, list)) and len(self.estimators) > 0
                and all(e in ESTIMATORS for e in self.estimators),
                "estimators", self.estimators, f"a non-empty subset of {', '.join(ESTIMATORS)}")
@@ -212,6 +212,11 @@ def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None =
 
 # ----------------------------------------------------------------------------------------------
 # Run level
+
+
+def parse_estimators(text: str) -> tuple[str, ...]:
+    """``"iwsvi, ais"`` -> ``("iwsvi", "ais")`` (checked where they are used)."""
+    return tuple(e.strip() for e in text.split(",") if e.strip())
 
 
 def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
