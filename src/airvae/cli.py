@@ -357,7 +357,7 @@ def cmd_reproduce(args) -> int:
     estimators = parse_estimators(args.estimators) if args.estimators else ()
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
                          data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
-                         tracking=tracking, estimators=estimators)
+                         tracking=tracking, estimators=estimators, strengths=args.strengths)
     print((out_dir / "REPORT.md").read_text())
     print(f"written to {out_dir}")
     if failures:
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     p.add_argument("--seeds", type=integer, default=1, help="seeds per configuration (0 .. seeds-1)")
     p.add_argument("--grid", help="comma-separated strengths (sigma*sqrt(d) and 10/H); default per budget")
+    p.add_argument("--strengths", default="grid", choices=("grid", "paper"),
+                   help="grid (default): train each regularized model at every strength of the grid and select on "
+                        "validation; paper: only at the strength the paper selected (Table 7), not reselected")
     p.add_argument("--out", type=path, help="output folder (default results/TARGET-DATASET-BUDGET)")
     p.add_argument("--estimators",
                    help="more estimators for the evaluated models, beside the target's IW-SVI: ais and/or bdmc "

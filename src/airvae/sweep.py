@@ -89,6 +89,7 @@ class Task:
     device: str = "auto"
     evaluation: dict | None = None  # EvaluationSettings fields; None: train only
     tracking: TrackingSettings | None = None  # tracking sinks (--log); None: the run's own choice
+    extra_evaluation: dict | None = None  # a second evaluation after ``evaluation`` (e.g. AIS), same task
 
     @property
     def run_dir(self) -> Path:
@@ -134,6 +135,9 @@ def execute(task: Task) -> dict:
 
             settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
             out["evaluation"] = _strip_values(evaluate_run(run_dir, settings, progress=False))
+            if task.extra_evaluation is not None:
+                settings = EvaluationSettings(**{**task.extra_evaluation, "device": task.device})
+                out["extra_evaluation"] = _strip_values(evaluate_run(run_dir, settings, progress=False))
         (run_dir / ERROR).unlink(missing_ok=True)
         out["status"] = "ok"
     except KeyboardInterrupt:
