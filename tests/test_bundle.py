@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import airvae
+import airvae.report
 import airvae.sweep
 from airvae import bundle
 from airvae.cli import main
@@ -161,8 +162,8 @@ def test_bundle_holds_the_locks_while_it_renders_and_packs(reproduction, tmp_pat
         return False
 
     seen = []
-    render, weights = airvae.reproduce.render, bundle.best_weights_safetensors
-    monkeypatch.setattr(airvae.reproduce, "render", lambda out: seen.append(held(out) and held(out / RUN))
+    render, weights = airvae.report.render, bundle.best_weights_safetensors
+    monkeypatch.setattr(airvae.report, "render", lambda out: seen.append(held(out) and held(out / RUN))
                         or render(out))
     monkeypatch.setattr(bundle, "best_weights_safetensors", lambda run: seen.append(held(results) and held(run))
                         or weights(run))

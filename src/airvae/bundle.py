@@ -82,7 +82,7 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         archive = held.enter_context(_NewFile(out))
         files = []
         if kind == "reproduction":
-            from .reproduce import render
+            from .report import render
 
             render(results_dir)
             files = _results_files(results_dir)

@@ -340,7 +340,8 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
 def cmd_reproduce(args) -> int:
     from .devices import resolve_device
     from .evaluation import parse_estimators
-    from .reproduce import TARGETS, reproduce
+    from .reproduce import reproduce
+    from .targets import TARGETS
     from .sweep import make_executor
 
     if args.target not in TARGETS:
@@ -370,7 +371,7 @@ def cmd_reproduce(args) -> int:
 
 def cmd_report(args) -> int:
     from .bundle import resolve
-    from .reproduce import render
+    from .report import render
 
     out_dir = render(resolve(args.results_dir))
     print((out_dir / "REPORT.md").read_text())

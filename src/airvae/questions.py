@@ -7,14 +7,12 @@ channel) improve the test bits/dim of a *conv* VAE with a discretized-logistic l
 grey-level images? The paper only trains MLPs with Bernoulli likelihoods on binary images.
 
 Runs of the same seed share their initial decoder, minibatch order and training draws, so the
-comparison is paired: per seed, baseline bits/dim minus regularized bits/dim, then the mean and
-standard error of those differences over seeds, with a t-based 95% interval.
+comparison is paired by seed and judged by :mod:`airvae.verdicts`' rule, like the paper's claims.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -22,11 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows  # noqa: E402
 from .likelihoods import bits_per_dim  # noqa: E402
-from .reproduce import (ESTIMATOR_MEANINGS, _fmt, _label, _mean_se, _selected_rows, estimator_labels,  # noqa: E402
-                        estimators_present)
+from .targets import model_label  # noqa: E402
+from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval  # noqa: E402
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
+WORDS = {SUPPORTS: "improves", CONTRADICTS: "worsens", INCONCLUSIVE: "no detectable difference (interval contains 0)"}
 
 
 def bits_per_dim_of(evaluation: dict | None, estimator: str) -> float | None:
@@ -37,25 +37,12 @@ def bits_per_dim_of(evaluation: dict | None, estimator: str) -> float | None:
     return float(bits_per_dim(estimate["mean"], estimate["dims"]))
 
 
-def paired(differences: list[float]) -> dict | None:
-    """Mean, standard error and t-based 95% interval of per-seed differences; None for fewer than two."""
-    if len(differences) < 2:
-        return None
-    from scipy.stats import t
-
-    mean, se = statistics.fmean(differences), statistics.stdev(differences) / math.sqrt(len(differences))
-    half = t.ppf(0.975, len(differences) - 1) * se
-    return {"mean": mean, "se": se, "low": mean - half, "high": mean + half, "n": len(differences)}
-
-
-def paired_verdict(result: dict | None) -> str:
-    if result is None:
-        return "cannot tell (fewer than two paired seeds)"
-    if result["low"] > 0:
-        return "improves (95% interval above 0)"
-    if result["high"] < 0:
-        return "worsens (95% interval below 0)"
-    return "no detectable difference (95% interval contains 0)"
+def question_verdict(differences: list[float], budget: str | None) -> tuple[object, str]:
+    """The paired interval of per-seed differences (positive = the regularizer helps) and the rule's
+    answer in this question's words."""
+    interval = paired_interval(differences)
+    word = decide(interval, budget)
+    return interval, WORDS.get(word, word)
 
 
 def _strength_text(family: str, strength: float, dims: int | None) -> str:
@@ -71,7 +58,7 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
     """REPORT.md lines and a figure for the ``grey-conv`` question (module docstring)."""
     estimators = [e for e in estimators_present(rows) if e in ("iwsvi", "ais")] or ["iwsvi"]
     labels = estimator_labels(rows)
-    selected = _selected_rows(manifest, rows)
+    selected = selected_rows(manifest, rows)
     lines = ["## Do DVAE and WNI improve a conv VAE on grey-level images?", "",
              "Not a claim of the paper, which trains MLPs with Bernoulli likelihoods on binary images: measured "
              "here. Strength selected on validation (mean over seeds of each run's best validation IWAE-k "
@@ -79,8 +66,8 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
     lines += [f"- **{labels[e]}** {ESTIMATOR_MEANINGS[e]}." for e in estimators]
     lines += ["", "Differences are paired by seed (same initial weights, minibatches and training draws): "
               "baseline bits/dim − regularized bits/dim, so **positive = the regularizer helps**; mean ± SE over "
-              "seeds and the t-based 95% interval (t = 4.30 for 3 seeds: only an effect consistent across seeds "
-              "counts).",
+              "seeds and the 95% t interval, judged by the rule of every claim airvae reports "
+              "(docs/decision-rule.md: 3 or more seeds, a budget that can test it).",
               ""]
     fig, axes = plt.subplots(1, len(manifest["datasets"]), figsize=(5.5 * len(manifest["datasets"]), 3.8),
                              squeeze=False)
@@ -109,10 +96,10 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
         cells = []
         for estimator in estimators + ["iwae"]:
             values = [v for r in runs.values() if (v := bits_per_dim_of(r["evaluation"], estimator)) is not None]
-            cells.append(_fmt(_mean_se(values), 4))
+            cells.append(fmt(mean_se(values), 4))
         gaps = [((r["evaluation"] or {}).get("estimates") or {}).get("gap", {}).get("mean") for r in runs.values()]
-        cells.append(_fmt(_mean_se(gaps)))
-        lines.append(f"| {_label(family, 1)} | {_strength_text(family, strength, dims)} | " + " | ".join(cells)
+        cells.append(fmt(mean_se(gaps)))
+        lines.append(f"| {model_label(family, 1)} | {_strength_text(family, strength, dims)} | " + " | ".join(cells)
                      + f" | {len(runs)} |")
     lines += ["", "Paired differences, baseline − regularized (positive = the regularized model is better: "
               "fewer bits/dim, or a smaller inference gap):", ""]
@@ -126,12 +113,16 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
             per_seed = [(value(base["evaluation"]), value(by_family[family][seed]["evaluation"]))
                         for seed, base in sorted(by_family["plain"].items()) if seed in by_family[family]]
             differences = [b - r for b, r in per_seed if b is not None and r is not None]
-            result = paired(differences)
+            result, word = question_verdict(differences, manifest["budget"])
             seeds = ", ".join(f"{d:+.{digits}f}" for d in differences)
-            numbers = ("n/a" if result is None else f"{result['mean']:+.{digits}f} ± {result['se']:.{digits}f} "
-                       f"(95% interval [{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]; per seed {seeds})")
-            lines.append(f"- {_label(family, 1)} vs {_label('plain', 1)}, {name}: {numbers}: "
-                         f"**{paired_verdict(result)}**")
+            if result is None:
+                numbers = "n/a"
+            elif result.n < 2:
+                numbers = f"{result.mean:+.{digits}f} (one seed)"
+            else:
+                numbers = (f"{result.mean:+.{digits}f} ± {result.se:.{digits}f} (95% interval [{result.low:+.{digits}f}, "
+                           f"{result.high:+.{digits}f}]; per seed {seeds})")
+            lines.append(f"- {model_label(family, 1)} vs {model_label('plain', 1)}, {name}: {numbers}: **{word}**")
     lines += ["", "Validation (selection): mean over seeds of each run's best validation IWAE-k estimate (nats):", "",
               "| model | strength | validation ln p(x) | seeds |", "|---|---|---|---|"]
     for family in FAMILIES:
@@ -142,8 +133,8 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
                       and r["summary"].get("best_val_log_likelihood") is not None]
             chosen = " (selected)" if any(r["job"].family == family and r["job"].strength == strength
                                           for r in mine) and family != "plain" else ""
-            lines.append(f"| {_label(family, 1)} | {_strength_text(family, strength, dims)}{chosen} | "
-                         f"{_fmt(_mean_se(values))} | {len(values)} |")
+            lines.append(f"| {model_label(family, 1)} | {_strength_text(family, strength, dims)}{chosen} | "
+                         f"{fmt(mean_se(values))} | {len(values)} |")
     still_improving = [r for r in mine if r["summary"].get("best_step") == r["summary"].get("steps")]
     lines += ["", f"Regime: {len(still_improving)} of {len(mine)} selected runs had their best validation estimate "
               "at their last step (still improving when training stopped, so not overfitting, the regime AIR "
@@ -162,7 +153,7 @@ def _draw(ax, dataset: str, by_family: dict, estimator: str, labels: dict) -> No
         points = [(i, v) for i, v in points if v is not None]
         if points:
             ax.plot(*zip(*points), marker="o", alpha=0.8, label=f"seed {seed}")
-    ax.set_xticks(range(len(families)), [_label(f, 1) for f in families])
+    ax.set_xticks(range(len(families)), [model_label(f, 1) for f in families])
     ax.set_ylabel(f"test bits/dim ({labels[estimator]})")
     ax.set_title(f"{dataset}: conv VAE, selected strengths", fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,0 +1,320 @@
+"""A reproduction's REPORT.md, tables (Markdown and CSV), figures and plots, rebuilt from its run
+directories alone (``airvae report``): what was run and how it departs from the paper, each of the
+paper's numbers beside ours, and every claim judged by :mod:`airvae.verdicts`' rule."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .claims import (METRICS, by_seed, claim, claims_preamble, compare, deviations, estimator_labels,
+                     estimators_present, fmt, mean_se, metric, paper_improvement, paper_text, selected_rows, sign,
+                     suspect_estimates, verdict_scope)
+from .runs import BEST, FINISHED, METRICS as METRICS_FILE, read_json, read_metrics
+from .sweep import REGULARIZED, Job
+from .targets import TARGETS, model_label, paper_tables
+
+
+def collect(out_dir: Path) -> tuple[dict, list[dict]]:
+    """The manifest and one row per planned run (:mod:`airvae.claims`' rows)."""
+    from .evaluation import EvaluationSettings
+
+    manifest = read_json(out_dir / "manifest.json")
+    rows = []
+    for job_fields in manifest["jobs"]:
+        job = Job(**job_fields)
+        run_dir = job.run_dir(out_dir)
+        summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
+        summary = read_json(summary_path) if summary_path.exists() else {}
+        row = {"job": job, "run_dir": run_dir, "summary": summary, "evaluation": None,
+               "config": read_json(config_path) if config_path.exists() else {},
+               "failed": (run_dir / "error.json").exists()}
+        if manifest["evaluation"] and summary.get("status") in FINISHED:
+            row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]))
+        row["metrics"] = read_metrics(run_dir / METRICS_FILE)
+        rows.append(row)
+    return manifest, rows
+
+
+def merged_evaluation(run_dir: Path, settings) -> dict | None:
+    """The reproduction's evaluation of a run, plus the estimators of every other current evaluation of
+    the same split (e.g. AIS on 200 of the test examples that IW-SVI covers whole, or AIS added later
+    with ``airvae evaluate``). Each estimate carries ``examples`` = (size of the split, max_examples),
+    which lines up per-example values where two estimates are compared (:func:`airvae.claims.metric`)."""
+    from .evaluation import current_evaluations, evaluation_path
+
+    current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
+    own = evaluation_path(run_dir, settings)
+    merged = next((stored for path, stored in current if path == own and stored["identity"] == settings.identity()),
+                  None)
+    if merged is None:
+        return None
+    n_split = merged.get("n_split")
+
+    def tagged(record: dict) -> dict:
+        examples = (record.get("n_split"), record["settings"].get("max_examples"))
+        return {name: dict(estimate, examples=examples) for name, estimate in record.get("estimates", {}).items()}
+
+    merged = dict(merged, estimates=tagged(merged))
+    # estimators of other evaluations of the same split, those on the most examples first
+    others = sorted((other for _, other in current if other["settings"].get("split") == settings.split
+                     and other.get("n_split") == n_split), key=lambda other: -int(other.get("n") or 0))
+    for other in others:
+        for name, estimate in tagged(other).items():
+            merged["estimates"].setdefault(name, estimate)
+    return merged
+
+
+def columns(manifest: dict) -> list[str]:
+    target = manifest["target"]
+    return manifest["datasets"] if target != "table4" else [f"k={k}" for k in TARGETS[target].ks]
+
+
+def column_of(target: str, job: Job) -> str:
+    """A table's column: the dataset (Table 4: ``k=K``, MNIST only)."""
+    return job.dataset if target != "table4" else f"k={job.k}"
+
+
+def paper_column(column: str) -> str:
+    return column.split("=")[1] if column.startswith("k=") else column
+
+
+def _k_of(target: str, column: str) -> int:
+    return int(paper_column(column)) if target == "table4" else TARGETS[target].ks[0]
+
+
+def cell_values(manifest: dict, rows: list[dict], estimators: list[str]) -> dict:
+    """``(family, column, metric, estimator) -> (mean, SE over seeds)`` of the runs selected on validation;
+    a column is a dataset (Table 4: ``k=K``)."""
+    per_seed: dict = {}
+    for r in selected_rows(manifest, rows):
+        column = column_of(manifest["target"], r["job"])
+        for estimator in estimators:
+            for name in METRICS:
+                per_seed.setdefault((r["job"].family, column, name, estimator), []).append(
+                    metric(r["evaluation"], name, estimator))
+    return {key: mean_se(values) for key, values in per_seed.items()}
+
+
+def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
+    """Markdown and CSV rows of the table, by IW-SVI (the paper's estimator): ours (mean ± standard error
+    over seeds) beside the paper's (value ± as printed)."""
+    target = manifest["target"]
+    paper = paper_tables()[target]
+    selected = selected_rows(manifest, rows)
+    values = cell_values(manifest, rows, ["iwsvi"])
+    cols = columns(manifest)
+    header = ["model", "strength"] + [f"{c}: {name}" for c in cols for name in ("-ln p(x)", "Δinf", "-L_k")]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv_rows = [["model", "strength", "column", "metric", "ours_mean", "ours_se_over_seeds", "paper_value",
+                 "paper_plus_minus_as_printed", "n_seeds"]]
+    for family in TARGETS[target].families:
+        strengths = sorted({r["job"].strength for r in selected if r["job"].family == family})
+        line = [model_label(family, _k_of(target, cols[0]) if target != "table4" else 8),
+                ", ".join(f"{s:g}" for s in strengths) or "-"]
+        for column in cols:
+            paper_cell = paper["rows"].get(family, {}).get(paper_column(column), {})
+            for name in METRICS:
+                ours = values.get((family, column, name, "iwsvi"))
+                theirs = paper_cell.get(name)
+                line.append(f"{fmt(ours)} (paper {theirs[0]:.2f} ± {theirs[1]:.2f})" if theirs else fmt(ours))
+                n = sum(r["job"].family == family and column_of(target, r["job"]) == column
+                        and metric(r["evaluation"], name) is not None for r in selected)
+                csv_rows.append([family, ";".join(f"{s:g}" for s in strengths), column, name,
+                                 *(ours if ours else ("", "")), *(theirs if theirs else ("", "")), n])
+        md.append("| " + " | ".join(line) + " |")
+    return "\n".join(md), csv_rows
+
+
+def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels: dict[str, str]) -> list[str]:
+    """Every claim of a table: each AIR row against the unregularized row of its column on test
+    log-likelihood, the inference gap and the amortized bound (Table 4: also the large encoder, and
+    its caption's "by over 1 nat" per k), paired by seed, judged under each estimator."""
+    target, budget = manifest["target"], manifest["budget"]
+    selected = selected_rows(manifest, rows)
+    quote = paper_tables()["quotes"].get(target)
+    lines = [f"The paper (on this table): \"{quote}\"", ""] if quote else []
+    bound_label = {"bound": "L_k (encoder q)"}
+
+    for column in columns(manifest):
+        pcol, k = paper_column(column), _k_of(target, column)
+        base = model_label("plain", k)
+
+        def seeds(family, name, estimator, column=column):
+            runs = [r for r in selected if r["job"].family == family and column_of(target, r["job"]) == column]
+            return by_seed(runs, lambda r: metric(r["evaluation"], name, estimator))
+
+        for family in REGULARIZED:
+            who = f"{column}, {model_label(family, k)}"
+            for name, statement in (("neg_log_likelihood", f"{who} improves test log-likelihood over {base}"),
+                                    ("inference_gap", f"{who} reduces the test inference gap of {base}"),
+                                    ("neg_bound", f"{who} improves the test amortized bound L_{k} over {base}")):
+                per = ["bound"] if name == "neg_bound" else estimators
+                intervals = {e: compare(seeds("plain", name, e if e != "bound" else "iwsvi"),
+                                        seeds(family, name, e if e != "bound" else "iwsvi")) for e in per}
+                lines += claim(statement, paper_text(target, family, "plain", pcol, name, k),
+                               sign(paper_improvement(target, family, "plain", pcol, name)), intervals,
+                               {**labels, **bound_label}, budget)
+        if target == "table4":
+            large = model_label("large-encoder", k)
+            hurt = {e: compare(seeds("large-encoder", "neg_log_likelihood", e), seeds("plain", "neg_log_likelihood", e))
+                    for e in estimators}
+            lines += claim(f"{column}, a larger encoder ({large}) hurts test log-likelihood against {base}",
+                           paper_text(target, "plain", "large-encoder", pcol, "neg_log_likelihood", k),
+                           sign(paper_improvement(target, "plain", "large-encoder", pcol, "neg_log_likelihood")),
+                           hurt, labels, budget)
+            for family in ("plain",) + REGULARIZED:
+                loss = paper_improvement(target, family, "large-encoder", pcol, "neg_log_likelihood")
+                over = {}
+                for e in estimators:
+                    a = seeds("large-encoder", "neg_log_likelihood", e)
+                    shifted = {s: None if v is None else v - 1.0 for s, v in a.items()}
+                    over[e] = compare(shifted, seeds(family, "neg_log_likelihood", e))
+                lines += claim(f"{column}, {large} is worse than {model_label(family, k)} by over 1 nat (the "
+                               "caption's words, judged per row)",
+                               f"{loss:.2f} nats worse, {'over' if loss > 1 else 'not over'} 1 nat",
+                               sign(loss - 1.0), over, labels, budget,
+                               {e: "difference − 1 nat" for e in estimators})
+    return lines
+
+
+def render(out_dir: str | Path) -> Path:
+    """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs."""
+    from .questions import QUESTIONS
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
+                                "`airvae reproduce`")
+    manifest, rows = collect(out_dir)
+    target = manifest["target"]
+    failed = [r for r in rows if r["failed"]]
+    missing = [r for r in rows if not r["summary"]]
+    strengths = ("Table 7's strengths (`--strengths paper`)" if manifest.get("strengths") == "paper"
+                 else f"regularization grid: {manifest['grid']}")
+    report = [f"# {target} at the `{manifest['budget']}` budget", "",
+              f"Datasets: {', '.join(manifest['datasets'])}; seeds: {manifest['seeds']}; {strengths}; "
+              f"runs: {len(rows)} ({len(failed)} failed, {len(missing)} not run).", ""]
+    report += verdict_scope(manifest, rows)
+    departures = deviations(manifest, rows)
+    if departures:
+        report += ["## Deviations from the paper's protocol", ""] + [f"- {d}" for d in departures] + [""]
+    report += _evaluation_lines(manifest, rows)
+    report += suspect_estimates(selected_rows(manifest, rows))
+    estimators, labels = estimators_present(rows), estimator_labels(rows)
+    if target in QUESTIONS:
+        paths, lines = QUESTIONS[target](manifest, rows, out_dir)
+        report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths] + [""] + lines
+    elif target.startswith("table"):
+        md, csv_rows = render_table(manifest, rows)
+        (out_dir / f"{target}.md").write_text(md + "\n")
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(csv_rows)
+        (out_dir / f"{target}.csv").write_text(buffer.getvalue())
+        report += ["## Table", "", "Ours by IW-SVI: mean ± standard error over seeds. The paper's: value ± as "
+                   "printed (the paper does not say what its ± values are).", "", md, "", "## Claims", ""]
+        report += claims_preamble(labels, estimators, manifest["budget"])
+        report += table_claims(manifest, rows, estimators, labels)
+    else:
+        from .figures import FIGURES
+
+        paths, claims = FIGURES[target](manifest, rows, out_dir)
+        report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths]
+        report += ["", "## Claims", ""]
+        if manifest["evaluation"]:
+            report += claims_preamble(labels, estimators, manifest["budget"])
+        report += claims
+    report += bdmc_section(rows)
+    report += ["", *plots_section(out_dir, manifest, rows)]
+    if failed:
+        report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `runs/{r['job'].name}/error.json`"
+                                                 for r in failed]  # relative: the same report from a bundle
+    (out_dir / "REPORT.md").write_text("\n".join(report) + "\n")
+    return out_dir
+
+
+def _evaluation_lines(manifest: dict, rows: list[dict]) -> list[str]:
+    lines = []
+    if manifest["evaluation"]:
+        ev = manifest["evaluation"]
+        iwae = f" and IWAE-{ev['k_iwae']} with the encoder" if "iwae" in ev["estimators"] else ""
+        done = next((r["evaluation"] for r in rows if r["evaluation"]), {})  # how many examples there really were
+        n, n_split = done.get("n"), done.get("n_split")
+        if n is not None and n == n_split:
+            examples = f"all {n} test examples"
+        elif n is not None:
+            examples = f"{n} of the {n_split} test examples, spread evenly"
+        else:
+            examples = (f"{ev['max_examples']} test examples, spread evenly" if ev["max_examples"]
+                        else "all test examples")
+        chosen = ("strengths as the paper selected them (Table 7)" if manifest.get("strengths") == "paper"
+                  else "strengths selected on the validation estimate only")
+        lines += [f"Test evaluation: IW-SVI with k={ev['svi_k']}, l={ev['svi_l']}, T={ev['svi_steps']} "
+                  f"(paper: k=5000, l=8, T=3000){iwae} on {examples}; {chosen}.", ""]
+    if manifest.get("study"):
+        st = manifest["study"]
+        lines += [f"Figure 3 on the seed-0 VAE of each dataset, {st['max_examples'] or 'all'} test examples: IWAE-k "
+                  f"for k in {st['ks']}; IW-SVI (k={st['svi_k']}, l={st['l']}) for T in {st['steps_list']}; "
+                  f"IW-SVI (T={st['fixed_steps']}) for each k (paper: k up to 100000, T up to 3000, T = 3000).", ""]
+    if manifest.get("extra_evaluation"):
+        ev = manifest["extra_evaluation"]
+        where = (f"{ev['max_examples']} of the test examples, spread evenly" if ev.get("max_examples")
+                 else "the same test examples")
+        lines += [f"Also on the evaluated models, on {where}: {', '.join(ev['estimators'])} "
+                  f"(AIS/BDMC: {ev.get('ais_intermediate', 500)} intermediate distributions, "
+                  f"{ev.get('ais_chains', 16)} chains; BDMC on {ev.get('bdmc_examples', 100)} examples simulated "
+                  "from each model).", ""]
+    return lines
+
+
+def bdmc_section(rows: list[dict]) -> list[str]:
+    """REPORT.md lines for the BDMC sandwiches the evaluated runs hold (none: no lines): per run, the
+    certified interval on its own simulated data, beside IW-SVI there when it was run."""
+    held = [r for r in rows if "bdmc_lower" in ((r.get("evaluation") or {}).get("estimates") or {})]
+    if not held:
+        return []
+    lines = ["", "## BDMC: how tight the estimators are on each model's own samples", "",
+             "Forward AIS gives a stochastic lower bound and reverse AIS (from the latent that generated each "
+             "example) an upper bound on ln p(x) of data simulated from the model; upper − lower bounds the error "
+             "of AIS with these settings there, and upper − IW-SVI the slack of IW-SVI. It certifies the "
+             "estimators on the model's own samples, not on the test set.", "",
+             "| run | −ln p(x) ≥ (upper) | −ln p(x) ≤ (lower) | width (nats) | IW-SVI on the same examples "
+             "| n |",
+             "|---|---|---|---|---|---|"]
+    for r in held:
+        estimates = r["evaluation"]["estimates"]
+        lower, upper = estimates["bdmc_lower"], estimates["bdmc_upper"]
+        svi = estimates.get("bdmc_iwsvi")
+        svi_text = "–" if svi is None else f"{-svi['mean']:.2f} (slack ≤ {upper['mean'] - svi['mean']:.2f})"
+        lines.append(f"| `{r['job'].name}` | {-upper['mean']:.2f} | {-lower['mean']:.2f} | "
+                     f"{upper['mean'] - lower['mean']:.2f} | {svi_text} | {lower.get('n', '')} |")
+    return lines
+
+
+def plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
+    """``airvae plot`` of the lowest seed of every configuration selected on validation (redrawn only
+    when its metrics or best checkpoint changed), linked from a table."""
+    from .plots import FIGURES, PLOTS_DIR, plot_run
+
+    shown: dict = {}
+    for r in selected_rows(manifest, rows):
+        job = r["job"]
+        key = (job.dataset, job.family, job.k, job.m)
+        if r["summary"] and (key not in shown or job.seed < shown[key]["job"].seed):
+            shown[key] = r
+    if not shown:
+        return []
+    lines = ["## Plots of the selected runs", "",
+             "Lowest seed of each configuration selected on validation (`airvae plot RUN` draws any run).", "",
+             "| run | " + " | ".join(FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
+    for r in shown.values():
+        plots_dir = r["run_dir"] / PLOTS_DIR
+        inputs = [r["run_dir"] / name for name in (METRICS_FILE, BEST)]
+        marker = plots_dir / "curves.json"
+        if not marker.exists() or any(p.exists() and p.stat().st_mtime > marker.stat().st_mtime for p in inputs):
+            plot_run(r["run_dir"], device="cpu")
+        cells = [f"[png]({(plots_dir / f'{name}.png').relative_to(out_dir).as_posix()})"
+                 if (plots_dir / f"{name}.png").exists() else "–" for name in FIGURES]
+        lines.append(f"| `{r['job'].name}` | " + " | ".join(cells) + " |")
+    return lines
