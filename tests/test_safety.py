@@ -323,14 +323,16 @@ def test_torn_metrics_and_summary_are_recovered_on_resume(tmp_path, monkeypatch)
 
 def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(trained):
     data, run = trained
-    leftovers = [run / "checkpoints" / ".last.pt.k1ll3d0x", run / ".summary.json.abcd_123"]
+    leftovers = [run / "checkpoints" / ".last.pt.airvae-tmp-k1ll3d0x", run / ".summary.json.airvae-tmp-abcd_123"]
     for path in leftovers:
         path.write_bytes(b"x" * 1000)
-    keep = run / "checkpoints" / ".last.pt.notours"  # not the shape of an airvae temporary file: not ours
-    keep.write_bytes(b"y")
+    # names a user may pick, even shaped like a temporary file: not airvae's, never deleted
+    keep = [run / "checkpoints" / ".last.pt.notours", run / ".config.json.abcdefgh"]
+    for path in keep:
+        path.write_bytes(b"y")
     assert main(train_args(data, run, "--resume")) == 0
     assert not any(p.exists() for p in leftovers)
-    assert keep.read_bytes() == b"y"
+    assert all(p.read_bytes() == b"y" for p in keep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
-from .runs import EVALUATIONS, best_checkpoint_digest, write_json
+from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, save_figure, write_json
 from .tracking import log_evaluation
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound, bdmc,
@@ -267,27 +267,62 @@ def _of_checkpoint(stored: dict, digest: str | None) -> bool:
 
 
 def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, allow_data_change: bool = False) -> dict:
     """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result
     in ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same
-    settings and checkpoint is returned without computing unless ``recompute``. The device and
-    the memory the settings need are checked before any work."""
+    settings, checkpoint and data is returned without computing unless ``recompute``.
+
+    Data that changed since the run was trained (its marker records the digest) is refused unless
+    ``allow_data_change``; then the evaluation scores the new data and records its digest. The
+    device, the memory the settings need and that the result can be written are checked before
+    any work."""
+    from .data import DatasetError, load_dataset
+    from .runs import load_config
+
     run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    try:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir, progress=progress)
+    except DatasetError:
+        dataset = None  # a cached result can still be shown; computing one names the problem below
+    data_digest = check_run_data(run_dir, cfg, dataset, allow_data_change) if dataset is not None else None
     if not recompute:
         stored = stored_evaluation(run_dir, settings)
-        if stored is not None:
+        if stored is not None and (data_digest is None or stored.get("data_sha256") in (None, data_digest)):
             return stored
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir, progress=progress)  # raises, naming what is missing
     started = time.perf_counter()
     device = resolve_device(settings.device)
+    check_writable(run_dir / EVALUATIONS, run_dir)
     cfg, model, digest, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device,
-                                                         progress, settings)
+                                                         progress, settings, dataset)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
     return store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split, device=device,
-                            digest=digest, seconds=time.perf_counter() - started)
+                            digest=digest, seconds=time.perf_counter() - started, data_digest=data_digest)
+
+
+def check_run_data(run_dir: Path, cfg, dataset, allow_data_change: bool = False) -> str:
+    """The digest of ``dataset`` (:func:`airvae.data.dataset_digest`), after checking that it is the
+    data the run was trained on (its marker's record) unless ``allow_data_change``, and that its
+    examples fit the run's model."""
+    from .data import dataset_digest
+    from .runs import read_marker
+
+    if dataset.dim != cfg.x_dim:
+        raise RunError(f"cannot use {run_dir}: dataset {cfg.dataset!r} now has {dataset.dim} values per example, "
+                       f"the run's model takes {cfg.x_dim}; use the data it was trained on")
+    digest = dataset_digest(dataset)
+    recorded = (read_marker(run_dir) or {}).get("data_sha256")
+    if recorded is not None and recorded != digest and not allow_data_change:
+        raise RunError(f"cannot evaluate {run_dir}: its data changed since the run was trained (sha256 "
+                       f"{recorded[:12]}... then, {digest[:12]}... now); evaluate on the original data, or pass "
+                       "--allow-data-change to score the model on the new data")
+    return digest
 
 
 def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estimates: dict[str, Estimate], *, n: int,
-                     n_split: int, device, digest: str, seconds: float) -> dict:
+                     n_split: int, device, digest: str, seconds: float, data_digest: str | None = None) -> dict:
     """Write (and return) a run's evaluation record, keyed by the settings and by ``digest``, the
     sha256 of the checkpoint bytes that were evaluated (even if best.pt changed meanwhile)."""
     result = {
@@ -303,13 +338,14 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
         "settings": settings.to_dict(),
         "identity": settings.identity(),
         "checkpoint_sha256": digest,
+        "data_sha256": data_digest,
         "estimates": {name: est.to_dict() for name, est in estimates.items()},
         "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = evaluation_path(run_dir, settings)
     replaced = _read_record(path)
-    write_json(path, result)
+    write_json(path, result, run_dir)
     # --recompute of the same settings and weights: the sinks hold it already
     if replaced is None or replaced.get("identity") != result["identity"] or not _of_checkpoint(replaced, digest):
         log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
@@ -317,7 +353,7 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
 
 
 def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool,
-               settings: EvaluationSettings | None = None):
+               settings: EvaluationSettings | None = None, dataset=None):
     """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
     (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
     the memory they need is checked before the model is loaded."""
@@ -326,7 +362,8 @@ def _load_best(run_dir, split: str, max_examples: int | None, device: torch.devi
     from .runs import load_config, load_trained_model_with_digest
 
     cfg = load_config(run_dir)
-    dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, getattr(cfg, "data_dir", None), progress=progress)
     x = dataset.split(split)
     n_split = len(x)
     x = x[evenly_spaced(n_split, max_examples)]
@@ -446,8 +483,7 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
 
 def _write_figure3(data: dict, out_dir: Path) -> None:
     """figure3.json and figure3.png in ``out_dir``; their paths are added to ``data["files"]``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "figure3.json", data)
+    write_json(out_dir / "figure3.json", data, out_dir)
     _plot_figure3(data, out_dir / "figure3.png")
     data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
 
@@ -483,7 +519,7 @@ def _plot_figure3(data: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, path.parent)
     plt.close(fig)
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric  # noqa: E402
 from .claims import selected_rows  # noqa: E402
-from .runs import read_json  # noqa: E402
+from .runs import read_json, save_figure  # noqa: E402
 from .targets import figure3_dir, model_label, paper_tables  # noqa: E402
 
 COLORS = {"plain": "black", "denoise-0.5": "tab:blue", "denoise-1.0": "tab:orange", "wni": "tab:green"}
@@ -90,8 +90,7 @@ def _strength_figure(manifest, rows, out_dir, ks, relative, name):
     fig.suptitle(f"{name}: test log-likelihood (IW-SVI) vs AIR strength, budget {manifest['budget']}; "
                  "error bars: standard error over seeds")
     fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, out_dir / f"{name}.png", out_dir)
     plt.close(fig)
     return [path], claims
 
@@ -181,8 +180,7 @@ def figure4(manifest, rows, out_dir: Path):
                             {"bound": "VAE's drop − DVAE's drop, nats"})
     fig.suptitle(f"figure4: test amortized bound during training, budget {manifest['budget']}")
     fig.tight_layout()
-    path = out_dir / "figure4.png"
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, out_dir / "figure4.png", out_dir)
     plt.close(fig)
     return [path], claims
 

@@ -33,7 +33,8 @@ from torch.nn.utils import parametrize  # noqa: E402
 from .data import evenly_spaced  # noqa: E402
 from .devices import resolve_device  # noqa: E402
 from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
-from .runs import METRICS, RunError, load_config, load_trained_model, read_metrics, write_json  # noqa: E402
+from .runs import (METRICS, RunError, check_writable, load_config, load_trained_model, read_metrics,  # noqa: E402
+                   save_figure, write_json)
 
 FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
 PLOTS_DIR = "plots"
@@ -69,7 +70,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     device = resolve_device(device)
     cfg = load_config(run_dir)  # a clear error for a folder that is not a run
     out = RunPlots(Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR)
-    out.directory.mkdir(parents=True, exist_ok=True)
+    check_writable(out.directory, run_dir if out_dir is None else None)  # no link on the way, before any work
 
     metrics = read_metrics(Path(run_dir) / METRICS)
     if metrics:
@@ -121,8 +122,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
 
 def _save(fig, out: RunPlots, name: str) -> None:
-    path = out.directory / f"{name}.png"
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, out.directory / f"{name}.png", out.directory, dpi=100)
     plt.close(fig)
     out.written[name] = path
 

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows  # noqa: E402
 from .likelihoods import bits_per_dim  # noqa: E402
+from .runs import save_figure  # noqa: E402
 from .targets import model_label  # noqa: E402
 from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval  # noqa: E402
 
@@ -74,8 +75,7 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
     for ax, dataset in zip(axes[0], manifest["datasets"]):
         lines += _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax)
     fig.tight_layout()
-    path = out_dir / "grey-conv.png"
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, out_dir / "grey-conv.png", out_dir)
     plt.close(fig)
     return [path], lines
 

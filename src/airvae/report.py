@@ -11,7 +11,7 @@ from pathlib import Path
 from .claims import (METRICS, by_seed, claim, claims_preamble, compare, deviations, estimator_labels,
                      estimators_present, fmt, mean_se, metric, paper_improvement, paper_text, selected_rows, sign,
                      suspect_estimates, verdict_scope)
-from .runs import BEST, FINISHED, METRICS as METRICS_FILE, read_json, read_metrics
+from .runs import BEST, FINISHED, METRICS as METRICS_FILE, read_json, read_metrics, write_text
 from .sweep import REGULARIZED, Job
 from .targets import TARGETS, model_label, paper_tables
 
@@ -208,10 +208,10 @@ def render(out_dir: str | Path) -> Path:
         report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths] + [""] + lines
     elif target.startswith("table"):
         md, csv_rows = render_table(manifest, rows)
-        (out_dir / f"{target}.md").write_text(md + "\n")
+        write_text(out_dir / f"{target}.md", md + "\n", out_dir)
         buffer = io.StringIO()
         csv.writer(buffer).writerows(csv_rows)
-        (out_dir / f"{target}.csv").write_text(buffer.getvalue())
+        write_text(out_dir / f"{target}.csv", buffer.getvalue(), out_dir)
         report += ["## Table", "", "Ours by IW-SVI: mean ± standard error over seeds. The paper's: value ± as "
                    "printed (the paper does not say what its ± values are).", "", md, "", "## Claims", ""]
         report += claims_preamble(labels, estimators, manifest["budget"])
@@ -230,7 +230,7 @@ def render(out_dir: str | Path) -> Path:
     if failed:
         report += ["", "## Failed runs", ""] + [f"- `{r['job'].name}`: see `runs/{r['job'].name}/error.json`"
                                                  for r in failed]  # relative: the same report from a bundle
-    (out_dir / "REPORT.md").write_text("\n".join(report) + "\n")
+    write_text(out_dir / "REPORT.md", "\n".join(report) + "\n", out_dir)
     return out_dir
 
 

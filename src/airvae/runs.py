@@ -34,12 +34,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -47,6 +45,9 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig
+from .files import (TEMPORARY, LinkRefused, RunError, RunIOError, RunLocked, append_line, atomic_write_bytes,  # noqa: F401
+                    check_writable, read_json, read_metrics, real_folder, save_figure, write_error, write_json, write_metrics,
+                    write_text)
 from .data import hashed
 
 try:
@@ -70,118 +71,13 @@ _RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, ME
 _RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safetensors"),
                 EVALUATIONS: re.compile(r"[\w.-]+\.json"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
                 TENSORBOARD: EVENT_FILE}
-# A temporary file of atomic_write_bytes: "." + the target's name + "." + mkstemp's 8 random characters.
-_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked (missing, incomplete, foreign, locked, corrupt)."""
-
-
-class RunLocked(RunError):
-    """Another process is writing this run directory."""
-
-
-class RunIOError(RunError):
-    """Writing a run's file failed (disk full, permissions, ...)."""
 
 
 def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
-    """Is ``name`` a leftover of :func:`atomic_write_bytes` writing one of ``targets`` (a kill
-    during the write)?"""
-    match = _TEMPORARY.fullmatch(name)
+    """Is ``name`` a leftover of :func:`airvae.files.atomic_write_bytes` writing one of ``targets``
+    (a kill during the write)?"""
+    match = TEMPORARY.fullmatch(name)
     return match is not None and targets.fullmatch(match["target"]) is not None
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file. An OS
-    error (disk full, permissions) becomes a :class:`RunError` naming the file."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep shared results unreadable to colleagues
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, error) from error
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_error(path: Path, error: OSError) -> RunIOError:
-    """The one-line message for a failed write: which file, why, and what to do."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some disk space"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the folder writable or choose another one"
-    else:
-        fix = "check the file system"
-    return RunIOError(f"could not write {path}: {error.strerror or error}; {fix}, then run the command again "
-                    "(a training run resumes from its last complete checkpoint with --resume)")
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line (metrics.jsonl); an OS error names the file."""
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError as error:
-        raise write_error(Path(path), error) from error
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
-
-
-def read_json(path: Path):
-    """Parse a JSON file; a missing, torn or garbage file is a RunError naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise RunError(f"{path} does not exist") from error
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise RunError(f"{path} is unreadable or not valid JSON ({error}); it was damaged outside airvae "
-                       "(airvae writes it atomically): restore it from a copy") from error
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A torn *last* line (a crash in the middle of an append) is
-    dropped; damage anywhere else is an error naming the file and line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not a metrics record")
-        except ValueError as error:
-            if number == len(lines):
-                break  # torn by a crash during the append: the step will be logged again
-            raise RunError(f"{path}, line {number} is damaged ({error}); delete that line or restore the "
-                           "file from a copy") from error
-        records.append(record)
-    return records
-
-
-def write_metrics(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +85,11 @@ def write_metrics(path: Path, records: list[dict]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """``state`` (a dict of tensors and plain values) as ``RUN/checkpoints/NAME``, by
+    :func:`atomic_write_bytes`: neither the run folder nor its checkpoints folder may be a link."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_write_bytes(Path(path), buffer.getvalue(), Path(path).parent.parent)
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, str]:
@@ -372,7 +270,7 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> "RunLock":
-        self.directory.mkdir(parents=True, exist_ok=True)
+        real_folder(self.directory)
         f = _open_lock(self.path, write=True)  # names its own failures
         try:
             _flock(f, self.directory)

@@ -358,7 +358,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     from .data import evenly_spaced, load_dataset
     from .devices import resolve_device
     from .estimators import Estimate, _dims, inference_gap
-    from .evaluation import store_evaluation
+    from .evaluation import check_run_data, store_evaluation
     from .resources import check_fits, evaluation_memory
     from .runs import load_config, load_trained_model_with_digest
 
@@ -370,6 +370,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     if len({evaluation_key(cfg, settings) for cfg in cfgs}) != 1:
         raise ValueError("evaluate_group: the runs do not share a dataset, an architecture and a training k")
     dataset = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, progress=progress)
+    data_digests = [check_run_data(run_dir, cfg, dataset) for run_dir, cfg in zip(run_dirs, cfgs)]
     split = dataset.split(settings.split)
     index = evenly_spaced(len(split), settings.max_examples)
     check_fits(evaluation_memory(cfgs[0], settings, len(index), runs=len(run_dirs)), device,
@@ -411,7 +412,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
         if "bound" in estimates and "iwsvi" in estimates:
             estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
         records.append(store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
-                                        device=device, digest=digest,
+                                        device=device, digest=digest, data_digest=data_digests[r],
                                         seconds=(time.perf_counter() - started) / len(rows)))
     return records
 
