@@ -13,6 +13,10 @@ output; the estimators of :mod:`airvae.estimators` take any model following
 :class:`LatentVariableModel`.
 """
 
+from ._torch_floor import check_torch
+
+check_torch()  # before anything loads a checkpoint: older torch's weights_only loading can run code
+
 from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
 from .bundle import load
 from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config

@@ -10,11 +10,12 @@ import argparse
 import decimal
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-from .config import (ARCHITECTURES, BUDGETS, LIKELIHOODS, MAX_SEED, ConfigError, LikelihoodConfig, Regularizer,
-                     check_int, h_from_ten_over_h, resolve_run_config, sigma_from_sqrt_d)
+from .config import (ARCHITECTURES, BUDGETS, LIKELIHOODS, MAX_NORM, MAX_SEED, ConfigError, LikelihoodConfig,
+                     Regularizer, check_int, h_from_ten_over_h, resolve_run_config, sigma_from_sqrt_d)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,8 +150,11 @@ def _likelihood(args, dataset) -> LikelihoodConfig:
 def _check_dataset_name(name: str) -> None:
     from .data import DATASETS
 
-    if name not in DATASETS and not (name.endswith(".npz") and Path(name).exists()):
-        raise ConfigError(f"invalid dataset = {name!r}: allowed {', '.join(DATASETS)}, "
+    if name.endswith(".npz") and Path(name).exists() and not Path(name).is_file():
+        raise ConfigError(f"invalid --dataset = {name!r}: not a regular file (a folder, a device or a pipe); "
+                          "give the path of a .npz file with train/valid/test arrays")
+    if name not in DATASETS and not (name.endswith(".npz") and Path(name).is_file()):
+        raise ConfigError(f"invalid --dataset = {name!r}: allowed {', '.join(DATASETS)}, "
                           "or the path of an existing .npz file with train/valid/test arrays")
 
 
@@ -184,6 +188,9 @@ def cmd_train(args) -> int:
     from .train import train
 
     tracking = _tracking(args)
+    if args.allow_data_change and not args.resume:
+        raise ConfigError("--allow-data-change applies to --resume only (a new run records the data it starts on); "
+                          "drop it, or add --resume")
     if args.dataset is None:
         if not (args.resume and args.run_dir):
             from .data import DATASETS
@@ -257,7 +264,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
-    p.add_argument("--estimators", default="bound,iwsvi,gap",
+    p.add_argument("--estimators",
                    help="comma-separated subset of bound, iwae, iwsvi, ais, gap, bdmc (default bound,iwsvi,gap); "
                         "bdmc: the sandwich lower <= ln p(x) <= upper on data simulated from the model")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
@@ -267,10 +274,11 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svi-l", type=integer, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
     p.add_argument("--svi-steps", type=integer, default=3000, help="IW-SVI Adam steps T (default 3000)")
     p.add_argument("--svi-lr", type=float, help="IW-SVI learning rate")
-    p.add_argument("--ais-intermediate", type=integer, default=500, help="AIS intermediate distributions")
-    p.add_argument("--ais-chains", type=integer, default=16, help="AIS chains per example")
-    p.add_argument("--bdmc-examples", type=integer, default=100,
-                   help="bdmc: examples simulated from the model (default 100)")
+    p.add_argument("--ais-intermediate", type=integer, help="ais, bdmc: intermediate distributions (default 500)")
+    p.add_argument("--ais-chains", type=integer, help="ais, bdmc: chains per example (default 16)")
+    p.add_argument("--bdmc-examples", type=integer, help="bdmc: examples simulated from the model (default 100)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="evaluate although the dataset's contents changed since the run was trained")
     p.add_argument("--chunk-samples", type=integer, help="latents decoded per chunk (memory bound)")
     p.add_argument("--seed", type=integer, default=0, help=f"0 to {MAX_SEED}")
     p.add_argument("--recompute", action="store_true", help="ignore a stored result with the same settings")
@@ -280,9 +288,21 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args) -> int:
     from .bundle import resolve
-    from .evaluation import EvaluationSettings, evaluate_run, format_table, run_study
+    from .evaluation import EvaluationSettings, evaluate_run, format_table, parse_estimators, run_study
     from .runs import load_config
 
+    estimators = parse_estimators(args.estimators) if args.estimators is not None else ("bound", "iwsvi", "gap")
+    _refuse_duplicates("--estimators", estimators)
+    if args.study and args.estimators is not None:
+        raise ConfigError("--study and --estimators contradict each other: the study runs its own estimators "
+                          "(IWAE-k and IW-SVI); drop one")
+    annealed = {"ais", "bdmc"} & set(estimators)
+    for flag, value, needs in (("--ais-intermediate", args.ais_intermediate, annealed),
+                               ("--ais-chains", args.ais_chains, annealed),
+                               ("--bdmc-examples", args.bdmc_examples, {"bdmc"} & set(estimators))):
+        if value is not None and (args.study or not needs):
+            raise ConfigError(f"{flag} is given but no estimator uses it: add "
+                              f"{'bdmc' if flag == '--bdmc-examples' else 'ais or bdmc'} to --estimators, or drop it")
     args.run_dir = resolve(args.run_dir)  # BUNDLE/RUN: the run in the bundle's extraction (a cache folder)
     load_config(args.run_dir)  # a clear error for a folder that is not a run
     check_int("seed", args.seed, 0, MAX_SEED)
@@ -291,13 +311,13 @@ def cmd_evaluate(args) -> int:
                          device=args.device, progress=not args.no_progress, seed=args.seed)
         print("\n".join(f"written {path}" for path in data.get("files", [])))
         return 0
-    optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples") if getattr(args, key) is not None}
+    optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples", "ais_intermediate", "ais_chains",
+                                                    "bdmc_examples") if getattr(args, key) is not None}
     settings = EvaluationSettings(
-        estimators=args.estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
-        svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, ais_intermediate=args.ais_intermediate,
-        ais_chains=args.ais_chains, bdmc_examples=args.bdmc_examples, seed=args.seed, device=args.device,
-        **optional)
-    result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress)
+        estimators=estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
+        svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, seed=args.seed, device=args.device, **optional)
+    result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress,
+                          allow_data_change=args.allow_data_change)
     print(format_table(result))
     return 0
 
@@ -318,10 +338,17 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
                    help="auto (default): stacked on a GPU, on a CPU whichever measures faster here; local: worker "
                         "processes of one run each; stacked: the runs sharing an architecture trained as one "
                         "model per group; ray: one Ray task per run, local Ray or --address")
-    p.add_argument("--workers", type=integer, default=1,
-                   help="local: worker processes (each gets cores/workers threads); ray: CPUs of a local Ray")
-    p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001); default: start a local Ray")
-    p.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs reserved per run (>= 0)")
+    p.add_argument("--workers", type=integer,
+                   help="local (and auto on a CPU): worker processes, each given cores/workers threads (default 1); "
+                        "ray: CPUs of a local Ray")
+    p.add_argument("--address", help="ray: cluster address (e.g. ray://head:10001); default: start a local Ray")
+    p.add_argument("--gpus-per-task", type=float, help="ray: GPUs reserved per run (>= 0, default 0)")
+
+
+def _refuse_duplicates(flag: str, values) -> None:
+    seen = [v for i, v in enumerate(values) if v in list(values)[:i]]
+    if seen:
+        raise ConfigError(f"invalid {flag}: {', '.join(map(str, dict.fromkeys(seen)))} given twice; give each once")
 
 
 def _grid(text: str | None) -> tuple[float, ...] | None:
@@ -331,9 +358,11 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
         grid = tuple(float(v) for v in text.split(","))
     except ValueError:
         grid = ()
-    if not grid or not all(0 < v < math.inf and math.isfinite(10 / v) for v in grid):  # 10/H finite too
-        raise ConfigError(f"invalid grid = {text!r}: allowed comma-separated finite strengths > 0, e.g. 2.5,5 "
-                          "(the baseline is always run)")
+    lowest, highest = 10 / MAX_NORM, 1000.0  # 10/H <= 1e6 (H >= 1e-5); sigma*sqrt(d) <= 1000 (sigma <= 36 on MNIST)
+    if not grid or not all(lowest <= v <= highest for v in grid):
+        raise ConfigError(f"invalid --grid = {text!r}: allowed comma-separated strengths between {lowest:g} and "
+                          f"{highest:g}, e.g. 2.5,5 (the baseline is always run)")
+    _refuse_duplicates("--grid", grid)
     return grid
 
 
@@ -346,7 +375,9 @@ def cmd_reproduce(args) -> int:
 
     if args.target not in TARGETS:
         raise ConfigError(f"invalid target = {args.target!r}: allowed {', '.join(TARGETS)}")
-    datasets = [d.strip() for d in (args.dataset or TARGETS[args.target].default_dataset).split(",")]
+    datasets = [d.strip() for d in (args.dataset if args.dataset is not None
+                                    else TARGETS[args.target].default_dataset).split(",")]
+    _refuse_duplicates("--dataset", datasets)
     for dataset in datasets:
         _check_dataset_name(dataset)
     check_int("seeds", args.seeds, 1, MAX_SEED + 1)
@@ -354,8 +385,20 @@ def cmd_reproduce(args) -> int:
     tracking = _tracking(args)
     resolve_device(args.device)
     out_dir = args.out or Path("results") / f"{args.target}-{'-'.join(Path(d).stem for d in datasets)}-{args.budget}"
-    executor = make_executor(args.executor, args.workers, args.address, args.gpus_per_task, args.device)
-    estimators = parse_estimators(args.estimators) if args.estimators else ()
+    if args.executor != "ray":
+        for flag, value in (("--address", args.address), ("--gpus-per-task", args.gpus_per_task)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --executor ray only, not {args.executor}; drop it or use ray")
+    if args.executor == "stacked" and args.workers is not None:
+        raise ConfigError("--workers applies to the local, auto and ray executors: a stacked group trains in one "
+                          "process; drop it or use --executor local")
+    executor = make_executor(args.executor, args.workers or 1, args.address, args.gpus_per_task or 0.0, args.device)
+    estimators = parse_estimators(args.estimators) if args.estimators is not None else ()
+    _refuse_duplicates("--estimators", estimators)
+    extra = sorted(set(estimators) - {"ais", "bdmc"})
+    if extra or (args.estimators is not None and not estimators):
+        raise ConfigError(f"invalid --estimators = {args.estimators!r}: reproduce adds ais and/or bdmc beside the "
+                          "target's own estimators (IW-SVI, IWAE-k, the bound); allowed ais, bdmc, or both")
     failures = reproduce(args.target, datasets, args.budget, args.seeds, executor, out_dir, grid=grid,
                          data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
                          tracking=tracking, estimators=estimators, strengths=args.strengths)
@@ -372,8 +415,11 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     from .bundle import resolve
     from .report import render
+    from .runs import RunLock
 
-    out_dir = render(resolve(args.results_dir))
+    folder = resolve(args.results_dir)
+    with RunLock(folder):  # refused while a reproduction writes the folder
+        out_dir = render(folder)
     print((out_dir / "REPORT.md").read_text())
     return 0
 
@@ -404,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to draw (default best)")
     p.add_argument("--examples", type=int, default=1000, help="test examples for the posterior statistics")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/plots)")
+    p.add_argument("--out", type=path, help="output folder (default RUN/plots)")
     _add_common(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")
@@ -447,13 +493,17 @@ def main(argv: list[str] | None = None) -> int:
     an internal error, 2 a refused command (one line on stderr says what and how to fix it), 130
     interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compile" in argv and "--no-compile" in argv:
+        print("airvae: error: --compile and --no-compile contradict each other; give one", file=sys.stderr)
+        return 2
     for before, arg in zip([""] + argv, argv):
         if "\0" in arg:  # the OS cannot take such a string as a path or name
             print(f"airvae: error: argument {before if before.startswith('-') else repr(arg)} contains a NUL "
                   "character", file=sys.stderr)
             return 2
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already printed as one line
         return stop.code if isinstance(stop.code, int) else 2
     import torch
@@ -472,7 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, RunError, TrainingDiverged, ValueError, FileNotFoundError) as error:
         if os.environ.get("AIRVAE_DEBUG"):
             raise
-        print(f"airvae: error: {_one_line(error)}", file=sys.stderr)
+        print(f"airvae: error: {_with_flag_names(_one_line(error), parser, args.command)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the operating system refused a path: say which and why, not "internal error"
+        if os.environ.get("AIRVAE_DEBUG"):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"airvae: error: {where}{error.strerror or _one_line(error)}; check the path (its length, its folders, "
+              "its permissions) or choose another one", file=sys.stderr)
         return 2
     except (MemoryError, torch.OutOfMemoryError) as error:
         if os.environ.get("AIRVAE_DEBUG"):
@@ -493,6 +550,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+# Names the library's messages use for settings whose flag is spelled otherwise.
+_FIELD_NAMES = {"H (max_norm)": "max_norm", "sigma_sqrt_d (sigma*sqrt(d))": "sigma_sqrt_d",
+                "ten_over_h (10/H)": "ten_over_h", "gaussian std": "gaussian_std", "log": "log"}
+
+
+def _with_flag_names(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``invalid k_iwae = 5`` -> ``invalid --k = 5``: the flag the user typed, not the internal field."""
+    match = re.match(r"invalid (.+?) = ", message)
+    if not match:
+        return message
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {action.dest: action.option_strings[0] for action in subparsers.choices[command]._actions
+             if action.option_strings}
+    flag = flags.get(_FIELD_NAMES.get(match[1], match[1]))
+    return message.replace(match[0], f"invalid {flag} = ", 1) if flag else message
 
 
 if __name__ == "__main__":

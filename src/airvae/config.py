@@ -12,6 +12,15 @@ import re
 from dataclasses import dataclass, field
 
 MAX_SEED = 2**32 - 1  # seeds feed torch.manual_seed and derived streams (seed * 100_003 + epoch)
+# Upper bounds of settings: far beyond what the paper or any sensible run uses (its largest: 1.5e6 steps,
+# k = 5000, lr 1e-3, sigma*sqrt(d) = 17.5, i.e. sigma = 0.63), low enough that a typo (1e30, 1e308) is
+# refused before anything is written instead of diverging or running for ever.
+MAX_LR = 1.0  # Adam's step is about lr per parameter: beyond 1 any of these models diverges
+MAX_SIGMA = 100.0  # denoising noise std: 100 times the range of binary or grey-level data
+MAX_NORM = 1e6  # the WNI cap H (inf, no cap, is allowed): weights of norm 1e6 are no cap at all
+MAX_STD = 1e6  # a Gaussian likelihood's std
+MAX_ITERATIONS = 10**8  # training steps (and steps between validations or checkpoints)
+MAX_SAMPLES = 10**7  # importance samples (k, m, validation k) per example
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 
 
@@ -111,8 +120,8 @@ class LikelihoodConfig:
         from .likelihoods import Gaussian
 
         require(self.kind in LIKELIHOODS, "likelihood", self.kind, " | ".join(LIKELIHOODS))
-        require(is_real(self.std) and 1e-3 < self.std < math.inf, "gaussian std", self.std,
-               "a finite number > 0.001 (the floor of learned stds)")
+        require(is_real(self.std) and 1e-3 < self.std <= MAX_STD, "gaussian std", self.std,
+               f"a number > 0.001 (the floor of learned stds) and <= {MAX_STD:g}")
         require(self.std_mode in Gaussian.STD_MODES, "std_mode", self.std_mode, " | ".join(Gaussian.STD_MODES))
         check_int("num_bins", self.num_bins, 2, MAX_BINS)
         check_int("components", self.components, 1, 1024)
@@ -211,11 +220,11 @@ class Regularizer:
     max_norm: float = math.inf
 
     def __post_init__(self):
-        require(is_real(self.sigma) and self.sigma >= 0 and math.isfinite(self.sigma), "sigma", self.sigma,
-               "a finite number >= 0")
+        require(is_real(self.sigma) and 0 <= self.sigma <= MAX_SIGMA, "sigma", self.sigma,
+               f"a number >= 0 and <= {MAX_SIGMA:g}")
         require(is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
-        require(is_real(self.max_norm) and self.max_norm > 0, "H (max_norm)", self.max_norm,
-               "a number > 0 (inf for no cap)")
+        require(is_real(self.max_norm) and (0 < self.max_norm <= MAX_NORM or self.max_norm == math.inf),
+               "H (max_norm)", self.max_norm, f"a number > 0 and <= {MAX_NORM:g}, or inf for no cap")
 
     @classmethod
     def from_paper(cls, x_dim: int, sigma_sqrt_d: float = 0.0, ten_over_h: float = 0.0,
@@ -278,18 +287,22 @@ class RunConfig:
         require(isinstance(self.architecture, Architecture), "architecture", self.architecture, "an Architecture")
         require(isinstance(self.regularizer, Regularizer), "regularizer", self.regularizer, "a Regularizer")
         require(isinstance(self.likelihood, LikelihoodConfig), "likelihood", self.likelihood, "a LikelihoodConfig")
-        for name in ("k", "m", "iterations", "batch_size", "val_every", "val_k", "checkpoint_every", "x_dim"):
-            check_int(name, getattr(self, name))
+        for name in ("k", "m", "val_k"):
+            check_int(name, getattr(self, name), 1, MAX_SAMPLES)
+        for name in ("iterations", "val_every", "checkpoint_every"):
+            check_int(name, getattr(self, name), 1, MAX_ITERATIONS)
+        for name in ("batch_size", "x_dim"):
+            check_int(name, getattr(self, name), 1, 10**9)
         self._check_image_shape()
         check_int("seed", self.seed, 0, MAX_SEED)
-        require(is_real(self.lr) and self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(is_real(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"a number > 0 and <= {MAX_LR:g}")
         require(is_real(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1, "lr_final_fraction",
                self.lr_final_fraction, "(0, 1]")
         require(self.val_examples is None or (is_int(self.val_examples) and self.val_examples >= 1), "val_examples",
                self.val_examples, "an integer >= 1, or None for the whole split")
-        require(self.patience is None or (is_int(self.patience) and self.patience >= 1), "patience", self.patience,
-               "an integer >= 1, or None")
-        check_int("track_test_examples", self.track_test_examples, 0)
+        require(self.patience is None or (is_int(self.patience) and 1 <= self.patience <= MAX_ITERATIONS), "patience",
+               self.patience, f"an integer >= 1 and <= {MAX_ITERATIONS}, or None")
+        check_int("track_test_examples", self.track_test_examples, 0, 10**9)
         require(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
         check_device_name(self.device)
         require(isinstance(self.budget, str), "budget", self.budget, "a budget name")
@@ -389,22 +402,19 @@ class RunConfig:
 
 def sigma_from_sqrt_d(sigma_sqrt_d: float, x_dim: int) -> float:
     """Table 7's denoising strength ``sigma * sqrt(d)`` as the noise std sigma of eq. 13."""
-    require(is_real(sigma_sqrt_d) and 0 <= sigma_sqrt_d < math.inf, "sigma_sqrt_d (sigma*sqrt(d))", sigma_sqrt_d,
-           "a finite number >= 0")
     check_int("x_dim", x_dim)
+    limit = MAX_SIGMA * math.sqrt(x_dim)
+    require(is_real(sigma_sqrt_d) and 0 <= sigma_sqrt_d <= limit, "sigma_sqrt_d (sigma*sqrt(d))", sigma_sqrt_d,
+           f"a number >= 0 and <= {limit:g} (sigma <= {MAX_SIGMA:g})")
     return sigma_sqrt_d / math.sqrt(x_dim)
 
 
 def h_from_ten_over_h(ten_over_h: float) -> float:
     """Table 7's WNI strength ``10 / H`` as the cap H of eq. 18; 0 means no cap (H = inf)."""
-    require(is_real(ten_over_h) and 0 <= ten_over_h < math.inf, "ten_over_h (10/H)", ten_over_h,
-           "a finite number >= 0 (0 means H = inf)")
-    if ten_over_h == 0:
-        return math.inf
-    h = 10.0 / ten_over_h
-    require(math.isfinite(h), "ten_over_h (10/H)", ten_over_h, "0 for no cap, or a number large enough that "
-           "10/H is finite (this one gives H = inf)")
-    return h
+    lowest = 10.0 / MAX_NORM
+    require(is_real(ten_over_h) and (ten_over_h == 0 or lowest <= ten_over_h <= MAX_NORM), "ten_over_h (10/H)",
+           ten_over_h, f"0 (no cap, H = inf), or a number >= {lowest:g} and <= {MAX_NORM:g} (H <= {MAX_NORM:g})")
+    return math.inf if ten_over_h == 0 else 10.0 / ten_over_h
 
 
 def _encode_float(value: float):

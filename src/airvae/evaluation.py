@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_SEED, check_device_name, check_int, is_int, is_real, require
+from .config import MAX_SAMPLES, MAX_SEED, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
 from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, save_figure, write_json
 from .tracking import log_evaluation
@@ -38,6 +38,7 @@ from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFA
 from .likelihoods import bits_per_dim
 from .model import LONG_EVALUATION_LATENTS, compile_for
 
+MAX_STEPS = 10**6  # IW-SVI steps, AIS distributions and chains, simulated examples, repeats
 ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap", "bdmc")  # canonical order
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 took the first ones)
@@ -104,11 +105,16 @@ class EvaluationSettings:
                "max_examples", self.max_examples, "an integer >= 1, or None for the whole split")
         require(self.bound_k is None or (is_int(self.bound_k) and self.bound_k >= 1), "bound_k", self.bound_k,
                "an integer >= 1, or None for the run's training k")
-        for name in ("bound_repeats", "k_iwae", "svi_k", "svi_l", "ais_intermediate", "ais_chains",
-                     "ais_leapfrog", "bdmc_examples", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples"):
-            check_int(name, getattr(self, name))
-        require(is_int(self.svi_steps) and self.svi_steps >= 0, "svi_steps", self.svi_steps,
-               "an integer >= 0 (0 scores the encoder's q)")
+        # Upper bounds far beyond the paper's (k = 100000 in Figure 3, T = 3000, 500 AIS distributions):
+        # a typo like 1e30 is refused instead of running for ever (config.MAX_SAMPLES).
+        for name in ("k_iwae", "svi_k", "svi_l", "chunk_samples"):
+            check_int(name, getattr(self, name), 1, MAX_SAMPLES)
+        for name in ("bound_repeats", "ais_intermediate", "ais_chains", "bdmc_examples", "svi_chunk_examples",
+                     "ais_chunk_examples"):
+            check_int(name, getattr(self, name), 1, MAX_STEPS)
+        check_int("ais_leapfrog", self.ais_leapfrog, 1, 10**4)
+        require(is_int(self.svi_steps) and 0 <= self.svi_steps <= MAX_STEPS, "svi_steps", self.svi_steps,
+               f"an integer >= 0 (0 scores the encoder's q) and <= {MAX_STEPS}")
         require(is_int(self.ais_tuning_chains) and self.ais_tuning_chains >= 0, "ais_tuning_chains",
                self.ais_tuning_chains, "an integer >= 0 (0: fixed step size)")
         check_int("seed", self.seed, 0, MAX_SEED)

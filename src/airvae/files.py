@@ -135,6 +135,26 @@ def check_writable(folder: Path, root: Path | None = None) -> Path:
     return folder
 
 
+def links_under(folder: Path) -> list[Path]:
+    """Every symbolic link inside ``folder`` (links are listed, never followed)."""
+    found = []
+    for top, dirs, files in os.walk(folder):  # os.walk does not descend into linked folders
+        found += [Path(top) / name for name in dirs + files if (Path(top) / name).is_symlink()]
+    return sorted(found)
+
+
+def refuse_links_under(folder: Path) -> None:
+    """A :class:`LinkRefused` naming the links in ``folder``, if it holds any: a folder airvae writes
+    into (a reproduction: its run folders, plots, reports) must be free of them."""
+    if Path(folder).is_symlink():
+        _refuse_link(Path(folder))
+    links = links_under(folder) if Path(folder).is_dir() else []
+    if links:
+        shown = ", ".join(str(p.relative_to(folder)) for p in links[:3]) + (", ..." if len(links) > 3 else "")
+        raise LinkRefused(f"{folder} holds symbolic links ({shown}); airvae never writes through links: replace them "
+                          "with the files they point to, or choose another folder")
+
+
 def write_text(path: Path, text: str, root: Path | None = None) -> None:
     """:func:`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(Path(path), text.encode(), root)
@@ -148,8 +168,7 @@ def write_error(path: Path, error: OSError) -> RunIOError:
         fix = "make the folder writable or choose another one"
     else:
         fix = "check the file system"
-    return RunIOError(f"could not write {path}: {error.strerror or error}; {fix}, then run the command again "
-                    "(a training run resumes from its last complete checkpoint with --resume)")
+    return RunIOError(f"could not write {path}: {error.strerror or error}; {fix}, then run the command again")
 
 
 def append_line(path: Path, line: str) -> None:

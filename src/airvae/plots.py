@@ -88,6 +88,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir or cfg.data_dir, progress=False)
+        if dataset.dim != cfg.x_dim:
+            raise ValueError(f"dataset {cfg.dataset!r} now has {dataset.dim} values per example, the run's model "
+                             f"takes {cfg.x_dim}")
         test_x = torch.as_tensor(dataset.test[evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
                                  device=device)
         transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .claims import (METRICS, by_seed, claim, claims_preamble, compare, deviations, estimator_labels,
                      estimators_present, fmt, mean_se, metric, paper_improvement, paper_text, selected_rows, sign,
                      suspect_estimates, verdict_scope)
+from .files import refuse_links_under
 from .runs import BEST, FINISHED, METRICS as METRICS_FILE, read_json, read_metrics, write_text
 from .sweep import REGULARIZED, Job
 from .targets import TARGETS, model_label, paper_tables
@@ -187,6 +188,7 @@ def render(out_dir: str | Path) -> Path:
     if not (out_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
                                 "`airvae reproduce`")
+    refuse_links_under(out_dir)  # nothing below is written through a link: reports, tables, figures, run plots
     manifest, rows = collect(out_dir)
     target = manifest["target"]
     failed = [r for r in rows if r["failed"]]

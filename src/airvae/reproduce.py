@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .files import check_writable, refuse_links_under
 from .report import render
 from .runs import LOCK, RunError, RunLock, check_unlocked, read_json, write_json
 from .sweep import REGULARIZED, Job, Task, run_tasks, select_strengths
@@ -82,8 +83,10 @@ def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
 
 
 def _check_out_dir(out_dir: Path) -> None:
+    refuse_links_under(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"--out {out_dir} is a file; choose a folder")
+    check_writable(out_dir)  # before hours of training, not at the first write
     if not out_dir.is_dir():
         return
     if any(p.name != LOCK for p in out_dir.iterdir()) and not (out_dir / "manifest.json").exists():

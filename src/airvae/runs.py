@@ -73,6 +73,9 @@ _RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safet
                 TENSORBOARD: EVENT_FILE}
 
 
+_MARKER_FILE = re.compile(re.escape(MARKER))
+
+
 def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
     """Is ``name`` a leftover of :func:`airvae.files.atomic_write_bytes` writing one of ``targets``
     (a kill during the write)?"""
@@ -127,6 +130,40 @@ def _corrupt(path: Path, error: Exception) -> str:
     how = ("delete it and resume with --resume (training restarts from the beginning if no checkpoint is left)"
            if path.name == "last.pt" else "delete it and train or resume the run again")
     return f"checkpoint {path} is truncated or corrupt ({first_line}); {how}"
+
+
+_LOOP_STATE = {"step": int, "best_val": (int, float), "best_step": (int, type(None)), "bad_validations": int,
+               "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
+
+
+def check_training_checkpoint(saved: dict, cfg: RunConfig, path: Path) -> None:
+    """A ``last.pt`` checked against the run it should resume, before anything uses it: its parts
+    (model, optimizer, loop state, random state), the loop state's fields, and the model's tensor
+    names and shapes (those of the model ``cfg`` builds). Anything else is a :class:`RunError` that
+    names the file and the way out, so a bad checkpoint never leaves a run marked "running"."""
+    def refuse(problem: str):
+        raise RunError(f"checkpoint {path} cannot resume this run: {problem}; delete it to restart the run from the "
+                       "beginning, or restore it from a copy")
+
+    missing = [part for part in ("model", "optimizer", "state", "rng") if part not in saved]
+    if missing:
+        refuse(f"it lacks {', '.join(missing)}")
+    state, optimizer = saved["state"], saved["optimizer"]
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool)
+                                          for k, t in _LOOP_STATE.items()):
+        refuse(f"its loop state is not {', '.join(_LOOP_STATE)}")
+    if not 0 <= state["step"] <= cfg.iterations:
+        refuse(f"its step {state['step']} is outside the run's 0..{cfg.iterations}")
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        refuse("its optimizer state is not Adam's")
+    expected = {name: tuple(t.shape) for name, t in model_from_config(cfg).state_dict().items()}
+    model = saved["model"]
+    if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
+        refuse("its model is not a dict of tensors")
+    found = {name: tuple(t.shape) for name, t in model.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        refuse(f"its model does not match {CONFIG} ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -400,9 +437,12 @@ def run_dir_state(run_dir: Path) -> str:
                 raise RunError(f"{run_dir} is not an airvae run ({error}); airvae will not write into it: "
                                "choose another --run-dir") from None
         return "run"
-    if all(entry.name in (LOCK, MARKER, ERROR) or _temporary(entry.name) for entry in run_dir.iterdir()):
-        return "new"  # empty, a creation that stopped before writing the config, or a recorded failure
-    foreign = _foreign_entries(run_dir)
+    names = {entry.name for entry in run_dir.iterdir()}
+    if all(n == LOCK or _temporary(n, _MARKER_FILE) for n in names):
+        return "new"  # empty, or a creation killed while it wrote its marker
+    if MARKER in names and all(n in (LOCK, MARKER, ERROR) or _temporary(n) for n in names):
+        return "new"  # marked as airvae's: a creation that stopped before writing the config, or a recorded failure
+    foreign = _foreign_entries(run_dir) if MARKER in names else sorted(names - {LOCK})  # unmarked: not airvae's
     if not foreign:
         raise RunError(f"{run_dir} holds an airvae run without its {CONFIG}; restore that file, or delete the "
                        "folder to start again")
@@ -445,9 +485,12 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
-    """Remove leftovers of writes interrupted by a kill (``.last.pt.*`` and the like); only call
-    while holding the run's lock, when no write can be in flight."""
+    """Remove leftovers of writes interrupted by a kill (``.last.pt.airvae-tmp-*`` and the like) from
+    a folder airvae's marker proves is a run; only call while holding the run's lock, when no write
+    can be in flight."""
     removed = []
+    if read_marker(run_dir) is None:
+        return removed
     for folder, targets in ((Path(run_dir), _RUN_FILES), (Path(run_dir) / CHECKPOINTS, _RUN_FOLDERS[CHECKPOINTS])):
         if folder.is_dir() and not folder.is_symlink():
             for entry in folder.iterdir():

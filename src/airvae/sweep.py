@@ -113,7 +113,7 @@ def execute(task: Task) -> dict:
     failure is returned with ``status`` "failed" and written to ``error.json`` in the run
     directory; a run that another process is writing is skipped with ``status`` "locked"."""
     from .data import load_dataset
-    from .runs import ERROR, SUMMARY, RunLocked, read_json, write_json
+    from .runs import ERROR, SUMMARY, RunLocked, read_json
     from .train import train
 
     started = time.perf_counter()
@@ -147,12 +147,25 @@ def execute(task: Task) -> dict:
     except Exception as error:  # recorded, never propagated: one bad run must not stop a sweep
         out.update(status="failed", error=f"{type(error).__name__}: {error}")
         try:
-            if not run_dir.is_symlink():
-                write_json(run_dir / ERROR, {"error": out["error"], "traceback": traceback.format_exc()})
+            _record_failure(run_dir, {"error": out["error"], "traceback": traceback.format_exc()})
         except Exception:  # noqa: BLE001 - the failure is in `out` either way (e.g. a full disk, a file there)
             pass
     out["seconds"] = time.perf_counter() - started
     return out
+
+
+def _record_failure(run_dir: Path, error: dict) -> None:
+    """``RUN/error.json``, in a folder that is airvae's (a run, or new: then marked as airvae's first,
+    so that rerunning the sweep may use it); never in a folder that is someone else's."""
+    from .runs import ERROR, MARKER, RunError, run_dir_state, write_json, write_marker
+
+    try:
+        state = run_dir_state(run_dir)
+    except RunError:
+        return  # a link, a file or a foreign folder: the failure is reported, nothing is written there
+    if state == "new" and not (run_dir / MARKER).exists():
+        write_marker(run_dir, None)
+    write_json(run_dir / ERROR, error)
 
 
 def _strip_values(result: dict) -> dict:
@@ -445,9 +458,10 @@ def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progres
             results.append(result)
             failed += result["status"] != "ok"  # failed, or locked by another process
             if log_path is not None:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({k: v for k, v in result.items() if k != "evaluation"}) + "\n")
+                from .files import append_line, real_folder
+
+                real_folder(log_path.parent)
+                append_line(log_path, json.dumps({k: v for k, v in result.items() if k != "evaluation"}))
             bar.set_postfix(failed=failed)
             bar.update(1)
     finally:

@@ -69,16 +69,17 @@ class TrackingSettings:
     @classmethod
     def parse(cls, text: str) -> "TrackingSettings":
         """``--log``: comma-separated sink names, or ``none``."""
-        names = [name.strip().lower() for name in text.split(",") if name.strip()]
+        names = [name.strip().lower() for name in text.split(",")]
         if names == ["none"]:
             names = []
-        elif not names or not all(name in SINKS for name in names):
+        elif not all(name in SINKS for name in names) or len(set(names)) != len(names):  # no empty item, no repeat
             raise _invalid(text)
-        return cls(tuple(dict.fromkeys(names)))
+        return cls(tuple(names))
 
 
 def _invalid(log) -> ConfigError:
-    return ConfigError(f"invalid log = {log!r}: allowed a comma-separated subset of {', '.join(SINKS)}, or none")
+    return ConfigError(f"invalid log = {log!r}: allowed a comma-separated subset of {', '.join(SINKS)} (each "
+                       "once), or none")
 
 
 def _installed(module: str) -> bool:

@@ -27,7 +27,7 @@ from .estimators import iwae_log_likelihood
 from .model import LONG_TRAINING_STEPS, air_objective, compile_for
 from .resources import check_fits, training_memory
 from .runs import (BEST, BEST_NEXT, CONFIG, LAST, METRICS, SUMMARY, RunError, RunIOError, RunLock, append_line,
-                   check_clearable, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
+                   check_clearable, check_training_checkpoint, clean_temporaries, clear_run_dir, load_checkpoint, load_config, model_from_config,
                    read_marker, read_metrics, run_dir_state, save_checkpoint, write_error, write_json, write_marker,
                    write_metrics)
 from .tracking import Tracker, TrackingSettings, choose_sinks
@@ -155,8 +155,8 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: boo
                 write_marker(run_dir, data_digest)
             clean_temporaries(run_dir)
             return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
+    write_marker(run_dir, data_digest)  # first: only a marked folder is cleaned
     clean_temporaries(run_dir)
-    write_marker(run_dir, data_digest)
     write_json(run_dir / CONFIG, cfg.to_json())
     return cfg
 
@@ -223,6 +223,7 @@ class RunLog:
         saved = None
         if (self.run_dir / LAST).exists():
             saved = load_checkpoint(self.run_dir / LAST, device)
+            check_training_checkpoint(saved, self.cfg, self.run_dir / LAST)  # before anything is rewritten
             self.state = dict(saved["state"])
         self._clock = time.perf_counter() - self.state["seconds"]
         self.tracker = Tracker.start(self.run_dir, self.cfg, _forget_after(self.run_dir, self.step, device))
