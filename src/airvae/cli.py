@@ -414,10 +414,10 @@ def cmd_reproduce(args) -> int:
 
 def cmd_report(args) -> int:
     from .bundle import resolve
-    from .report import render
+    from .report import check_reproduction, render
     from .runs import RunLock
 
-    folder = resolve(args.results_dir)
+    folder = check_reproduction(resolve(args.results_dir))
     with RunLock(folder):  # refused while a reproduction writes the folder
         out_dir = render(folder)
     print((out_dir / "REPORT.md").read_text())

@@ -180,14 +180,20 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
     return lines
 
 
+def check_reproduction(out_dir: str | Path) -> Path:
+    """``out_dir`` if it holds a reproduction (its manifest.json); a one-line error otherwise."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
+                                "`airvae reproduce`")
+    return out_dir
+
+
 def render(out_dir: str | Path) -> Path:
     """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs."""
     from .questions import QUESTIONS
 
-    out_dir = Path(out_dir)
-    if not (out_dir / "manifest.json").exists():
-        raise FileNotFoundError(f"{out_dir} has no manifest.json: it is not a directory written by "
-                                "`airvae reproduce`")
+    out_dir = check_reproduction(out_dir)
     refuse_links_under(out_dir)  # nothing below is written through a link: reports, tables, figures, run plots
     manifest, rows = collect(out_dir)
     target = manifest["target"]

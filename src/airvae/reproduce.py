@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .config import ConfigError
 from .files import check_writable, refuse_links_under
 from .report import render
 from .runs import LOCK, RunError, RunLock, check_unlocked, read_json, write_json
@@ -79,20 +80,31 @@ def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
         if job.dataset not in datasets:
             datasets[job.dataset] = load_dataset(job.dataset, data_dir=data_dir, progress=False)
         dataset = datasets[job.dataset]
-        check_training_inputs(job.run_config(dataset, data_dir, device), dataset)
+        try:
+            cfg = job.run_config(dataset, data_dir, device)
+        except ConfigError as error:  # a strength of --grid that this dataset's dimension cannot take
+            if job.strength and ("sigma_sqrt_d" in str(error) or "ten_over_h" in str(error)):
+                raise ConfigError(f"invalid --grid strength {job.strength:g} for {job.family} on {job.dataset}: "
+                                  f"{str(error).split(': ', 1)[-1]}") from None
+            raise
+        check_training_inputs(cfg, dataset)
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    refuse_links_under(out_dir)
+    if out_dir.is_symlink():
+        raise RunError(f"--out {out_dir} is a symbolic link; airvae never writes through links: pass the real path")
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"--out {out_dir} is a file; choose a folder")
+    if out_dir.is_dir():
+        if any(p.name != LOCK for p in out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
+            raise RunError(f"--out {out_dir} is not empty and holds no airvae reproduction (manifest.json); "
+                           "choose a new or empty folder")
+        try:
+            refuse_links_under(out_dir)  # a reproduction of airvae's: nothing in it may be a link
+        except RunError as error:
+            raise RunError(f"--out: {error}") from None
+        check_unlocked(out_dir)  # refused at once while another reproduction writes here
     check_writable(out_dir)  # before hours of training, not at the first write
-    if not out_dir.is_dir():
-        return
-    if any(p.name != LOCK for p in out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
-        raise RunError(f"--out {out_dir} is not empty and holds no airvae reproduction (manifest.json); "
-                       "choose a new or empty folder")
-    check_unlocked(out_dir)  # refused at once while another reproduction writes here
 
 
 def extra_evaluation(target: str, budget: str, estimators: tuple[str, ...]) -> dict | None:
