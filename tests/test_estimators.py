@@ -402,3 +402,53 @@ def test_settings_keep_their_cache_key_unless_bdmc_is_chosen():
     chosen = EvaluationSettings(estimators=("bdmc",))
     assert chosen.identity()["bdmc_examples"] == 100
     assert chosen.short_hash() != EvaluationSettings(estimators=("bdmc",), bdmc_examples=50).short_hash()
+
+
+# ----------------------------------------------------------------------------------------------
+# IW-SVI scores with draws independent of those it optimized on (else its estimate is optimistic)
+
+
+def test_iw_svi_scores_its_fitted_q_with_the_scoring_stream_not_the_optimizations_draws(case, monkeypatch):
+    """IW-SVI = IWAE-k of the fitted q on each example's scoring stream (stream 0), computed here by
+    hand; never the draws of the optimization stream, which the fitted q is tuned to (optimistic)."""
+    from airvae import estimators
+    from airvae.estimators import STREAM_SCORE, STREAM_SVI, example_generator
+
+    model, x, _ = case
+    k, l, steps, seed = 13, 3, 20, 5
+    draws = {"fit": [], "score": []}  # every eps [n, b, z] the estimator decodes, by phase
+    real = estimators._log_weights_from_noise
+
+    def spy(model, xb, mean, std, eps):
+        draws["fit" if torch.is_grad_enabled() else "score"].append(eps.detach().clone())
+        return real(model, xb, mean, std, eps)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(estimators, "_log_weights_from_noise", spy)
+        est = iw_svi_log_likelihood(model, x, k=k, l=l, steps=steps, seed=seed).values
+    assert len(draws["fit"]) == steps and draws["score"], "the spy missed the optimization or the scoring"
+    mean_q, std_q = fit_iw_svi(model, x, l=l, steps=steps, seed=seed)
+    z_dim = mean_q.shape[-1]
+
+    def scored_with(stream):  # IWAE-k of the fitted q, example i's k draws: the first randn(k, z) of a stream
+        out = []
+        for i in range(x.shape[0]):
+            eps = torch.randn(k, z_dim, generator=example_generator(seed, i, torch.device("cpu"), stream))
+            log_w = real(model, x[i:i + 1], mean_q[i:i + 1], std_q[i:i + 1], eps[:, None, :])[:, 0]
+            out.append(torch.logsumexp(log_w.double(), 0) - math.log(k))
+        return torch.stack(out)
+
+    with torch.no_grad():
+        honest, reused = scored_with(STREAM_SCORE), scored_with(STREAM_SVI)
+    assert not torch.allclose(honest, reused, atol=1e-3), "the scoring and optimization streams coincide"
+    assert torch.allclose(est, honest, atol=1e-4, rtol=0), (
+        f"IW-SVI is not IWAE-{k} of its fitted q on the scoring stream (STREAM_SCORE): "
+        f"{est.tolist()} != {honest.tolist()}"
+        + (" - it equals the score on the optimization stream's draws (STREAM_SVI): optimistically biased"
+           if torch.allclose(est, reused, atol=1e-4, rtol=0) else ""))
+    # and directly: no latent draw of the scoring is one the optimization used on that example
+    fit = torch.cat(draws["fit"]).transpose(0, 1)  # [b, steps * l, z]
+    score = torch.cat(draws["score"]).transpose(0, 1)  # [b, k, z]
+    assert score.shape[:2] == (x.shape[0], k)
+    shared = [(i, j) for i in range(x.shape[0]) for j in range(k) if (fit[i] == score[i, j]).all(-1).any()]
+    assert not shared, f"IW-SVI scored with draws it optimized on (example, draw): {shared[:5]}"

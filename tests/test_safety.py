@@ -541,3 +541,49 @@ def test_resuming_from_the_stored_configuration_refuses_settings_it_would_ignore
     err = one_error_line(capsys)
     assert "--iterations" in err and "--k" in err
     assert main(["train", "--resume", "--run-dir", str(run), "--no-progress", "--device", "cpu"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The marker and link checks, each on its own (no other check may stand in for it)
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every entry under ``folder``: relative path -> bytes (files) or link target (links)."""
+    return {str(p.relative_to(folder)): (f"-> {os.readlink(p)}" if p.is_symlink() else
+                                         None if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_refuses_a_run_without_its_marker_even_when_all_else_is_airvae_s(trained, capsys):
+    """Only airvae's own files and a valid config.json, but no airvae-run.json: the marker check
+    alone must refuse (no foreign file here for another check to catch)."""
+    data, run = trained
+    (run / runs.MARKER).unlink()
+    assert runs.load_config(run) and runs.run_dir_state(run) == "run"  # valid config, nothing foreign
+    before = _snapshot(run)
+    assert runs.MARKER not in before and "config.json" in before and "metrics.jsonl" in before
+    capsys.readouterr()
+    assert main(train_args(data, run, "--overwrite")) == 2, "--overwrite cleared a folder without the marker"
+    err = one_error_line(capsys)
+    assert runs.MARKER in err and "marker" in err, err
+    assert _snapshot(run) == before, "the refused folder was changed"
+
+
+@pytest.mark.parametrize("inside", ["metrics.jsonl", "checkpoints/best.pt"])
+def test_resume_refuses_a_run_holding_a_link_before_any_work(tmp_path, monkeypatch, capsys, inside):
+    """A half-trained run where one of airvae's files is a symbolic link to a file outside: resume
+    refuses at once (status 2, one line naming the link), writing nothing, the target untouched."""
+    _, run = killed_run(tmp_path, monkeypatch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / Path(inside).name
+    shutil.move(run / inside, target)
+    (run / inside).symlink_to(target)
+    kept, before = target.read_bytes(), _snapshot(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress", "--device", "cpu"]) == 2, \
+        f"resumed into a run whose {inside} is a symbolic link"
+    err = one_error_line(capsys)
+    assert inside in err and "link" in err, err
+    assert target.read_bytes() == kept, "the link's target was written through"
+    assert _snapshot(run) == before, "the refused run was changed"

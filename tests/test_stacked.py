@@ -315,3 +315,55 @@ def test_a_diverging_run_stops_in_its_group_with_a_true_message_and_the_others_f
     assert summary["status"] == "diverged" and "holds step" in summary["message"] and "--lr" in summary["message"]
     assert not (tmp_path / "r1" / LAST).exists() or torch.isfinite(
         torch.cat([t.flatten() for t in load_checkpoint(tmp_path / "r1" / LAST)["model"].values()])).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial denoising with alpha != 0.5: eq. 16's weights are not symmetric, so a swap of the noisy
+# and clean terms shows (at alpha = 0.5 it cannot).
+
+PARTIAL = [BASE.replace(seed=0, iterations=20, regularizer=Regularizer(sigma=0.3, alpha=0.25)),
+           BASE.replace(seed=1, iterations=20, regularizer=Regularizer(sigma=0.6, alpha=0.75))]
+
+
+def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same_draws():
+    """Per run, the stacked objective equals ``air_objective`` (alpha * noisy + (1 - alpha) * clean)
+    of the run's own model fed the same generator, and differs from the swapped weighting."""
+    from airvae.model import air_objective
+    from airvae.runs import model_from_config
+    from airvae.stacked import StackedModel, _GroupDraws, stacked_objectives
+    from airvae.train import training_generator
+
+    cfgs, device = PARTIAL, torch.device("cpu")
+    assert len({group_key(c) for c in cfgs}) == 1
+    x = torch.as_tensor(tiny_dataset().train[:BASE.batch_size]).float()
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(model_from_config(cfg))
+    group = StackedModel(models, device)
+    draws = _GroupDraws(cfgs, [training_generator(c.seed, device) for c in cfgs], x.shape[1:], device)
+    xs = x.expand(len(cfgs), *x.shape).contiguous()
+    x_seen, eps, eps_clean = draws.next(xs, [True] * len(cfgs))
+    alpha = torch.tensor([c.regularizer.alpha for c in cfgs])
+    with torch.no_grad():
+        stacked = stacked_objectives(group, xs, x_seen, eps, eps_clean, alpha)
+        for r, (cfg, model) in enumerate(zip(cfgs, models)):
+            a = cfg.regularizer.alpha
+            alone = air_objective(model, x, cfg.k, cfg.m, a, generator=training_generator(cfg.seed, device))
+            torch.testing.assert_close(
+                stacked[r], alone, rtol=1e-5, atol=1e-4,
+                msg=lambda m, r=r, a=a: f"run {r} (alpha={a}): stacked objective is not eq. 16's "
+                                        f"alpha * noisy + (1 - alpha) * clean\n{m}")
+            # the two terms, separately, with the same draws: the weighting is alpha on the noisy one
+            g = training_generator(cfg.seed, device)
+            noisy = air_objective(model, x, cfg.k, cfg.m, 1.0, generator=g)
+            clean = air_objective(model, x, cfg.k, cfg.m, 0.0, generator=g)
+            assert not torch.allclose(noisy, clean, atol=1e-3), "the noisy and clean bounds must differ here"
+            torch.testing.assert_close(stacked[r], a * noisy + (1 - a) * clean, rtol=1e-5, atol=1e-4)
+            swapped = (1 - a) * noisy + a * clean
+            assert not torch.allclose(stacked[r], swapped, rtol=1e-5, atol=1e-4), \
+                f"run {r}: the stacked objective weights the clean bound by alpha={a} (eq. 16's weights swapped)"
+
+
+def test_a_partial_denoising_group_with_alpha_not_one_half_equals_its_runs_trained_separately(tmp_path):
+    alone_and_stacked(PARTIAL, tiny_dataset(), tmp_path, rtol=1e-5)
