@@ -6,8 +6,10 @@ import hashlib
 import io
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,17 @@ def test_unwritable_cache_still_returns_data(tmp_path):
     assert ds.train.shape == (4100, 784)
 
 
+@needs_data
+def test_cache_is_never_written_through_a_symbolic_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "cache").symlink_to(elsewhere)
+    with pytest.warns(UserWarning, match="could not write the dataset cache.*symbolic link"):
+        ds = _load("caltech", DATA, tmp_path / "cache")
+    assert ds.train.shape == (4100, 784)  # the data is still returned
+    assert not any(elsewhere.iterdir())
+
+
 # ----------------------------------------------------------------- error paths
 
 @needs_data
@@ -285,6 +298,106 @@ def test_user_npz_errors(tmp_path, arrays, match):
         load_dataset(f)
 
 
+# ----------------------------------------------------------------- hostile user files
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
+    """Just the header of a .npy file declaring an array of ``shape`` (no data need follow)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _npz_with_train(path: Path, train: bytes) -> Path:
+    """An .npz whose train.npy member is the given bytes; valid and test are fine."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("train.npy", train)
+        for s in ("valid", "test"):
+            z.writestr(f"{s}.npy", _npy(np.zeros((2, 3), np.uint8)))
+    return path
+
+
+def _refused(path, match: str) -> str:
+    with pytest.raises(DatasetError, match=match) as e:
+        load_dataset(path)
+    message = str(e.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+@pytest.fixture
+def no_array_reads(monkeypatch):
+    """Fail the test if any .npy member's data is read: refusals must come from headers alone."""
+    def read_array(*args, **kwargs):
+        raise AssertionError("an array was read before its size was checked")
+
+    monkeypatch.setattr(np.lib.format, "read_array", read_array)
+
+
+@pytest.mark.parametrize("member", [
+    np.random.default_rng(0).bytes(1000),  # not a .npy at all
+    b"\x93NUMPY\x01\x00\x0a\x00not a dict",  # the magic, then a header that is no header
+])
+def test_user_npz_member_that_is_not_an_array(tmp_path, member):
+    _refused(_npz_with_train(tmp_path / "bad.npz", member), r"member 'train\.npy' .*not a numpy array")
+
+
+def test_user_npz_declaring_a_huge_array_is_refused_from_its_header(tmp_path, no_array_reads):
+    # 10^12 elements at the real limits: refused before any memory is allocated for it.
+    f = _npz_with_train(tmp_path / "huge.npz", _npy_header((10**6, 10**6)) + bytes(64))
+    message = _refused(f, r"member 'train\.npy' declares a \(1000000, 1000000\) uint8 array")
+    assert "fewer examples" in message
+
+
+def test_user_npz_member_shorter_than_its_header_says(tmp_path, no_array_reads):
+    f = _npz_with_train(tmp_path / "short.npz", _npy_header((1000, 1000)) + bytes(10))
+    _refused(f, r"member 'train\.npy' declares .* but holds only")
+
+
+def test_user_npz_zip_bomb_is_refused_before_decompressing(tmp_path, monkeypatch, no_array_reads):
+    # A 1 MB block of zeros deflates ~1000:1, as a multi-GiB bomb would; the limits are lowered so
+    # that a small file shows it.
+    f = tmp_path / "bomb.npz"
+    np.savez_compressed(f, train=np.zeros((1000, 1000), np.uint8), valid=np.zeros((2, 1000)),
+                        test=np.zeros((2, 1000)))
+    monkeypatch.setattr(D, "MAX_COMPRESSION_RATIO", 100)
+    monkeypatch.setattr(D, "RATIO_CHECKED_ABOVE", 1000)
+    message = _refused(f, r"member 'train\.npy' decompresses to .* \(\d+:1, above the 100:1")
+    assert "np.savez" in message
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero", "folder"])
+def test_user_dataset_must_be_a_regular_file(tmp_path, kind):
+    f = tmp_path / "x.npz"
+    if kind == "FIFO":
+        os.mkfifo(f)
+    elif kind == "folder":
+        f.mkdir()
+    else:
+        f.symlink_to("/dev/zero")
+    _refused(f, "not a regular file")
+    with pytest.raises(DatasetError, match="not a regular file"):
+        D.check_dataset_name(str(f))
+
+
+def test_check_dataset_name_without_loading(tmp_path):
+    real = tmp_path / "real.npz"
+    np.savez(real, train=np.zeros((2, 3)), valid=np.zeros((1, 3)), test=np.zeros((1, 3)))
+    (tmp_path / "link.npz").symlink_to(real)  # a link to a regular file is fine
+    for name in ("mnist", "Digits", str(real), str(tmp_path / "link.npz")):
+        D.check_dataset_name(name)
+    assert load_dataset(tmp_path / "link.npz").dim == 3
+    with pytest.raises(DatasetError, match="does not exist"):
+        D.check_dataset_name(str(tmp_path / "missing.npz"))
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        D.check_dataset_name("cifar10")
+
+
 # ----------------------------------------------------------------- chardata.mat path
 
 def _git_blob(data: bytes) -> str:
@@ -388,6 +501,32 @@ def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="checksum mismatch"):
         load_dataset("caltech", cache_dir=tmp_path, progress=False)
     assert not any((tmp_path / "raw").iterdir())
+
+
+def test_download_never_writes_through_a_planted_link(tmp_path, monkeypatch):
+    # A link at the name the download used to stream into must not redirect the download's bytes.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "cache" / "raw").mkdir(parents=True)
+    (tmp_path / "cache" / "raw" / (CALTECH_MAT + ".part")).symlink_to(victim)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"<html>"))
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        load_dataset("caltech", cache_dir=tmp_path / "cache", progress=False)
+    assert victim.read_text() == "precious"
+
+
+@needs_data
+def test_download_folder_that_is_a_symbolic_link_is_not_used(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "raw").symlink_to(elsewhere)
+    payload = (ORIG / CALTECH_MAT).read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the fallback download folder
+    with pytest.warns(UserWarning, match="symbolic link"):
+        ds = load_dataset("caltech", cache_dir=tmp_path / "cache", progress=False)
+    assert ds.train.shape == (4100, 784) and not any(elsewhere.iterdir())
 
 
 def test_evenly_spaced_subsets_cover_the_whole_split():

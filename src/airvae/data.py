@@ -18,7 +18,8 @@ on the command line) or set ``AIRVAE_DATA_DIR``. ``download=False`` never touche
 network.
 
 The cache holds ``np.packbits(x, axis=-1)`` of each split (``train``, ``valid``,
-``test``), the int ``dim`` and a one-line ``origin``; it is written atomically.
+``test``), the int ``dim`` and a one-line ``origin``; it is written atomically and never through a
+symbolic link (a link at the cache folder, its ``raw/`` or a file only costs a warning and a reconversion).
 
 All returned arrays are ``(N, 784)`` uint8 in {0, 1}: row-major 28x28 images
 (``x.reshape(-1, 28, 28)`` is upright, except OMNIGLOT from chardata.mat, which keeps
@@ -55,9 +56,12 @@ first 1197 rows train, the next 300 valid, the last 300 test. Values ``x / 16``,
 ``image_shape=(1, 8, 8)``.
 
 A user's own ``.npz`` (arrays ``train``, ``valid``, ``test``, each ``(N, D)`` or images
-``(N, C, H, W)``) is loaded by passing its path; it is validated but not cached. Its values say
-what they are: 0/1 (any dtype) are binary; other integers (any integer dtype) are 8-bit grey
-levels 0..255, given to models as ``x / 255``; other floats are real-valued, given as they are.
+``(N, C, H, W)``) is loaded by passing its path (a regular file; links to one are followed); it is
+validated but not cached. Before any array data is read, each member's size declared by its ``.npy``
+header and its compression ratio are checked against ``MAX_ARRAY_BYTES`` and ``MAX_COMPRESSION_RATIO``,
+so a corrupt header or a zip bomb is refused instead of filling memory. Its values say what they
+are: 0/1 (any dtype) are binary; other integers (any integer dtype) are 8-bit grey levels 0..255,
+given to models as ``x / 255``; other floats are real-valued, given as they are.
 An optional integer entry ``levels`` (2..256) declares integer data on ``levels`` grey levels
 ``0..levels-1`` instead (given as ``x / (levels - 1)``).
 
@@ -70,19 +74,25 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
+import stat
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numpy.lib import format as npy_format
+
+from .files import TEMPORARY_TAG, RunError, atomic_write_bytes, real_folder
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -90,6 +100,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "Dataset",
     "DatasetError",
+    "check_dataset_name",
     "load_dataset",
 ]
 
@@ -98,11 +109,24 @@ DATA_DIR_ENV = "AIRVAE_DATA_DIR"
 CACHE_DIR_ENV = "AIRVAE_CACHE_DIR"
 SPLITS = ("train", "valid", "test")
 _PIXELS = 784  # all three datasets are 28x28
-_CACHE_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+_CACHE_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
+
+# What one array of an .npz may make airvae allocate, checked from the zip directory and the .npy
+# header before any array data is read (a user's file could otherwise exhaust memory from a few MB).
+# Every split is held in memory whole and converted to float32: a few GiB is already more than a
+# typical machine can train on (4 GiB: 1.3 million 28x28 float32 images).
+MAX_ARRAY_BYTES = 4 << 30
+# Real image data deflates far less (measured: binarized MNIST as float64 63:1, Lake's 105x105
+# OMNIGLOT strokes as float64 179:1), while zeros deflate ~1030:1 and bzip2/lzma bombs by millions.
+MAX_COMPRESSION_RATIO = 400
+# Members that decompress to less than this are harmless whatever their ratio (a constant toy split).
+RATIO_CHECKED_ABOVE = 64 << 20
 _HOW_TO_PROVIDE = (
     f"Put the files in a folder (or its originals/ subfolder) and pass --data-dir DIR "
     f"(data_dir=DIR in Python) or set {DATA_DIR_ENV}=DIR."
 )
+_NEED = ("arrays 'train', 'valid', 'test', each (N, D) or (N, C, H, W), e.g. "
+         "np.savez(path, train=x_train, valid=x_valid, test=x_test)")  # what a user's .npz must hold
 
 
 class DatasetError(ValueError):
@@ -203,8 +227,8 @@ class _Spec:
 
 
 def _read_packed_npz(paths: list[Path], v: _Variant) -> Arrays:
-    with np.load(paths[0], allow_pickle=False) as d:
-        return tuple(np.unpackbits(d[s], axis=-1, count=_PIXELS) for s in SPLITS)
+    d = _read_npz(paths[0], SPLITS)
+    return tuple(np.unpackbits(d[s], axis=-1, count=_PIXELS) for s in SPLITS)
 
 
 def _read_mat(paths: list[Path], v: _Variant, names: tuple[str, str, str]) -> Arrays:
@@ -434,16 +458,16 @@ def _check_splits(arrays, sizes, dim: int, where: str) -> Arrays:
 
 def _read_cache(path: Path, v: _Variant) -> tuple[Arrays, str]:
     try:
-        with np.load(path, allow_pickle=False) as d:
-            if int(d["dim"]) != _PIXELS:
-                raise ValueError(f"dim is {int(d['dim'])}, expected {_PIXELS}")
-            arrays = []
-            for s, n in zip(SPLITS, v.sizes):
-                packed = d[s]
-                if packed.dtype != np.uint8 or packed.shape != (n, (_PIXELS + 7) // 8):
-                    raise ValueError(f"split {s!r} has packed shape {packed.shape}")
-                arrays.append(np.unpackbits(packed, axis=-1, count=_PIXELS))
-            origin = str(d["origin"]) if "origin" in d.files else v.provenance
+        d = _read_npz(path, ("dim", *SPLITS), optional=("origin",))
+        if int(d["dim"]) != _PIXELS:
+            raise ValueError(f"dim is {int(d['dim'])}, expected {_PIXELS}")
+        arrays = []
+        for s, n in zip(SPLITS, v.sizes):
+            packed = d[s]
+            if packed.dtype != np.uint8 or packed.shape != (n, (_PIXELS + 7) // 8):
+                raise ValueError(f"split {s!r} has packed shape {packed.shape}")
+            arrays.append(np.unpackbits(packed, axis=-1, count=_PIXELS))
+        origin = str(d["origin"]) if "origin" in d else v.provenance
     except _CACHE_ERRORS as e:
         raise DatasetError(
             f"cache file {path} is corrupt or incompatible ({type(e).__name__}: {e}). "
@@ -453,63 +477,78 @@ def _read_cache(path: Path, v: _Variant) -> tuple[Arrays, str]:
 
 
 def _write_cache(path: Path, arrays: Arrays, origin: str) -> None:
-    # Temp file + os.replace: a crash or a concurrent reader never sees a partial cache.
-    tmp = None
+    # The packed splits are small (MNIST's: 7 MB), so the .npz is built in memory and written by
+    # airvae's one write path: atomic (a crash or a concurrent reader never sees a partial cache) and
+    # never through a symbolic link, neither at the file nor at the cache folder.
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, dim=np.int64(_PIXELS), origin=np.str_(origin),
+        **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays)},
+    )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f, dim=np.int64(_PIXELS), origin=np.str_(origin),
-                **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays)},
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache should stay readable
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write_bytes(path, buffer.getvalue(), root=path.parent)
+    except (RunError, OSError) as e:
         warnings.warn(
-            f"could not write the dataset cache {path} ({e}); the data is returned but will "
+            f"could not write the dataset cache {path} ({_reason(e)}); the data is returned but will "
             f"be converted again next time. Pass cache_dir or set {CACHE_DIR_ENV} to a "
             f"writable folder.",
             stacklevel=3,
         )
 
 
+def _reason(error: BaseException) -> str:
+    """Why a write failed, without the advice of a run's error message (the OS error when there is one)."""
+    return str(error.__cause__ if isinstance(error.__cause__, OSError) else error)
+
+
 def _download(url: str, dest: Path, expected: str, progress: bool) -> Path:
+    # Streamed into a new temporary file (mkstemp creates it, so a link planted at its name is never
+    # followed) and renamed onto dest only once its checksum matches: the rename replaces whatever
+    # entry dest is instead of writing through it, and nothing of a failed download stays behind.
+    tmp = None
+    try:
+        try:
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}{TEMPORARY_TAG}")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from colleagues
+                _fetch(url, f, dest.name, progress)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+            raise DatasetError(f"download of {url} failed ({type(e).__name__}: {e})") from e
+        try:
+            _verify(tmp, expected)
+        except DatasetError as e:
+            raise DatasetError(f"downloaded {url} but it was deleted: {e}") from e
+        os.replace(tmp, dest)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # already renamed, unless the download failed
+    return dest
+
+
+def _fetch(url: str, f, desc: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=dest.name, disable=not progress) as bar:
-                for chunk in iter(lambda: r.read(1 << 16), b""):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-        tmp.unlink(missing_ok=True)
-        raise DatasetError(f"download of {url} failed ({type(e).__name__}: {e})") from e
-    try:
-        _verify(tmp, expected)
-    except DatasetError as e:
-        tmp.unlink(missing_ok=True)
-        raise DatasetError(f"downloaded {url} but it was deleted: {e}") from e
-    os.replace(tmp, dest)
-    return dest
+    with urllib.request.urlopen(url, timeout=60) as r:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=desc, disable=not progress) as bar:
+            for chunk in iter(lambda: r.read(1 << 16), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
 
 
 def _raw_dir(cache_dir: Path) -> Path:
     raw = cache_dir / "raw"
     try:
-        raw.mkdir(parents=True, exist_ok=True)
+        real_folder(raw, root=cache_dir)  # created if missing; refused if it or the cache folder is a link
         if os.access(raw, os.W_OK):
             return raw
-    except OSError:
-        pass
+        reason = "not writable"
+    except (RunError, OSError) as e:
+        reason = _reason(e)
     tmp = Path(tempfile.mkdtemp(prefix="airvae-download-"))
-    warnings.warn(f"{raw} is not writable; downloading into {tmp} instead", stacklevel=4)
+    warnings.warn(f"cannot download into {raw} ({reason}); downloading into {tmp} instead", stacklevel=4)
     return tmp
 
 
@@ -602,36 +641,21 @@ def _load_named(spec: _Spec, data_dir, cache_dir, download: bool, progress: bool
 
 
 def _load_user_npz(path: Path) -> Dataset:
-    if not path.is_file():
-        raise DatasetError(
-            f"dataset file {path} does not exist. Pass the path of an existing .npz or one "
-            f"of {', '.join(DATASETS)}."
-        )
-    need = ("arrays 'train', 'valid', 'test', each (N, D) or (N, C, H, W), e.g. "
-            "np.savez(path, train=x_train, valid=x_valid, test=x_test)")
-    if not zipfile.is_zipfile(path):
-        raise DatasetError(f"{path} is not an .npz archive (it is not a zip file); a dataset .npz needs {need}")
     try:
-        with np.load(path, allow_pickle=False) as d:
-            if not hasattr(d, "files"):
-                raise DatasetError(f"{path} holds a single array; a dataset .npz needs {need}")
-            missing = [s for s in SPLITS if s not in d.files]
-            if missing:
-                held = ", ".join(d.files) or "nothing"
-                raise DatasetError(
-                    f"{path} lacks {', '.join(missing)} (it holds {held}); "
-                    f"a dataset .npz needs {need}"
-                )
-            arrays = [d[s] for s in SPLITS]
-            levels = d["levels"] if "levels" in d.files else None
+        with _open_regular_file(path) as f:
+            if not zipfile.is_zipfile(f):
+                raise DatasetError(f"{path} is not an .npz archive (it is not a zip file); a dataset .npz "
+                                   f"needs {_NEED}")
+            d = _read_npz(path, SPLITS, optional=("levels",), file=f, advice=f"; a dataset .npz needs {_NEED}")
     except DatasetError:  # a ValueError too; must not be re-wrapped below
         raise
-    except _CACHE_ERRORS as e:
+    except (*_CACHE_ERRORS, RuntimeError) as e:  # RuntimeError: zipfile's encrypted or unsupported members
         raise DatasetError(f"could not read {path} as .npz ({type(e).__name__}: {e}); "
-                           f"it needs {need}") from e
+                           f"it needs {_NEED}") from e
+    arrays, levels = [d[s] for s in SPLITS], d.get("levels")
     event = arrays[0].shape[1:]
     if len(event) not in (1, 3):
-        raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {need} "
+        raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {_NEED} "
                            "(single-channel images (N, H, W) as x[:, None])")
     for s, x in zip(SPLITS, arrays):
         if x.dtype.kind not in "biuf":
@@ -701,9 +725,135 @@ def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | 
     path = Path(text).expanduser()
     if path.suffix == ".npz":
         return _load_user_npz(path)
+    raise _not_a_dataset(text, path)
+
+
+def check_dataset_name(name_or_path: str | os.PathLike) -> None:
+    """Refuse, without reading any data, what :func:`load_dataset` would refuse from the name alone: an
+    unknown name, or an ``.npz`` path that does not exist or is not a regular file. Commands call it
+    before long work starts."""
+    text = os.fspath(name_or_path)
+    if text.lower() in DATASETS:
+        return
+    path = Path(text).expanduser()
+    if path.suffix != ".npz":
+        raise _not_a_dataset(text, path)
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a regular file is fine
+    except FileNotFoundError:
+        raise _missing_file(path) from None
+    except OSError as e:
+        raise DatasetError(f"cannot use dataset file {path} ({e.strerror}); check its permissions") from e
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+
+
+def _not_a_dataset(text: str, path: Path) -> DatasetError:
     if path.is_file():
-        raise DatasetError(f"{path}: only .npz files are supported for user datasets")
-    raise DatasetError(
-        f"unknown dataset {text!r}: use one of {', '.join(DATASETS)} or the path of an "
-        f".npz file with arrays train, valid, test"
-    )
+        return DatasetError(f"{path}: only .npz files are supported for user datasets")
+    return DatasetError(f"unknown dataset {text!r}: use one of {', '.join(DATASETS)} or the path of an "
+                        f".npz file with arrays train, valid, test")
+
+
+# --------------------------------------------------------------------------- reading .npz files safely
+
+def _missing_file(path: Path) -> DatasetError:
+    what = "is a symbolic link to a file that does not exist" if path.is_symlink() else "does not exist"
+    return DatasetError(f"dataset file {path} {what}. Pass the path of an existing .npz or one of "
+                        f"{', '.join(DATASETS)}.")
+
+
+def _not_regular(path: Path, mode: int) -> DatasetError:
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    if path.is_symlink():
+        kind = f"a symbolic link to {kind}"
+    return DatasetError(f"dataset file {path} is not a regular file (it is {kind}); pass the path of an .npz "
+                        f"file with {_NEED}")
+
+
+def _open_regular_file(path: Path):
+    """``path`` opened for binary reading, refused unless it is a regular file (links followed): a FIFO
+    would block the read forever, /dev/zero never ends, a folder has nothing to read. The check is
+    on the opened file itself, so nothing can be swapped in between check and read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
+    except FileNotFoundError:
+        raise _missing_file(path) from None
+    except OSError as e:
+        raise DatasetError(f"cannot open dataset file {path} ({e.strerror}); check its permissions") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _read_npz(path: Path, names, optional=(), *, file=None, advice: str = "") -> dict[str, np.ndarray]:
+    """The arrays ``names`` (all required) and those of ``optional`` present in the .npz at ``path``
+    (or the open ``file``), like ``np.load`` without pickles; every member is checked against the
+    limits above from its zip entry and .npy header before any member's data is read. A problem of
+    the file is a DatasetError naming it; OS and zip errors propagate for the caller to phrase."""
+    with zipfile.ZipFile(file if file is not None else path) as z:
+        # As np.load names them: the member "train.npy" is the array "train".
+        members = {info.filename.removesuffix(".npy"): info for info in z.infolist()}
+        missing = [n for n in names if n not in members]
+        if missing:
+            held = ", ".join(members) or "nothing"
+            raise DatasetError(f"{path} lacks {', '.join(missing)} (it holds {held}){advice}")
+        wanted = [n for n in (*names, *optional) if n in members]
+        for n in wanted:
+            _check_member(path, z, members[n])
+        return {n: _read_member(z, members[n]) for n in wanted}
+
+
+def _check_member(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose compression ratio or declared array size is beyond the limits above, or
+    that is not a .npy file at all, from its zip entry and the first bytes of its header only."""
+    where = f"{path}: member {info.filename!r}"
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > RATIO_CHECKED_ABOVE and ratio > MAX_COMPRESSION_RATIO:
+        raise DatasetError(
+            f"{where} decompresses to {_size(info.file_size)} from {_size(info.compress_size)} ({ratio:.0f}:1, "
+            f"above the {MAX_COMPRESSION_RATIO}:1 that real image data stays under), as a zip bomb does; "
+            f"if the data are genuine, save them uncompressed with np.savez")
+    with z.open(info) as fp:
+        shape, dtype = _npy_header(where, fp)
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > MAX_ARRAY_BYTES:
+        raise DatasetError(
+            f"{where} declares a {shape} {dtype} array ({_size(declared)}), more than the "
+            f"{_size(MAX_ARRAY_BYTES)} airvae loads per array; store fewer examples or a smaller dtype "
+            f"(uint8 for grey levels, bool for binary data)")
+    if declared > info.file_size:  # zipfile never decompresses more than file_size bytes
+        raise DatasetError(
+            f"{where} declares a {shape} {dtype} array ({_size(declared)}) but holds only "
+            f"{_size(info.file_size)}; the file is truncated or corrupt: save it again")
+
+
+def _npy_header(where: str, fp) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of the .npy file ``fp``, reading nothing of its data."""
+    try:
+        version = npy_format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):  # 3.0 only adds non-Latin-1 field names of structured arrays
+            raise ValueError(f".npy format version {version[0]}.{version[1]} holds no plain numeric array")
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _, dtype = read_header(fp)
+    except ValueError as e:
+        raise DatasetError(f"{where} is not a numpy array (.npy) file ({' '.join(str(e).split())}); save the "
+                           f"arrays with np.savez") from e
+    return shape, dtype
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with z.open(info) as fp:
+        return npy_format.read_array(fp, allow_pickle=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
