@@ -4,9 +4,11 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import stat
 import struct
+import tempfile
 import warnings
 import zipfile
 from functools import partial
@@ -299,3 +301,313 @@ def test_size_limits_are_enforced_before_and_while_extracting(tmp_path, monkeypa
     assert main(["report", str(archive)]) == 2
     assert "Bad CRC-32 for file 'REPORT.md'" in one_error_line(capsys)
     assert not list((tmp_path / "cache" / "bundles").iterdir())  # the partial extraction was removed
+
+
+# ----------------------------------------------------------------------------------------------
+# A bundle's manifest is checked before it names a path
+
+
+def recrafted(source: Path, out: Path, manifest=None, members: dict | None = None) -> Path:
+    """``source`` (a bundle airvae wrote) copied as ``out``, its manifest.json passed through ``manifest``
+    (a function changing the parsed JSON in place) and the entries in ``members`` replaced (bytes)."""
+    members = dict(members or {})
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for info in original.infolist():
+            data = members.pop(info.filename, None) or original.read(info)
+            if info.filename == "manifest.json" and manifest is not None:
+                parsed = json.loads(data)
+                manifest(parsed)
+                data = json.dumps(parsed).encode()
+            z.writestr(info, data)
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out
+
+
+def test_a_manifest_naming_a_run_outside_the_bundle_is_refused(reproduction, bundled, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(cache))
+    victim = cache / "bundles" / "victim"  # a run beside the extraction, which the manifest points at
+    shutil.copytree(reproduction / RUN, victim)
+    shutil.rmtree(victim / "plots")
+    escape = "0/" + "../" * 6 + "victim"  # from runs/tiny/k1-m1/plain/seed0 up to the cache's bundles/
+    archive = recrafted(bundled, tmp_path / "crafted.zip", lambda m: m["jobs"][0].update(seed=escape))
+    assert main(["report", str(archive)]) == 2
+    err = one_error_line(capsys)
+    assert str(archive) in err and "invalid seed" in err and "manifest.json" in err
+    assert not (victim / "plots").exists()  # nothing was drawn into it
+    with pytest.raises(airvae.runs.RunError, match="invalid seed"):
+        bundle.extract(archive)
+
+
+def test_an_extracted_manifest_is_checked_on_every_use(bundled, tmp_path, monkeypatch, capsys):
+    """An extraction that changed after it was checked (or an older airvae's): its manifest is checked
+    again, and a run folder that leads elsewhere through a link is refused."""
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    extracted = bundle.extract(bundled)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(extracted / "runs" / "tiny", elsewhere)
+    (extracted / "runs" / "tiny").symlink_to(elsewhere)
+    before = {path: path.stat().st_mtime_ns for path in elsewhere.rglob("*")}
+    assert main(["report", str(bundled)]) == 2
+    err = one_error_line(capsys)
+    assert f"bundle {bundled} refused" in err and "runs/tiny/k1-m1/plain/seed0 leads outside" in err, err
+    assert {path: path.stat().st_mtime_ns for path in elsewhere.rglob("*")} == before  # nothing written there
+    (extracted / "runs" / "tiny").unlink()
+    shutil.move(elsewhere, extracted / "runs" / "tiny")
+    manifest = json.loads((extracted / "manifest.json").read_text())
+    manifest["jobs"][0]["seed"] = "0/../../../../../../x"
+    (extracted / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", str(bundled)]) == 2
+    assert "invalid seed" in one_error_line(capsys)
+
+
+def test_a_manifest_anywhere_in_a_bundle_is_checked_before_extracting(bundled, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = json.loads(zipfile.ZipFile(bundled).read("manifest.json"))
+    manifest["jobs"][0]["seed"] = "0/../../../../../../x"
+    archive = recrafted(bundled, tmp_path / "crafted.zip", members={"runs/nested/manifest.json":
+                                                                     json.dumps(manifest).encode()})
+    assert main(["report", f"{archive}/runs/nested"]) == 2  # would read runs/nested's manifest
+    err = one_error_line(capsys)
+    assert "refused: runs/nested/manifest.json: jobs[0]: invalid seed" in err, err
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def _drop(key):
+    return lambda manifest: manifest.pop(key)
+
+
+def _job(**fields):
+    return lambda manifest: manifest["jobs"][0].update(fields)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (_drop("jobs"), "'jobs' is missing"),
+    (lambda m: m.update(jobs={"family": "plain"}), "invalid jobs"),
+    (lambda m: m.update(jobs=[]), "invalid jobs"),
+    (lambda m: m.update(target="table9"), "invalid target = 'table9'"),
+    (lambda m: m.update(target=["table1"]), "invalid target = ['table1']"),
+    (lambda m: m.update(datasets=["../../elsewhere.npz/x"]), "invalid dataset"),
+    (lambda m: m.update(budget="huge"), "invalid budget = 'huge'"),
+    (lambda m: m.update(seeds="3"), "invalid seeds = '3'"),
+    (lambda m: m.update(grid=["5"]), "invalid grid"),
+    (lambda m: m["evaluation"].update(bogus=1), "evaluation: unknown evaluation settings bogus"),
+    (lambda m: m["evaluation"].update(k_iwae=-1), "invalid k_iwae = -1"),
+    (_job(seed="0"), "invalid seed = '0'"),
+    (_job(seed=-1), "invalid seed = -1"),
+    (_job(seed=2**40), "invalid seed = 1099511627776"),
+    (_job(k=0), "invalid k = 0"),
+    (_job(m=1.5), "invalid m = 1.5"),
+    (_job(strength=float("nan")), "invalid strength = nan"),
+    (_job(strength="0"), "invalid strength = '0'"),
+    (_job(family="evil"), "invalid family = 'evil'"),
+    (_job(dataset="../../x"), "invalid dataset = '../../x'"),
+    (_job(dataset="/data/..npz"), "invalid dataset = '/data/..npz'"),  # its stem "." would name a folder
+    (_job(budget=None), "invalid budget = None"),
+    (_job(architecture="../x"), "invalid architecture = '../x'"),
+    (_job(iterations=0), "invalid iterations = 0"),
+    (_job(surprise=1), "unknown field"),
+    (_job(strength=5.0), "regularized families need a strength > 0"),  # plain at a strength: sweep.Job's own check
+    (lambda m: m["jobs"][0].pop("family"), "jobs[0]: 'family' is missing"),
+    (lambda m: m["jobs"].__setitem__(0, "plain"), "jobs[0]"),
+])
+def test_a_bundle_with_an_invalid_manifest_is_refused_in_one_line(bundled, tmp_path, monkeypatch, capsys, edit, why):
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    archive = recrafted(bundled, tmp_path / "crafted.zip", edit)
+    assert main(["report", str(archive)]) == 2
+    err = one_error_line(capsys)
+    assert f"bundle {archive}" in err and "manifest.json" in err and why in err, err
+    assert not (tmp_path / "cache" / "bundles").exists() or not list((tmp_path / "cache" / "bundles").iterdir())
+
+
+def test_a_manifest_that_is_not_a_json_object_is_refused(bundled, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    for data, why in ((b"[1, 2]", "a JSON object"), (b"{not json", "not valid JSON")):
+        archive = recrafted(bundled, tmp_path / "crafted.zip", members={"manifest.json": data})
+        assert main(["report", str(archive)]) == 2
+        err = one_error_line(capsys)
+        assert f"bundle {archive}" in err and why in err, err
+
+
+def test_a_local_reproduction_with_an_invalid_manifest_is_not_bundled(reproduction, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(reproduction, results)
+    manifest = json.loads((results / "manifest.json").read_text())
+    del manifest["jobs"]
+    (results / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["bundle", str(results), "--out", str(tmp_path / "shared.zip")]) == 2
+    assert f"{results / 'manifest.json'}: 'jobs' is missing" in one_error_line(capsys)
+    assert not (tmp_path / "shared.zip").exists()
+
+
+def test_best_weights_without_the_model_entry_are_named_in_one_line(reproduction, bundled, tmp_path, monkeypatch,
+                                                                    capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reproduction / RUN, run)
+    torch.save({"step": 3, "weights": {}}, run / "checkpoints" / "best.pt")  # no "model" entry
+    out = tmp_path / "run.zip"
+    assert main(["bundle", str(run), "--out", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert f"{run / 'checkpoints' / 'best.pt'} holds no 'model' entry" in err and str(out) in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # Read back: weights that are not the run's model are named too.
+    from safetensors.torch import save
+
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    archive = recrafted(bundled, tmp_path / "crafted.zip", members={f"{RUN}/{BEST_WEIGHTS}": save({})})
+    assert main(["evaluate", f"{archive}/{RUN}", "--estimators", "iwae", "--k", "8", "--max-examples", "8",
+                 "--no-progress", "--device", "cpu"]) == 2
+    assert "does not match the model" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writes never go through links
+
+
+def test_an_out_folder_that_is_a_link_is_refused(reproduction, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    for out in (tmp_path / "link" / "run.zip", tmp_path / "link" / "new" / "run.zip"):
+        assert main(["bundle", str(reproduction / RUN), "--out", str(out)]) == 2
+        assert f"{tmp_path / 'link'} is a symbolic link" in one_error_line(capsys)
+    assert not list(elsewhere.iterdir())
+    # A missing folder is created, each level checked; the temporary file carries airvae's tag.
+    seen = []
+    link = os.link
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "link", lambda source, target: seen.append(Path(source).name) or link(source, target))
+        out = tmp_path / "new" / "deeper" / "run.zip"
+        assert main(["bundle", str(reproduction / RUN), "--out", str(out)]) == 0
+    assert zipfile.ZipFile(out).testzip() is None and out.stat().st_mode & 0o777 == 0o644
+    assert len(seen) == 1 and seen[0].startswith(".run.zip.airvae-tmp-")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run.zip"]
+
+
+def test_an_extraction_never_goes_through_a_link(bundled, tmp_path, monkeypatch, capsys):
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(cache))
+    elsewhere.mkdir()
+    cache.mkdir()
+    (cache / "bundles").symlink_to(elsewhere)  # the cache's bundles folder is a link
+    assert main(["report", str(bundled)]) == 2
+    assert f"{cache / 'bundles'} is a symbolic link" in one_error_line(capsys)
+    assert not list(elsewhere.iterdir())
+    (cache / "bundles").unlink()
+    (cache / "bundles").mkdir()
+    digest = hashlib.sha256(bundled.read_bytes()).hexdigest()
+    (cache / "bundles" / digest).symlink_to(elsewhere)  # the extraction's own folder is a link
+    assert main(["report", str(bundled)]) == 2
+    assert f"{cache / 'bundles' / digest} is a symbolic link" in one_error_line(capsys)
+    assert not list(elsewhere.iterdir())
+    (cache / "bundles" / digest).unlink()
+    # Extracted through a temporary folder with airvae's tag, every file synced before it is published.
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    mkdtemp = tempfile.mkdtemp
+    made = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(mkdtemp(**kw)) or made[-1])
+    assert bundle.extract(bundled) == cache / "bundles" / digest
+    assert len(made) == 1 and Path(made[0]).name.startswith(f".{digest[:16]}.airvae-tmp-")
+    assert len(synced) >= len(zipfile.ZipFile(bundled).namelist())
+    assert sorted(p.name for p in (cache / "bundles").iterdir()) == [digest]
+
+
+# ----------------------------------------------------------------------------------------------
+# Zip bombs
+
+
+def bomb(tmp_path: Path, sizes: list[int]) -> Path:
+    """A bundle of zeros: deflate packs them about 1000 to 1."""
+    archive = tmp_path / f"bomb-{len(sizes)}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("airvae-bundle.json", json.dumps({"airvae_bundle": 1}))
+        for number, size in enumerate(sizes):
+            z.writestr(f"runs/x/evaluations/{number}.json", b"0" * size)
+    return archive
+
+
+def test_a_zip_bomb_is_refused_by_its_compression_ratio_before_extracting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    for archive, why in ((bomb(tmp_path, [bundle.RATIO_FLOOR * 2]), "runs/x/evaluations/0.json' expands"),
+                         (bomb(tmp_path, [bundle.RATIO_FLOOR // 8] * 16), "its files expand")):
+        assert main(["report", str(archive)]) == 2
+        err = one_error_line(capsys)
+        assert "refused" in err and why in err and f"more than {bundle.MAX_RATIO} times" in err, err
+        assert not list((tmp_path / "cache").rglob("*"))
+    # A central directory that overstates the compressed size (to pass the ratio) is refused as well.
+    archive = bomb(tmp_path, [bundle.RATIO_FLOOR * 2])
+    raw = bytearray(archive.read_bytes())
+    at = raw.rfind(b"PK\x01\x02") + 20  # the last entry's compressed size in the central directory
+    struct.pack_into("<I", raw, at, bundle.RATIO_FLOOR * 2)
+    archive.write_bytes(bytes(raw))
+    assert main(["report", str(archive)]) == 2
+    err = one_error_line(capsys)
+    assert "refused" in err and "runs/x/evaluations/0.json" in err and "overlaps" in err, err
+    assert not list((tmp_path / "cache").rglob("*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# A read-only source is bundled
+
+
+def _read_only(patch: pytest.MonkeyPatch) -> None:
+    """Lock files cannot be created, as on a read-only file system; reading them still works."""
+    import errno
+
+    from airvae.files import write_error
+
+    open_lock = airvae.runs._open_lock
+
+    def refused(path, write):
+        if write:
+            error = OSError(errno.EROFS, "Read-only file system")
+            raise write_error(Path(path), error) from error
+        return open_lock(path, write)
+
+    patch.setattr(airvae.runs, "_open_lock", refused)
+
+
+def test_a_read_only_source_is_bundled_without_its_lock(reproduction, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(reproduction, results)
+    report = (results / "REPORT.md").stat().st_mtime_ns
+    rendered = []
+    monkeypatch.setattr(airvae.report, "render", lambda out: rendered.append(out))
+    with pytest.MonkeyPatch.context() as patch:
+        _read_only(patch)
+        assert main(["bundle", str(results / RUN), "--out", str(tmp_path / "run.zip")]) == 0
+        assert main(["bundle", str(results), "--out", str(tmp_path / "all.zip")]) == 0
+    assert not rendered and (results / "REPORT.md").stat().st_mtime_ns == report  # written as it is, not rebuilt
+    assert "REPORT.md" in zipfile.ZipFile(tmp_path / "all.zip").namelist()
+    # Another process writing a run: still refused.
+    with RunLock(results / FAILED), pytest.MonkeyPatch.context() as patch:
+        _read_only(patch)
+        assert main(["bundle", str(results), "--out", str(tmp_path / "again.zip")]) == 2
+    assert "being written by another airvae process" in one_error_line(capsys)
+    assert not (tmp_path / "again.zip").exists()
+    # Any other failure to create the lock is still an error.
+    import errno
+
+    def full(path, write):
+        raise airvae.files.write_error(Path(path), OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(airvae.runs, "_open_lock", full)
+    assert main(["bundle", str(results / RUN), "--out", str(tmp_path / "full.zip")]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+
+
+def test_a_folder_without_write_permission_is_bundled(reproduction, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into folders without write permission")
+    run = tmp_path / "run"
+    shutil.copytree(reproduction / RUN, run)
+    (run / ".lock").unlink(missing_ok=True)
+    run.chmod(0o555)
+    try:
+        assert main(["bundle", str(run), "--out", str(tmp_path / "run.zip")]) == 0
+    finally:
+        run.chmod(0o755)
+    assert BEST_WEIGHTS in zipfile.ZipFile(tmp_path / "run.zip").namelist()
