@@ -470,12 +470,12 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path, holder):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--z-dim", "0"], "z_dim"), (["--encoder", ""], "encoder"), (["--decoder", " "], "decoder"),
-    (["--ten-over-h", "1e-320"], "ten_over_h"), (["--seed", "1e23"], "seed"), (["--seed", "-1"], "seed"),
-    (["--k", "1e13"], "memory"), (["--m", "100000000000"], "memory"), (["--z-dim", "1e12"], "memory"),
-    (["--val-k", "1e15"], "memory"), (["--encoder", "d100000000-d100000000"], "memory"),
+    (["--z-dim", "0"], "--z-dim"), (["--encoder", ""], "encoder"), (["--decoder", " "], "decoder"),
+    (["--ten-over-h", "1e-320"], "--ten-over-h"), (["--seed", "1e23"], "seed"), (["--seed", "-1"], "seed"),
+    (["--k", "1e13"], "--k"), (["--m", "100000000000"], "--m"), (["--m", "1e7"], "memory"),
+    (["--z-dim", "1e12"], "memory"), (["--val-k", "1e15"], "--val-k"), (["--encoder", "d100000000-d100000000"], "memory"),
     (["--device", "cpu:abc"], "device"), (["--device", "cuda:-1"], "device"), (["--device", "mps"], "device"),
-    (["--batch-size", "1000"], "batch_size"), (["--sigma-sqrt-d", "inf"], "sigma_sqrt_d"),
+    (["--batch-size", "1000"], "--batch-size"), (["--sigma-sqrt-d", "inf"], "--sigma-sqrt-d"),
 ])
 def test_values_once_accepted_silently_or_crashing_are_refused(tmp_path, capsys, flags, named):
     data = write_npz(tmp_path / "tiny.npz")
@@ -520,7 +520,7 @@ def test_reproduce_into_a_file_or_with_negative_gpus_is_refused(tmp_path, capsys
     assert main(base + ["--out", str(data)]) == 2
     assert "is a file" in one_error_line(capsys)
     assert main(base + ["--out", str(tmp_path / "o"), "--executor", "ray", "--gpus-per-task", "-1"]) == 2
-    assert "gpus_per_task" in one_error_line(capsys) and not (tmp_path / "o").exists()
+    assert "--gpus-per-task" in one_error_line(capsys) and not (tmp_path / "o").exists()
     assert main(["evaluate", str(tmp_path), "--k", "1e13"]) == 2  # not a run: named before anything else
     assert "not an airvae run" in one_error_line(capsys)
 
@@ -528,7 +528,7 @@ def test_reproduce_into_a_file_or_with_negative_gpus_is_refused(tmp_path, capsys
 def test_evaluate_refuses_settings_that_cannot_fit_before_any_work(trained, capsys):
     _, run = trained
     capsys.readouterr()
-    for flags in (["--estimators", "iwae", "--k", "1e13"], ["--svi-l", "1e12"], ["--estimators", "ais", "--ais-chains", "1e12"]):
+    for flags in (["--svi-l", "1e7"], ["--estimators", "ais", "--ais-chains", "1e6"]):  # within the bounds
         assert main(["evaluate", str(run), "--no-progress", *flags]) == 2
         assert "memory" in one_error_line(capsys)
     assert not (run / "evaluations").exists()

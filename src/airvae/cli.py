@@ -148,14 +148,14 @@ def _likelihood(args, dataset) -> LikelihoodConfig:
 
 
 def _check_dataset_name(name: str) -> None:
-    from .data import DATASETS
+    from .data import DATASETS, check_dataset_name
 
-    if name.endswith(".npz") and Path(name).exists() and not Path(name).is_file():
-        raise ConfigError(f"invalid --dataset = {name!r}: not a regular file (a folder, a device or a pipe); "
-                          "give the path of a .npz file with train/valid/test arrays")
-    if name not in DATASETS and not (name.endswith(".npz") and Path(name).is_file()):
+    if name in DATASETS:
+        return
+    if not name.endswith(".npz"):
         raise ConfigError(f"invalid --dataset = {name!r}: allowed {', '.join(DATASETS)}, "
                           "or the path of an existing .npz file with train/valid/test arrays")
+    check_dataset_name(name)  # missing, or not a regular file (a folder, a device, a pipe): one line
 
 
 def default_run_dir(cfg) -> Path:
