@@ -270,13 +270,16 @@ def fake_run(monkeypatch, tmp_path, model, x):
 
     def load_dataset(name, data_dir=None, **kwargs):
         data = x.to(torch.uint8).numpy()
-        return types.SimpleNamespace(split=lambda s: data, deviation="synthetic stand-in")
+        return types.SimpleNamespace(split=lambda s: data, deviation="synthetic stand-in", dim=data.shape[1])
 
     runs = types.ModuleType("airvae.runs")
     runs.load_config = lambda path: cfg
     runs.load_trained_model_with_digest = load_trained_model_with_digest
+    runs.read_marker = lambda path: None  # a run from before markers: no recorded data digest
     data = types.ModuleType("airvae.data")
     data.load_dataset = load_dataset
+    data.DatasetError = ValueError
+    data.dataset_digest = lambda dataset: "d" * 64
     monkeypatch.setitem(sys.modules, "airvae.runs", runs)
     monkeypatch.setitem(sys.modules, "airvae.data", data)
     return run_dir, calls

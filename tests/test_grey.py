@@ -163,10 +163,10 @@ def test_each_likelihood_trains_and_evaluates_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "digits", "--likelihood", "bernoulli"], "it scores binary data, and 'digits' is on a grid of 17"),
-    (["--dataset", "digits", "--num-bins", "256"], "invalid num_bins = 256"),
+    (["--dataset", "digits", "--num-bins", "256"], "invalid --num-bins = 256"),
     (["--dataset", "digits", "--encoder", "c99999k3s1-c99999k3s1"], "training needs about"),
     (["--dataset", "digits", "--encoder", "c4k4s2-c4k4s2-c4k4s2-c4k4s2"], "would shrink the 1x1 map to 0x0"),
-    (["--dataset", "digits", "--gaussian-std", "0.2"], "invalid gaussian std = 0.2: allowed only with the gaussian"),
+    (["--dataset", "digits", "--gaussian-std", "0.2"], "invalid --gaussian-std = 0.2: allowed only with the gaussian"),
 ])
 def test_likelihood_and_conv_mistakes_are_one_line_refusals(flags, message, tmp_path, capsys):
     assert main(["train", *flags, "--run-dir", str(tmp_path / "run"), "--budget", "smoke", "--no-progress",

@@ -152,3 +152,52 @@ def test_report_rebuilds_a_committed_results_folder_exactly(tmp_path):
     assert not list(copy.rglob("*.pt")) and not list(copy.rglob("*.safetensors"))
     assert main(["report", str(copy)]) == 0
     assert (copy / "REPORT.md").read_text() == (committed / "REPORT.md").read_text()
+
+
+def test_paper_strengths_stopped_mid_evaluation_resume_and_a_copy_without_weights_counts_as_finished(
+        tmp_path, data_dir, monkeypatch):
+    """`--strengths paper` trains Table 7's strength only and evaluates each run in its own task; a stop in
+    the middle of an evaluation (Ctrl-C, SIGTERM) loses only that evaluation, and a results folder
+    committed without its checkpoints is finished work: nothing is trained or evaluated again."""
+    import shutil
+
+    import airvae.evaluation as evaluation
+    import airvae.train as training
+    from airvae.targets import paper_strength
+
+    out = tmp_path / "out"
+    args = ["reproduce", "table1", "--dataset", "caltech", "--budget", "smoke", "--strengths", "paper", "--seeds", "1",
+            "--estimators", "ais", "--data-dir", data_dir, "--no-progress", "--device", "cpu", "--executor", "local"]
+    real, calls = evaluation.evaluate_model, []
+
+    def stopped(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # inside the second run's first evaluation
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "evaluate_model", stopped)
+        assert main(args + ["--out", str(out)]) == 130
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strengths"] == "paper" and manifest["grid"] == []
+    assert {(j["family"], j["strength"]) for j in manifest["jobs"]} == {
+        ("plain", 0.0), *((f, paper_strength(f, 1, "caltech")) for f in ("denoise-0.5", "denoise-1.0", "wni"))}
+    first = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in first] == ["ok"]  # the first run, trained and evaluated twice (IW-SVI, AIS)
+    assert not list(out.rglob(f"*{'.airvae-tmp-'}*"))  # nothing half-written
+
+    assert main(args + ["--out", str(out)]) == 0
+    second = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()][len(first):]
+    assert len(second) == 4 + 4 and all(r["status"] == "ok" for r in second)  # train+evaluate, then the AIS pass
+    assert not any(r["trained"] for r in second if r["name"] == first[0]["name"])
+    for run in out.glob("runs/caltech/k1-m1/*/seed0"):
+        assert len(list((run / "evaluations").glob("*.json"))) == 2  # the table's and AIS
+
+    committed = tmp_path / "committed"
+    shutil.copytree(out, committed, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "evaluate_model", lambda *a, **k: pytest.fail("evaluated again"))
+        patch.setattr(training, "train", lambda *a, **k: pytest.fail("trained again"))
+        assert main(args + ["--out", str(committed)]) == 0
+    assert (committed / "REPORT.md").read_text() == (out / "REPORT.md").read_text()

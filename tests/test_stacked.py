@@ -308,7 +308,9 @@ def test_a_group_refuses_before_touching_any_member_when_one_cannot_be_used(tmp_
 
 def test_a_diverging_run_stops_in_its_group_with_a_true_message_and_the_others_finish(tmp_path):
     cfgs, dataset = GROUPS["plain+dvae"][:2], tiny_dataset()
-    cfgs = [cfgs[0], cfgs[1].replace(regularizer=Regularizer(sigma=1e30))]  # run 1's encoder sees infinities
+    noisy = Regularizer(sigma=1.0)
+    object.__setattr__(noisy, "sigma", 1e30)  # beyond the bound a config accepts: run 1's encoder sees infinities
+    cfgs = [cfgs[0], cfgs[1].replace(regularizer=noisy)]
     results = train_group([Member(c, tmp_path / f"r{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
     assert [r.status for r in results] == ["completed", "diverged"]
     summary = read_json(tmp_path / "r1" / "summary.json")

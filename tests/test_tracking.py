@@ -148,7 +148,7 @@ def test_a_failing_sink_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, ca
     assert [step for step, _ in tensorboard_events(run)["lr"]] == [10, 20]
 
 
-@pytest.mark.parametrize("value, named", [("wandb", "invalid log = 'wandb'"), ("", "invalid log"),
+@pytest.mark.parametrize("value, named", [("wandb", "invalid --log = 'wandb'"), ("", "invalid --log"),
                                           ("mlflow", "pip install 'airvae[mlflow]'")])
 def test_a_bad_or_uninstalled_sink_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, value, named):
     import airvae.tracking
