@@ -10,6 +10,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import scipy.io
 
 from airvae import data as D
-from airvae.data import Dataset, DatasetError, load_dataset
+from airvae.data import Dataset, DatasetError, load_dataset, npz, sources
 
 DATA = Path(os.environ.get("AIRVAE_TEST_DATA_DIR",
                            Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -365,8 +366,8 @@ def test_user_npz_zip_bomb_is_refused_before_decompressing(tmp_path, monkeypatch
     f = tmp_path / "bomb.npz"
     np.savez_compressed(f, train=np.zeros((1000, 1000), np.uint8), valid=np.zeros((2, 1000)),
                         test=np.zeros((2, 1000)))
-    monkeypatch.setattr(D, "MAX_COMPRESSION_RATIO", 100)
-    monkeypatch.setattr(D, "RATIO_CHECKED_ABOVE", 1000)
+    monkeypatch.setattr(npz, "MAX_COMPRESSION_RATIO", 100)
+    monkeypatch.setattr(npz, "RATIO_CHECKED_ABOVE", 1000)
     message = _refused(f, r"member 'train\.npy' decompresses to .* \(\d+:1, above the 100:1")
     assert "np.savez" in message
 
@@ -406,7 +407,7 @@ def _git_blob(data: bytes) -> str:
 
 def test_git_blob_digest(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
-    assert D._digest(tmp_path / "empty", "gitblob") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert sources._digest(tmp_path / "empty", "gitblob") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
 
 
 def _reference_chardata_split(data, testdata, n_valid):
@@ -436,7 +437,7 @@ def test_chardata_conversion(tmp_path, monkeypatch):
     d.mkdir()
     (d / "chardata.mat").write_bytes(buf.getvalue())
 
-    spec = D._SPECS["omniglot"]
+    spec = sources.SPECS["omniglot"]
     real = spec.variants[0]
     assert real.files == {"chardata.mat": "gitblob:016a3536ffe5e1d38e42563a18d7a78bfaf643ec"}
     with pytest.raises(DatasetError, match="git blob id 016a3536"):  # real checksum rejects it
@@ -444,7 +445,7 @@ def test_chardata_conversion(tmp_path, monkeypatch):
 
     fake = dataclasses.replace(real, files={"chardata.mat": "gitblob:" + _git_blob(buf.getvalue())},
                                sizes=(25, 5, 7))
-    monkeypatch.setitem(D._SPECS, "omniglot", dataclasses.replace(
+    monkeypatch.setitem(sources.SPECS, "omniglot", dataclasses.replace(
         spec, variants=(fake,) + spec.variants[1:]))
     if DATA.is_dir():  # chardata must win over the DEVIATION file when both are present
         shutil.copy(DATA / "omniglot_28x28_from_lake_DEVIATION.npz", d)
@@ -551,7 +552,6 @@ def test_digits_load_with_their_documented_split_and_checksum():
     """The bundled file is scikit-learn's, byte for byte (sha256), and the split is the documented
     permutation: train/valid/test partition the 1797 images, in RandomState(0)'s order."""
     import gzip
-    from importlib import resources
 
     ds = load_dataset("digits")
     assert (ds.name, ds.levels, ds.image_shape, ds.dim) == ("digits", 17, (1, 8, 8), 64)
@@ -569,6 +569,52 @@ def test_digits_load_with_their_documented_split_and_checksum():
 def test_tampered_digits_are_refused(monkeypatch, tmp_path):
     (tmp_path / "bundled").mkdir()
     (tmp_path / "bundled" / D.DIGITS_FILE).write_bytes(b"not the digits")
-    monkeypatch.setattr(D.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(resources, "files", lambda package: tmp_path)
     with pytest.raises(DatasetError, match="checksum mismatch"):
         load_dataset("digits")
+
+
+# ----------------------------------------------------------------- the package's layout
+
+# The public names of airvae.data when it was one file: all still import from it.
+NAMES_OF_THE_ONE_FILE_MODULE = (
+    "Arrays", "CACHE_DIR_ENV", "DATASETS", "DATA_DIR_ENV", "DIGITS_FILE", "DIGITS_PROVENANCE", "DIGITS_SHA256",
+    "DIGITS_SIZES", "Dataset", "DatasetError", "MAX_ARRAY_BYTES", "MAX_COMPRESSION_RATIO", "OMNIGLOT_DEVIATION",
+    "RATIO_CHECKED_ABOVE", "SPLITS", "cache_root", "check_dataset_name", "dataset_digest", "evenly_spaced", "hashed",
+    "load_dataset", "load_digits")
+
+
+def test_names_of_the_one_file_module_still_import_from_airvae_data():
+    from airvae import files
+
+    assert [n for n in NAMES_OF_THE_ONE_FILE_MODULE if not hasattr(D, n)] == []
+    assert all(hasattr(D, n) for n in D.__all__)
+    assert D.hashed is files.hashed and D.load_dataset("digits").dim == 64
+
+
+def test_package_modules_import_in_one_direction_and_no_private_names():
+    """Module-level imports between airvae.data's modules form no cycle, none imports a private name
+    of another, and airvae.files (which they use) imports nothing of airvae.data."""
+    import ast
+
+    folder = Path(D.__file__).parent
+    edges = {}
+    for path in sorted(folder.glob("*.py")):
+        module = "__init__" if path.stem == "__init__" else path.stem
+        edges[module] = set()
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+                if node.level == 1 and node.module:
+                    edges[module].add(node.module)
+    assert edges["dataset"] == set()
+
+    def visit(module, path=()):
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        for other in edges.get(module, ()):
+            visit(other, path + (module,))
+
+    for module in edges:
+        visit(module)
+    files_source = (folder.parent / "files.py").read_text()
+    assert "from .data" not in files_source and "import data" not in files_source

@@ -234,3 +234,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, records: list[dict]) -> None:
     atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def hashed(h, f):
+    """``h`` (a hashlib object) updated with what is left to read of the binary file ``f``, in 1 MiB blocks."""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h

@@ -48,7 +48,7 @@ from .config import ConfigError, RunConfig
 from .files import (TEMPORARY, LinkRefused, RunError, RunIOError, RunLocked, append_line, atomic_write_bytes,  # noqa: F401
                     check_writable, read_json, read_metrics, real_folder, save_figure, write_error, write_json, write_metrics,
                     write_text)
-from .data import hashed
+from .files import hashed
 
 try:
     import fcntl
