@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from .bounds import gaussian_log_ratio_from_noise, iwae_bound
 from .likelihoods import Bernoulli, Likelihood
+from .objectives import Denoising, draw_step, mix_bounds, seen_input
 from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, ConvDecoder,
                        ConvEncoder, DenoisingEncoder, GaussianEncoder, MLPDecoder, parse_spec)
 
@@ -229,25 +230,36 @@ class VAE(nn.Module):
         return _run_kernel(_encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
 
 
+def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
+    """The deterministic encoder of ``model`` (a :class:`~airvae.networks.DenoisingEncoder`'s inner
+    one) and what its denoising asks of a training step: the model owns sigma, the caller alpha."""
+    if isinstance(model.encoder, DenoisingEncoder):
+        return model.encoder.encoder, Denoising(model.encoder.sigma, alpha)
+    return model.encoder, Denoising(0.0, alpha)
+
+
 def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example training objective: the IWAE-k bound averaged over m repeats, ``[batch]``.
 
     With a denoising encoder, the partially denoising objective of eq. 16 is
     ``alpha * L_k(noisy encoder) + (1 - alpha) * L_k(clean encoder)``; both terms are computed
-    exactly (no per-example coin flip) so that alpha interpolates linearly.
+    exactly (no per-example coin flip) so that alpha interpolates linearly. Works for any model
+    with ``encoder`` (possibly a DenoisingEncoder), ``decoder``, ``likelihood`` and ``z_dim``.
 
-    Random draws come from ``generator`` (default: the global one), in this order: the denoising
-    noise and the reparameterization noise of the noisy bound, then that of the clean bound
-    (:mod:`airvae.stacked` draws the same numbers in the same order).
+    Random draws come from ``generator`` (default: the global one) in the order
+    :mod:`airvae.objectives` fixes, which a stacked group's runs draw in too.
     """
-    if not isinstance(model.encoder, DenoisingEncoder) or model.encoder.sigma == 0 or alpha == 0:
-        return _mean_bound(model.log_weights(x, k, m, noisy=False, generator=generator))
-    noisy = _mean_bound(model.log_weights(x, k, m, noisy=True, generator=generator))
-    if alpha == 1:
-        return noisy
-    clean = _mean_bound(model.log_weights(x, k, m, noisy=False, generator=generator))
-    return alpha * noisy + (1 - alpha) * clean
+    encoder, denoising = denoising_parts(model, alpha)
+    draws = draw_step(denoising, tuple(x.shape), (m, k, x.shape[0], model.z_dim), generator=generator,
+                      device=x.device, dtype=x.dtype)
+    # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
+    x_seen = seen_input(x, denoising.sigma, draws.noise)
+    bound = _mean_bound(_run_kernel(_encode_log_weights, encoder, model.decoder, model.likelihood, x, x_seen,
+                                    draws.eps))
+    clean = None if draws.eps_clean is None else _mean_bound(
+        _run_kernel(_encode_log_weights, encoder, model.decoder, model.likelihood, x, x, draws.eps_clean))
+    return mix_bounds(bound, clean, alpha)
 
 
 def _mean_bound(log_w: torch.Tensor) -> torch.Tensor:
