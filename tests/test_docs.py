@@ -1,17 +1,262 @@
-"""The documentation site builds with --strict and without network, and its task pages' examples run."""
+"""The documentation site builds with --strict and without network, and every code block of README.md
+and docs/*.md works against today's airvae.
 
+How the blocks are checked (a newcomer pastes one block at a time, so each one must work alone):
+
+* ```` ```python ```` blocks run, each on its own in a fresh namespace, in a temporary folder.
+* ```` ```bash ```` / ```` ```sh ```` blocks: every ``airvae ...`` command in them (after ``&&``, ``;``,
+  ``VAR=value`` prefixes and ``\\`` continuations, comments dropped) is parsed by the CLI's own parser,
+  ``airvae.cli.build_parser().parse_args``, without running it, so a renamed or removed flag, command
+  or reproduction target fails here. Then the block runs: its commands, which must all be ``airvae``
+  commands, are run in order through ``airvae.cli.main`` in a fresh temporary folder, and each must
+  exit with status 0. Such blocks must stay quick: the bundled ``digits``, ``--budget smoke``, small
+  evaluations.
+* A block that cannot run (it installs packages, trains for minutes or more, or needs the results of
+  one that does) is marked in the Markdown, alone on a line before it, with pytest-codeblocks' marker
+
+      <!--pytest.mark.skip(reason="why")-->
+
+  (an HTML comment: GitHub and the built site do not show it) and must be listed in ``NOT_RUN`` below
+  with the same reason; its ``airvae`` commands are still parsed. A marked block that is not listed,
+  or a listed one that is not marked, fails the suite.
+* The README's conv VAE example (the first Python block after "Any VAE: the estimators' protocol")
+  is run by tests/test_readme_example.py, which also checks what it computes; here it is only checked
+  to be that block, so it is not trained twice.
+* Any other fence language fails: a typo such as ```` ```pyhton ```` must not make a block unchecked.
+
+Why pytest-codeblocks (a dev dependency): it is maintained (0.18.0, 2026), reads both Python and shell
+blocks, and its markers are HTML comments that render as nothing. We use its parser and marker syntax
+(``pytest_codeblocks.extract_from_file``) but not its collector (``pytest --codeblocks``): that
+collector runs shell blocks whole with bash (installing packages, training for minutes) with no
+parse-only check, and only collects with the flag given, so a plain ``python -m pytest`` would skip the
+docs. pytest-markdown-docs was the other candidate: it runs Python fences only and also needs its own
+flag (``--markdown-docs``).
+"""
+
+import contextlib
+import io
 import os
 import re
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from pytest_codeblocks import extract_from_file
+
+import airvae.cli
+from airvae.evaluation import ESTIMATORS, parse_estimators
+from airvae.targets import TARGETS
+from test_readme_example import readme_example
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
+PYTHON, SHELL, NOT_CODE = {"python", "py"}, {"bash", "sh", "shell"}, {"text", "console", "json", "yaml", "toml"}
+
+# The blocks that are not run: (page, the start of the block's first line) -> the reason, which the
+# block's <!--pytest.mark.skip(reason="...")--> marker repeats.
+NOT_RUN = {
+    ("README.md", "python3 -m venv .venv"):
+        "installs packages, trains for minutes, then runs this test suite",
+    ("README.md", "airvae datasets"):
+        "an overview: needs the downloaded datasets, your own .npz files, earlier runs and results, and some "
+        "lines train at the paper budget",
+    ("docs/index.md", "pip install torch"): "installs packages",
+    ("docs/estimate-log-likelihood.md", "airvae evaluate --study iwsvi-vs-iwae"):
+        "the Figure 3 study's fixed grid (k up to 5000, T up to 1000) takes minutes",
+    ("docs/reproduce-a-table.md", "airvae reproduce table1 --dataset caltech --budget quick --seeds 2 --workers 2"):
+        "trains a grid of runs for minutes and needs the Caltech 101 Silhouettes files",
+    ("docs/reproduce-a-table.md", "airvae reproduce table1 --dataset mnist --budget paper"):
+        "the paper budget: the paper's full training (appendix E)",
+    ("docs/reproduce-a-table.md", "airvae bundle results/table1-caltech-quick"):
+        "needs results/table1-caltech-quick, made by the reproduction above",
+    ("docs/reproduce-a-table.md", "airvae report table1-caltech-quick.zip"):
+        "needs table1-caltech-quick.zip, made by the bundle above",
+    ("docs/reproduce-a-table.md", "airvae reproduce table1 --dataset caltech --budget quick --seeds 2 --estimators"):
+        "trains and evaluates for minutes and needs the Caltech 101 Silhouettes files",
+    ("docs/reproduce-a-table.md", "airvae evaluate results/table1-caltech-quick/runs"):
+        "needs results/table1-caltech-quick, made by the reproduction above",
+}
+
+
+def _blocks() -> list[tuple[str, object]]:
+    return [(page, block) for page in PAGES for block in extract_from_file(ROOT / page)]
+
+
+BLOCKS = _blocks()
+
+
+def _skip_reason(block) -> str | None:
+    """The reason of the block's skip marker; None when it has none. Other markers are refused."""
+    reasons = []
+    for mark in block.marks:
+        decorator = eval(mark, {"pytest": pytest})  # as pytest-codeblocks' own collector reads them
+        assert decorator.mark.name == "skip" and "reason" in decorator.mark.kwargs, (
+            f"unsupported marker <!--{mark}-->: use <!--pytest.mark.skip(reason=\"...\")-->")
+        reasons.append(decorator.mark.kwargs["reason"])
+    assert len(reasons) <= 1, f"block at line {block.lineno}: one skip marker at most"
+    return reasons[0] if reasons else None
+
+
+def _listed(page: str, block) -> tuple[str, str] | None:
+    keys = [key for key in NOT_RUN if key[0] == page and block.code.startswith(key[1])]
+    assert len(keys) <= 1, keys
+    return keys[0] if keys else None
+
+
+def _id(page: str, block) -> str:
+    return f"{page}:{block.lineno}"
+
+
+def _params(languages: set[str]) -> list:
+    params = []
+    for page, block in BLOCKS:
+        if block.syntax not in languages or _is_readme_conv_example(page, block):
+            continue
+        reason = _skip_reason(block)
+        marks = [pytest.mark.skip(reason=f"marked not to run: {reason}")] if reason is not None else []
+        params.append(pytest.param(page, block, marks=marks, id=_id(page, block)))
+    return params
+
+
+def _is_readme_conv_example(page: str, block) -> bool:
+    """The README's conv VAE, which tests/test_readme_example.py runs (and checks what it computes)."""
+    return page == "README.md" and block.code == readme_example()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine does not slow them down by 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the inventory
+
+
+def test_every_block_is_known_and_every_marked_block_is_listed():
+    marked, python, shell = {}, 0, 0
+    for page, block in BLOCKS:
+        assert block.syntax in PYTHON | SHELL | NOT_CODE, (
+            f"{page}:{block.lineno}: fence language {block.syntax!r}; use python, bash or text")
+        python += block.syntax in PYTHON
+        shell += block.syntax in SHELL
+        reason = _skip_reason(block)
+        key = _listed(page, block)
+        if reason is not None:
+            assert key is not None, f"{page}:{block.lineno} is marked not to run but not listed in NOT_RUN"
+            assert NOT_RUN[key] == reason, f"{page}:{block.lineno}: the marker's reason differs from NOT_RUN's"
+            marked[key] = reason
+        else:
+            assert key is None, f"{page}:{block.lineno} is listed in NOT_RUN but not marked in the page"
+    assert set(marked) == set(NOT_RUN), f"listed in NOT_RUN, found in no page: {set(NOT_RUN) - set(marked)}"
+    assert python >= 6 and shell >= 10  # the pages hold code: the parser found it
+
+
+# --------------------------------------------------------------------------- Python blocks
+
+
+@pytest.mark.parametrize(("page", "block"), _params(PYTHON))
+def test_python_block_runs_on_its_own(page, block, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(block.code, f"{page}, block at line {block.lineno}", "exec"), {"__name__": "__main__"})
+
+
+def test_the_one_python_block_left_out_above_is_the_one_test_readme_example_runs():
+    assert sum(_is_readme_conv_example(page, block) for page, block in BLOCKS) == 1
+
+
+# --------------------------------------------------------------------------- shell blocks
+
+
+_SEPARATORS = {"&&", "||", ";", "|", "&"}
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def shell_commands(code: str) -> list[tuple[dict[str, str], list[str]]]:
+    """The simple commands of a shell block, each as (its VAR=value prefixes, its words)."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        words: list[str] = []
+        for token in [*lexer, ";"]:
+            if token not in _SEPARATORS:
+                words.append(token)
+                continue
+            env = {}
+            while words and _ASSIGNMENT.match(words[0]):
+                name, value = words.pop(0).split("=", 1)
+                env[name] = value
+            if words:
+                commands.append((env, words))
+            words = []
+    return commands
+
+
+def test_shell_commands_are_split_as_a_shell_would():
+    code = ("A=1 B='x y' airvae train --dataset digits  # a comment\n"
+            ". .venv/bin/activate && airvae evaluate RUN \\\n    --k 10; echo done\n")
+    assert shell_commands(code) == [({"A": "1", "B": "x y"}, ["airvae", "train", "--dataset", "digits"]),
+                                    ({}, [".", ".venv/bin/activate"]),
+                                    ({}, ["airvae", "evaluate", "RUN", "--k", "10"]), ({}, ["echo", "done"])]
+
+
+def _check_airvae_command(argv: list[str], where: str) -> None:
+    """What the CLI would accept before doing any work: its parser, and the names it checks itself."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            args = airvae.cli.build_parser().parse_args(argv)
+        except SystemExit as stop:
+            pytest.fail(f"{where}: `airvae {shlex.join(argv)}` is refused by the CLI's parser "
+                        f"(status {stop.code}): {stderr.getvalue().strip()}")
+    if args.command == "reproduce":
+        assert args.target in TARGETS, f"{where}: unknown reproduction target {args.target!r}"
+    if getattr(args, "estimators", None) is not None:
+        estimators = parse_estimators(args.estimators)
+        assert estimators and set(estimators) <= set(ESTIMATORS), f"{where}: --estimators {args.estimators!r}"
+
+
+def _airvae_commands(page: str, block) -> list[tuple[dict[str, str], list[str]]]:
+    return [(env, words[1:]) for env, words in shell_commands(block.code) if words[0] == "airvae"]
+
+
+@pytest.mark.parametrize(("page", "block"),
+                         [pytest.param(page, block, id=_id(page, block)) for page, block in BLOCKS
+                          if block.syntax in SHELL])
+def test_shell_block_airvae_commands_parse(page, block):
+    """Every block, marked or not: a renamed or removed flag fails here without running anything."""
+    for _, argv in _airvae_commands(page, block):
+        _check_airvae_command(argv, f"{page}:{block.lineno}")
+
+
+@pytest.mark.parametrize(("page", "block"), _params(SHELL))
+def test_shell_block_runs(page, block, tmp_path, monkeypatch, capsys, one_thread):
+    commands = shell_commands(block.code)
+    others = [shlex.join(words) for _, words in commands if words[0] != "airvae"]
+    assert not others, (f"{page}:{block.lineno} runs {others}: a block that runs holds airvae commands only; "
+                        "mark it <!--pytest.mark.skip(reason=...)--> and list it in NOT_RUN")
+    assert commands, f"{page}:{block.lineno}: no command"
+    monkeypatch.chdir(tmp_path)
+    for env, words in commands:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        status = airvae.cli.main(words[1:])
+        out = capsys.readouterr()
+        assert status == 0, f"{page}:{block.lineno}: `{shlex.join(words)}` exited {status}:\n{out.err[-3000:]}"
+
+
+# --------------------------------------------------------------------------- the site
 
 
 def test_docs_build_strictly_offline(tmp_path):
+    import subprocess
+
     for module in ("mkdocs", "mkdocstrings_handlers.python", "material"):
         pytest.importorskip(module, reason="the docs tools come with the dev extra: pip install -e '.[dev]'")
     # An unreachable proxy: any attempt to fetch something (fonts, inventories) fails the build.
@@ -25,18 +270,11 @@ def test_docs_build_strictly_offline(tmp_path):
     for name in ("iw_svi_log_likelihood", "cap_weight_norms", "plot_run", "load_trained_model", "write_bundle",
                  "TrackingSettings"):
         assert name in api, name  # the reference is generated from the docstrings
-    for page in ("reproduce-a-table", "use-air-in-my-model", "estimate-log-likelihood"):
-        assert (site / page / "index.html").exists()
-
-
-@pytest.mark.parametrize("page", ["use-air-in-my-model", "estimate-log-likelihood"])
-def test_task_page_examples_run_against_todays_api(page):
-    text = (ROOT / "docs" / f"{page}.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
-    namespace: dict = {}
-    for block in blocks:  # in order, sharing names, as a reader would paste them
-        exec(compile(block, f"docs/{page}.md", "exec"), namespace)
+    for page in ("index.html", "reproduce-a-table/index.html", "use-air-in-my-model/index.html",
+                 "estimate-log-likelihood/index.html"):
+        html = (site / page).read_text()
+        # The not-to-run markers stay HTML comments: never shown as text on the site.
+        assert "pytest.mark.skip" not in re.sub(r"<!--.*?-->", "", html, flags=re.S), page
 
 
 def test_package_ships_py_typed():

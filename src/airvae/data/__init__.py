@@ -1,11 +1,12 @@
 """Datasets: the binarized images of Shu et al. (2018) (MNIST, OMNIGLOT, Caltech 101
 Silhouettes), one bundled grey-level set (scikit-learn's digits), and users' own ``.npz`` files.
 
-Loading works like torchvision's datasets: on first use the source files are taken
-from a local folder or downloaded from their canonical public URL, verified by
-checksum, converted once to a compact cache and read from that cache afterwards.
+Loading the three binarized datasets works like torchvision's datasets: on first use the source
+files are taken from a local folder or downloaded from their canonical public URL, verified by
+checksum, converted once to a compact cache and read from that cache afterwards. (``digits`` is read
+from the package itself, and a user's ``.npz`` from its path: below.)
 
-Resolution order for a named dataset (``load_dataset("mnist")``):
+Resolution order for MNIST, OMNIGLOT and Caltech (``load_dataset("mnist")``):
 
 1. the converted cache ``<cache_dir>/<key>.npz`` (``cache_dir`` argument, else
    ``$AIRVAE_CACHE_DIR``, else ``~/.cache/airvae``);
@@ -21,9 +22,11 @@ The cache holds ``np.packbits(x, axis=-1)`` of each split (``train``, ``valid``,
 ``test``), the int ``dim`` and a one-line ``origin``; it is written atomically and never through a
 symbolic link (a link at the cache folder, its ``raw/`` or a file only costs a warning and a reconversion).
 
-All returned arrays are ``(N, 784)`` uint8 in {0, 1}: row-major 28x28 images
+The splits of these three are ``(N, 784)`` uint8 in {0, 1}: row-major 28x28 images
 (``x.reshape(-1, 28, 28)`` is upright, except OMNIGLOT from chardata.mat, which keeps
-the IWAE pixel order used by published code), 1 = foreground (ink / object).
+the IWAE pixel order used by published code), 1 = foreground (ink / object). Other data need not
+be binary nor 28x28: ``digits`` holds 8x8 images of 17 grey levels, and a user's file binary data,
+grey levels or real values, as flat vectors or images of any ``(C, H, W)`` (see the last paragraph).
 
 Dataset-specific conventions:
 
@@ -59,15 +62,18 @@ A user's own ``.npz`` (arrays ``train``, ``valid``, ``test``, each ``(N, D)`` or
 ``(N, C, H, W)``) is loaded by passing its path (a regular file; links to one are followed); it is
 validated but not cached. Before any array data is read, each member's size declared by its ``.npy``
 header and its compression ratio are checked against ``MAX_ARRAY_BYTES`` and ``MAX_COMPRESSION_RATIO``,
-so a corrupt header or a zip bomb is refused instead of filling memory. Its values say what they
-are: 0/1 (any dtype) are binary; other integers (any integer dtype) are 8-bit grey levels 0..255,
-given to models as ``x / 255``; other floats are real-valued, given as they are.
+so a corrupt header or a zip bomb is refused instead of filling memory. Single-channel images are
+stored as ``(N, 1, H, W)`` (an ``(N, H, W)`` array is refused). Its values say what they
+are: 0/1 (any dtype) are binary; other integers (any integer dtype) are 8-bit grey levels 0..255
+(values outside are refused), given to models as ``x / 255``; other floats are real-valued, given as
+they are (NaN and infinities are refused).
 An optional integer entry ``levels`` (2..256) declares integer data on ``levels`` grey levels
 ``0..levels-1`` instead (given as ``x / (levels - 1)``).
 
-Every :class:`Dataset` holds its splits as the rows models see, images flattened row-major:
-uint8 0/1 for binary data, float32 otherwise; ``levels`` (2, the grid size, or None for
-real-valued) and ``image_shape`` say how to read them.
+Whatever the source, every :class:`Dataset` holds its splits as ``(N, D)`` arrays of the rows models
+see, images flattened row-major: uint8 0/1 for binary data, float32 otherwise (grey levels on the
+grid ``i / (levels - 1)``, real values as given); ``levels`` (2, the grid size, or None for
+real-valued) and ``image_shape`` (``(C, H, W)``, or None for flat vectors) say how to read them.
 """
 from __future__ import annotations
 
