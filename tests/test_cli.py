@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -100,6 +101,24 @@ def test_evaluate_prints_the_table_stores_json_and_reuses_it(data_dir, tmp_path,
     assert main(args + ["--recompute"]) == 0 and stored[0].stat().st_mtime_ns != mtime
     assert main(["evaluate", str(tmp_path / "none")]) == 2
     assert "not an airvae run directory" in capsys.readouterr().err
+
+
+def test_evaluate_allows_exactly_the_estimator_registrys_names(tmp_path, capsys):
+    """--estimators: the help lists the registry's estimators in its order, and any other name is
+    refused with them listed (the names come from one place, airvae.estimators.REGISTRY)."""
+    from airvae.config import Architecture, RunConfig
+    from airvae.estimators import REGISTRY
+
+    assert main(["evaluate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"comma-separated subset of (.*?) \(default", help_text).group(1).split(", ") == list(REGISTRY)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(dataset="tiny", architecture=Architecture("d16", "d16", 2), x_dim=12, k=2)
+    (run / "config.json").write_text(json.dumps(cfg.to_json()))
+    assert main(["evaluate", str(run), "--estimators", "bound,elbo", "--no-progress"]) == 2
+    assert f"a non-empty subset of {', '.join(REGISTRY)}" in capsys.readouterr().err
+    assert not (run / "evaluations").exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_needs_only_the_run_dir(data_dir, tmp_path, capsys):

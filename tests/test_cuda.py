@@ -46,7 +46,7 @@ def test_evaluation_uses_fp32_products():
     than 2e-3 (measured by rounding only the weights so)."""
     import copy
 
-    from airvae.estimators import _log_weights_from_noise
+    from airvae.estimators import log_weights_from_noise
 
     assert not torch.backends.cuda.matmul.allow_tf32  # airvae never turns TF32 on (benchmarks/README.md)
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_evaluation_uses_fp32_products():
 
     @torch.no_grad()
     def log_weights(model, x, eps):
-        return _log_weights_from_noise(model, x, *model.encode(x), eps)
+        return log_weights_from_noise(model, x, *model.encode(x), eps)
 
     reference = log_weights(copy.deepcopy(model).double(), x.double(), eps.double())
     on_gpu = log_weights(model.cuda(), x.cuda(), eps.cuda()).cpu().double()

@@ -400,6 +400,36 @@ def test_evaluate_model_adds_bdmc_on_simulated_examples(case):
     assert f"{-out['iwsvi'].mean / (12 * math.log(2)):.4f}" in table
 
 
+def test_every_registered_estimator_knows_its_cost_memory_and_single_model_call(case):
+    """The registry is the one list of estimators an evaluation may choose (in canonical order, each
+    after what it needs): each has a meaning, a cost within a factor 2 of the latents it really
+    decodes, a memory estimate by named part, and a single-model call adding its own estimates,
+    which is what evaluate_model runs."""
+    from airvae.estimators import REGISTRY, Estimator
+    from airvae.estimators.registry import Footprint
+    from airvae.evaluation import ESTIMATORS
+
+    model, x, _ = case
+    assert ESTIMATORS == tuple(REGISTRY) == ("bound", "iwae", "iwsvi", "ais", "gap", "bdmc")
+    settings = small_settings(estimators=ESTIMATORS, k_iwae=8, svi_k=8, svi_steps=3, ais_intermediate=3,
+                              ais_chains=2, ais_leapfrog=2, bdmc_examples=2)
+    footprint = Footprint(z_dim=2, row=40, training_k=2, iwae=lambda k, n, chunk: 4 * k * min(n, chunk), float_bytes=4)
+    n, done = x.shape[0], {}
+    for name, estimator in REGISTRY.items():
+        assert isinstance(estimator, Estimator) and estimator.name == name and estimator.meaning
+        assert set(estimator.needs) <= set(done)
+        parts = estimator.memory(footprint, settings, n)
+        assert all(isinstance(b, int) and b > 0 for b in parts.values()) and bool(parts) == (not estimator.needs)
+        cost = estimator.cost(settings, n, 2)
+        with DecodeCounter(model) as decoded:
+            added = estimator.single(model, x, settings, bound_k=2, progress=False, done=done)
+        assert decoded.count / 2 <= cost <= 2 * decoded.count, (name, cost, decoded.count)
+        assert added and all(key == name or key.startswith(f"{name}_") for key in added)
+        assert all(isinstance(e, Estimate) and e.values.dtype == torch.float64 for e in added.values())
+        done.update(added)
+    assert done.keys() == evaluate_model(model, x, settings, bound_k=2).keys()
+
+
 def test_settings_keep_their_cache_key_unless_bdmc_is_chosen():
     assert "bdmc_examples" not in EvaluationSettings().identity()  # choosing other estimators keeps their key
     chosen = EvaluationSettings(estimators=("bdmc",))
@@ -414,20 +444,20 @@ def test_settings_keep_their_cache_key_unless_bdmc_is_chosen():
 def test_iw_svi_scores_its_fitted_q_with_the_scoring_stream_not_the_optimizations_draws(case, monkeypatch):
     """IW-SVI = IWAE-k of the fitted q on each example's scoring stream (stream 0), computed here by
     hand; never the draws of the optimization stream, which the fitted q is tuned to (optimistic)."""
-    from airvae import estimators
-    from airvae.estimators import STREAM_SCORE, STREAM_SVI, example_generator
+    from airvae.estimators import STREAM_SCORE, STREAM_SVI, amortized, example_generator, iwsvi
 
     model, x, _ = case
     k, l, steps, seed = 13, 3, 20, 5
     draws = {"fit": [], "score": []}  # every eps [n, b, z] the estimator decodes, by phase
-    real = estimators._log_weights_from_noise
+    real = amortized.log_weights_from_noise
 
     def spy(model, xb, mean, std, eps):
         draws["fit" if torch.is_grad_enabled() else "score"].append(eps.detach().clone())
         return real(model, xb, mean, std, eps)
 
     with monkeypatch.context() as patch:
-        patch.setattr(estimators, "_log_weights_from_noise", spy)
+        for module in (amortized, iwsvi):  # the scoring's and the fit's one path to the log weights
+            patch.setattr(module, "log_weights_from_noise", spy)
         est = iw_svi_log_likelihood(model, x, k=k, l=l, steps=steps, seed=seed).values
     assert len(draws["fit"]) == steps and draws["score"], "the spy missed the optimization or the scoring"
     mean_q, std_q = fit_iw_svi(model, x, l=l, steps=steps, seed=seed)

@@ -198,8 +198,12 @@ def test_a_stacked_reproduction_reports_what_a_local_one_reports(tmp_path, data_
 
 
 def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir):
+    """Every estimator with a stacked call (airvae.estimators.REGISTRY) gives each run of a group what
+    its single-model call gives the run alone: the same values up to float rounding, under the same
+    name and settings."""
+    from airvae.estimators import REGISTRY
     from airvae.evaluation import EvaluationSettings, evaluate_run
-    from airvae.stacked import evaluate_group
+    from airvae.stacked import STACKED_ESTIMATORS, evaluate_group
     from airvae.sweep import Job
 
     from airvae.data import load_dataset
@@ -210,15 +214,19 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
         run = tmp_path / family
         train(job.run_config(caltech, data_dir, "cpu"), run, progress=False, dataset=caltech)
         runs.append(run)
-    settings = EvaluationSettings(estimators=("bound", "iwae", "iwsvi"), max_examples=12, k_iwae=20, svi_k=20,
-                                  svi_l=4, svi_steps=5, device="cpu")
+    assert STACKED_ESTIMATORS == tuple(name for name, e in REGISTRY.items() if e.stacked is not None)
+    assert set(STACKED_ESTIMATORS) == {"bound", "iwae", "iwsvi", "gap"}
+    settings = EvaluationSettings(estimators=STACKED_ESTIMATORS, max_examples=12, k_iwae=20, svi_k=20, svi_l=4,
+                                  svi_steps=5, device="cpu")
     stacked = evaluate_group(runs, settings)
     for run, together in zip(runs, stacked):
         alone = evaluate_run(run, settings, recompute=True, progress=False)
         assert together.keys() == alone.keys() and together["identity"] == alone["identity"]
-        for name in ("bound", "iwae", "iwsvi", "gap"):
-            np.testing.assert_allclose(together["estimates"][name]["values"], alone["estimates"][name]["values"],
-                                       rtol=1e-5, atol=1e-4)
+        assert list(together["estimates"]) == list(alone["estimates"]) == list(STACKED_ESTIMATORS)
+        for name in STACKED_ESTIMATORS:
+            ours, theirs = together["estimates"][name], alone["estimates"][name]
+            assert (ours["name"], ours["settings"], ours["dims"]) == (theirs["name"], theirs["settings"], theirs["dims"])
+            np.testing.assert_allclose(ours["values"], theirs["values"], rtol=1e-5, atol=1e-4)
 
 
 def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_bit(tmp_path):

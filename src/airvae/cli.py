@@ -261,11 +261,13 @@ def cmd_datasets(args) -> int:
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from .estimators import REGISTRY
+
     p.add_argument("run_dir", type=path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
                    help="instead of a table: the paper's Figure 3 (IW-SVI vs IWAE-k over k and T, with wall time)")
     p.add_argument("--estimators",
-                   help="comma-separated subset of bound, iwae, iwsvi, ais, gap, bdmc (default bound,iwsvi,gap); "
+                   help=f"comma-separated subset of {', '.join(REGISTRY)} (default bound,iwsvi,gap); "
                         "bdmc: the sandwich lower <= ln p(x) <= upper on data simulated from the model")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--max-examples", type=integer, help="evaluate only N examples, spread evenly over the split")

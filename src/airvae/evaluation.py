@@ -32,14 +32,13 @@ from .data import evenly_spaced
 from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, save_figure, write_json
 from .tracking import log_evaluation
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
-                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, Estimate, ais_log_likelihood, amortized_bound, bdmc,
-                         fit_iw_svi, frozen, inference_gap, iw_svi_log_likelihood, iwae_given_q,
-                         iwae_log_likelihood, latent_dim, resolve_device, simulate)
+                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, REGISTRY, Estimate, fit_iw_svi, frozen,
+                         iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
 from .likelihoods import bits_per_dim
 from .model import LONG_EVALUATION_LATENTS, compile_for
 
 MAX_STEPS = 10**6  # IW-SVI steps, AIS distributions and chains, simulated examples, repeats
-ESTIMATORS = ("bound", "iwae", "iwsvi", "ais", "gap", "bdmc")  # canonical order
+ESTIMATORS = tuple(REGISTRY)  # the names an evaluation may choose, in canonical order
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 took the first ones)
 # Fields that change how the work is done, not what is estimated: left out of the cache key.
@@ -95,10 +94,12 @@ class EvaluationSettings:
                and all(e in ESTIMATORS for e in self.estimators),
                "estimators", self.estimators, f"a non-empty subset of {', '.join(ESTIMATORS)}")
         chosen = set(self.estimators)
-        require("gap" not in chosen or {"bound", "iwsvi"} <= chosen, "estimators", self.estimators,
-               "'gap' only together with 'bound' and 'iwsvi' (Delta_inf = ln p(x) [IW-SVI] - L_k)")
-        if {"bound", "iwsvi"} <= chosen:
-            chosen.add("gap")
+        for name, estimator in REGISTRY.items():  # one computed from others: only with them, and free with them
+            needs = set(estimator.needs)
+            require(name not in chosen or needs <= chosen, "estimators", self.estimators,
+                    f"{name!r} only together with {' and '.join(map(repr, estimator.needs))} ({estimator.meaning})")
+            if needs and needs <= chosen:
+                chosen.add(name)
         self.estimators = tuple(e for e in ESTIMATORS if e in chosen)
         require(self.split in SPLITS, "split", self.split, " | ".join(SPLITS))
         require(self.max_examples is None or (is_int(self.max_examples) and self.max_examples >= 1),
@@ -156,63 +157,25 @@ class EvaluationSettings:
 
 def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) -> int:
     """Roughly how many latents the decoder will see: the size of an evaluation."""
-    chosen, per_example = settings.estimators, 0
-    iwsvi = settings.svi_k + 2 * settings.svi_steps * settings.svi_l  # fit: forward + backward
-    ais = 2 * settings.ais_intermediate * settings.ais_chains * settings.ais_leapfrog
-    if "bound" in chosen:
-        per_example += (settings.bound_k or bound_k or 1) * settings.bound_repeats
-    if "iwae" in chosen:
-        per_example += settings.k_iwae
-    if "iwsvi" in chosen:
-        per_example += iwsvi
-    if "ais" in chosen:
-        per_example += ais
-    simulated = 0
-    if "bdmc" in chosen:  # forward and reverse AIS (and IW-SVI) on the simulated examples
-        simulated = 2 * ais + (iwsvi if "iwsvi" in chosen else 0)
-    return n * per_example + settings.bdmc_examples * simulated
+    return sum(REGISTRY[name].cost(settings, n, bound_k) for name in settings.estimators)
 
 
 def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
                    progress: bool = False) -> dict[str, Estimate]:
     """Every estimator of ``settings`` on the examples ``x`` (``max_examples`` of them, spread
-    evenly: :func:`airvae.data.evenly_spaced`), on the model's device. Returns
-    ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present.
-    ``bound_k`` (the training k) is needed for ``bound`` unless ``settings.bound_k`` is set."""
+    evenly: :func:`airvae.data.evenly_spaced`), on the model's device, in canonical order (each
+    estimator's single-model call, :data:`airvae.estimators.REGISTRY`). Returns ``{name: Estimate}``,
+    with ``gap`` = iwsvi - bound per example when both are present and ``bdmc_lower``,
+    ``bdmc_upper`` (and ``bdmc_iwsvi``) for ``bdmc``. ``bound_k`` (the training k) is needed for
+    ``bound`` unless ``settings.bound_k`` is set."""
     x = torch.as_tensor(x)
     if settings.max_examples is not None and settings.max_examples < len(x):  # else all of x: no copy
         x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
-    estimates: dict[str, Estimate] = {}
-    chosen = settings.estimators
     compile_for(_latents_decoded(settings, x.shape[0], bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode
-    if "bound" in chosen:
-        k = settings.bound_k or bound_k
-        if k is None:
-            raise ValueError("estimator 'bound' needs the training k: pass bound_k or set settings.bound_k")
-        estimates["bound"] = amortized_bound(model, x, k, repeats=settings.bound_repeats, seed=settings.seed,
-                                             chunk_samples=settings.chunk_samples, progress=progress)
-    if "iwae" in chosen:
-        estimates["iwae"] = iwae_log_likelihood(model, x, settings.k_iwae, seed=settings.seed,
-                                                chunk_samples=settings.chunk_samples, progress=progress)
-    svi_kw = dict(k=settings.svi_k, l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
-                  lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
-                  chunk_samples=settings.chunk_samples, progress=progress)
-    ais_kw = dict(num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
-                  leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size,
-                  schedule=settings.ais_schedule, tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
-                  chunk_examples=settings.ais_chunk_examples, progress=progress)
-    if "iwsvi" in chosen:
-        estimates["iwsvi"] = iw_svi_log_likelihood(model, x, **svi_kw)
-    if "ais" in chosen:
-        estimates["ais"] = ais_log_likelihood(model, x, **ais_kw)
-    if "bound" in estimates and "iwsvi" in estimates:
-        estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
-    if "bdmc" in chosen:
-        x_sim, z_sim = simulate(model, settings.bdmc_examples, seed=settings.seed, z_dim=latent_dim(model, x),
-                                chunk_examples=settings.ais_chunk_examples)
-        estimates["bdmc_lower"], estimates["bdmc_upper"] = bdmc(model, x_sim, z_sim, **ais_kw)
-        if "iwsvi" in chosen:
-            estimates["bdmc_iwsvi"] = iw_svi_log_likelihood(model, x_sim, **svi_kw)
+    estimates: dict[str, Estimate] = {}
+    for name in settings.estimators:
+        estimates.update(REGISTRY[name].single(model, x, settings, bound_k=bound_k, progress=progress,
+                                               done=estimates))
     return estimates
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, RunConfig
+from .estimators import DEFAULT_CHUNK_SAMPLES
+from .estimators.registry import REGISTRY, Footprint
 
 FLOAT = 4  # bytes per float32
 GiB = 2**30
@@ -152,8 +154,6 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
     """Peak memory of :func:`airvae.train.train` (or of a stacked group of ``runs`` such runs,
     :mod:`airvae.stacked`): models, optimizers, the resident data (shared by a group), and the
     larger of one training step and one validation chunk (a group splits its chunk among its runs)."""
-    from .estimators import DEFAULT_CHUNK_SAMPLES
-
     reg = cfg.regularizer
     passes = 2 if reg.two_bounds else 1  # eq. 16 computes both bounds
     latents = cfg.batch_size * cfg.m * cfg.k
@@ -172,26 +172,15 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
 
 def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) -> MemoryEstimate:
     """Peak memory of :func:`airvae.evaluation.evaluate_model` on ``examples`` examples of a run
-    (or of ``runs`` such runs evaluated together, :func:`airvae.stacked.evaluate_group`)."""
-    z, row = cfg.architecture.z_dim, _decoded_row(cfg)
-    chosen = settings.estimators
+    (or of ``runs`` such runs evaluated together, :func:`airvae.stacked.evaluate_group`): the
+    largest part any chosen estimator needs (:meth:`airvae.estimators.Estimator.memory`), since
+    they run one after the other."""
+    footprint = Footprint(z_dim=cfg.architecture.z_dim, row=_decoded_row(cfg), training_k=cfg.k,
+                          iwae=lambda k, n, chunk_samples: iwae_bytes(cfg, k, n, chunk_samples), float_bytes=FLOAT)
     parts: dict[str, int] = {}
-    if "bound" in chosen:
-        parts["the amortized bound"] = iwae_bytes(cfg, settings.bound_k or cfg.k, examples, settings.chunk_samples)
-    if "iwae" in chosen:
-        parts[f"IWAE-{settings.k_iwae:,}"] = iwae_bytes(cfg, settings.k_iwae, examples, settings.chunk_samples)
-    if "iwsvi" in chosen:
-        fit = 2 * FLOAT * min(examples, settings.svi_chunk_examples) * settings.svi_l * row
-        parts[f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})"] = max(
-            fit, iwae_bytes(cfg, settings.svi_k, examples, settings.chunk_samples))
-    chains = settings.ais_chains + settings.ais_tuning_chains
-    per_example = chains * (2 * row + 16 * (z + 1))  # states with gradients, blocks of 16 steps of draws
-    if "ais" in chosen:
-        parts[f"AIS with {chains:,} chains"] = 2 * FLOAT * min(examples, settings.ais_chunk_examples) * per_example
-    if "bdmc" in chosen:  # forward and reverse AIS, one after the other, on the simulated examples
-        parts[f"BDMC with {chains:,} chains"] = 2 * FLOAT * min(settings.bdmc_examples,
-                                                                 settings.ais_chunk_examples) * per_example
-    largest = max(parts, key=parts.get)  # estimators run one after the other
+    for name in settings.estimators:
+        parts.update(REGISTRY[name].memory(footprint, settings, examples))
+    largest = max(parts, key=parts.get)
     return MemoryEstimate("evaluation", {"parameters": runs * model_bytes(cfg, optimizer=False),
                                          "data on the device": FLOAT * cfg.x_dim * examples,
                                          largest: runs * parts[largest]})

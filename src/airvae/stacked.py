@@ -30,6 +30,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,8 +42,9 @@ from tqdm.auto import tqdm
 from .config import Regularizer, RunConfig
 from .data import dataset_digest
 from .devices import accumulator_dtype
-from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, STREAM_SVI, _StepNoise,
-                         chunked_iwae, example_generator, fit_gaussian_q)
+from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, REGISTRY, STREAM_SVI, StepNoise,
+                         chunked_iwae, data_dims, example_generator, fit_gaussian_q)
+from .estimators.registry import StackedRuns
 from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
                     torch_compile)
 from .networks import DenoisingEncoder
@@ -326,7 +328,7 @@ def stacked_fit_iw_svi(group: StackedModel, rows: list[int], x: torch.Tensor, *,
             stds.append(s0)
             continue
         gens = [example_generator(seed, start + i, x.device, STREAM_SVI) for i in range(xb.shape[0])]
-        noise = _StepNoise(gens, (l, m0.shape[-1]), None, x.device, m0.dtype)
+        noise = StepNoise(gens, (l, m0.shape[-1]), None, x.device, m0.dtype)
 
         def run_log_weights(mu, std, eps, xb=xb):  # eps [l, b, z] shared by the runs -> [S, l, b]
             return log_weights(params, xb, mu, std, eps.expand(len(rows), *eps.shape).unsqueeze(1))[:, 0]
@@ -337,7 +339,8 @@ def stacked_fit_iw_svi(group: StackedModel, rows: list[int], x: torch.Tensor, *,
     return torch.cat(means, 1), torch.cat(stds, 1)
 
 
-STACKED_ESTIMATORS = ("bound", "iwae", "iwsvi", "gap")  # what evaluate_group batches; others run per run
+# What evaluate_group batches (the estimators with a stacked call); others run per run.
+STACKED_ESTIMATORS = tuple(name for name, estimator in REGISTRY.items() if estimator.stacked is not None)
 
 
 def evaluation_key(cfg: RunConfig, settings) -> str:
@@ -352,12 +355,12 @@ def evaluation_key(cfg: RunConfig, settings) -> str:
 def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) -> list[dict]:
     """:func:`airvae.evaluation.evaluate_run` for runs that share an architecture (and training k),
     batched: every estimator of ``settings`` (a subset of :data:`STACKED_ESTIMATORS`) computed for
-    all runs at once, with the evaluation's random streams (``settings.seed``) shared by all, as
-    they are when each run is evaluated alone. Writes and returns each run's evaluation record,
-    exactly what evaluate_run writes."""
+    all runs at once by its stacked call (:data:`airvae.estimators.REGISTRY`), with the
+    evaluation's random streams (``settings.seed``) shared by all, as they are when each run is
+    evaluated alone. Writes and returns each run's evaluation record, exactly what evaluate_run
+    writes."""
     from .data import evenly_spaced, load_dataset
     from .devices import resolve_device
-    from .estimators import Estimate, _dims, inference_gap
     from .evaluation import check_run_data, store_evaluation
     from .resources import check_fits, evaluation_memory
     from .runs import load_config, load_trained_model_with_digest
@@ -380,41 +383,17 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     loaded[0][1].likelihood.validate(x)  # the data fits the likelihood, as evaluate_run checks
     group = StackedModel([model for _, model, _ in loaded], device)
     rows, seeds = list(range(len(run_dirs))), [settings.seed] * len(run_dirs)
-    values, seconds = {}, {}
-
-    def timed(name, compute):
-        t = time.perf_counter()
-        values[name] = compute()
-        seconds[name] = (time.perf_counter() - t) / len(rows)  # each run's share
-
-    chosen, k_bound = settings.estimators, settings.bound_k or cfgs[0].k
-    if "bound" in chosen:
-        timed("bound", lambda: stacked_iwae(group, rows, x, k_bound, seeds, settings.chunk_samples,
-                                            repeats=settings.bound_repeats))
-    if "iwae" in chosen:
-        timed("iwae", lambda: stacked_iwae(group, rows, x, settings.k_iwae, seeds, settings.chunk_samples))
-    if "iwsvi" in chosen:
-        timed("iwsvi", lambda: stacked_iwae(group, rows, x, settings.svi_k, seeds, settings.chunk_samples,
-                                            q=stacked_fit_iw_svi(group, rows, x, l=settings.svi_l,
-                                                                 steps=settings.svi_steps, lr=settings.svi_lr,
-                                                                 lr_decay=settings.svi_lr_decay, seed=settings.seed,
-                                                                 chunk_examples=settings.svi_chunk_examples)))
-    names = {"bound": (f"bound-{k_bound}", {"k": k_bound, "repeats": settings.bound_repeats, "seed": settings.seed}),
-             "iwae": (f"iwae-{settings.k_iwae}", {"k": settings.k_iwae, "seed": settings.seed}),
-             "iwsvi": (f"iwsvi-{settings.svi_k}", {"k": settings.svi_k, "l": settings.svi_l,
-                                                   "steps": settings.svi_steps, "lr": settings.svi_lr,
-                                                   "lr_decay": settings.svi_lr_decay, "seed": settings.seed})}
-    records = []
-    dims = _dims(loaded[0][1], x)
-    for r, (run_dir, (cfg, _, digest)) in enumerate(zip(run_dirs, loaded)):
-        estimates = {name: Estimate(names[name][0], values[name][r].cpu().double(), names[name][1], seconds[name], dims)
-                     for name in values}
-        if "bound" in estimates and "iwsvi" in estimates:
-            estimates["gap"] = inference_gap(estimates["iwsvi"], estimates["bound"])
-        records.append(store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
-                                        device=device, digest=digest, data_digest=data_digests[r],
-                                        seconds=(time.perf_counter() - started) / len(rows)))
-    return records
+    runs = StackedRuns(size=len(rows), dims=data_dims(loaded[0][1], x),
+                       iwae=partial(stacked_iwae, group, rows, x, seeds=seeds, chunk_samples=settings.chunk_samples),
+                       fit_iw_svi=partial(stacked_fit_iw_svi, group, rows, x))
+    done: list[dict] = [{} for _ in rows]  # each run's estimates, in canonical order
+    for name in settings.estimators:
+        for estimates, estimate in zip(done, REGISTRY[name].stacked(runs, settings, cfgs[0].k, done)):
+            estimates[name] = estimate
+    return [store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
+                             device=device, digest=digest, data_digest=data_digest,
+                             seconds=(time.perf_counter() - started) / len(rows))
+            for run_dir, (cfg, _, digest), data_digest, estimates in zip(run_dirs, loaded, data_digests, done)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""What every estimator shares: the :class:`Estimate` it returns, the per-example random streams
+it draws from, and the checks and helpers around a model.
+
+Random draws are tied to (seed, stream, example index): every example owns its random streams, so
+an estimate does not depend on how the work is chunked, and chunked and unchunked runs agree for
+the same seed (up to floating-point rounding of batched matrix products). Stream 0 is the
+scoring stream shared by IWAE-k, the amortized bound and IW-SVI's final scoring (common random
+numbers make their comparisons less noisy); the IW-SVI optimization, AIS, BDMC's reverse chains
+and the simulation of data from the model use their own streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..likelihoods import Likelihood, bits_per_dim
+from ..model import LatentVariableModel
+
+# Latent samples decoded per chunk: large enough for efficient matmuls, small enough that
+# [samples, x_dim] activations stay in cache-friendly memory (2.5k-10k measured best on CPU).
+DEFAULT_CHUNK_SAMPLES = 8192
+
+# Random streams per example (see the module docstring).
+STREAM_SCORE, STREAM_SVI, STREAM_AIS, STREAM_BDMC_REVERSE, STREAM_SIMULATE = 0, 1, 2, 3, 4
+NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per example (bounded memory)
+
+
+@dataclass
+class Estimate:
+    """Per-example values of an estimator with its settings and cost."""
+
+    name: str
+    values: torch.Tensor  # [n] float64, on CPU
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    dims: int | None = None  # data dimensions per example, for bits/dim
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def bits_per_dim(self) -> float | None:
+        """The mean as bits per dimension, ``-mean / (dims ln 2)`` (exact for discrete likelihoods)."""
+        return None if self.dims is None else float(bits_per_dim(self.mean, self.dims))
+
+    @property
+    def stderr(self) -> float:
+        n = self.values.numel()
+        return float(self.values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+
+    def to_dict(self, per_example: bool = True) -> dict:
+        out = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
+               "n": self.values.numel(), "seconds": self.seconds, "dims": self.dims}
+        if per_example:
+            out["values"] = self.values.tolist()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Estimate":
+        """Inverse of :meth:`to_dict` (needs the per-example values)."""
+        return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
+                   float(d.get("seconds", 0.0)), d.get("dims"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Random streams
+
+
+def example_generator(seed: int, index: int, device: torch.device, stream: int = STREAM_SCORE) -> torch.Generator:
+    """The random stream ``stream`` of example ``index``: independent of batching and chunking."""
+    if stream == STREAM_SCORE:
+        state = (seed * 1_000_003 + index) % (2**63)
+    else:  # other streams: a well-mixed seed, so they never coincide with stream 0 of another example
+        state = int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]) % (2**63)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+class StepNoise:
+    """Per-step random draws for a chunk of examples, each example from its own generator.
+
+    ``next()`` returns one standard-normal tensor of shape ``[*normal_shape[:1], b, *normal_shape[1:]]``
+    (the example axis second, like log-weights) and, if ``uniform_shape`` is given, a uniform tensor
+    laid out the same way. Draws are made in fixed blocks of :data:`NOISE_BLOCK` steps per example
+    so the stream of an example never depends on which other examples share its chunk.
+    """
+
+    def __init__(self, generators: list[torch.Generator], normal_shape: tuple[int, ...],
+                 uniform_shape: tuple[int, ...] | None, device, dtype):
+        self.gens, self.normal_shape, self.uniform_shape = generators, normal_shape, uniform_shape
+        self.device, self.dtype = device, dtype
+        self._normal = self._uniform = None
+        self._pos = NOISE_BLOCK
+
+    def _refill(self) -> None:
+        normals, uniforms = [], []
+        for g in self.gens:
+            normals.append(torch.randn(NOISE_BLOCK, *self.normal_shape, generator=g, device=self.device,
+                                       dtype=self.dtype))
+            if self.uniform_shape is not None:
+                uniforms.append(torch.rand(NOISE_BLOCK, *self.uniform_shape, generator=g, device=self.device,
+                                           dtype=self.dtype))
+        self._normal = torch.stack(normals, dim=2)  # [block, n0, b, ...]
+        self._uniform = torch.stack(uniforms, dim=2) if uniforms else None
+        self._pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._pos == NOISE_BLOCK:
+            self._refill()
+        i, self._pos = self._pos, self._pos + 1
+        return self._normal[i], (self._uniform[i] if self._uniform is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: checks, inputs, latent size, freezing, encoding
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_model(model) -> None:
+    """A clear error for a model that does not follow :class:`airvae.model.LatentVariableModel`."""
+    missing = [name for name in ("encode", "decoder", "likelihood") if not hasattr(model, name)]
+    if not isinstance(model, torch.nn.Module) or missing or not isinstance(model.likelihood, Likelihood):
+        what = f"missing {', '.join(missing)}" if missing else (
+            "not an nn.Module" if not isinstance(model, torch.nn.Module)
+            else f"likelihood is {type(model.likelihood).__name__}, not an airvae.likelihoods.Likelihood")
+        raise TypeError(f"{type(model).__name__} cannot be evaluated ({what}): the estimators need an nn.Module "
+                        "with encode(x) -> (mean, std), a decoder module z -> likelihood parameters and a "
+                        "likelihood attribute (e.g. airvae.Bernoulli()); see airvae.model.LatentVariableModel")
+
+
+def as_input(model: torch.nn.Module, x) -> torch.Tensor:
+    """``x`` (tensor or array of any dtype) as float32 on the model's device, after checking that the
+    model follows the protocol and that its likelihood can score x."""
+    check_model(model)
+    x = torch.as_tensor(x).to(device=model_device(model), dtype=torch.float32)
+    model.likelihood.validate(x)
+    return x
+
+
+def data_dims(model: LatentVariableModel, x) -> int | None:
+    """Data dimensions per example of ``x`` (a tensor, array or nested list), for bits/dim; None
+    where bits/dim mean nothing (a density over real values, not a probability of discrete data)."""
+    return math.prod(np.shape(x)[1:]) if getattr(model.likelihood, "discrete", True) else None
+
+
+def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int:
+    """The latent size: ``model.z_dim``, else ``model.decoder.z_dim``, else the width of the
+    encoder's mean for the first example of ``x``."""
+    for owner in (model, model.decoder):
+        z_dim = getattr(owner, "z_dim", None)
+        if isinstance(z_dim, int):
+            return z_dim
+    if x is None:
+        raise ValueError(f"the latent size of {type(model).__name__} is unknown: give the model (or its decoder) "
+                         "a z_dim attribute, or pass z_dim")
+    with torch.no_grad(), frozen(model):
+        return int(model.encode(as_input(model, x[:1]))[0].shape[-1])
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter, restored on exit.
+
+    Per-example optimization (IW-SVI) and HMC (AIS) differentiate with respect to q's parameters
+    or z only; freezing keeps the decoder out of the autograd graph, so no ``.grad`` is ever
+    accumulated on it and nothing can update it.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def encode_all(model: LatentVariableModel, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's (mean, std) for every example: clean, since callers hold the model :func:`frozen`
+    (eval mode)."""
+    means, stds = [], []
+    for start in range(0, x.shape[0], batch):
+        m, s = model.encode(x[start:start + batch])
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means), torch.cat(stds)
+
+
+def check_k(name: str, value: int) -> None:
+    """Refuse a sample or step count that is not an integer >= 1, naming it."""
+    if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"invalid {name} = {value!r}: allowed an integer >= 1")
