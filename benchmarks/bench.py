@@ -45,7 +45,7 @@ from airvae.estimators import fit_iw_svi  # noqa: E402
 from airvae.model import air_objective, build_vae, set_compile  # noqa: E402
 from airvae.networks import parse_hidden_spec  # noqa: E402
 # the training loop's own helpers, so the benchmark measures exactly what train() does
-from airvae.train import MinibatchSchedule, _fast_adam_options  # noqa: E402
+from airvae.driver import MinibatchSchedule, fast_adam_options  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -340,7 +340,7 @@ def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
     model = build_vae(X_DIM, Z_DIM, case["enc"], case["dec"], sigma=case.get("sigma", 0.0),
                       max_norm=case.get("max_norm", math.inf)).to(device)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **_fast_adam_options(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **fast_adam_options(device))
     n, batch, k, alpha = data.shape[0], case["batch"], case["k"], case.get("alpha", 1.0)
     schedule = MinibatchSchedule(n, batch, seed=0, device=device)
     lr0, T = case["lr"], case["T"]

@@ -54,7 +54,7 @@ def killed_run(tmp_path, monkeypatch, at_step: int = 20, *extra: str):
     """A 40-step run whose process died right before writing last.pt at ``at_step`` (validations
     every 10 steps): best.pt and the metrics line of that step are written, last.pt is older.
     ``extra``: more flags of ``airvae train``."""
-    import airvae.train as train_module
+    import airvae.driver as train_module  # where RunLog and validation live
 
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
     real = train_module.save_checkpoint
@@ -363,7 +363,7 @@ def test_a_kill_between_the_first_best_and_last_checkpoint_logs_nothing_twice(tm
 def test_a_kill_after_a_new_best_never_costs_the_previous_best(tmp_path, monkeypatch):
     """Killed after staging step 20's best but before last.pt: if the resumed run then validates
     worse (another device, changed data), step 10's best.pt is still there and still the best."""
-    import airvae.train as train_module
+    import airvae.driver as train_module  # where RunLog and validation live
 
     data, run = killed_run(tmp_path, monkeypatch, at_step=20)
     assert load_checkpoint(run / BEST)["step"] == 10 and load_checkpoint(run / BEST_NEXT)["step"] == 20
@@ -386,7 +386,7 @@ def test_resuming_a_finished_run_keeps_its_training_time(trained):
 
 
 def test_an_unplanned_stop_leaves_a_true_status(tmp_path, monkeypatch):
-    import airvae.train as train_module
+    import airvae.driver as train_module  # where validation is called
 
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
 

@@ -90,7 +90,7 @@ def test_checkpoints_are_shared_with_the_single_run_trainer(tmp_path):
 
 def _kill_at(cfg, run_dir, dataset, step, group=False):
     """Train until ``step``'s checkpoint is written, then stop as a kill would."""
-    import airvae.train as train_module
+    import airvae.driver as train_module  # where RunLog saves
 
     real = train_module.save_checkpoint
 
@@ -232,7 +232,7 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
 def test_a_group_killed_between_two_of_its_runs_checkpoints_catches_up_bit_for_bit(tmp_path):
     """Runs 0-1 saved step 20, runs 2-3 still hold step 10: on rerun 2-3 catch up while 0-1 sit out,
     and every run ends exactly where an uninterrupted group ends."""
-    import airvae.train as train_module
+    import airvae.driver as train_module  # where RunLog saves
 
     cfgs, dataset = GROUPS["plain+dvae"], tiny_dataset()
     train_group([Member(c, tmp_path / f"reference{i}") for i, c in enumerate(cfgs)], dataset, progress=False)
@@ -340,8 +340,9 @@ def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same
     of the run's own model fed the same generator, and differs from the swapped weighting."""
     from airvae.model import air_objective
     from airvae.runs import model_from_config
+    from airvae.driver import training_generator
+    from airvae.model import denoising_parts
     from airvae.stacked import StackedModel, _GroupDraws, stacked_objectives
-    from airvae.train import training_generator
 
     cfgs, device = PARTIAL, torch.device("cpu")
     assert len({group_key(c) for c in cfgs}) == 1
@@ -351,7 +352,8 @@ def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same
         torch.manual_seed(cfg.seed)
         models.append(model_from_config(cfg))
     group = StackedModel(models, device)
-    draws = _GroupDraws(cfgs, [training_generator(c.seed, device) for c in cfgs], x.shape[1:], device)
+    denoising = [denoising_parts(model, c.regularizer.alpha)[1] for model, c in zip(models, cfgs)]
+    draws = _GroupDraws(denoising, [training_generator(c.seed, device) for c in cfgs], x.shape[1:], cfgs[0], device)
     xs = x.expand(len(cfgs), *x.shape).contiguous()
     x_seen, eps, eps_clean = draws.next(xs, [True] * len(cfgs))
     alpha = torch.tensor([c.regularizer.alpha for c in cfgs])

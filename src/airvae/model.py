@@ -82,21 +82,21 @@ def log_weights_given_q(
         eps = noise if noise.dim() == mean.dim() + 2 else noise.unsqueeze(0)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
     likelihood = _BERNOULLI if likelihood is None else likelihood
-    return _run_kernel(_log_weights_from_eps, decoder, likelihood, x, mean, std, eps)
+    return _run_kernel(log_weights_from_eps, decoder, likelihood, x, mean, std, eps)
 
 
-def _log_weights_from_eps(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, mean: torch.Tensor,
+def log_weights_from_eps(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, mean: torch.Tensor,
                           std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     z = torch.addcmul(mean, std, eps)  # mean + std * eps in one pass
     # log p(x|z) + [log p(z) - log q(z|x)], the bracket from eps directly (bounds.py)
     return conditional_log_prob(decoder, likelihood, x, z) + gaussian_log_ratio_from_noise(z, eps, std)
 
 
-def _encode_log_weights(encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor,
+def encode_log_weights(encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor,
                         x_seen: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The amortized log weights: the encoder sees ``x_seen`` (x, or x + noise for DVAE)."""
     mean, std = encoder(x_seen)
-    return _log_weights_from_eps(decoder, likelihood, x, mean, std, eps)
+    return log_weights_from_eps(decoder, likelihood, x, mean, std, eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class VAE(nn.Module):
         encoder, x_seen = self._encoder_and_input(x, noisy, generator)
         eps = torch.randn((m, k, x.shape[0], self.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
-        return _run_kernel(_encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
+        return _run_kernel(encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
 
 
 def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
@@ -255,14 +255,14 @@ def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: fl
                       device=x.device, dtype=x.dtype)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
     x_seen = seen_input(x, denoising.sigma, draws.noise)
-    bound = _mean_bound(_run_kernel(_encode_log_weights, encoder, model.decoder, model.likelihood, x, x_seen,
+    bound = mean_bound(_run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x_seen,
                                     draws.eps))
-    clean = None if draws.eps_clean is None else _mean_bound(
-        _run_kernel(_encode_log_weights, encoder, model.decoder, model.likelihood, x, x, draws.eps_clean))
+    clean = None if draws.eps_clean is None else mean_bound(
+        _run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x, draws.eps_clean))
     return mix_bounds(bound, clean, alpha)
 
 
-def _mean_bound(log_w: torch.Tensor) -> torch.Tensor:
+def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
     """IWAE-k bound of ``[m, k, batch]`` log weights averaged over the m repeats -> ``[batch]``."""
     bound = iwae_bound(log_w)
     return bound[0] if bound.shape[0] == 1 else bound.mean(0)  # m = 1: the mean is the value itself

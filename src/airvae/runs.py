@@ -136,11 +136,12 @@ _LOOP_STATE = {"step": int, "best_val": (int, float), "best_step": (int, type(No
                "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
 
 
-def check_training_checkpoint(saved: dict, cfg: RunConfig, path: Path) -> None:
+def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """A ``last.pt`` checked against the run it should resume, before anything uses it: its parts
-    (model, optimizer, loop state, random state), the loop state's fields, and the model's tensor
-    names and shapes (those of the model ``cfg`` builds). Anything else is a :class:`RunError` that
-    names the file and the way out, so a bad checkpoint never leaves a run marked "running"."""
+    (model, optimizer, loop state, random state), the loop state's fields (a step within the run's
+    ``iterations``), and the model's tensor names and ``shapes``. Anything else is a
+    :class:`RunError` that names the file and the way out, so a bad checkpoint never leaves a run
+    marked "running"."""
     def refuse(problem: str):
         raise RunError(f"checkpoint {path} cannot resume this run: {problem}; delete it to restart the run from the "
                        "beginning, or restore it from a copy")
@@ -152,11 +153,11 @@ def check_training_checkpoint(saved: dict, cfg: RunConfig, path: Path) -> None:
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool)
                                           for k, t in _LOOP_STATE.items()):
         refuse(f"its loop state is not {', '.join(_LOOP_STATE)}")
-    if not 0 <= state["step"] <= cfg.iterations:
-        refuse(f"its step {state['step']} is outside the run's 0..{cfg.iterations}")
+    if not 0 <= state["step"] <= iterations:
+        refuse(f"its step {state['step']} is outside the run's 0..{iterations}")
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
         refuse("its optimizer state is not Adam's")
-    expected = {name: tuple(t.shape) for name, t in model_from_config(cfg).state_dict().items()}
+    expected = dict(shapes)
     model = saved["model"]
     if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
         refuse("its model is not a dict of tensors")

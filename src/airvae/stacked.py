@@ -37,20 +37,20 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.optim.adam import adam as torch_adam
-from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig
 from .data import dataset_digest
 from .devices import accumulator_dtype
+from .driver import (Batches, RunLog, SingleEngine, TrainResult, drive, fast_adam_options, restore_generator,
+                     training_generator)
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, REGISTRY, STREAM_SVI, StepNoise,
                          chunked_iwae, data_dims, example_generator, fit_gaussian_q)
 from .estimators.registry import StackedRuns
-from .model import (_encode_log_weights, _log_weights_from_eps, _mean_bound, call_compiled, compile_for,
+from .model import (call_compiled, compile_for, denoising_parts, encode_log_weights, log_weights_from_eps, mean_bound,
                     torch_compile)
 from .networks import DenoisingEncoder
+from .objectives import Denoising, draw_step, mix_bounds, seen_input
 from .runs import RunLock, model_from_config
-from .train import (EARLY_STOP_MESSAGE, MinibatchSchedule, RunLog, TrainResult, _fast_adam_options, _StopFlag,
-                    diverged_message, restore_generator, training_generator)
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which single runs use
 
@@ -85,7 +85,7 @@ class StackedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * params[0].shape[0]
-        self.fused = bool(_fast_adam_options(params[0].device))
+        self.fused = bool(fast_adam_options(params[0].device))
         self._counts, self._counted = None, None  # the kernel's step tensors (kept on the device)
         self._idle, self._idle_index = None, None  # the runs sitting out, as a device index tensor
 
@@ -212,7 +212,7 @@ def _inner_encoder(model):
 def adam_state_dict(group: StackedModel, adam: StackedAdam, r: int, lr: float) -> dict:
     """Run r's Adam state as ``torch.optim.Adam(model.parameters(), fused=...)`` would save it, so
     a stacked run resumes alone and a single run resumes in a group."""
-    template = torch.optim.Adam([torch.zeros(1, device=group.device)], lr=lr, **_fast_adam_options(group.device))
+    template = torch.optim.Adam([torch.zeros(1, device=group.device)], lr=lr, **fast_adam_options(group.device))
     param_group = dict(template.state_dict()["param_groups"][0], params=list(range(len(group.slots))))
     if not adam.steps[r]:
         return {"state": {}, "param_groups": [param_group]}
@@ -245,10 +245,9 @@ def stacked_objectives(group: StackedModel, x: torch.Tensor, x_seen: torch.Tenso
 
     def one_run(params, x, x_seen, eps, eps_clean, alpha):
         enc, dec, lik = group.bind(params)
-        bound = _mean_bound(_encode_log_weights(enc, dec, lik, x, x_seen, eps))
-        if eps_clean is None:
-            return bound
-        return alpha * bound + (1 - alpha) * _mean_bound(_encode_log_weights(enc, dec, lik, x, x, eps_clean))
+        bound = mean_bound(encode_log_weights(enc, dec, lik, x, x_seen, eps))
+        clean = None if eps_clean is None else mean_bound(encode_log_weights(enc, dec, lik, x, x, eps_clean))
+        return mix_bounds(bound, clean, alpha)  # eq. 16
 
     in_dims = (0, 0, 0, 0, None if eps_clean is None else 0, 0)
     return vmap(one_run, in_dims=in_dims)(group.parameters(), x, x_seen, eps, eps_clean, alpha)
@@ -256,11 +255,11 @@ def stacked_objectives(group: StackedModel, x: torch.Tensor, x_seen: torch.Tenso
 
 def _stacked_log_weights(group: StackedModel):
     """log w for each run from its own decoder: (params [S], x [b, ...] shared, mean, std [S, b, z],
-    eps [S, m, k, b, z]) -> [S, m, k, b]; the single-run path (model._log_weights_from_eps), vmapped."""
+    eps [S, m, k, b, z]) -> [S, m, k, b]; the single-run path (model.log_weights_from_eps), vmapped."""
 
     def one_run(p, x, mean, std, eps):
         _, dec, lik = group.bind(p)
-        return _log_weights_from_eps(dec, lik, x, mean, std, eps)
+        return log_weights_from_eps(dec, lik, x, mean, std, eps)
 
     return vmap(one_run, in_dims=(0, None, 0, 0, 0))
 
@@ -444,114 +443,83 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
         return _train_group_locked(cfgs, [m.run_dir for m in members], dataset, device, progress, chunk)
 
 
+class StackedEngine:
+    """The :class:`airvae.driver.Engine` of a stacked group: R models of one architecture as one
+    :class:`StackedModel`, :class:`StackedAdam`, each run's training generator, and the objectives of
+    all runs in one vmapped call. Each run's sigma is its own model's (the denoising encoder it was
+    built with), its alpha its own configuration's."""
+
+    def __init__(self, cfgs: list[RunConfig], device: torch.device, chunk_samples: int, x_shape: tuple[int, ...]):
+        models = []
+        for cfg in cfgs:  # each run initialized exactly as it would be alone
+            torch.manual_seed(cfg.seed)
+            models.append(model_from_config(cfg).to(device))
+        self.cfgs, self.device, self.chunk_samples = cfgs, device, chunk_samples
+        self.group = StackedModel(models, device)
+        self.adam = StackedAdam(self.group.leaves)
+        self.generators = [training_generator(cfg.seed, device) for cfg in cfgs]
+        denoising = [denoising_parts(model, cfg.regularizer.alpha)[1] for model, cfg in zip(models, cfgs)]
+        self.draws = _GroupDraws(denoising, self.generators, x_shape, cfgs[0], device)
+        self.alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
+        self.objectives = stacked_objectives
+        self._shapes = [{name: tuple(t.shape) for name, t in model.state_dict().items()} for model in models]
+
+    def compile(self) -> None:
+        self.objectives = _compiled(stacked_objectives, self.device)
+
+    def shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        return self._shapes[r]  # names differ: a denoising encoder nests the encoder one level deeper
+
+    def restore(self, r: int, saved: dict) -> None:
+        self.group.load_run(r, saved["model"])
+        load_adam_state(self.group, self.adam, r, saved["optimizer"])
+        restore_generator(self.generators[r], saved)
+
+    def step(self, x: torch.Tensor, active: list[bool], lr: float) -> torch.Tensor:
+        x_seen, eps, eps_clean = self.draws.next(x, active)
+        per_run = -self.objectives(self.group, x, x_seen, eps, eps_clean, self.alpha).mean(-1)  # [R]
+        keep = torch.tensor(active, device=self.device) if not all(active) else None
+        for leaf in self.group.leaves:
+            leaf.grad = None
+        (per_run if keep is None else torch.where(keep, per_run, torch.zeros_like(per_run))).sum().backward()
+        self.adam.step(lr, active)
+        return per_run.detach()
+
+    def validate(self, rows: list[int], x: torch.Tensor, k: int, seeds: list[int]) -> list[float]:
+        return stacked_iwae(self.group, rows, x, k, seeds, self.chunk_samples).mean(-1).tolist()
+
+    def model_state(self, r: int) -> dict:
+        return self.group.run_state_dict(r)
+
+    def optimizer_state(self, r: int, lr: float) -> dict:
+        return adam_state_dict(self.group, self.adam, r, lr)
+
+    def rng_state(self, r: int) -> torch.Tensor:
+        return self.generators[r].get_state()
+
+
 def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, device: torch.device,
                         progress: bool, chunk_samples: int) -> list[TrainResult]:
-    first, R = cfgs[0], len(cfgs)
-    train_x = torch.as_tensor(dataset.train, device=device).float()
-    val_x = torch.as_tensor(dataset.valid[:first.val_examples], device=device).float()
-    test_x = (torch.as_tensor(dataset.test[:first.track_test_examples], device=device).float()
-              if first.track_test_examples else None)
-    models = []
-    for cfg in cfgs:  # each run initialized exactly as it would be alone
-        torch.manual_seed(cfg.seed)
-        models.append(model_from_config(cfg).to(device))
-    group = StackedModel(models, device)
-    adam = StackedAdam(group.leaves)
-    schedules = [MinibatchSchedule(train_x.shape[0], cfg.batch_size, cfg.seed, device) for cfg in cfgs]
-    generators = [training_generator(cfg.seed, device) for cfg in cfgs]
+    first = cfgs[0]
+    data = Batches(torch.as_tensor(dataset.train, device=device).float(),
+                   torch.as_tensor(dataset.valid[:first.val_examples], device=device).float(),
+                   torch.as_tensor(dataset.test[:first.track_test_examples], device=device).float()
+                   if first.track_test_examples else None)
+    engine = StackedEngine(cfgs, device, chunk_samples, tuple(data.train.shape[1:]))
     logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
-    results: list[TrainResult | None] = [None] * R  # a finished run stays in the group, inactive:
-    for r, log in enumerate(logs):                  # the group's shapes (and so its rounding) never change
-        saved, results[r] = log.resume(device)
-        if saved is not None:
-            group.load_run(r, saved["model"])
-            load_adam_state(group, adam, r, saved["optimizer"])
-            restore_generator(generators[r], saved)
+    done = min(_checkpointed_step(run_dir) for run_dir in run_dirs)
+    if compile_for(first.iterations - done >= _long_group_steps(len(cfgs))):
+        engine.compile()
+    return drive(engine, cfgs, logs, data, device, progress=progress, desc=f"{len(cfgs)} stacked runs, {first.dataset}")
 
-    draws = _GroupDraws(cfgs, generators, train_x.shape[1:], device)
-    alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
-    loss_sums = torch.zeros(R, dtype=accumulator_dtype(device), device=device)  # per-step losses stay on the device
-    loss_counts = [0] * R
-    objectives = stacked_objectives
-    if compile_for(first.iterations - min(log.step for log in logs) >= _long_group_steps(R)):
-        objectives = _compiled(stacked_objectives, device)
 
-    def unfinished() -> list[int]:
-        return [r for r in range(R) if results[r] is None]
+def _checkpointed_step(run_dir: Path) -> int:
+    from .runs import LAST, RunError, load_checkpoint
 
-    def flush_losses(r: int) -> bool:
-        """Move run r's loss sum into its log; False if it is not finite (the run diverged)."""
-        total = float(loss_sums[r])
-        logs[r].add_loss(total, loss_counts[r])
-        loss_sums[r], loss_counts[r] = 0.0, 0
-        return math.isfinite(total)
-
-    def checkpoint(r: int) -> None:
-        # the lr of the step just taken: what torch's param_group holds when a run alone checkpoints
-        logs[r].checkpoint(group.run_state_dict(r), adam_state_dict(group, adam, r, cfgs[r].lr_at(logs[r].step - 1)),
-                           generators[r].get_state())
-
-    kept = keep = None  # the active runs' mask, rebuilt when they change
-    bar = tqdm(total=first.iterations, initial=min(log.step for log in logs),
-               desc=f"{R} stacked runs, {first.dataset}", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        with _StopFlag() as stop:
-            while unfinished():
-                group_step = min(logs[r].step for r in unfinished())
-                active = [results[r] is None and logs[r].step == group_step for r in range(R)]
-                x = train_x[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs)])]
-                x_seen, eps, eps_clean = draws.next(x, active)
-                per_run = -objectives(group, x, x_seen, eps, eps_clean, alpha).mean(-1)  # [R]
-                if active != kept:  # a host-to-device copy only when the active runs change
-                    kept, keep = active, torch.tensor(active, device=device)
-                for leaf in group.leaves:
-                    leaf.grad = None
-                torch.where(keep, per_run, torch.zeros_like(per_run)).sum().backward()
-                adam.step(first.lr_at(group_step), active)
-                loss_sums += torch.where(keep, per_run.detach().to(loss_sums.dtype), torch.zeros_like(loss_sums))
-                validate, save = [], []
-                for r in range(R):
-                    if active[r]:
-                        logs[r].state["step"] += 1
-                        loss_counts[r] += 1
-                        if logs[r].validation_due():
-                            validate.append(r)
-                        if logs[r].checkpoint_due(r in validate):
-                            save.append(r)
-                bar.update(min(logs[r].step for r in range(R)) - bar.n)
-                interrupted = stop.signal is not None
-                if validate or save or interrupted:  # the only host syncs: validation and checkpoints
-                    for r in (unfinished() if interrupted else sorted(set(validate) | set(save))):
-                        if not flush_losses(r):
-                            results[r] = logs[r].finish("diverged", diverged_message(
-                                f"became non-finite before step {logs[r].step}", run_dirs[r]))
-                    validate = [r for r in validate if results[r] is None]
-                    if validate:
-                        vals = stacked_iwae(group, validate, val_x, first.val_k, [c.seed + 1 for c in cfgs],
-                                            chunk_samples).mean(-1).tolist()
-                        tests = (stacked_iwae(group, validate, test_x, first.k, [c.seed + 2 for c in cfgs],
-                                              chunk_samples).mean(-1).tolist()
-                                 if test_x is not None else [None] * len(validate))
-                        for r, val, test_bound in zip(validate, vals, tests):
-                            logs[r].record_validation(val, group.run_state_dict(r), test_bound)
-                        bar.set_postfix(best=f"{max(logs[r].state['best_val'] for r in validate):.2f}")
-                    for r in unfinished():
-                        if r in save or interrupted:
-                            checkpoint(r)
-                        if r in validate and logs[r].finished_status() == "early-stopped":
-                            results[r] = logs[r].finish("early-stopped", EARLY_STOP_MESSAGE.format(cfgs[r].patience))
-                        elif interrupted:
-                            results[r] = logs[r].interrupted(stop.signal)
-                for r in unfinished():
-                    if logs[r].step >= cfgs[r].iterations:
-                        results[r] = logs[r].finish("completed")
-    except BaseException as error:  # a full disk, out of memory, a second Ctrl-C...: true statuses
-        for r in unfinished():
-            logs[r].fail(error)
-        raise
-    finally:
-        bar.close()
-    return results
+        return int(load_checkpoint(Path(run_dir) / LAST)["state"]["step"]) if (Path(run_dir) / LAST).exists() else 0
+    except (RunError, KeyError, TypeError, ValueError):
+        return 0  # named when the run resumes from it
 
 
 def _compiled(fn, device: torch.device):
@@ -580,18 +548,16 @@ def _long_group_steps(runs: int) -> int:
 
 
 class _GroupDraws:
-    """Each run's training draws from its own generator, in air_objective's order: the denoising
-    noise, the reparameterization noise of the (noisy) bound, then that of the clean bound. Runs
-    whose generators are in the same state (same seed and step, e.g. one seed across the strength
-    grid) draw once and share the numbers."""
+    """Each run's training draws from its own generator, made by :func:`airvae.objectives.draw_step`
+    (so in the order a run alone draws them). Runs whose generators are in the same state (same seed
+    and step, e.g. one seed across the strength grid) and that draw the same things share the numbers."""
 
-    def __init__(self, cfgs: list[RunConfig], generators: list[torch.Generator], x_shape, device):
-        first = cfgs[0]
-        self.generators, self.device = generators, device
-        self.noise_runs = [cfg.regularizer.draws_noise for cfg in cfgs]
-        self.two = first.regularizer.two_bounds
-        self.eps_shape = (first.m, first.k, first.batch_size, first.architecture.z_dim)
-        sigma = torch.tensor([cfg.regularizer.sigma for cfg in cfgs], device=device)
+    def __init__(self, denoising: list[Denoising], generators: list[torch.Generator], x_shape, cfg: RunConfig,
+                 device):
+        self.denoising, self.generators, self.device = denoising, generators, device
+        self.two = denoising[0].two_bounds  # the same in a group (group_key)
+        self.eps_shape = (cfg.m, cfg.k, cfg.batch_size, cfg.architecture.z_dim)
+        sigma = torch.tensor([d.sigma for d in denoising], device=device)
         self.sigma = sigma.view(-1, *[1] * (1 + len(x_shape)))  # [R, 1, 1, ...] against x [R, B, ...]
 
     def next(self, x: torch.Tensor, active: list[bool]):
@@ -605,7 +571,7 @@ class _GroupDraws:
             if not active[r]:
                 continue
             g = self.generators[r]
-            key = (self.noise_runs[r], bytes(g.get_state().cpu().numpy()))
+            key = (self.denoising[r].draws_noise, bytes(g.get_state().cpu().numpy()))
             source = drawn.setdefault(key, r)
             if source != r:  # the same stream at the same position: the same numbers
                 noise[r], eps[r] = noise[source], eps[source]
@@ -613,12 +579,14 @@ class _GroupDraws:
                     eps_clean[r] = eps_clean[source]
                 g.set_state(self.generators[source].get_state())
                 continue
-            if self.noise_runs[r]:
-                noise[r] = torch.randn(x.shape[1:], generator=g, device=self.device, dtype=dtype)
-            eps[r] = torch.randn(self.eps_shape, generator=g, device=self.device, dtype=dtype)
+            d = draw_step(self.denoising[r], tuple(x.shape[1:]), self.eps_shape, generator=g, device=self.device,
+                          dtype=dtype)
+            if d.noise is not None:
+                noise[r] = d.noise
+            eps[r] = d.eps
             if self.two:
-                eps_clean[r] = torch.randn(self.eps_shape, generator=g, device=self.device, dtype=dtype)
-        return x + self.sigma * noise, eps, eps_clean
+                eps_clean[r] = d.eps_clean
+        return seen_input(x, self.sigma, noise), eps, eps_clean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,42 +594,20 @@ class _GroupDraws:
 
 
 def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device, compile: bool = False):
-    """``(group_step, single_step)`` on throwaway models: one training step (objective, backward,
-    Adam) of the runs ``cfgs`` stacked, and of the first run trained alone, on minibatches of ``x``.
-    What ``--executor auto`` measures and what benchmarks/ times."""
-    from .model import air_objective
-
-    models = []
-    for cfg in cfgs:
-        torch.manual_seed(cfg.seed)
-        models.append(model_from_config(cfg).to(device))
-    group = StackedModel(models, device)
-    adam = StackedAdam(group.leaves)
-    draws = _GroupDraws(cfgs, [training_generator(cfg.seed, device) for cfg in cfgs], x.shape[1:], device)
-    alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
-    batch = cfgs[0].batch_size
+    """``(group_step, single_step)`` on throwaway models: the very step :func:`airvae.driver.drive`
+    takes (objective, backward, Adam) for the runs ``cfgs`` stacked (:class:`StackedEngine`) and for
+    the first run alone (:class:`airvae.driver.SingleEngine`), on minibatches of ``x``. What
+    ``--executor auto`` measures and what benchmarks/ times."""
+    cfg, batch = cfgs[0], cfgs[0].batch_size
+    stacked = StackedEngine(cfgs, device, DEFAULT_CHUNK_SAMPLES, tuple(x.shape[1:]))
+    if compile:
+        stacked.compile()
     xs = x[:batch].expand(len(cfgs), *x[:batch].shape).contiguous()
-    active = [True] * len(cfgs)
-    objectives = _compiled(stacked_objectives, device) if compile else stacked_objectives
-
-    def group_step():
-        x_seen, eps, eps_clean = draws.next(xs, active)
-        for leaf in group.leaves:
-            leaf.grad = None
-        (-objectives(group, xs, x_seen, eps, eps_clean, alpha).mean(-1)).sum().backward()
-        adam.step(cfgs[0].lr, active)
-
-    model, cfg = models[0], cfgs[0]
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **_fast_adam_options(device))
-    generator = training_generator(cfg.seed, device)
-
-    def single_step():
-        loss = -air_objective(model, x[:batch], cfg.k, cfg.m, cfg.regularizer.alpha, generator=generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return group_step, single_step
+    torch.manual_seed(cfg.seed)
+    single = SingleEngine(model_from_config(cfg).to(device), lr=cfg.lr, k=cfg.k, m=cfg.m, alpha=cfg.regularizer.alpha,
+                          generator=training_generator(cfg.seed, device), device=device)
+    x1, all_runs = x[:batch].unsqueeze(0), [True] * len(cfgs)
+    return (lambda: stacked.step(xs, all_runs, cfg.lr)), (lambda: single.step(x1, [True], cfg.lr))
 
 
 def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int = 10,
