@@ -1,6 +1,7 @@
 """Static checks that catch what tests may not execute: undefined names, unused imports and variables."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,3 +16,25 @@ def test_pyflakes_rules_pass():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache",
                              "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_package_is_layered_without_cycles():
+    """import-linter's layers contract (pyproject.toml [tool.importlinter]): every module imports only
+    from the layers below it, function-level imports included."""
+    pytest.importorskip("importlinter", reason="import-linter comes with the dev extra")
+    done = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                           "lint_imports_command()"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0 and "broken" not in done.stdout.replace("0 broken", ""), done.stdout + done.stderr
+
+
+def test_no_private_name_is_imported_across_modules():
+    import ast
+
+    private = []
+    for path in sorted((ROOT / "src" / "airvae").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("airvae")):
+                private += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private

@@ -27,7 +27,7 @@ from .model import (VAE, LatentVariableModel, air_objective, build_vae, cap_weig
 from .networks import (BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder, GaussianEncoder,
                        MLPDecoder, parse_hidden_spec)
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ARCHITECTURES", "BUDGETS", "Architecture", "Bernoulli", "BernoulliDecoder", "CappedFilterNorm",
@@ -35,5 +35,5 @@ __all__ = [
     "LatentVariableModel", "Likelihood", "MLPDecoder", "Regularizer", "RunConfig", "VAE", "air_objective",
     "bernoulli_log_prob", "bits_per_dim", "build_vae", "cap_weight_norms", "conditional_log_prob", "elbo",
     "gaussian_log_prob", "iwae_bound", "load", "log_likelihood_from_bits_per_dim", "log_weights_given_q",
-    "parse_hidden_spec", "resolve_run_config", "standard_normal_log_prob",
+    "parse_hidden_spec", "resolve_run_config", "standard_normal_log_prob", "__version__",
 ]

@@ -42,8 +42,8 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 from .files import TEMPORARY_TAG, LinkRefused, RunIOError, real_folder
-from .runs import (_RUN_FOLDERS, BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, LOCK, MARKER, METRICS, SUMMARY,
-                   TENSORBOARD, RunError, RunLock, _stream_digest, best_weights_safetensors, check_unlocked,
+from .runs import (RUN_FOLDERS, BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, LOCK, MARKER, METRICS, SUMMARY,
+                   TENSORBOARD, RunError, RunLock, stream_digest, best_weights_safetensors, check_unlocked,
                    load_config, read_json, write_error)
 
 BUNDLE_MARKER = "airvae-bundle.json"
@@ -60,7 +60,7 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # one path comp
 # A run's entries that a bundle shares, by the run directory's own layout (airvae.runs); config.json
 # and the best weights are added apart, the lock, tracking files and last.pt never.
 _SHARED_FILES = (MARKER, METRICS, SUMMARY, ERROR)
-_SHARED_FOLDERS = {folder: names for folder, names in _RUN_FOLDERS.items() if folder not in (CHECKPOINTS, TENSORBOARD)}
+_SHARED_FOLDERS = {folder: names for folder, names in RUN_FOLDERS.items() if folder not in (CHECKPOINTS, TENSORBOARD)}
 _RESULTS_SUFFIXES = (".md", ".csv", ".json", ".png")  # a reproduction's own files (not sweep.jsonl: a local log)
 
 
@@ -76,7 +76,7 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     lock file can be created) is read after checking that no other process holds its lock, and
     its report is packed as it is. ``out`` is never overwritten; everything is checked (``out``,
     the manifest, the locks, every run's config) before anything is written."""
-    from . import __version__
+    from ._version import __version__
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir() or results_dir.is_symlink():
@@ -320,7 +320,7 @@ def extract(archive: str | os.PathLike) -> Path:
     root = cache_root() / "bundles"
     try:
         with open(archive, "rb") as f:  # one open file, hashed then read: what is extracted is what was hashed
-            target = root / _stream_digest(f)
+            target = root / stream_digest(f)
             for folder in (root, target):  # what a link points at is never read as the bundle nor written
                 if folder.is_symlink():
                     raise LinkRefused(f"{folder} is a symbolic link; airvae never writes through links: remove "

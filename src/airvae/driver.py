@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .devices import accumulator_dtype
 from .estimators import iwae_log_likelihood
+from .evaluation import current_evaluations
 from .model import air_objective
 from .runs import (BEST, BEST_NEXT, LAST, METRICS, SUMMARY, RunError, RunIOError, append_line,
                    check_training_checkpoint, load_checkpoint, read_metrics, save_checkpoint, write_error, write_json,
@@ -133,7 +134,8 @@ class RunLog:
             check_training_checkpoint(saved, self.cfg.iterations, shapes, self.run_dir / LAST)  # before any rewrite
             self.state = dict(saved["state"])
         self._clock = time.perf_counter() - self.state["seconds"]
-        self.tracker = Tracker.start(self.run_dir, self.cfg, _forget_after(self.run_dir, self.step, device))
+        self.tracker = Tracker.start(self.run_dir, self.cfg, _forget_after(self.run_dir, self.step, device),
+                                     lambda: current_evaluations(self.run_dir))
         status = self.finished_status() if saved is not None else None
         if status is not None:
             return saved, self.finish(status, EARLY_STOP_MESSAGE.format(self.cfg.patience)

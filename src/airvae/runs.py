@@ -68,7 +68,7 @@ EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")  # the files of TensorBoar
 # What airvae writes into a run directory, by entry: anything else makes the folder foreign, and
 # airvae refuses to delete it.
 _RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR, TRACKING)))
-_RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safetensors"),
+RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safetensors"),
                 EVALUATIONS: re.compile(r"[\w.-]+\.json"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
                 TENSORBOARD: EVENT_FILE}
 
@@ -222,10 +222,10 @@ def best_checkpoint_digest(run_dir: Path) -> str | None:
 
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as f:
-        return _stream_digest(f)
+        return stream_digest(f)
 
 
-def _stream_digest(f) -> str:
+def stream_digest(f) -> str:
     """The sha256 of what is left to read of a binary file object."""
     return hashed(hashlib.sha256(), f).hexdigest()
 
@@ -378,7 +378,7 @@ def check_unlocked(directory: Path) -> None:
 
 
 def write_marker(run_dir: Path, data_digest: str | None) -> None:
-    from . import __version__
+    from ._version import __version__
 
     write_json(run_dir / MARKER, {"airvae_run": MARKER_FORMAT, "airvae_version": __version__,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_sha256": data_digest})
@@ -404,8 +404,8 @@ def _foreign_entries(run_dir: Path) -> list[str]:
         elif _RUN_FILES.fullmatch(name) or _temporary(name):
             if not entry.is_file():
                 foreign.append(name)
-        elif name in _RUN_FOLDERS and entry.is_dir():
-            pattern = _RUN_FOLDERS[name]
+        elif name in RUN_FOLDERS and entry.is_dir():
+            pattern = RUN_FOLDERS[name]
             for inner in entry.iterdir():
                 if inner.is_symlink() or not inner.is_file() or not (pattern.fullmatch(inner.name)
                                                                       or _temporary(inner.name, pattern)):
@@ -492,7 +492,7 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     removed = []
     if read_marker(run_dir) is None:
         return removed
-    for folder, targets in ((Path(run_dir), _RUN_FILES), (Path(run_dir) / CHECKPOINTS, _RUN_FOLDERS[CHECKPOINTS])):
+    for folder, targets in ((Path(run_dir), _RUN_FILES), (Path(run_dir) / CHECKPOINTS, RUN_FOLDERS[CHECKPOINTS])):
         if folder.is_dir() and not folder.is_symlink():
             for entry in folder.iterdir():
                 if _temporary(entry.name, targets) and entry.is_file() and not entry.is_symlink():

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError
 from .runs import EVENT_FILE, METRICS, TENSORBOARD, TRACKING, RunError, read_json, read_metrics, write_json
 
 SINKS = ("tensorboard", "mlflow")
@@ -243,11 +243,10 @@ class Tracker:
                 _warn(name, error)
 
     @classmethod
-    def start(cls, run_dir: Path, cfg: RunConfig, records: list[dict]) -> "Tracker":
-        """Rebuild the chosen sinks of a run from its ``records`` (``metrics.jsonl``) and current
-        evaluations; the run then logs to them."""
-        from .evaluation import current_evaluations  # which imports this module
-
+    def start(cls, run_dir: Path, cfg, records: list[dict], evaluations=lambda: ()) -> "Tracker":
+        """Rebuild the chosen sinks of a run from its ``records`` (``metrics.jsonl``) and its current
+        evaluations (``evaluations()``: ``(path, record)`` pairs, asked for only when a sink needs
+        them); the run then logs to them."""
         run_dir = Path(run_dir)
         stored = read_tracking(run_dir)
         tracker = cls(_open_sinks(run_dir, stored, replace=True))
@@ -260,7 +259,7 @@ class Tracker:
         for record in records:  # wall times as if the run had trained without stopping, ending now
             tracker.validation(record, now - (last - record.get("seconds", last)))
         step = records[-1]["step"] if records else 0
-        for path, result in current_evaluations(run_dir):
+        for path, result in evaluations():
             tracker.evaluation(path.stem, result, step, now)
         return tracker
 
