@@ -147,8 +147,10 @@ def test_shape_and_data_errors_say_what_to_do():
         DiscretizedLogistic().log_prob(x, torch.zeros(2, 3, 4, 4))  # the log scales are missing
     with pytest.raises(ValueError, match="x.float\\(\\) / 255"):
         DiscretizedLogistic().validate(x * 255)  # raw 0..255 values
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match="must be binary"):
         Bernoulli().validate(torch.tensor([[0.0, 2.0]]))
+    with pytest.raises(ValueError, match="for grey levels use DiscretizedLogistic"):
+        Bernoulli().validate(torch.tensor([[0.0, 0.5]]))  # grey levels inside [0, 1] are not binary either
     with pytest.raises(ValueError, match="one batch axis"):
         Gaussian().validate(torch.zeros(5))
     DiscretizedLogistic().validate(x)  # on the grid: fine

@@ -19,6 +19,7 @@ check_torch()  # before anything loads a checkpoint: older torch's weights_only 
 
 from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
 from .bundle import load
+from .fit import fit
 from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config
 from .likelihoods import (Bernoulli, DiscretizedLogistic, Gaussian, Likelihood, bits_per_dim,
                           log_likelihood_from_bits_per_dim)
@@ -34,6 +35,6 @@ __all__ = [
     "CappedWeightNormLinear", "ConfigError", "DenoisingEncoder", "DiscretizedLogistic", "Gaussian", "GaussianEncoder",
     "LatentVariableModel", "Likelihood", "MLPDecoder", "Regularizer", "RunConfig", "VAE", "air_objective",
     "bernoulli_log_prob", "bits_per_dim", "build_vae", "cap_weight_norms", "conditional_log_prob", "elbo",
-    "gaussian_log_prob", "iwae_bound", "load", "log_likelihood_from_bits_per_dim", "log_weights_given_q",
+    "fit", "gaussian_log_prob", "iwae_bound", "load", "log_likelihood_from_bits_per_dim", "log_weights_given_q",
     "parse_hidden_spec", "resolve_run_config", "standard_normal_log_prob", "__version__",
 ]

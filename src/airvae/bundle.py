@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 from .files import TEMPORARY_TAG, LinkRefused, RunIOError, real_folder
-from .runs import (RUN_FOLDERS, BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, LOCK, MARKER, METRICS, SUMMARY,
+from .runs import (BEST, BEST_WEIGHTS, CHECKPOINTS, CONFIG, ERROR, LAST, LOCK, MARKER, METRICS, RUN_FOLDERS, SUMMARY,
                    TENSORBOARD, RunError, RunLock, stream_digest, best_weights_safetensors, check_unlocked,
                    load_config, read_json, write_error)
 
@@ -649,11 +649,12 @@ def _check_study(study) -> None:
         raise ConfigError(f"study: {error}") from None
 
 
-def load(path: str | os.PathLike, which: str = "best", device: str = "cpu"):
+def load(path: str | os.PathLike, which: str = "best", device: str = "cpu", model=None):
     """The trained model of a run directory, of a run inside a bundle (``BUNDLE/RUN``), or of a
     bundle of one run: ``model = airvae.load("runs/caltech/VAE-seed0")``. In eval mode, on
     ``device``. Weights come from ``best.pt`` (loaded weights-only) or a bundle's safetensors;
-    ``which="last"`` takes ``last.pt`` of a run directory."""
+    ``which="last"`` takes ``last.pt`` of a run directory (a bundle holds no ``last.pt``). A run of
+    your own model (:func:`airvae.fit.fit`) needs ``model``, an untrained instance to load into."""
     from .runs import load_trained_model
 
     folder = resolve(path)
@@ -661,4 +662,7 @@ def load(path: str | os.PathLike, which: str = "best", device: str = "cpu"):
         runs = _runs_in(folder)
         raise RunError(f"{path} holds {len(runs)} runs; load one of them: {Path(path) / runs[0]}"
                        if runs else f"{path} holds no run")
-    return load_trained_model(folder, which=which, device=device)[1]
+    if which == "last" and not (folder / LAST).exists() and (folder / BEST_WEIGHTS).exists():
+        raise RunError(f"{path} comes from a bundle, which holds the best weights only (no last.pt); "
+                       "load which='best'")
+    return load_trained_model(folder, which=which, device=device, model=model)[1]

@@ -284,14 +284,56 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-samples", type=integer, help="latents decoded per chunk (memory bound)")
     p.add_argument("--seed", type=integer, default=0, help=f"0 to {MAX_SEED}")
     p.add_argument("--recompute", action="store_true", help="ignore a stored result with the same settings")
+    _add_model(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="for a run of your own model (airvae.fit): package.module:function, a function "
+                                   "that returns an untrained instance; airvae imports and calls it to load the "
+                                   "weights into (it never builds code named in a run folder by itself)")
+
+
+def _user_model(text: str | None):
+    """``--model package.module:function``: the untrained model the function returns (None: none given)."""
+    if text is None:
+        return None
+    import importlib
+
+    import torch
+
+    module, _, name = text.partition(":")
+    if not module or not name.isidentifier():
+        raise ConfigError(f"invalid --model = {text!r}: allowed package.module:function (a function returning an "
+                          "untrained instance of your model)")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"invalid --model = {text!r}: {error}; is the module importable from here "
+                          "(installed, or on PYTHONPATH)?") from None
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"invalid --model = {text!r}: it returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _run_model(run_dir: Path, text: str | None):
+    """The model ``--model`` names, checked against the run: needed by (and only by) a run of the user's
+    own model. Refused before any work."""
+    from .config import FitConfig
+    from .runs import build_model, load_config
+
+    cfg = load_config(run_dir)  # a clear error for a folder that is not a run
+    model = _user_model(text)
+    if isinstance(cfg, FitConfig) != (model is not None):
+        build_model(cfg, model, Path(run_dir))  # refuses, saying which way round
+    return model
 
 
 def cmd_evaluate(args) -> int:
     from .bundle import resolve
     from .evaluation import EvaluationSettings, evaluate_run, format_table, parse_estimators, run_study
-    from .runs import load_config
 
     estimators = parse_estimators(args.estimators) if args.estimators is not None else ("bound", "iwsvi", "gap")
     _refuse_duplicates("--estimators", estimators)
@@ -306,7 +348,7 @@ def cmd_evaluate(args) -> int:
             raise ConfigError(f"{flag} is given but no estimator uses it: add "
                               f"{'bdmc' if flag == '--bdmc-examples' else 'ais or bdmc'} to --estimators, or drop it")
     args.run_dir = resolve(args.run_dir)  # BUNDLE/RUN: the run in the bundle's extraction (a cache folder)
-    load_config(args.run_dir)  # a clear error for a folder that is not a run
+    model = _run_model(args.run_dir, args.model)  # a clear error for a folder that is not a run, or lacks --model
     check_int("seed", args.seed, 0, MAX_SEED)
     if args.study:
         data = run_study(args.run_dir, split=args.split, max_examples=args.max_examples or 100,
@@ -319,7 +361,7 @@ def cmd_evaluate(args) -> int:
         estimators=estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
         svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, seed=args.seed, device=args.device, **optional)
     result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress,
-                          allow_data_change=args.allow_data_change)
+                          allow_data_change=args.allow_data_change, model=model)
     print(format_table(result))
     return 0
 
@@ -328,8 +370,9 @@ def cmd_plot(args) -> int:
     from .bundle import resolve
     from .plots import plot_run
 
-    plots = plot_run(resolve(args.run_dir), args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
-                     device=args.device)
+    run_dir = resolve(args.run_dir)
+    plots = plot_run(run_dir, args.out, which=args.which, examples=args.examples, data_dir=args.data_dir,
+                     device=args.device, model=_run_model(run_dir, args.model))
     print("\n".join(f"written {path}" for path in plots.written.values()))
     print("\n".join(f"skipped {name}: {why}" for name, why in plots.skipped.items()))
     return 0
@@ -453,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to draw (default best)")
     p.add_argument("--examples", type=int, default=1000, help="test examples for the posterior statistics")
     p.add_argument("--out", type=path, help="output folder (default RUN/plots)")
+    _add_model(p)
     _add_common(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("reproduce", help="regenerate one of the paper's tables or figures at a budget")

@@ -354,6 +354,10 @@ class RunConfig:
                               f"i/{lik.num_bins - 1}, and {self.dataset!r} is {what}; {fix}")
 
     @property
+    def z_dim(self) -> int:
+        return self.architecture.z_dim
+
+    @property
     def model_name(self) -> str:
         """Paper naming: VAE/IWAE-k, DVAE/DIWAE, WNI-VAE/WNI-IWAE."""
         base = "VAE" if self.k == 1 else f"IWAE-{self.k}"
@@ -397,6 +401,78 @@ class RunConfig:
         if isinstance(reg, dict) and reg.get("max_norm") == "inf":
             reg = {**reg, "max_norm": math.inf}
         data["regularizer"] = _from_fields(Regularizer, reg, "regularizer")
+        return _from_fields(cls, data, "config")
+
+
+CUSTOM = "custom"  # config.json's "kind" for a researcher's own model (airvae.fit)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The training settings of a researcher's own model (:func:`airvae.fit.fit`): what
+    :class:`RunConfig` is to airvae's architectures, without the architecture. ``model`` says what
+    built the model (``"package.module:function"``, or its class); airvae never imports it by
+    itself: whoever loads the run passes the model (``--model`` on the command line)."""
+
+    dataset: str
+    model: str
+    x_dim: int
+    z_dim: int
+    k: int = 1
+    m: int = 1
+    alpha: float = 1.0  # eq. 16's weight, for a model whose encoder is a DenoisingEncoder
+    seed: int = 0
+    lr: float = 1e-3
+    lr_final_fraction: float = 0.1
+    iterations: int = 10_000
+    batch_size: int = 100
+    val_every: int = 500
+    val_k: int = 100
+    val_examples: int | None = 1000
+    patience: int | None = None
+    checkpoint_every: int = 500
+    track_test_examples: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    budget: str = "custom"
+
+    def __post_init__(self):
+        require(isinstance(self.dataset, str) and self.dataset != "", "dataset", self.dataset, "a dataset's name")
+        require(isinstance(self.model, str) and self.model != "", "model", self.model, "what built the model")
+        for name in ("k", "m", "val_k"):
+            check_int(name, getattr(self, name), 1, MAX_SAMPLES)
+        for name in ("iterations", "val_every", "checkpoint_every"):
+            check_int(name, getattr(self, name), 1, MAX_ITERATIONS)
+        for name in ("batch_size", "x_dim", "z_dim"):
+            check_int(name, getattr(self, name), 1, 10**9)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("track_test_examples", self.track_test_examples, 0, 10**9)
+        require(is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
+        require(is_real(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"a number > 0 and <= {MAX_LR:g}")
+        require(is_real(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1, "lr_final_fraction",
+               self.lr_final_fraction, "(0, 1]")
+        require(self.val_examples is None or (is_int(self.val_examples) and self.val_examples >= 1), "val_examples",
+               self.val_examples, "an integer >= 1, or None for the whole split")
+        require(self.patience is None or (is_int(self.patience) and 1 <= self.patience <= MAX_ITERATIONS), "patience",
+               self.patience, f"an integer >= 1 and <= {MAX_ITERATIONS}, or None")
+        require(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
+        check_device_name(self.device)
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.model} ({'VAE' if self.k == 1 else f'IWAE-{self.k}'})"
+
+    lr_at = RunConfig.lr_at  # eq. 43, the same schedule
+
+    def replace(self, **changes) -> "FitConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return {"kind": CUSTOM, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FitConfig":
+        data = {key: value for key, value in data.items() if key != "kind"}
         return _from_fields(cls, data, "config")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_SAMPLES, MAX_SEED, check_device_name, check_int, is_int, is_real, require
+from .config import MAX_SAMPLES, MAX_SEED, RunConfig, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
 from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, save_figure, write_json
 from .tracking import log_evaluation
@@ -236,7 +236,7 @@ def _of_checkpoint(stored: dict, digest: str | None) -> bool:
 
 
 def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
-                 progress: bool = True, allow_data_change: bool = False) -> dict:
+                 progress: bool = True, allow_data_change: bool = False, model=None) -> dict:
     """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result
     in ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same
     settings, checkpoint and data is returned without computing unless ``recompute``.
@@ -244,7 +244,8 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
     Data that changed since the run was trained (its marker records the digest) is refused unless
     ``allow_data_change``; then the evaluation scores the new data and records its digest. The
     device, the memory the settings need and that the result can be written are checked before
-    any work."""
+    any work. ``model``: for a run of a researcher's own model (:func:`airvae.fit.fit`), an untrained
+    instance to load its weights into (:func:`airvae.runs.load_trained_model`)."""
     from .data import DatasetError, load_dataset
     from .runs import load_config
 
@@ -265,7 +266,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
     device = resolve_device(settings.device)
     check_writable(run_dir / EVALUATIONS, run_dir)
     cfg, model, digest, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device,
-                                                         progress, settings, dataset)
+                                                         progress, settings, dataset, model)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
     return store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split, device=device,
                             digest=digest, seconds=time.perf_counter() - started, data_digest=data_digest)
@@ -322,7 +323,7 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
 
 
 def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool,
-               settings: EvaluationSettings | None = None, dataset=None):
+               settings: EvaluationSettings | None = None, dataset=None, model=None):
     """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
     (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
     the memory they need is checked before the model is loaded."""
@@ -336,10 +337,10 @@ def _load_best(run_dir, split: str, max_examples: int | None, device: torch.devi
     x = dataset.split(split)
     n_split = len(x)
     x = x[evenly_spaced(n_split, max_examples)]
-    if settings is not None:
+    if settings is not None and isinstance(cfg, RunConfig):  # a model of the user's own: sizes unknown
         check_fits(evaluation_memory(cfg, settings, len(x)), device,
                    "lower --k, --svi-k, --svi-l, --ais-chains, --chunk-samples or --max-examples")
-    cfg, model, digest = load_trained_model_with_digest(run_dir, which="best", device=device)
+    cfg, model, digest = load_trained_model_with_digest(run_dir, which="best", device=device, model=model)
     return cfg, model, digest, dataset, torch.as_tensor(x).to(device=device, dtype=torch.float32), n_split
 
 

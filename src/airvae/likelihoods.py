@@ -63,6 +63,11 @@ class Likelihood(nn.Module):
         """x ~ p(x|z) for params ``[N, P*C, ...]`` -> ``[N, C, ...]``."""
         raise NotImplementedError
 
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x|z] for params ``[N, P*C, ...]`` -> ``[N, C, ...]``: what a picture of a sample or a
+        reconstruction shows."""
+        raise NotImplementedError
+
     def validate(self, x: torch.Tensor) -> None:
         """Raise ValueError, saying what is wrong, if ``x`` is not data this likelihood scores."""
         if x.dim() < 2:
@@ -108,11 +113,16 @@ class Bernoulli(Likelihood):
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
         return (u < torch.sigmoid(logits)).to(logits.dtype)
 
+    def mean(self, params):
+        (logits,) = self._sample_split(params)
+        return torch.sigmoid(logits)
+
     def validate(self, x):
         super().validate(x)
-        if x.numel() and not (x.min() >= 0 and x.max() <= 1):
-            raise ValueError(f"Bernoulli likelihood: x must lie in [0, 1] (binary data), got values in "
-                             f"[{x.min().item():g}, {x.max().item():g}]")
+        if x.numel() and not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(f"Bernoulli likelihood: x must be binary (0 or 1), got values in [{x.min().item():g}, "
+                             f"{x.max().item():g}] that are not; for grey levels use DiscretizedLogistic(num_bins=...), "
+                             "for real values Gaussian()")
 
 
 class Gaussian(Likelihood):
@@ -174,6 +184,9 @@ class Gaussian(Likelihood):
     def sample(self, params, generator=None):
         mean, std = self._mean_and_std(self._sample_split(params))
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    def mean(self, params):
+        return self._sample_split(params)[0]
 
     def extra_repr(self) -> str:
         std = f", std={float(self.std):g}" if self.std_mode == "fixed" else ""
@@ -258,6 +271,14 @@ class DiscretizedLogistic(Likelihood):
         continuous = mean + log_scale.exp() * (torch.log(u) - torch.log1p(-u))  # a logistic draw
         top = self.num_bins - 1
         return torch.round(continuous * top).clamp(0, top) / top  # its bin: exactly the bin probabilities
+
+    def mean(self, params):
+        # The logistics' locations, weighted by the mixture, clamped to the data's range: the mean of each
+        # continuous logistic before discretization (the edge bins pile its tails at 0 and 1).
+        logits, mean, _ = self._components(self._sample_split(params), axis=1)
+        if logits is not None:
+            mean = (torch.softmax(logits, 1) * mean).sum(1)
+        return mean.clamp(0, 1)
 
     def validate(self, x):
         super().validate(x)

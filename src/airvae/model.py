@@ -262,6 +262,16 @@ def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: fl
     return mix_bounds(bound, clean, alpha)
 
 
+def protocol_objective(model: nn.Module, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`air_objective` for a model that offers only :class:`LatentVariableModel`'s ``encode``:
+    the IWAE-k bound averaged over m repeats, ``[batch]`` (``alpha`` is unused: any denoising is the
+    model's own ``encode``'s business)."""
+    mean, std = model.encode(x)
+    eps = torch.randn((m, k, *mean.shape), generator=generator, device=x.device, dtype=x.dtype)
+    return mean_bound(log_weights_from_eps(model.decoder, model.likelihood, x, mean, std, eps))
+
+
 def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
     """IWAE-k bound of ``[m, k, batch]`` log weights averaged over the m repeats -> ``[batch]``."""
     bound = iwae_bound(log_w)

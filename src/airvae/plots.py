@@ -38,7 +38,6 @@ from .runs import (METRICS, RunError, check_writable, load_config, load_trained_
 
 FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
 PLOTS_DIR = "plots"
-IMAGE_SIDE = 28
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016), section 5.2
 # metrics.jsonl key -> panel title (filled from the run's config); the order of the panels
 CURVES = {
@@ -47,6 +46,8 @@ CURVES = {
     "lr": "learning rate (eq. 43)",
     "test_bound": "test bound L_{k}, encoder q",
 }
+UNITS = {"train_loss": "nats per example", "val_log_likelihood": "ln p(x), nats per example", "lr": "learning rate",
+         "test_bound": "L_k, nats per example"}
 
 
 @dataclass
@@ -59,11 +60,15 @@ class RunPlots:
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, which: str = "best",
-             examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto") -> RunPlots:
+             examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto",
+             model: torch.nn.Module | None = None) -> RunPlots:
     """Every figure of a run into ``out_dir`` (default ``RUN/plots``). Model figures use the
     ``which`` checkpoint ("best" or "last") and ``examples`` test examples spread evenly over the
-    split; ``seed`` fixes the prior samples and the denoising noise. A figure that cannot be drawn
-    (no checkpoint yet, no data, not 28x28 images, not a WNI run) is skipped with the reason."""
+    split; ``seed`` fixes the prior samples and the denoising noise. Samples and reconstructions
+    show the likelihood's mean E[x|z] (any likelihood), as images when the data are images (or
+    flat squares). A figure that cannot be drawn (no checkpoint yet, no data, not images, not a WNI
+    run) is skipped with the reason. ``model``: for a run of a researcher's own model
+    (:func:`airvae.fit.fit`), an untrained instance to load the weights into."""
     run_dir = Path(run_dir)
     if not (isinstance(examples, int) and examples >= 1):
         raise ValueError(f"invalid examples = {examples!r}: allowed an integer >= 1")
@@ -79,7 +84,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         out.skipped["curves"] = f"{run_dir / METRICS} has no validation yet"
 
     try:
-        _, model = load_trained_model(run_dir, which=which, device=device)
+        _, model = load_trained_model(run_dir, which=which, device=device, model=model)
     except RunError as error:
         out.skipped.update({name: str(error) for name in FIGURES[1:]})
         return out
@@ -96,27 +101,25 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)
     except (ValueError, OSError) as error:  # DatasetError is a ValueError
         no_data = f"test data unavailable ({error}); pass data_dir / --data-dir"
-    not_images = None if cfg.x_dim == IMAGE_SIDE ** 2 else \
-        f"x_dim = {cfg.x_dim} is not a {IMAGE_SIDE}x{IMAGE_SIDE} image"
-    if cfg.likelihood.kind != "bernoulli":  # the figures show Bernoulli means, sigmoid(decoder(z))
-        not_images = f"drawn for Bernoulli likelihoods only (this run's is {cfg.likelihood.kind})"
+    shape = image_shape(cfg)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     with torch.no_grad():
-        if not_images:
-            out.skipped["samples"] = out.skipped["reconstructions"] = not_images
+        if shape is None:
+            out.skipped["samples"] = out.skipped["reconstructions"] = (
+                f"x_dim = {cfg.x_dim} values are not an image (give image data as (N, C, H, W))")
         else:
-            _save(_samples_figure(model, generator, transpose), out, "samples")
+            _save(_samples_figure(model, generator, shape, transpose, cfg.z_dim), out, "samples")
             if test_x is None:
                 out.skipped["reconstructions"] = no_data
             else:
                 shown = test_x[evenly_spaced(len(test_x), 10)]
-                _save(_reconstructions_figure(model, shown, seed, transpose), out, "reconstructions")
+                _save(_reconstructions_figure(model, shown, seed, shape, transpose), out, "reconstructions")
         if test_x is None:
             out.skipped["posterior"] = no_data
         else:
             _save(_posterior_figure(model, test_x, out.directory / "posterior.json"), out, "posterior")
-        capped = _capped_layers(model.encoder)
+        capped = _capped_layers(getattr(model, "encoder", model))
         if capped:
             _save(_weight_norms_figure(capped, out.directory / "weight_norms.json"), out, "weight_norms")
         else:
@@ -149,58 +152,88 @@ def _curves_figure(metrics: list[dict], cfg, json_path: Path):
         drawn[key] = {"step": [int(s) for s in steps], "value": [float(v) for v in values]}
         ax.set_title(CURVES[key].format(k=cfg.k, val_k=cfg.val_k), fontsize=9)
         ax.set_xlabel("training step")
+        ax.set_ylabel(UNITS[key], fontsize=8)
         ax.grid(alpha=0.3)
+    if len(metrics) < 3:  # a smoke run validates twice: say so rather than let two points pass for a curve
+        fig.suptitle(f"only {len(metrics)} validation(s): too few points for a curve (a smoke run?)", fontsize=9,
+                     color="tab:red")
     fig.tight_layout()
     write_json(json_path, drawn)
     return fig
 
 
-def _image_grid(images: torch.Tensor, columns: int, transpose: bool) -> np.ndarray:
-    """``[n, 784]`` in [0, 1] -> one ``[rows*28, columns*28]`` array of tiles."""
-    tiles = images.detach().cpu().clamp(0, 1).reshape(-1, IMAGE_SIDE, IMAGE_SIDE).numpy()
+def image_shape(cfg) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of a run's examples: its image data's own, or a flat square of one channel
+    (28x28 binary MNIST); None when they are not images."""
+    shape = getattr(cfg, "image_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    side = math.isqrt(cfg.x_dim)
+    return (1, side, side) if side * side == cfg.x_dim and side > 1 else None
+
+
+def _image_grid(images: torch.Tensor, shape: tuple[int, int, int], columns: int, transpose: bool) -> np.ndarray:
+    """``[n, C*H*W]`` (or ``[n, C, H, W]``) -> one grid of tiles: ``[rows*H, columns*W]`` for one
+    channel, ``[..., 3]`` RGB for three (other channel counts: the first channel). Values are shown
+    on the range they span when they leave [0, 1] (real-valued data)."""
+    c, h, w = shape
+    tiles = images.detach().cpu().double().reshape(-1, c, h, w)
+    low, high = float(tiles.min()), float(tiles.max())
+    if low < 0 or high > 1:  # real-valued data: map what is there onto [0, 1]
+        tiles = (tiles - low) / max(high - low, 1e-12)
+    tiles = tiles.clamp(0, 1)
+    tiles = tiles.permute(0, 2, 3, 1) if c == 3 else tiles[:, 0]
     if transpose:
-        tiles = tiles.transpose(0, 2, 1)
+        tiles = tiles.transpose(1, 2)
     rows = math.ceil(len(tiles) / columns)
-    grid = np.ones((rows * IMAGE_SIDE, columns * IMAGE_SIDE))
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        grid[r * IMAGE_SIDE:(r + 1) * IMAGE_SIDE, c * IMAGE_SIDE:(c + 1) * IMAGE_SIDE] = tile
+    grid = np.ones((rows * h, columns * w, *tiles.shape[3:]))
+    for i, tile in enumerate(tiles.numpy()):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = tile
     return grid
 
 
-def _samples_figure(model, generator: torch.Generator, transpose: bool, n: int = 64):
-    z = torch.randn(n, model.decoder.z_dim, generator=generator, device=generator.device)
-    fig, ax = plt.subplots(figsize=(5, 5.3))
-    ax.imshow(_image_grid(torch.sigmoid(model.decoder(z)), 8, transpose), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("samples: Bernoulli means sigmoid(decoder(z)), z ~ N(0, I)", fontsize=9)
+def _show(ax, grid: np.ndarray) -> None:
+    ax.imshow(grid, cmap=None if grid.ndim == 3 else "gray", vmin=0, vmax=1)
     ax.axis("off")
+
+
+def _decoded_mean(model, z: torch.Tensor) -> torch.Tensor:
+    """E[x|z] under the model's likelihood."""
+    return model.likelihood.mean(model.decoder(z))
+
+
+def _samples_figure(model, generator: torch.Generator, shape, transpose: bool, z_dim: int, n: int = 64):
+    z = torch.randn(n, z_dim, generator=generator, device=generator.device)
+    fig, ax = plt.subplots(figsize=(5, 5.3))
+    _show(ax, _image_grid(_decoded_mean(model, z), shape, 8, transpose))
+    ax.set_title(f"samples: E[x|z] of the {type(model.likelihood).__name__} likelihood, z ~ N(0, I)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def _reconstructions_figure(model, x: torch.Tensor, seed: int, transpose: bool):
-    """Rows: x; decoded from the clean encoder's mean; for a denoising encoder also x + eps (what
-    it sees in training, eq. 13) and decoded from q(z | x + eps)."""
-    decode_mean = lambda x_in, noisy: torch.sigmoid(model.decoder(model.encode(x_in, noisy=noisy)[0]))  # noqa: E731
-    rows = [("test x", x), ("decoded from q(z|x), clean encoder", decode_mean(x, False))]
-    if isinstance(model.encoder, DenoisingEncoder) and model.encoder.sigma > 0:
+def _reconstructions_figure(model, x: torch.Tensor, seed: int, shape, transpose: bool):
+    """Rows: x; E[x|z] at the clean encoder's mean; for a denoising encoder also x + eps (what it
+    sees in training, eq. 13) and E[x|z] at q(z | x + eps)'s mean."""
+    reconstruct = lambda x_in: _decoded_mean(model, model.encode(x_in)[0])  # noqa: E731 - eval mode: clean
+    rows = [("test x", x), ("E[x|z] at the mean of q(z|x), clean encoder", reconstruct(x))]
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, DenoisingEncoder) and encoder.sigma > 0:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            noisy_x = model.encoder.perturb(x, noisy=True)
-        sigma = model.encoder.sigma
-        rows += [(f"x + eps, eps ~ N(0, {sigma:.3g}² I): what the denoising encoder sees", noisy_x),
-                 ("decoded from q(z | x + eps)", decode_mean(noisy_x, False))]
+            noisy_x = encoder.perturb(x, noisy=True)
+        rows += [(f"x + eps, eps ~ N(0, {encoder.sigma:.3g}² I): what the denoising encoder sees", noisy_x),
+                 ("E[x|z] at the mean of q(z | x + eps)", reconstruct(noisy_x))]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3), squeeze=False)
     for ax, (title, images) in zip(axes[:, 0], rows):
-        ax.imshow(_image_grid(images, len(x), transpose), cmap="gray", vmin=0, vmax=1)
+        _show(ax, _image_grid(images, shape, len(x), transpose))
         ax.set_title(title, fontsize=8)
-        ax.axis("off")
     fig.tight_layout()
     return fig
 
 
 def _posterior_figure(model, x: torch.Tensor, json_path: Path):
-    mean, std = model.encode(x, noisy=False)
+    mean, std = model.encode(x)  # eval mode: the clean encoder
     activity = mean.double().var(dim=0).cpu()  # Cov_x E_q[z_u], one value per latent unit
     active = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
     std = std.double().cpu()
@@ -258,8 +291,10 @@ def _weight_norms_figure(capped: list[tuple[str, torch.Tensor, torch.Tensor, flo
         ax.axhline(max_norm, color="black", linestyle="--", linewidth=0.8, label=f"H = {max_norm:.3g}")
         ax.set_title(f"{name}: {at_cap}/{len(norms)} units at their cap", fontsize=8)
         ax.set_xlabel("unit (sorted)")
+        ax.set_ylabel("weight-vector norm")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    # one legend below the panels: inside one it covered the H line
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     write_json(json_path, data)
     return fig

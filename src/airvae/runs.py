@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import CUSTOM, ConfigError, FitConfig, RunConfig
 from .files import (TEMPORARY, LinkRefused, RunError, RunIOError, RunLocked, append_line, atomic_write_bytes,  # noqa: F401
                     check_writable, read_json, read_metrics, real_folder, save_figure, write_error, write_json, write_metrics,
                     write_text)
@@ -247,7 +247,7 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
     if not isinstance(data, dict):
         raise RunError(f"{path} holds {type(data).__name__}, not a run configuration; restore it from a copy")
     try:
-        return RunConfig.from_json(data)
+        return FitConfig.from_json(data) if data.get("kind") == CUSTOM else RunConfig.from_json(data)
     except ConfigError as error:
         raise RunError(f"{path}: {error}; restore the file from a copy") from error
 
@@ -260,17 +260,35 @@ def model_from_config(cfg: RunConfig):
                      cfg.likelihood.build(cfg.x_dim), cfg.image_shape)
 
 
-def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None):
+def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None,
+                       model: torch.nn.Module | None = None):
     """``(config, model)``: the trained model of a run (``which``: "best" by validation, or
     "last"), in eval mode. The best weights come from ``best.pt``, or from ``best.safetensors`` in
-    a run extracted from a bundle."""
-    cfg, model, _ = load_trained_model_with_digest(run_dir, which, device)
+    a run extracted from a bundle. A run of a researcher's own model (:func:`airvae.fit.fit`) needs
+    ``model``, an untrained instance of it, to load the weights into: airvae does not build it."""
+    cfg, model, _ = load_trained_model_with_digest(run_dir, which, device, model)
     return cfg, model
 
 
+def build_model(cfg, model: torch.nn.Module | None, run_dir: Path) -> torch.nn.Module:
+    """The untrained model of a run: built from its configuration, or for a run of a researcher's own
+    model the one the caller passes (refused, saying how, when there is none)."""
+    if isinstance(cfg, FitConfig):
+        if model is None:
+            raise RunError(f"{run_dir} trained a model of your own ({cfg.model}); airvae does not build it: pass an "
+                           "untrained instance (model=... in Python, --model package.module:function on the command "
+                           "line, a function that returns one)")
+        return model
+    if model is not None:
+        raise RunError(f"{run_dir} trained airvae's {cfg.model_name}: it builds that model from its config.json, "
+                       "so do not pass one")
+    return model_from_config(cfg)
+
+
 def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "best",
-                                   device: torch.device | str | None = None):
-    """``(config, model, sha256 of the checkpoint file it came from)``."""
+                                   device: torch.device | str | None = None, model: torch.nn.Module | None = None):
+    """``(config, model, sha256 of the checkpoint file it came from)``; ``model``: as
+    :func:`load_trained_model`."""
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     cfg = load_config(run_dir)
@@ -282,7 +300,7 @@ def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "bes
         state, digest = {"model": weights}, header.get("checkpoint_sha256") or _file_digest(path)
     else:
         state, digest = read_checkpoint(path, device)
-    model = model_from_config(cfg).to(device)
+    model = build_model(cfg, model, Path(run_dir)).to(device)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, TypeError) as error:
