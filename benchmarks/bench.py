@@ -21,12 +21,9 @@ with outside load are retried (up to a budget) and flagged in the JSON ("contend
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,16 +33,17 @@ if str(ROOT / "src") not in sys.path:  # runnable without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
-import airvae  # noqa: E402
 from airvae.estimators import iwae_log_likelihood  # noqa: E402
 from airvae.estimators import fit_iw_svi  # noqa: E402
-from airvae.model import air_objective, build_vae, set_compile  # noqa: E402
-from airvae.networks import parse_hidden_spec  # noqa: E402
-# the training loop's own helpers, so the benchmark measures exactly what train() does
-from airvae.driver import MinibatchSchedule, fast_adam_options  # noqa: E402
+from airvae.compiling import set_compile  # noqa: E402
+from airvae.model import build_vae  # noqa: E402
+# the training driver's own pieces, so the benchmark measures exactly the step every airvae run takes
+from airvae.driver import MinibatchSchedule, SingleEngine, training_generator  # noqa: E402
+from airvae.model import model_from_config  # noqa: E402
+from harness import (VARIANTS, X_DIM, Z_DIM, Timer, arch_flops, loadavg, machine_info, markdown,  # noqa: E402
+                     matmul_ceiling, pct, print_row, sync)
+from reference import RefVAE, ref_iw_svi_steps, ref_iwae, ref_train_step  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -62,264 +60,10 @@ VARIANT_CASES = [
     {"name": "mnist k=1 DVAE a=0.5", "sigma": 5.0 / 28, "alpha": 0.5},
     {"name": "mnist k=1 WNI H=4", "max_norm": 4.0},
 ]
-X_DIM, Z_DIM = 784, 64
 FLOP_NOTE = ("matmul FLOPs only: a dense layer is 2*in*out per row forward; training step = 3x forward "
              "(encoder once per example, decoder k*m times per example); IWAE-k = forward only (encoder + k "
              "decoder passes per example); IW-SVI step = 2x the decoder forward of l samples per example "
              "(forward + grad-input backward; the frozen decoder needs no weight gradients)")
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def layer_dims(in_dim: int, hidden: str, heads: list[int]) -> list[tuple[int, int]]:
-    dims, width = [], in_dim
-    for units in parse_hidden_spec(hidden):
-        dims.append((width, units))
-        width = units
-    return dims + [(width, h) for h in heads]
-
-
-def forward_flops(dims: list[tuple[int, int]]) -> int:
-    return sum(2 * i * o for i, o in dims)
-
-
-def arch_flops(enc: str, dec: str) -> tuple[int, int]:
-    """Forward matmul FLOPs per example of the encoder (mean + variance heads) and per latent sample
-    of the decoder."""
-    return (forward_flops(layer_dims(X_DIM, enc, [Z_DIM, Z_DIM])),
-            forward_flops(layer_dims(Z_DIM, dec, [X_DIM])))
-
-
-# ----------------------------------------------------------------------------------------------
-# Measurement helpers
-
-
-def _busy_seconds() -> float | None:
-    """Machine-wide busy CPU seconds so far (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    values = [int(v) for v in fields]
-    busy = values[0] + values[1] + values[2] + sum(values[5:8])  # user nice system irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-class OutsideLoad:
-    """Cores used by other processes during a block: machine busy time minus this process's."""
-
-    def __enter__(self):
-        self.b0, self.p0, self.t0 = _busy_seconds(), time.process_time(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        b1, p1, t1 = _busy_seconds(), time.process_time(), time.perf_counter()
-        if self.b0 is None or b1 is None:
-            self.cores = None
-        else:
-            self.cores = max(0.0, ((b1 - self.b0) - (p1 - self.p0)) / max(t1 - self.t0, 1e-9))
-
-
-def _minor_faults() -> int | None:
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CONTENDED_CORES = 0.1  # outside load above this (in cores) marks a round as disturbed
-
-
-class Timer:
-    """Interleaved, load-aware timing of named workloads."""
-
-    def __init__(self, device: torch.device, retry_budget_s: float):
-        self.device, self.retry_budget_s = device, retry_budget_s
-        self.retry_spent = self.waited = 0.0
-
-    def wait_idle(self, window: float = 0.25) -> None:
-        """Waits (within the budget) until other processes leave the CPU alone."""
-        while self.waited + self.retry_spent < self.retry_budget_s:
-            with OutsideLoad() as load:
-                time.sleep(window)
-            if load.cores is None or load.cores <= CONTENDED_CORES:
-                return
-            self.waited += window
-
-    def rate(self, fn, min_time: float, min_calls: int = 1, units_per_call: float = 1.0):
-        """Calls of ``fn`` per second (times units_per_call) over at least ``min_time`` s, with the
-        outside load seen meanwhile (cores) and minor page faults per unit (None when not
-        measurable). A ``fn`` marked ``self_timed`` returns its own rate."""
-        _sync(self.device)
-        faults0 = _minor_faults()
-        with OutsideLoad() as load:
-            if getattr(fn, "self_timed", False):
-                r, units = fn(), None
-            else:
-                t0 = time.perf_counter()
-                n = 0
-                while n < min_calls or time.perf_counter() - t0 < min_time:
-                    fn()
-                    n += 1
-                _sync(self.device)
-                units = n * units_per_call
-                r = units / (time.perf_counter() - t0)
-        faults = _minor_faults()
-        return r, load.cores, (faults - faults0) / units if units and faults is not None else None
-
-    def compare(self, fns: dict, rounds: int, min_time: float, min_calls: int = 1, units_per_call=1.0):
-        """Best rate of each workload over interleaved rounds; disturbed rounds are repeated while
-        the retry budget lasts."""
-        samples = {name: [] for name in fns}
-        faults = {name: None for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                for attempt in range(4):
-                    self.wait_idle()
-                    t0 = time.perf_counter()
-                    r, cores, faults[name] = self.rate(fn, min_time, min_calls, units_per_call)
-                    samples[name].append((r, cores))
-                    disturbed = cores is not None and cores > CONTENDED_CORES
-                    if disturbed and self.retry_spent < self.retry_budget_s and attempt < 3:
-                        self.retry_spent += time.perf_counter() - t0
-                        time.sleep(0.5)
-                        continue
-                    break
-        out = {}
-        for name, s in samples.items():
-            clean = [r for r, c in s if c is None or c <= CONTENDED_CORES]
-            use = clean or [r for r, _ in s]
-            out[name] = {"rate": max(use), "median": statistics.median(use), "rounds": len(s),
-                         "clean_rounds": len(clean), "contended": not clean,
-                         "page_faults_per_unit": faults[name],  # minor faults per step/example, last round
-                         "max_outside_load_cores": max((c for _, c in s if c is not None), default=None)}
-        return out
-
-
-def matmul_ceiling(device: torch.device, n: int, reps: int) -> float:
-    """Best fp32 n x n matmul rate (FLOP/s) over ``reps`` timed products."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
-    _sync(device)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
-            "logical_cpus": os.cpu_count(), "torch": torch.__version__, "airvae": getattr(airvae, "__version__", None),
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(device),
-            "mkl": torch.backends.mkl.is_available(), "loadavg_at_start": _loadavg(),
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "AIRVAE_COMPILE") if k in os.environ}}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _loadavg():
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The plain eager reference: the same model and bound, written the obvious way.
-
-
-class RefVAE(nn.Module):
-    """Gaussian encoder (mean, softplus-variance heads), Bernoulli decoder, N(0, I) prior; IWAE-k."""
-
-    def __init__(self, enc: str, dec: str):
-        super().__init__()
-
-        def trunk(width, spec):
-            layers = []
-            for units in parse_hidden_spec(spec):
-                layers += [nn.Linear(width, units), nn.ELU()]
-                width = units
-            return nn.Sequential(*layers), width
-
-        self.enc, w = trunk(X_DIM, enc)
-        self.enc_mean, self.enc_var = nn.Linear(w, Z_DIM), nn.Linear(w, Z_DIM)
-        dec_trunk, w = trunk(Z_DIM, dec)
-        self.dec = nn.Sequential(dec_trunk, nn.Linear(w, X_DIM))
-
-    def encode(self, x):
-        h = self.enc(x)
-        return self.enc_mean(h), torch.sqrt(F.softplus(self.enc_var(h)) + 1e-8)
-
-    def log_weights(self, x, mean, std, k):
-        eps = torch.randn(k, *mean.shape, device=mean.device)
-        z = mean + std * eps
-        logits = self.dec(z)
-        log_px = (x * logits - F.softplus(logits)).sum(-1)
-        log_pz = (-0.5 * z ** 2 - 0.5 * LOG_2PI).sum(-1)
-        log_qz = (-0.5 * ((z - mean) / std) ** 2 - torch.log(std) - 0.5 * LOG_2PI).sum(-1)
-        return log_px + log_pz - log_qz  # [k, batch]
-
-    def bound(self, x, k):
-        mean, std = self.encode(x)
-        return torch.logsumexp(self.log_weights(x, mean, std, k), dim=0) - math.log(k)
-
-
-@torch.no_grad()
-def ref_iwae(model: RefVAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Naive IWAE-k: one example at a time, all k samples decoded at once."""
-    out = []
-    for i in range(x.shape[0]):
-        xi = x[i:i + 1]
-        mean, std = model.encode(xi)
-        out.append(torch.logsumexp(model.log_weights(xi, mean, std, k).double(), dim=0) - math.log(k))
-    return torch.cat(out)
-
-
-def ref_iw_svi_steps(model: RefVAE, x: torch.Tensor, l: int, lr: float = 3e-3):  # noqa: E741
-    """Naive IW-SVI: per-example (mu, log sigma) as two batched tensors, default Adam on IWAE-l.
-    Returns a function doing one optimization step."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        mean, std = model.encode(x)
-    mu = mean.clone().requires_grad_(True)
-    rho = std.log().clone().requires_grad_(True)
-    opt = torch.optim.Adam([mu, rho], lr=lr)
-
-    def step():
-        log_w = model.log_weights(x, mu, rho.exp(), l)
-        loss = -(torch.logsumexp(log_w, dim=0) - math.log(l)).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,55 +77,31 @@ def make_data(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     return (torch.rand(n, X_DIM, generator=g) < 0.13).float().to(device)
 
 
+def run_config(case: dict, device: torch.device, seed: int = 0, sigma: float | None = None):
+    """The RunConfig of a case: Table 6's architecture and schedule, its regularizer, on ``device``."""
+    from airvae.config import Architecture, Regularizer, RunConfig
+
+    regularizer = Regularizer(sigma=case.get("sigma", 0.0) if sigma is None else sigma, alpha=case.get("alpha", 1.0),
+                              max_norm=case.get("max_norm", math.inf))
+    return RunConfig(dataset="bench", architecture=Architecture(case["enc"], case["dec"], Z_DIM), x_dim=X_DIM,
+                     k=case["k"], seed=seed, lr=case["lr"], iterations=case["T"], batch_size=case["batch"],
+                     regularizer=regularizer, device=str(device))
+
+
 def airvae_train_step(case: dict, device: torch.device, data: torch.Tensor):
-    """One step of airvae's training loop (train.train): lr of eq. 43 set per step, the minibatch
-    of step t by index from resident data, air_objective, loss.item(), fused Adam."""
-    torch.manual_seed(0)
-    model = build_vae(X_DIM, Z_DIM, case["enc"], case["dec"], sigma=case.get("sigma", 0.0),
-                      max_norm=case.get("max_norm", math.inf)).to(device)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"], **fast_adam_options(device))
-    n, batch, k, alpha = data.shape[0], case["batch"], case["k"], case.get("alpha", 1.0)
-    schedule = MinibatchSchedule(n, batch, seed=0, device=device)
-    lr0, T = case["lr"], case["T"]
+    """The step every airvae run takes (airvae.driver): the learning rate of eq. 43 for step t
+    (RunConfig.lr_at), the minibatch of step t by index from resident data, and SingleEngine.step
+    (the objective, backward, fused Adam), whose loss stays on the device as the driver keeps it."""
+    cfg = run_config(case, device)
+    torch.manual_seed(cfg.seed)
+    engine = SingleEngine(model_from_config(cfg).to(device), lr=cfg.lr, k=cfg.k, m=cfg.m, alpha=cfg.regularizer.alpha,
+                          generator=training_generator(cfg.seed, device), device=device)
+    schedule = MinibatchSchedule(data.shape[0], cfg.batch_size, seed=cfg.seed, device=device)
     state = {"step": 0}
 
     def step():
         t = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
-        x = data[schedule.indices(t)]
-        loss = -air_objective(model, x, k, 1, alpha).mean()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise RuntimeError("benchmark model diverged")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["step"] = t + 1
-
-    return step
-
-
-def ref_train_step(case: dict, device: torch.device, data: torch.Tensor):
-    """The same step written plainly: RefVAE, default Adam, random minibatch indices."""
-    torch.manual_seed(0)
-    model = RefVAE(case["enc"], case["dec"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
-    n, batch, k = data.shape[0], case["batch"], case["k"]
-    lr0, T = case["lr"], case["T"]
-    state = {"step": 0}
-
-    def step():
-        t = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr0 * 0.1 ** (t / (T - 1))
-        x = data[torch.randint(0, n, (batch,), device=device)]
-        loss = -model.bound(x, k).mean()
-        loss.item()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        engine.step(data[schedule.indices(t)].unsqueeze(0), [True], cfg.lr_at(t))
         state["step"] = t + 1
 
     return step
@@ -389,20 +109,11 @@ def ref_train_step(case: dict, device: torch.device, data: torch.Tensor):
 
 def stacked_configs(case: dict, models: int, device: torch.device, sigmas: list[float] | None = None) -> list:
     """The RunConfigs of ``models`` runs of ``case`` (seeds 0..models-1), for airvae.stacked."""
-    from airvae.config import Architecture, Regularizer, RunConfig
-
-    return [RunConfig(dataset="bench", architecture=Architecture(case["enc"], case["dec"], Z_DIM), x_dim=X_DIM,
-                      k=case["k"], seed=i, lr=case["lr"], iterations=case["T"], batch_size=case["batch"],
-                      regularizer=Regularizer(sigma=sigmas[i] if sigmas else 0.0), device=str(device))
-            for i in range(models)]
+    return [run_config(case, device, seed=i, sigma=sigmas[i] if sigmas else 0.0) for i in range(models)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Sections
-
-
-def pct(flops_per_s: float, ceiling: float) -> float:
-    return 100.0 * flops_per_s / ceiling
 
 
 def in_mode(fn, compiled: bool):
@@ -481,7 +192,7 @@ def bench_training(args, timer, device, ceiling_ref, results):
         row = {"section": "train", "case": case["name"], "batch": case["batch"], "k": case["k"],
                "flops_per_step": flops, "unit": "steps/s"}
         results.append(fill_row(row, r, flops, ceiling_ref, first))
-        _print_row(row)
+        print_row(row)
 
 
 def bench_stacked(args, timer, device, ceiling_ref, results):
@@ -518,7 +229,7 @@ def _bench_stacked_case(args, timer, device, ceiling_ref, results, case):
                           "pct_ceiling": pct(per_model * flops, ceiling_ref())},
                "speedup_vs_single": per_model / single}
         results.append(row)
-        _print_row(row)
+        print_row(row)
 
 
 def bench_iwae(args, timer, device, ceiling_ref, results):
@@ -552,7 +263,7 @@ def bench_iwae(args, timer, device, ceiling_ref, results):
             row["chunk_sweep"] = [{"chunk_samples": int(name.split("=")[1]), **m, "gflops": m["rate"] * flops / 1e9,
                                    "pct_ceiling": pct(m["rate"] * flops, ceiling_ref())} for name, m in rs.items()]
         results.append(row)
-        _print_row(row)
+        print_row(row)
 
 
 def bench_iw_svi(args, timer, device, ceiling_ref, results):
@@ -576,10 +287,10 @@ def bench_iw_svi(args, timer, device, ceiling_ref, results):
             # steps/s from the difference of two fits, so setup and scoring cancel
             t0 = time.perf_counter()
             run(s1)
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             run(s2)
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
             return (s2 - s1) / max((t2 - t1) - (t1 - t0), 1e-9)
 
@@ -591,7 +302,7 @@ def bench_iw_svi(args, timer, device, ceiling_ref, results):
     r = timer.compare(fns, args.svi_rounds, args.min_time, 3)
     fill_row(row, r, flops, ceiling_ref, first)
     results.append(row)
-    _print_row(row)
+    print_row(row)
 
 
 def bench_allocator(args, results, ceiling_ref):
@@ -633,67 +344,7 @@ def bench_allocator(args, results, ceiling_ref):
             row[name] = {**src["airvae"], "gflops": rate * flops / 1e9, "pct_ceiling": pct(rate * flops, ceiling_ref())}
         row["speedup_vs_default_malloc"] = tuned["airvae"]["rate"] / base["airvae"]["rate"]
         results.append(row)
-        _print_row(row)
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
-# The measured variants a row may hold, and its speed-up ratios with their labels.
-VARIANTS = ("airvae", "airvae+compile", "reference", "default malloc")
-SPEEDUPS = (("speedup", "{:.2f}x"), ("speedup_compile", "compiled {:.2f}x"),
-            ("speedup_vs_single", "{:.2f}x per model vs one at a time"),
-            ("speedup_vs_default_malloc", "{:.2f}x vs default malloc"))
-
-
-def _speedups(row) -> list[str]:
-    return [label.format(row[key]) for key, label in SPEEDUPS if key in row]
-
-
-def _print_row(row):
-    parts = [f"  {row['case']:<34}"]
-    for name in VARIANTS:
-        if name in row:
-            m = row[name]
-            pf = m.get("page_faults_per_unit")
-            parts.append(f"{name} {m['rate']:.2f} ({m['pct_ceiling']:.1f}%" + (f", {pf:.0f} faults" if pf is not None else "")
-                         + ")" + ("*" if m.get("contended") else ""))
-    parts += _speedups(row)
-    print("  ".join(parts) + f"  {row.get('unit', '')}", flush=True)
-
-
-def markdown(report: dict) -> str:
-    m, c = report["machine"], report["ceiling"]
-    lines = [f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpu_capability']}), torch {m['torch']}, "
-             f"{m['threads']} threads, device {m['device']}, malloc {m.get('malloc', 'default')}, {m['date']}",
-             f"fp32 matmul ceiling: {c['gflops']:.1f} GFLOP/s (best {c['n']}^2 torch.mm; start {c['start_gflops']:.1f}, "
-             f"end {c['end_gflops']:.1f}). % = achieved analytic matmul FLOP/s / ceiling. "
-             "`*` = every round saw other processes using CPU.", "",
-             "| workload | unit | airvae | % ceil | airvae+compile | % ceil | reference | % ceil | speed-up vs reference |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-
-    def cell(row, name):
-        v = row.get(name)
-        if not v:
-            return ["", ""]
-        return [f"{v['rate']:.2f}" + ("*" if v.get("contended") else ""), f"{v['pct_ceiling']:.1f}"]
-
-    for row in report["results"]:
-        if "error" in row:
-            lines.append(f"| {row['section']}: {row['case']} | error | {row['error'][:200]!r} | | | | | | |")
-            continue
-        speed = ["(reference column: same workload, default malloc)"] if "default malloc" in row else []
-        speed += _speedups(row)
-        ref = "default malloc" if "default malloc" in row else "reference"  # allocator rows: the baseline
-        lines.append("| " + " | ".join([f"{row['section']}: {row['case']}", row["unit"], *cell(row, "airvae"),
-                                        *cell(row, "airvae+compile"), *cell(row, ref), ", ".join(speed)]) + " |")
-        for s in row.get("chunk_sweep", []):
-            lines.append(f"| &nbsp;&nbsp;chunk_samples={s['chunk_samples']} | examples/s | {s['rate']:.2f} | "
-                         f"{s['pct_ceiling']:.1f} | | | | | |")
-        if row.get("note"):
-            lines.append(f"| &nbsp;&nbsp;note: {row['note']} | | | | | | | | |")
-    return "\n".join(lines)
+        print_row(row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,7 +453,7 @@ def main(argv=None) -> dict:
                 row[key]["pct_ceiling"] = 100.0 * row[key]["gflops"] * 1e9 / ceiling_ref()
         for c in row.get("chunk_sweep", []):
             c["pct_ceiling"] = 100.0 * c["gflops"] * 1e9 / ceiling_ref()
-    report = {"machine": {**info, "loadavg_at_end": _loadavg()},
+    report = {"machine": {**info, "loadavg_at_end": loadavg()},
               "ceiling": {"n": ceiling_n, "gflops": ceiling_ref() / 1e9, "start_gflops": start_ceiling / 1e9,
                           "end_gflops": end_ceiling / 1e9},
               "settings": {"quick": quick, "compile": args.compile, "rounds": args.rounds, "min_time_s": args.min_time,

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from bench import (TRAIN_CASES, X_DIM, Z_DIM, _sync as sync, arch_flops, make_data, matmul_ceiling,  # noqa: E402
-                   stacked_configs)
+from bench import TRAIN_CASES, make_data, stacked_configs  # noqa: E402
+from harness import X_DIM, Z_DIM, arch_flops, matmul_ceiling, sync  # noqa: E402
 
 from airvae.devices import resolve_device  # noqa: E402
 from airvae.estimators import fit_iw_svi, iwae_log_likelihood  # noqa: E402

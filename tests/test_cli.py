@@ -38,7 +38,7 @@ def test_every_model_family_trains(flags, name, data_dir, tmp_path, capsys):
 
 
 def test_compile_flag_turns_compilation_on_for_this_process_and_its_workers(data_dir, tmp_path, monkeypatch):
-    import airvae.model as model
+    import airvae.compiling as model
 
     calls = []
     monkeypatch.setattr(model, "set_compile", lambda enabled=True: calls.append(enabled))

@@ -7,7 +7,8 @@ import torch
 
 from airvae import air_objective, build_vae
 from airvae.evaluation import EvaluationSettings, _latents_decoded
-from airvae.model import LONG_EVALUATION_LATENTS, _compile, compile_for, log_weights_given_q, set_compile
+from airvae.compiling import LONG_EVALUATION_LATENTS, _compile, compile_for, set_compile
+from airvae.model import log_weights_given_q
 from airvae.targets import EVALUATION_BUDGETS
 
 

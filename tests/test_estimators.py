@@ -263,10 +263,11 @@ def fake_run(monkeypatch, tmp_path, model, x):
     calls = {"load": 0}
 
     cfg = RunConfig(dataset="tiny", architecture=Architecture("d16", "d16", 2), x_dim=12, k=2)
+    trained = model
 
-    def load_trained_model_with_digest(path, which="best", device=None):
+    def load_trained_model_with_digest(path, which="best", device=None, model=None):
         calls["load"] += 1
-        return cfg, model, hashlib.sha256((run_dir / "checkpoints" / "best.pt").read_bytes()).hexdigest()
+        return cfg, trained, hashlib.sha256((run_dir / "checkpoints" / "best.pt").read_bytes()).hexdigest()
 
     def load_dataset(name, data_dir=None, **kwargs):
         data = x.to(torch.uint8).numpy()
@@ -317,9 +318,11 @@ def test_evaluate_run_writes_and_reuses_its_result(monkeypatch, tmp_path, case):
 
 def test_study_writes_figure_and_data(tmp_path, case):
     model, x, _ = case
+    from airvae.figures import draw_figure3
+
     data = iwsvi_vs_iwae_study(model, x[:3], ks=(1, 8), steps_list=(0, 5), fixed_steps=5, svi_k=8, l=2,
                                out_dir=tmp_path)
-    assert (tmp_path / "figure3.png").stat().st_size > 10_000
+    assert draw_figure3(data, tmp_path / "figure3.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "figure3.json").read_text())
     assert [p["k"] for p in saved["iwae"]] == [1, 8] and [p["steps"] for p in saved["iwsvi_over_steps"]] == [0, 5]
     assert [p["k"] for p in saved["iwsvi_over_k"]] == [1, 8]

@@ -18,7 +18,8 @@ from airvae.questions import grey_conv
 from airvae.report import bdmc_section
 from airvae.reproduce import extra_evaluation
 from airvae.resources import model_bytes
-from airvae.runs import load_trained_model, model_from_config
+from airvae.model import model_from_config
+from airvae.runs import load_trained_model
 from airvae.sweep import Job
 from test_safety import one_error_line
 

@@ -339,7 +339,7 @@ def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same
     """Per run, the stacked objective equals ``air_objective`` (alpha * noisy + (1 - alpha) * clean)
     of the run's own model fed the same generator, and differs from the swapped weighting."""
     from airvae.model import air_objective
-    from airvae.runs import model_from_config
+    from airvae.model import model_from_config
     from airvae.driver import training_generator
     from airvae.model import denoising_parts
     from airvae.stacked import StackedModel, _GroupDraws, stacked_objectives

@@ -215,7 +215,7 @@ def cmd_train(args) -> int:
     check_int("k", args.k)
     check_int("m", args.m)
     if args.run_dir is not None:
-        from .train import check_run_dir_use
+        from .runs import check_run_dir_use
 
         check_run_dir_use(args.run_dir, resume=args.resume, overwrite=args.overwrite)  # before loading data
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.no_progress)
@@ -351,9 +351,12 @@ def cmd_evaluate(args) -> int:
     model = _run_model(args.run_dir, args.model)  # a clear error for a folder that is not a run, or lacks --model
     check_int("seed", args.seed, 0, MAX_SEED)
     if args.study:
+        from .figures import draw_figure3
+
         data = run_study(args.run_dir, split=args.split, max_examples=args.max_examples or 100,
                          device=args.device, progress=not args.no_progress, seed=args.seed)
-        print("\n".join(f"written {path}" for path in data.get("files", [])))
+        json_path = Path(data["files"][0])
+        print(f"written {draw_figure3(data, json_path.with_suffix('.png'))}\nwritten {json_path}")
         return 0
     optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples", "ais_intermediate", "ais_chains",
                                                     "bdmc_examples") if getattr(args, key) is not None}
@@ -559,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged
 
     if getattr(args, "compile", None) is not None:
-        from .model import COMPILE_ENV, set_compile
+        from .compiling import COMPILE_ENV, set_compile
 
         os.environ[COMPILE_ENV] = "1" if args.compile else "0"  # inherited by sweep worker processes
         set_compile(args.compile)

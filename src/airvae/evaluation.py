@@ -29,13 +29,13 @@ import torch
 
 from .config import MAX_SAMPLES, MAX_SEED, RunConfig, check_device_name, check_int, is_int, is_real, require
 from .data import evenly_spaced
-from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, save_figure, write_json
+from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, write_json
 from .tracking import log_evaluation
 from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
                          DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, REGISTRY, Estimate, fit_iw_svi, frozen,
                          iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
 from .likelihoods import bits_per_dim
-from .model import LONG_EVALUATION_LATENTS, compile_for
+from .compiling import LONG_EVALUATION_LATENTS, compile_for
 
 MAX_STEPS = 10**6  # IW-SVI steps, AIS distributions and chains, simulated examples, repeats
 ESTIMATORS = tuple(REGISTRY)  # the names an evaluation may choose, in canonical order
@@ -420,7 +420,7 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     T up to 3000 and fixed_steps=3000. Each IW-SVI point over T is its own optimization (the
     learning-rate decay depends on T); for (b) the q fitted with ``fixed_steps`` is scored with
     every k, which is exactly what separate runs would give (the optimization's random stream
-    does not depend on k). Writes ``figure3.png`` and ``figure3.json`` to ``out_dir`` if given.
+    does not depend on k). Writes ``figure3.json`` to ``out_dir`` if given.
     """
     x = torch.as_tensor(x)
     ks, steps_list = sorted(set(int(k) for k in ks)), sorted(set(int(t) for t in steps_list))
@@ -452,45 +452,10 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
 
 
 def _write_figure3(data: dict, out_dir: Path) -> None:
-    """figure3.json and figure3.png in ``out_dir``; their paths are added to ``data["files"]``."""
+    """figure3.json in ``out_dir`` (drawn by :func:`airvae.figures.draw_figure3`); its path is added
+    to ``data["files"]``."""
     write_json(out_dir / "figure3.json", data, out_dir)
-    _plot_figure3(data, out_dir / "figure3.png")
-    data["files"] = [str(out_dir / "figure3.png"), str(out_dir / "figure3.json")]
-
-
-def _plot_figure3(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much
-    # ln p(x) varies between examples, which is common to every curve and hides their differences.
-    def series(ax, points, xkey, label, marker):
-        ax.plot([p[xkey] for p in points], [p["mean"] for p in points], marker=marker, label=label)
-
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
-    series(a, data["iwae"], "seconds", "IWAE-k (k varies)", "o")
-    series(a, data["iwsvi_over_steps"], "seconds", f"IW-SVI k={data['svi_k']}, l={data['l']} (T varies)", "s")
-    a.set_xscale("log")
-    a.set_xlabel("wall time (s)")
-    a.set_title("(a) estimate vs computation time")
-    series(b, data["iwae"], "k", "IWAE-k", "o")
-    series(b, data["iwsvi_over_k"], "k", f"IW-SVI (T={data['fixed_steps']})", "s")
-    b.set_xscale("log")
-    b.set_xlabel("importance samples k")
-    b.set_title("(b) IWAE-k vs IW-SVI over k")
-    series(c, data["iwsvi_over_steps"], "steps", f"IW-SVI (k={data['svi_k']})", "s")
-    c.set_xscale("symlog", linthresh=1.0)
-    c.set_xlabel("gradient steps T")
-    c.set_title("(c) IW-SVI over T")
-    for ax in (a, b, c):
-        ax.set_ylabel(f"mean ln p(x) estimate (nats, n={data['n']})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, path.parent)
-    plt.close(fig)
+    data["files"] = [str(out_dir / "figure3.json")]
 
 
 def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: int | None = 100,

@@ -186,8 +186,8 @@ def figure4(manifest, rows, out_dir: Path):
 
 
 def figure3(manifest, rows, out_dir: Path):
-    """IW-SVI vs IWAE-k on each dataset's VAE (appendix C), drawn by evaluation.run_study into
-    ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
+    """IW-SVI vs IWAE-k on each dataset's VAE (appendix C), drawn from the ``figure3.json`` that
+    :func:`airvae.evaluation.run_study` writes into ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
     models, so they are described, not judged."""
     quotes = paper_tables()["quotes"]
     paths = []
@@ -197,8 +197,9 @@ def figure3(manifest, rows, out_dir: Path):
         if not (folder / "figure3.json").exists():
             claims.append(f"- {dataset}: no Figure 3 (its VAE run has not finished)")
             continue
-        paths.append(folder / "figure3.png")
-        claims += figure3_claims(dataset, read_json(folder / "figure3.json"))
+        data = read_json(folder / "figure3.json")
+        paths.append(draw_figure3(data, folder / "figure3.png"))
+        claims += figure3_claims(dataset, data)
     claims += ["", "Each line compares means over the same test examples of one model (common random numbers). With "
                "one model there is no noise estimate across models, so these are observations, not verdicts."]
     return paths, claims
@@ -224,6 +225,40 @@ def figure3_claims(dataset: str, data: dict) -> list[str]:
         lines.append(f"- {dataset}: IW-SVI at T={max(fitted_steps)} − at T=0 (Fig. 3c: more steps help): "
                      f"{gain:+.2f} nats: {same(gain > 0)}")
     return lines
+
+
+def draw_figure3(data: dict, path: Path) -> Path:
+    """The paper's Figure 3 from :func:`airvae.evaluation.iwsvi_vs_iwae_study`'s data, as a PNG at ``path``:
+    (a) estimate against wall time, (b) IWAE-k and IW-SVI over k, (c) IW-SVI over T."""
+    # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much
+    # ln p(x) varies between examples, which is common to every curve and hides their differences.
+    def series(ax, points, xkey, label, marker):
+        ax.plot([p[xkey] for p in points], [p["mean"] for p in points], marker=marker, label=label)
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    series(a, data["iwae"], "seconds", "IWAE-k (k varies)", "o")
+    series(a, data["iwsvi_over_steps"], "seconds", f"IW-SVI k={data['svi_k']}, l={data['l']} (T varies)", "s")
+    a.set_xscale("log")
+    a.set_xlabel("wall time (s)")
+    a.set_title("(a) estimate vs computation time")
+    series(b, data["iwae"], "k", "IWAE-k", "o")
+    series(b, data["iwsvi_over_k"], "k", f"IW-SVI (T={data['fixed_steps']})", "s")
+    b.set_xscale("log")
+    b.set_xlabel("importance samples k")
+    b.set_title("(b) IWAE-k vs IW-SVI over k")
+    series(c, data["iwsvi_over_steps"], "steps", f"IW-SVI (k={data['svi_k']})", "s")
+    c.set_xscale("symlog", linthresh=1.0)
+    c.set_xlabel("gradient steps T")
+    c.set_title("(c) IW-SVI over T")
+    for ax in (a, b, c):
+        ax.set_ylabel(f"mean ln p(x) estimate (nats, n={data['n']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, path.parent)
+    plt.close(fig)
+    return path
+
 
 
 FIGURES = {"figure1": figure1, "figure2": figure2, "figure3": figure3, "figure4": figure4}

@@ -23,7 +23,7 @@ from .estimators import latent_dim
 from .model import air_objective, protocol_objective
 from .runs import SUMMARY, RunLock, read_json
 from .tracking import TrackingSettings, choose_sinks
-from .train import check_run_dir_use, open_run_dir
+from .runs import check_run_dir_use, open_run_dir
 
 
 def fit(model: torch.nn.Module, data: str | Dataset, run_dir: str | Path, *, k: int = 1, m: int = 1,

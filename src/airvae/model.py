@@ -5,9 +5,6 @@ share, and the protocol that lets the estimators work on any model."""
 from __future__ import annotations
 
 import math
-import os
-import warnings
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -16,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from .bounds import gaussian_log_ratio_from_noise, iwae_bound
 from .likelihoods import Bernoulli, Likelihood
+from .compiling import run_kernel
 from .objectives import Denoising, draw_step, mix_bounds, seen_input
 from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, ConvDecoder,
                        ConvEncoder, DenoisingEncoder, GaussianEncoder, MLPDecoder, parse_spec)
@@ -82,7 +80,7 @@ def log_weights_given_q(
         eps = noise if noise.dim() == mean.dim() + 2 else noise.unsqueeze(0)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
     likelihood = _BERNOULLI if likelihood is None else likelihood
-    return _run_kernel(log_weights_from_eps, decoder, likelihood, x, mean, std, eps)
+    return run_kernel(log_weights_from_eps, decoder, likelihood, x, mean, std, eps)
 
 
 def log_weights_from_eps(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, mean: torch.Tensor,
@@ -97,99 +95,6 @@ def encode_log_weights(encoder: nn.Module, decoder: nn.Module, likelihood: Likel
     """The amortized log weights: the encoder sees ``x_seen`` (x, or x + noise for DVAE)."""
     mean, std = encoder(x_seen)
     return log_weights_from_eps(decoder, likelihood, x, mean, std, eps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optional torch.compile of the kernels above.
-#
-# Compiling fuses the elementwise work around the matrix products (softplus, the x * logits
-# reduction, ELU, the reparameterization, WNI's weight rescaling) into single passes, forward and
-# backward. The amortized path (:meth:`VAE.log_weights`, i.e. training and IWAE-k) compiles encoder
-# and decoder together; IW-SVI compiles the decoder kernel. Measured on a 2-core CPU
-# (benchmarks/README.md): training 1.0-1.25x (MNIST k = 1: ~1.1x), IWAE-5000 1.13-1.22x, IW-SVI
-# ~1.08x. The price is a
-# one-off compilation of 10-30 s per process and graph (cached on disk by Inductor, seconds when
-# warm). Hence the default, ``auto``: long work (training runs of >= LONG_TRAINING_STEPS steps,
-# paper-sized evaluations) compiles, short work (smoke and quick budgets, tests) never pays the
-# cold start. AIRVAE_COMPILE=1/0 or set_compile() override it. Random draws always stay outside
-# the compiled graphs, so streams (and results, to float rounding) match eager.
-
-COMPILE_ENV = "AIRVAE_COMPILE"
-LONG_TRAINING_STEPS = 100_000  # ~8 min of MNIST k=1 steps here: compilation is then noise
-LONG_EVALUATION_LATENTS = 50_000_000  # latents decoded (~5 min of MNIST IWAE here)
-
-
-class _CompileState:
-    def __init__(self):
-        value = os.environ.get(COMPILE_ENV, "").strip().lower()
-        self.mode = "auto" if value in ("", "auto") else ("off" if value in ("0", "false", "no", "off") else "on")
-        self.enabled = self.mode == "on"
-        self.fns: dict = {}
-
-
-_compile = _CompileState()
-
-
-def set_compile(enabled: bool | None = True) -> None:
-    """Use (``True``) or never use (``False``) torch.compile'd log-weights kernels, in training and
-    every estimator; ``None`` restores ``auto`` (compile long work only, see :func:`compile_for`).
-    Results agree with eager to float rounding and the random draws are identical. Default:
-    ``AIRVAE_COMPILE`` (1, 0 or unset = auto)."""
-    _compile.mode = "auto" if enabled is None else ("on" if enabled else "off")
-    _compile.enabled = bool(enabled)
-
-
-def compile_for(long_work: bool) -> bool:
-    """Called before a job: in ``auto`` mode, compile exactly when the job is long. Returns
-    whether kernels are compiled."""
-    if _compile.mode == "auto":
-        _compile.enabled = bool(long_work)
-    return _compile.enabled
-
-
-def compile_enabled() -> bool:
-    return _compile.enabled
-
-
-def torch_compile(fn, mode: str | None = None):
-    """``torch.compile(fn)`` with airvae's settings: a persistent cache, static shapes, and room for
-    the graphs of many runs (and stacked groups) in one process."""
-    # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home / "airvae" / "torchinductor"))
-    # Static shapes: one specialised graph per (architecture, grad mode, shape); a run sees a
-    # handful (training, evaluation chunks, the last partial chunk, IW-SVI). Dynamic-shape kernels
-    # were measurably slower for the small training shapes. Several runs or groups in one process
-    # must not hit Dynamo's default limit of 8 graphs and silently fall back to eager.
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return torch.compile(fn, dynamic=False, mode=mode)
-
-
-def call_compiled(compiled, eager, args, what: str):
-    """``compiled(*args)``; if compiling fails (no C++ compiler, an unsupported platform...), warn
-    once and return ``eager(*args)``. Returns (output, whether the compiled version worked)."""
-    try:
-        return compiled(*args), True
-    except Exception as exc:  # noqa: BLE001
-        out = eager(*args)  # a genuine error raises here again
-        warnings.warn(f"torch.compile of {what} failed ({type(exc).__name__}: {exc}); continuing without it",
-                      RuntimeWarning, stacklevel=3)
-        return out, False
-
-
-def _run_kernel(kernel, *args) -> torch.Tensor:
-    """``kernel(*args)``, compiled when compilation is on."""
-    if not _compile.enabled:
-        return kernel(*args)
-    compiled = _compile.fns.get(kernel)
-    if compiled is None:
-        compiled = _compile.fns[kernel] = torch_compile(kernel)
-    out, worked = call_compiled(compiled, kernel, args, "the log-weights kernel")
-    if not worked:
-        _compile.enabled, _compile.mode = False, "off"
-    return out
 
 
 class VAE(nn.Module):
@@ -227,7 +132,7 @@ class VAE(nn.Module):
         encoder, x_seen = self._encoder_and_input(x, noisy, generator)
         eps = torch.randn((m, k, x.shape[0], self.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
-        return _run_kernel(encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
+        return run_kernel(encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
 
 
 def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
@@ -255,10 +160,10 @@ def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: fl
                       device=x.device, dtype=x.dtype)
     # The draws stay outside the (optionally compiled) kernel: random streams are the same either way.
     x_seen = seen_input(x, denoising.sigma, draws.noise)
-    bound = mean_bound(_run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x_seen,
+    bound = mean_bound(run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x_seen,
                                     draws.eps))
     clean = None if draws.eps_clean is None else mean_bound(
-        _run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x, draws.eps_clean))
+        run_kernel(encode_log_weights, encoder, model.decoder, model.likelihood, x, x, draws.eps_clean))
     return mix_bounds(bound, clean, alpha)
 
 
@@ -276,6 +181,14 @@ def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
     """IWAE-k bound of ``[m, k, batch]`` log weights averaged over the m repeats -> ``[batch]``."""
     bound = iwae_bound(log_w)
     return bound[0] if bound.shape[0] == 1 else bound.mean(0)  # m = 1: the mean is the value itself
+
+
+def model_from_config(cfg) -> "VAE":
+    """The untrained model a :class:`~airvae.config.RunConfig` describes (Table 6 specs, its
+    regularizer and likelihood); the same every time for the same seed set before the call."""
+    arch, reg = cfg.architecture, cfg.regularizer
+    return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm,
+                     cfg.likelihood.build(cfg.x_dim), cfg.image_shape)
 
 
 def cap_weight_norms(module: nn.Module, max_norm: float) -> nn.Module:

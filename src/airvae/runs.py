@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .config import CUSTOM, ConfigError, FitConfig, RunConfig
+from .model import model_from_config
 from .files import (TEMPORARY, LinkRefused, RunError, RunIOError, RunLocked, append_line, atomic_write_bytes,  # noqa: F401
                     check_writable, read_json, read_metrics, real_folder, save_figure, write_error, write_json, write_metrics,
                     write_text)
@@ -250,14 +251,6 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
         return FitConfig.from_json(data) if data.get("kind") == CUSTOM else RunConfig.from_json(data)
     except ConfigError as error:
         raise RunError(f"{path}: {error}; restore the file from a copy") from error
-
-
-def model_from_config(cfg: RunConfig):
-    from .model import build_vae
-
-    arch, reg = cfg.architecture, cfg.regularizer
-    return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm,
-                     cfg.likelihood.build(cfg.x_dim), cfg.image_shape)
 
 
 def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None,
@@ -468,6 +461,61 @@ def run_dir_state(run_dir: Path) -> str:
     shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
     raise RunError(f"{run_dir} is not empty and is not an airvae run (it holds {shown}); "
                    "airvae will not write into it: choose another --run-dir")
+
+
+def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
+    """Refuse a use of ``run_dir`` that cannot succeed (a file, a link, a foreign folder, an
+    existing run without --resume/--overwrite, an --overwrite airvae may not perform) before
+    anything is written, even a lock file. Returns :func:`airvae.runs.run_dir_state`."""
+    state = run_dir_state(run_dir)
+    if state == "run":
+        if overwrite:
+            check_clearable(run_dir)
+        elif not resume:
+            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                           "or --overwrite to discard it and start again")
+    return state
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
+                 allow_data_change: bool = False) -> RunConfig:
+    """Create the run directory, or check that resuming it is consistent; the caller holds its
+    lock. ``data_digest``: :func:`airvae.data.dataset_digest` of the data it trains on. Returns the
+    config to train with (the stored one when resuming)."""
+    if check_run_dir_use(run_dir, resume=resume, overwrite=overwrite) == "run":
+        if overwrite:
+            clear_run_dir(run_dir)
+        else:
+            stored = load_config(run_dir)
+            changed = {key: (old, new) for key, old, new in _diff(stored.to_json(), cfg.to_json())
+                       if key not in ("device", "data_dir")}
+            if changed:
+                details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+                raise RunError(f"cannot resume {run_dir} with a different configuration ({details}); "
+                               "resume with the stored settings or use --overwrite to start again")
+            marker = read_marker(run_dir)
+            recorded = marker.get("data_sha256") if marker else None
+            if recorded is not None and recorded != data_digest and not allow_data_change:
+                raise RunError(f"cannot resume {run_dir}: its data changed since the run was created (sha256 "
+                               f"{recorded[:12]}... then, {data_digest[:12]}... now); resume on the original data, "
+                               "or pass --allow-data-change to continue on the new data")
+            if marker is None or recorded != data_digest:  # a run from before markers, or an allowed change
+                write_marker(run_dir, data_digest)
+            clean_temporaries(run_dir)
+            return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
+    write_marker(run_dir, data_digest)  # first: only a marked folder is cleaned
+    clean_temporaries(run_dir)
+    write_json(run_dir / CONFIG, cfg.to_json())
+    return cfg
+
+
+def _diff(a: dict, b: dict, prefix: str = ""):
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            yield f"{prefix}{key}", va, vb
 
 
 def check_clearable(run_dir: Path) -> None:

@@ -46,11 +46,12 @@ from .driver import (Batches, RunLog, SingleEngine, TrainResult, drive, fast_ada
 from .estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, REGISTRY, STREAM_SVI, StepNoise,
                          chunked_iwae, data_dims, example_generator, fit_gaussian_q)
 from .estimators.registry import StackedRuns
-from .model import (call_compiled, compile_for, denoising_parts, encode_log_weights, log_weights_from_eps, mean_bound,
-                    torch_compile)
+from .compiling import call_compiled, compile_for, torch_compile
+from .model import denoising_parts, encode_log_weights, log_weights_from_eps, mean_bound
 from .networks import DenoisingEncoder
 from .objectives import Denoising, draw_step, mix_bounds, seen_input
-from .runs import RunLock, model_from_config
+from .model import model_from_config
+from .runs import RunLock
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which single runs use
 
@@ -418,7 +419,8 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
     share :func:`group_key` and the dataset."""
     from .runs import check_unlocked
     from .tracking import choose_sinks
-    from .train import check_run_dir_use, check_training_inputs, open_run_dir
+    from .runs import check_run_dir_use, open_run_dir
+    from .train import check_training_inputs
 
     if len({group_key(m.cfg) for m in members}) != 1:
         raise ValueError("train_group: the runs do not share an architecture, schedule, k, m and structure")
@@ -542,7 +544,7 @@ def _compiled(fn, device: torch.device):
 def _long_group_steps(runs: int) -> int:
     """Compile (in auto mode) when the group's remaining work is long: the per-run threshold of a
     single run, counted in run-steps."""
-    from .model import LONG_TRAINING_STEPS
+    from .compiling import LONG_TRAINING_STEPS
 
     return max(1, LONG_TRAINING_STEPS // runs)
 

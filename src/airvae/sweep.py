@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import Regularizer, RunConfig, resolve_run_config
 from .runs import FINISHED
-from .model import COMPILE_ENV
+from .compiling import COMPILE_ENV
 from .tracking import TrackingSettings
 
 # Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).

@@ -16,11 +16,10 @@ from .data import dataset_digest
 from .devices import resolve_device
 from .driver import (Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive,  # noqa: F401
                      training_generator)
-from .model import LONG_TRAINING_STEPS, compile_for
+from .compiling import LONG_TRAINING_STEPS, compile_for
 from .resources import check_fits, training_memory
-from .runs import (CONFIG, LAST, SUMMARY, RunError, RunLock, check_clearable, clean_temporaries, clear_run_dir,
-                   load_checkpoint, load_config, model_from_config, read_json, read_marker, run_dir_state, write_json,
-                   write_marker)
+from .model import model_from_config
+from .runs import LAST, SUMMARY, RunError, RunLock, check_run_dir_use, load_checkpoint, open_run_dir, read_json
 from .tracking import TrackingSettings, choose_sinks
 
 
@@ -42,61 +41,6 @@ def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.devic
                "lower --k, --m, --batch-size, --val-k, --z-dim or the layer widths (--encoder, --decoder)"
                + (", or stack fewer runs" if runs > 1 else ""))
     return device
-
-
-def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
-    """Refuse a use of ``run_dir`` that cannot succeed (a file, a link, a foreign folder, an
-    existing run without --resume/--overwrite, an --overwrite airvae may not perform) before
-    anything is written, even a lock file. Returns :func:`airvae.runs.run_dir_state`."""
-    state = run_dir_state(run_dir)
-    if state == "run":
-        if overwrite:
-            check_clearable(run_dir)
-        elif not resume:
-            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
-                           "or --overwrite to discard it and start again")
-    return state
-
-
-def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
-                 allow_data_change: bool = False) -> RunConfig:
-    """Create the run directory, or check that resuming it is consistent; the caller holds its
-    lock. ``data_digest``: :func:`airvae.data.dataset_digest` of the data it trains on. Returns the
-    config to train with (the stored one when resuming)."""
-    if check_run_dir_use(run_dir, resume=resume, overwrite=overwrite) == "run":
-        if overwrite:
-            clear_run_dir(run_dir)
-        else:
-            stored = load_config(run_dir)
-            changed = {key: (old, new) for key, old, new in _diff(stored.to_json(), cfg.to_json())
-                       if key not in ("device", "data_dir")}
-            if changed:
-                details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-                raise RunError(f"cannot resume {run_dir} with a different configuration ({details}); "
-                               "resume with the stored settings or use --overwrite to start again")
-            marker = read_marker(run_dir)
-            recorded = marker.get("data_sha256") if marker else None
-            if recorded is not None and recorded != data_digest and not allow_data_change:
-                raise RunError(f"cannot resume {run_dir}: its data changed since the run was created (sha256 "
-                               f"{recorded[:12]}... then, {data_digest[:12]}... now); resume on the original data, "
-                               "or pass --allow-data-change to continue on the new data")
-            if marker is None or recorded != data_digest:  # a run from before markers, or an allowed change
-                write_marker(run_dir, data_digest)
-            clean_temporaries(run_dir)
-            return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
-    write_marker(run_dir, data_digest)  # first: only a marked folder is cleaned
-    clean_temporaries(run_dir)
-    write_json(run_dir / CONFIG, cfg.to_json())
-    return cfg
-
-
-def _diff(a: dict, b: dict, prefix: str = ""):
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            yield from _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            yield f"{prefix}{key}", va, vb
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
