@@ -263,6 +263,7 @@ class SingleEngine:
         self.k, self.m, self.alpha = k, m, alpha
         self.objective = objective or air_objective
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, **fast_adam_options(device))
+        model.train()  # validation (estimators.frozen) puts it back in training mode when it is done
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
@@ -275,7 +276,6 @@ class SingleEngine:
     def step(self, x: torch.Tensor, active: list[bool], lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
         loss = -self.objective(self.model, x[0], self.k, self.m, self.alpha, generator=self.generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -198,12 +198,13 @@ def render(out_dir: str | Path) -> Path:
     manifest, rows = collect(out_dir)
     target = manifest["target"]
     failed = [r for r in rows if r["failed"]]
-    missing = [r for r in rows if not r["summary"]]
+    finished = [r for r in rows if r["summary"].get("status") in FINISHED]
     strengths = ("Table 7's strengths (`--strengths paper`)" if manifest.get("strengths") == "paper"
                  else f"regularization grid: {manifest['grid']}")
     report = [f"# {target} at the `{manifest['budget']}` budget", "",
               f"Datasets: {', '.join(manifest['datasets'])}; seeds: {manifest['seeds']}; {strengths}; "
-              f"runs: {len(rows)} ({len(failed)} failed, {len(missing)} not run).", ""]
+              f"runs: {len(rows)} ({len(finished)} finished, {len(failed)} failed, "
+              f"{len(rows) - len(finished) - len(failed)} not finished).", ""]
     report += verdict_scope(manifest, rows)
     departures = deviations(manifest, rows)
     if departures:
