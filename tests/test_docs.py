@@ -63,6 +63,8 @@ NOT_RUN = {
         "an overview: needs the downloaded datasets, your own .npz files, earlier runs and results, and some "
         "lines train at the paper budget",
     ("docs/index.md", "pip install torch"): "installs packages",
+    ("README.md", "airvae reproduce table1 --dataset caltech --budget paper --strengths paper"):
+        "the paper budget: hours of training and evaluation on this machine",
     ("docs/train-my-model.md", "airvae evaluate runs/my-conv-vae --model my_models:conv_vae"):
         "needs your module (my_models.py with conv_vae) on the Python path",
     ("docs/estimate-log-likelihood.md", "airvae evaluate --study iwsvi-vs-iwae"):
