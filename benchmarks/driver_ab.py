@@ -2,7 +2,10 @@
 """Is the step every airvae run now takes (airvae.driver.SingleEngine) as fast as the step airvae's
 trainer took before the driver? Both timed side by side, interleaved in rounds, in one run.
 
-    python benchmarks/driver_ab.py [--cases "mnist k=1,caltech k=1"] [--rounds 5] [--out FILE.json]
+    python benchmarks/driver_ab.py [--cases "mnist k=1,caltech k=1"] [--blocks 20] [--out FILE.json]
+
+Each step's cost is measured as this process's CPU time (one thread), in interleaved blocks
+alternating which variant goes first; the medians are compared.
 
 "before": the loop body of airvae's trainer before the driver (and bench.py's airvae row until
 then): the learning rate of eq. 43 set per step, the minibatch by index from resident data,
@@ -15,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +29,6 @@ if str(ROOT / "src") not in sys.path:
 
 import torch  # noqa: E402
 from bench import TRAIN_CASES, airvae_train_step, make_data, run_config  # noqa: E402
-from harness import Timer  # noqa: E402
 
 from airvae.driver import MinibatchSchedule, fast_adam_options  # noqa: E402
 from airvae.model import air_objective  # noqa: E402
@@ -57,15 +61,24 @@ def before_driver_step(case: dict, device: torch.device, data: torch.Tensor):
     return step
 
 
+def cpu_seconds_per_step(fn, steps: int) -> float:
+    """This process's CPU time per call of ``fn`` over ``steps`` calls: what a step costs, much less
+    disturbed than wall time when other processes share the cores (they take turns, not cycles)."""
+    t0 = time.process_time()
+    for _ in range(steps):
+        fn()
+    return (time.process_time() - t0) / steps
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="mnist k=1,mnist k=8,caltech k=1")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per workload per round")
+    p.add_argument("--blocks", type=int, default=20, help="interleaved blocks per workload")
+    p.add_argument("--steps", type=int, default=20, help="steps per block")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args(argv)
-    device = torch.device("cpu")
-    timer, results = Timer(device, retry_budget_s=30.0), []
+    torch.set_num_threads(1)  # one core: CPU time is then the step's cost, not a share of two
+    device, results = torch.device("cpu"), []
     for case in TRAIN_CASES:
         if case["name"] not in [c.strip() for c in args.cases.split(",")]:
             continue
@@ -74,15 +87,20 @@ def main(argv=None) -> dict:
         for fn in fns.values():
             for _ in range(50):
                 fn()  # warm up: the first calls allocate (the allocator's cache, Adam's state)
-        r = timer.compare(fns, args.rounds, args.min_time)
-        row = {"case": case["name"], **{name: m["rate"] for name, m in r.items()},
-               "contended": any(m["contended"] for m in r.values())}
-        row["driver/before"] = row["driver"] / row["before"]
+        times = {name: [] for name in fns}
+        for block in range(args.blocks):
+            order = list(fns) if block % 2 == 0 else list(reversed(fns))  # neither always goes first
+            for name in order:
+                times[name].append(cpu_seconds_per_step(fns[name], args.steps))
+        row = {"case": case["name"], **{f"{name}_steps_per_cpu_s": 1 / statistics.median(t) for name, t in times.items()}}
+        row["driver/before"] = statistics.median(times["before"]) / statistics.median(times["driver"])
         results.append(row)
-        print(f"{case['name']:14s} before {row['before']:8.1f} steps/s   driver {row['driver']:8.1f} steps/s   "
-              f"driver/before {row['driver/before']:.3f}{'   (contended)' if row['contended'] else ''}")
+        print(f"{case['name']:14s} before {row['before_steps_per_cpu_s']:8.1f}  driver {row['driver_steps_per_cpu_s']:8.1f} "
+              f"steps per CPU second   driver/before {row['driver/before']:.3f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"threads": torch.get_num_threads(), "rows": results}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"method": "median CPU time per step over interleaved blocks, 1 thread",
+                                              "blocks": args.blocks, "steps": args.steps, "rows": results},
+                                             indent=2) + "\n")
     return {"rows": results}
 
 
