@@ -1,5 +1,5 @@
 """Figures 1-4 of the paper, drawn from the run directories of a reproduction. Each figure function
-returns the images it wrote and its claims (REPORT.md lines), judged by :mod:`airvae.verdicts`' rule:
+returns the images it wrote and its claims (REPORT.md lines), judged by [`airvae.verdicts`][]' rule:
 strengths are selected on validation, as for the tables, and compared by seed."""
 
 from __future__ import annotations
