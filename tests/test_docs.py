@@ -34,6 +34,8 @@ flag (``--markdown-docs``).
 """
 
 import contextlib
+import importlib
+import inspect
 import io
 import os
 import re
@@ -258,7 +260,11 @@ def test_shell_block_runs(page, block, tmp_path, monkeypatch, capsys, one_thread
 # --------------------------------------------------------------------------- the site
 
 
-def test_docs_build_strictly_offline(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The documentation site, built once with ``mkdocs build --strict`` and no network: a broken
+    cross-reference, a docstring that does not parse, a parameter documented but not in the signature
+    (or a type missing) fails the build."""
     import subprocess
 
     for module in ("mkdocs", "mkdocstrings_handlers.python", "material"):
@@ -266,10 +272,14 @@ def test_docs_build_strictly_offline(tmp_path):
     # An unreachable proxy: any attempt to fetch something (fonts, inventories) fails the build.
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "http_proxy": "http://127.0.0.1:9",
            "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("docs") / "site"
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
                            "-d", str(site)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    return site
+
+
+def test_docs_build_strictly_offline(site):
     api = (site / "api" / "index.html").read_text()
     for name in ("iw_svi_log_likelihood", "cap_weight_norms", "plot_run", "load_trained_model", "write_bundle",
                  "TrackingSettings"):
@@ -279,6 +289,117 @@ def test_docs_build_strictly_offline(tmp_path):
         html = (site / page).read_text()
         # The not-to-run markers stay HTML comments: never shown as text on the site.
         assert "pytest.mark.skip" not in re.sub(r"<!--.*?-->", "", html, flags=re.S), page
+
+
+# The API reference (docs/api.md) shows every public function and class of the modules it lists (and
+# the names of their __all__), except these: public only because other airvae modules import them (the
+# suite forbids importing private names), no part of what a user calls. A new public function or class
+# must be either on the page or here, with its reason.
+_CHECKS = "a validation helper of the configuration's fields"
+_KERNEL = "a kernel of the log-weights path, behind log_weights_given_q, air_objective and VAE.log_weights"
+_COMPILE = "torch.compile plumbing behind set_compile and compile_for"
+_TRAIN = "a step of train()/fit() before training: refusing a run directory, or creating it"
+_RUN_FILES = "run-directory plumbing of the trainers (marker, lock checks, leftovers of killed writes)"
+_REPORT = "a piece of REPORT.md that render() assembles"
+INTERNAL = {
+    "airvae.config": {"require": _CHECKS, "is_int": _CHECKS, "is_real": _CHECKS, "check_int": _CHECKS,
+                      "check_device_name": _CHECKS, "check_hidden_spec": _CHECKS},
+    "airvae.model": {"log_weights_from_eps": _KERNEL, "encode_log_weights": _KERNEL, "compile_enabled": _COMPILE,
+                     "torch_compile": _COMPILE, "call_compiled": _COMPILE,
+                     "denoising_parts": "how air_objective and a stacked group split a model's denoising encoder"},
+    "airvae.networks": {"capped_rows": "eq. 17/18 on a weight's rows, inside CappedWeightNormLinear and "
+                                       "CappedFilterNorm",
+                        "mlp": "the dense ELU trunk of the encoders and decoders"},
+    "airvae.estimators": {"chunked_iwae": "the running-logsumexp loop inside iwae_given_q and stacked_iwae"},
+    "airvae.evaluation": {"check_run_data": "a step of evaluate_run and evaluate_group",
+                          "store_evaluation": "a step of evaluate_run and evaluate_group"},
+    "airvae.train": {"check_training_inputs": _TRAIN, "check_run_dir_use": _TRAIN, "open_run_dir": _TRAIN},
+    "airvae.driver": {"StopFlag": "drive()'s signal handling", "fast_adam_options": "the optimizer's flags",
+                      "diverged_message": "the text of a diverged run's summary"},
+    "airvae.runs": {"check_training_checkpoint": _RUN_FILES, "check_unlocked": _RUN_FILES,
+                    "clean_temporaries": _RUN_FILES, "read_marker": _RUN_FILES, "write_marker": _RUN_FILES,
+                    "stream_digest": "hashing of a checkpoint file"},
+    "airvae.files": {"hashed": "hashing in blocks, for runs and data", "write_error": "the message of a failed write"},
+    "airvae.sweep": {"finished_summary": "a step of execute()"},
+    "airvae.report": {"check_reproduction": "a step of render()", "columns": _REPORT, "column_of": _REPORT,
+                      "paper_column": _REPORT, "bdmc_section": _REPORT, "plots_section": _REPORT},
+    "airvae.claims": {"fmt": "number formatting of the claims", "sign": "the sign of a number"},
+}
+_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|exc|obj|const|py:\w+):`")
+
+
+def _api_modules() -> list:
+    """The modules docs/api.md renders (``::: airvae.x`` lines naming a module, not a class)."""
+    modules = []
+    for path in re.findall(r"^::: (\S+)", (ROOT / "docs" / "api.md").read_text(), re.M):
+        try:
+            modules.append(importlib.import_module(path))
+        except ImportError:  # a class of a module, rendered on its own
+            assert importlib.import_module(path.rsplit(".", 1)[0]), path
+    return modules
+
+
+def _public(module) -> dict:
+    """A module's public functions and classes: defined there without a leading underscore, or
+    named in its __all__ (a package re-exporting its modules' API)."""
+    exported = set(getattr(module, "__all__", ()))
+    return {name: obj for name, obj in vars(module).items()
+            if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+            and (obj.__module__ == module.__name__ or name in exported)}
+
+
+def _resolve(identifier: str):
+    """The object a heading id of the API page (``airvae.module.Name``) stands for; None if none."""
+    parts = identifier.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute, None)
+        return obj
+    return None
+
+
+def test_api_reference_shows_every_public_name_and_no_internal_one(site):
+    import airvae
+
+    api = (site / "api" / "index.html").read_text()
+    # mkdocstrings gives every rendered object a heading whose id is its path: the objects on the page
+    shown: dict[str, list] = {}
+    for identifier in set(re.findall(r'id="(airvae(?:\.[\w]+)*)"', api)):
+        shown.setdefault(identifier.rsplit(".", 1)[-1], []).append(_resolve(identifier))
+
+    def on_page(name: str, obj) -> bool:
+        return any(candidate is obj for candidate in shown.get(name, []))
+
+    missing = [f"airvae.{name}" for name in airvae.__all__ if not on_page(name, getattr(airvae, name))]
+    modules = _api_modules()
+    assert {"airvae.model", "airvae.likelihoods", "airvae.estimators", "airvae.evaluation", "airvae.data",
+            "airvae.config"} <= {m.__name__ for m in modules}
+    for module in modules:
+        internal = INTERNAL.get(module.__name__, {})
+        public = _public(module)
+        assert set(internal) <= set(public), f"INTERNAL lists names {module.__name__} no longer has"
+        for name, obj in public.items():
+            if name in internal:
+                assert not on_page(name, obj), f"{module.__name__}.{name} is internal ({internal[name]}) but shown"
+            elif not on_page(name, obj):
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, ("public names missing from the API reference (add them to docs/api.md, or to INTERNAL "
+                         f"with a reason): {sorted(set(missing))}")
+    assert len(shown) > 300  # the page holds the reference, not a stub
+
+
+def test_no_sphinx_roles_left(site):
+    """The docstrings are Google-style Markdown: a cross-reference is [`name`][airvae.module.name] (checked by
+    --strict), never a Sphinx role such as :func:`name`, which mkdocstrings would show as literal text."""
+    in_source = [f"{path.relative_to(ROOT)}:{number}" for path in sorted((ROOT / "src" / "airvae").rglob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if _ROLE.search(line)]
+    assert not in_source, f"Sphinx roles in the source: {in_source}"
+    in_site = [str(page.relative_to(site)) for page in sorted(site.rglob("*.html")) if _ROLE.search(page.read_text())]
+    assert not in_site, f"Sphinx roles shown on the site: {in_site}"
 
 
 def test_package_ships_py_typed():

@@ -1,16 +1,21 @@
 """airvae: amortized inference regularization (Shu et al., NeurIPS 2018) for VAEs and IWAEs.
 
-Library use inside your own PyTorch VAE::
+Library use inside your own PyTorch VAE:
 
-    from airvae import DenoisingEncoder, cap_weight_norms, iwae_bound, log_weights_given_q
+```python
+from airvae import DenoisingEncoder, cap_weight_norms, iwae_bound, log_weights_given_q
+```
 
-A trained model, from a run directory or a bundle (``airvae bundle``), in one line::
+A trained model, from a run directory or a bundle (``airvae bundle``), in one line:
 
-    model = airvae.load("runs/caltech/VAE-seed0")
+```python
+model = airvae.load("runs/caltech/VAE-seed0")
+```
 
-Likelihoods (``Bernoulli``, ``Gaussian``, ``DiscretizedLogistic``) score x from the decoder's
-output; the estimators of :mod:`airvae.estimators` take any model following
-:class:`LatentVariableModel`.
+Likelihoods ([`Bernoulli`][airvae.likelihoods.Bernoulli], [`Gaussian`][airvae.likelihoods.Gaussian],
+[`DiscretizedLogistic`][airvae.likelihoods.DiscretizedLogistic]) score x from the decoder's output; the
+estimators of [`airvae.estimators`][] take any model following
+[`LatentVariableModel`][airvae.model.LatentVariableModel].
 """
 
 from ._torch_floor import check_torch

@@ -19,7 +19,7 @@ def parse_version(text: str) -> tuple[int, int]:
 
 
 def check_torch(version: str | None = None) -> None:
-    """Raise ImportError, saying why and what to do, when torch is older than :data:`TORCH_FLOOR`."""
+    """Raise ImportError, saying why and what to do, when torch is older than ``TORCH_FLOOR``."""
     if version is None:
         import torch
 

@@ -46,18 +46,37 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log Bernoulli(x; sigmoid(logits)) summed over the last dimension; ``x`` broadcasts."""
+    """log Bernoulli(x; sigmoid(logits)) summed over the last dimension, as ``x * logits -
+    softplus(logits)`` (stable for any logits); ``x`` broadcasts against ``logits``.
+    """
     # x * l - softplus(l) is the numerically stable form of x log s(l) + (1 - x) log(1 - s(l)).
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
 
 def iwae_bound(log_w: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """IWAE-k bound (eq. 20): log (1/k) sum_i w_i over the ``k`` axis (``dim``)."""
+    """The IWAE-k bound (eq. 20), ``log (1/k) sum_i w_i``, by logsumexp over the k axis.
+
+    Args:
+        log_w: log importance weights, e.g. ``[m, k, batch]``.
+        dim: the k axis.
+
+    Returns:
+        ``log_w`` without the k axis (``[m, batch]`` for ``[m, k, batch]``).
+    """
     if log_w.shape[dim] == 1:  # k = 1: the bound is the weight itself (exactly what logsumexp gives)
         return log_w.squeeze(dim)
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 
 def elbo(log_w: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """ELBO (eq. 5): the average log weight over the sample axis; equals ``iwae_bound`` at k = 1."""
+    """The ELBO (eq. 5): the average log weight over the sample axis; equals
+    [`iwae_bound`][airvae.bounds.iwae_bound] at k = 1, and is below it for k > 1.
+
+    Args:
+        log_w: log importance weights, e.g. ``[m, k, batch]``.
+        dim: the sample axis.
+
+    Returns:
+        ``log_w`` without the sample axis.
+    """
     return log_w.mean(dim=dim)

@@ -1,6 +1,6 @@
 """Results to share: ``airvae bundle DIR`` packs a reproduction's folder (or one run directory) into
 one zip archive that holds no pickle; ``airvae report BUNDLE``, ``airvae evaluate BUNDLE/RUN`` and
-:func:`load` read it on another machine.
+[`load`][airvae.bundle.load] read it on another machine.
 
 What a bundle holds: ``airvae-bundle.json`` (what it is), the reproduction's ``manifest.json``,
 ``REPORT.md``, tables, figures and studies, and per run its marker, ``config.json`` (with its
@@ -10,15 +10,15 @@ machine-specific ``data_dir`` cleared), ``metrics.jsonl``, ``summary.json``, ``e
 
 Opening one never trusts it: members are checked before anything is extracted (no absolute path,
 no ``..``, no link or other special file, no encrypted entry, deflate or none as compression, no
-duplicate, only the kinds of file above, at most :data:`MAX_FILES` files and :data:`MAX_BYTES` bytes
+duplicate, only the kinds of file above, at most ``MAX_FILES`` files and ``MAX_BYTES`` bytes
 by the headers' sizes, which no entry decompresses beyond: a header that understates a size fails
-the entry's checksum; no entry, nor the whole, expanding more than :data:`MAX_RATIO` times, and no
+the entry's checksum; no entry, nor the whole, expanding more than ``MAX_RATIO`` times, and no
 compressed data overlapping another entry's: a zip bomb), and so is every ``manifest.json``: each of
-its fields by type and range before it names a path (:func:`manifest_jobs`), and every run folder
-it names must lie inside the extraction. The extraction lives in
-``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/`` (default ``~/.cache/airvae``), written into
-a temporary folder, synced, then renamed there, never through a symbolic link; the archive is only
-ever read, and what ``evaluate`` and ``report`` compute from it is written into that folder.
+its fields by type and range before it names a path ([`manifest_jobs`][airvae.bundle.manifest_jobs]), and
+every run folder it names must lie inside the extraction. The extraction lives in
+``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/`` (default ``~/.cache/airvae``), written into a temporary
+folder, synced, then renamed there, never through a symbolic link; the archive is only ever read, and what
+``evaluate`` and ``report`` compute from it is written into that folder.
 
 Bundling only reads its source: a folder that cannot hold a lock file (read-only) is read after
 checking that no other process holds its lock, and its report is packed as it is, not rebuilt.
@@ -70,12 +70,21 @@ _RESULTS_SUFFIXES = (".md", ".csv", ".json", ".png")  # a reproduction's own fil
 
 def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Pack a reproduction's folder (``manifest.json``; its report is rebuilt first, as
-    ``airvae report`` does) or a single run directory into ``out`` (default: ``DIR.zip`` beside
-    it). The folder and its runs are locked while the report is rebuilt and the files are read:
-    refused while another process writes any of them. A source this process cannot write (no
-    lock file can be created) is read after checking that no other process holds its lock, and
-    its report is packed as it is. ``out`` is never overwritten; everything is checked (``out``,
-    the manifest, the locks, every run's config) before anything is written."""
+    ``airvae report`` does) or a single run directory into one zip archive (``airvae bundle DIR``).
+
+    The folder and its runs are locked while the report is rebuilt and the files are read: refused
+    while another process writes any of them. A source this process cannot write (no lock file can
+    be created) is read after checking that no other process holds its lock, and its report is
+    packed as it is. Everything is checked (``out``, the manifest, the locks, every run's config)
+    before anything is written.
+
+    Args:
+        results_dir: the reproduction's folder, or a run directory.
+        out: the archive (default: ``DIR.zip`` beside it); never overwritten.
+
+    Returns:
+        The archive's path.
+    """
     from ._version import __version__
 
     results_dir = Path(results_dir)
@@ -151,8 +160,8 @@ def _check_out(out: Path) -> None:
 class _NewFile:
     """The archive, written into a temporary file beside ``out`` (created on entering, so an
     unwritable ``out`` is refused before anything else is written; its name carries
-    :data:`airvae.files.TEMPORARY_TAG`, one no user picks) and published by a hard link, which,
-    unlike :func:`airvae.files.atomic_write_bytes`' rename, fails if ``out`` appeared meanwhile:
+    ``airvae.files.TEMPORARY_TAG``, one no user picks) and published by a hard link, which,
+    unlike [`airvae.files.atomic_write_bytes`][]' rename, fails if ``out`` appeared meanwhile:
     never overwritten, never torn. Never through a symbolic link: neither ``out`` (the link fails
     on any entry there) nor its folder, nor any folder created for it, may be one."""
 
@@ -228,7 +237,7 @@ def _results_files(results_dir: Path) -> list:
 
 def _run_files(run_dir: Path, prefix: str, config: bytes | None, out: Path) -> list:
     """A run's shareable files as (archive name, bytes or a function giving them, mtime): ``config``
-    (:func:`_shared_config`) and the best checkpoint as safetensors (a run from a bundle: its
+    (``_shared_config``) and the best checkpoint as safetensors (a run from a bundle: its
     safetensors as they are). Links are never followed; files airvae does not write are left out."""
     files = []
 
@@ -253,7 +262,7 @@ def _run_files(run_dir: Path, prefix: str, config: bytes | None, out: Path) -> l
 
 
 def _best_weights(run_dir: Path, out: Path) -> bytes:
-    """:func:`airvae.runs.best_weights_safetensors`, with a checkpoint that holds no ``model``
+    """[`airvae.runs.best_weights_safetensors`][], with a checkpoint that holds no ``model``
     entry of tensors (not written by airvae) named in one line instead of a KeyError."""
     try:
         return best_weights_safetensors(run_dir)
@@ -279,7 +288,7 @@ def is_bundle(path: Path) -> bool:
 def resolve(path: str | os.PathLike) -> Path:
     """The folder a command works on: an existing folder as it is; a bundle, or a path inside one
     (``results.zip/runs/caltech/k1-m1/plain/seed0``), as that folder of the bundle's extraction
-    (:func:`extract`); anything else unchanged, for the caller to report."""
+    ([`extract`][airvae.bundle.extract]); anything else unchanged, for the caller to report."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -312,7 +321,7 @@ def _runs_in(folder: Path) -> list[str]:
 def extract(archive: str | os.PathLike) -> Path:
     """The folder holding a bundle's files: ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/``,
     extracted on first use after every member is checked (module docstring); a refused archive
-    extracts nothing and raises :class:`airvae.runs.RunError` saying why. Its manifest is checked
+    extracts nothing and raises [`airvae.runs.RunError`][airvae.files.RunError] saying why. Its manifest is checked
     on every use, so an extraction by an older airvae is checked as well."""
     from .data import cache_root
 
@@ -429,9 +438,9 @@ def _check_no_overlap(infos: list[zipfile.ZipInfo], end: int, archive: Path) -> 
 def _extract_members(bundle: zipfile.ZipFile, members: list[zipfile.ZipInfo], folder: Path) -> None:
     """Write each checked member below ``folder`` (a fresh temporary folder), each file synced, and
     give it the archive's modification time (``airvae report`` tells stale plots by comparing
-    times). Never through a link: each folder is checked (:func:`airvae.files.real_folder`) and
+    times). Never through a link: each folder is checked ([`airvae.files.real_folder`][]) and
     each file created anew ("x": fails on anything there, a link included). No member
-    decompresses to more than its header's size, which :func:`_checked_members` counted: zipfile
+    decompresses to more than its header's size, which ``_checked_members`` counted: zipfile
     stops there, and a header that understates the size fails the entry's CRC check (BadZipFile)."""
     folders = {folder}  # those checked (and made) so far
     for info in members:
@@ -468,8 +477,8 @@ def _sync(folder: Path) -> None:
 
 
 def manifest_jobs(manifest, where: Path | str, fix: str) -> list:
-    """The runs (:class:`airvae.sweep.Job`) of a reproduction's parsed ``manifest.json``, after
-    every field is checked by type and range (:func:`_check_manifest`): its fields name the folders
+    """The runs ([`airvae.sweep.Job`][]) of a reproduction's parsed ``manifest.json``, after
+    every field is checked by type and range (``_check_manifest``): its fields name the folders
     that ``report``, ``evaluate`` and ``bundle`` read and write. A bad one is a RunError naming
     ``where`` (the file) with ``fix``."""
     from .config import ConfigError
@@ -521,7 +530,7 @@ def _check_extracted_manifest(folder: Path, archive: Path, name: str) -> None:
 
 def _check_manifest(manifest) -> list:
     """Every field a reproduction's manifest holds (airvae.reproduce), by type and range; the jobs
-    as :class:`airvae.sweep.Job`. Raises :class:`airvae.config.ConfigError` saying which field."""
+    as [`airvae.sweep.Job`][]. Raises [`airvae.config.ConfigError`][] saying which field."""
     from .config import BUDGETS, MAX_SEED, ConfigError, check_int, require
     from .targets import STRENGTHS, TARGETS
 
@@ -556,8 +565,8 @@ def _check_manifest(manifest) -> list:
 
 
 def _check_job(fields) -> object:
-    """One job of a manifest as a :class:`airvae.sweep.Job`: each field checked here, before
-    Job's own checks (family, and its strength) and before :attr:`Job.name` makes a path of them."""
+    """One job of a manifest as a [`airvae.sweep.Job`][]: each field checked here, before
+    Job's own checks (family, and its strength) and before [`name`][airvae.sweep.Job.name] makes a path of them."""
     from .config import ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, check_int, is_real, require
     from .sweep import FAMILIES, Job
 
@@ -609,7 +618,7 @@ def _is_finite(value) -> bool:
 
 
 def _check_evaluation(key: str, settings) -> None:
-    """None, or the fields of :class:`airvae.evaluation.EvaluationSettings`, checked by it."""
+    """None, or the fields of [`airvae.evaluation.EvaluationSettings`][], checked by it."""
     from .config import ConfigError
     from .evaluation import EvaluationSettings
 
@@ -628,7 +637,7 @@ _STUDY_INTS = {"fixed_steps": 0, "svi_k": 1, "l": 1}
 
 
 def _check_study(study) -> None:
-    """None, or Figure 3's settings (:data:`airvae.targets.FIGURE3_STUDIES`), by type and range."""
+    """None, or Figure 3's settings ([`airvae.targets.FIGURE3_STUDIES`][]), by type and range."""
     from .config import ConfigError, check_int, require
 
     if study is None:
@@ -650,11 +659,26 @@ def _check_study(study) -> None:
 
 
 def load(path: str | os.PathLike, which: str = "best", device: str = "cpu", model=None):
-    """The trained model of a run directory, of a run inside a bundle (``BUNDLE/RUN``), or of a
-    bundle of one run: ``model = airvae.load("runs/caltech/VAE-seed0")``. In eval mode, on
-    ``device``. Weights come from ``best.pt`` (loaded weights-only) or a bundle's safetensors;
-    ``which="last"`` takes ``last.pt`` of a run directory (a bundle holds no ``last.pt``). A run of
-    your own model (:func:`airvae.fit.fit`) needs ``model``, an untrained instance to load into."""
+    """The trained model of a run directory, of a run inside a bundle (``BUNDLE/RUN``), or of a bundle
+    of one run: ``model = airvae.load("runs/caltech/VAE-seed0")``. In eval mode, on ``device``.
+
+    Weights come from ``best.pt`` (loaded weights-only) or a bundle's safetensors: a bundle never
+    runs code. A run of your own model ([`airvae.fit.fit`][]) needs ``model``.
+
+    Args:
+        path: a run directory, a bundle, or a run inside one (``results.zip/runs/...``).
+        which: ``"best"`` (early stopping's model) or ``"last"`` (``last.pt`` of a run directory; a
+            bundle holds no ``last.pt``).
+        device: where the model is loaded.
+        model (torch.nn.Module | None): an untrained instance of your own model to load the weights
+            into; None for airvae's own models.
+
+    Returns:
+        (torch.nn.Module): The model.
+
+    Raises:
+        RunError: no run there, a refused bundle, a missing checkpoint, or weights that do not fit.
+    """
     from .runs import load_trained_model
 
     folder = resolve(path)

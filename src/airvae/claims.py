@@ -1,9 +1,9 @@
 """From a reproduction's runs to judged claims: per-run metrics under each log-likelihood estimator,
-per-seed paired comparisons (:mod:`airvae.verdicts`' rule), the paper's finding for the same cell
+per-seed paired comparisons ([`airvae.verdicts`][]' rule), the paper's finding for the same cell
 beside ours, estimates that cannot be right, and every way the budget departs from appendix E.
 
-A *row* is one run of a reproduction as :func:`airvae.report.collect` reads it: ``job``
-(:class:`airvae.sweep.Job`), ``run_dir``, ``summary``, ``config`` (its config.json, or {}),
+A *row* is one run of a reproduction as [`airvae.report.collect`][] reads it: ``job``
+([`airvae.sweep.Job`][]), ``run_dir``, ``summary``, ``config`` (its config.json, or {}),
 ``metrics`` and ``evaluation`` (the test evaluation with every estimator merged in, or None).
 """
 
@@ -42,7 +42,7 @@ PAPER_EVALUATION = {"svi_k": 5000, "svi_l": 8, "svi_steps": 3000, "k_iwae": 5000
 
 def examples_of(estimate: dict) -> tuple[int, int | None] | None:
     """``(size of the split, max_examples)`` an estimate was computed on (set when evaluations are merged:
-    :func:`airvae.report.merged_evaluation`); None when unknown (then it is the evaluation's own examples)."""
+    [`airvae.report.merged_evaluation`][]); None when unknown (then it is the evaluation's own examples)."""
     return estimate.get("examples")
 
 
@@ -62,9 +62,17 @@ def _aligned(a: dict, b: dict) -> list[tuple[float, float]] | None:
 
 
 def metric(evaluation: dict | None, name: str, estimator: str = "iwsvi") -> float | None:
-    """A run's number in the paper's positive-nats view: ``neg_log_likelihood`` (-ln p(x) by
-    ``estimator``: iwsvi, iwae or ais), ``inference_gap`` (ln p(x) - L_k on the estimator's own
-    examples) or ``neg_bound`` (-L_k); None when the evaluation lacks it."""
+    """A run's number in the paper's positive-nats view.
+
+    Args:
+        evaluation: the run's evaluation record (None: not evaluated).
+        name: ``neg_log_likelihood`` (-ln p(x) by ``estimator``), ``inference_gap`` (ln p(x) - L_k on
+            the estimator's own examples) or ``neg_bound`` (-L_k).
+        estimator: ``iwsvi``, ``iwae`` or ``ais``.
+
+    Returns:
+        The number, in nats; None when the evaluation lacks it.
+    """
     estimates = (evaluation or {}).get("estimates") or {}
     bound = estimates.get("bound")
     if name == "neg_bound":
@@ -127,7 +135,7 @@ def fmt(cell: tuple[float, float] | None, digits: int = 2) -> str:
 
 def selected_rows(manifest: dict, rows: list[dict]) -> list[dict]:
     """The runs at the strength selected on validation per (dataset, family, k, m), as the sweep
-    selects (:func:`airvae.sweep.select_strengths`); only finished runs compete."""
+    selects ([`airvae.sweep.select_strengths`][]); only finished runs compete."""
     trained = [{"job": asdict(r["job"]), "summary": r["summary"],
                 "status": "ok" if r["summary"].get("status") in FINISHED else "failed"} for r in rows]
     chosen = select_strengths(trained)
@@ -166,9 +174,17 @@ def claims_preamble(labels: dict[str, str], estimators: list[str], budget: str |
 
 
 def judged(interval: Interval | None, paper_sign: int, budget: str | None) -> str:
-    """The rule's word for ``interval`` (oriented: positive = the statement's direction), against the
-    paper's sign for the cell (+1 same as the statement, -1 opposite, 0: the paper has no number, so
-    the statement itself is judged)."""
+    """The rule's word for ``interval``, against the paper's sign for the cell.
+
+    Args:
+        interval: oriented: positive = the statement's direction.
+        paper_sign: +1 the paper found the statement's direction, -1 the opposite, 0 the paper has no
+            number (the statement itself is then judged: "holds here" or "does not hold here").
+        budget: the runs' budget.
+
+    Returns:
+        [`decide`][airvae.verdicts.decide]'s word, oriented to the paper's finding.
+    """
     if interval is not None and paper_sign < 0:
         interval = Interval(-interval.mean, interval.se, -interval.high, -interval.low, interval.n,
                             tuple(-d for d in interval.differences))
@@ -181,7 +197,7 @@ def judged(interval: Interval | None, paper_sign: int, budget: str | None) -> st
 def claim(statement: str, paper_text: str, paper_sign: int, intervals: dict, labels: dict[str, str],
           budget: str | None, details: dict[str, str] | None = None) -> list[str]:
     """One claim: the statement with the paper's finding for the cell (``paper_text``, its sign
-    ``paper_sign``: see :func:`judged`), then per estimator our paired interval and the verdict, and a
+    ``paper_sign``: see [`judged`][airvae.claims.judged]), then per estimator our paired interval and the verdict, and a
     flag when one estimator supports the paper where another contradicts it."""
     lines = [f"- {statement}: paper: {paper_text}"]
     verdicts = {}

@@ -170,7 +170,7 @@ def default_run_dir(cfg) -> Path:
 
 
 def _tracking(args):
-    """``--log`` as :class:`airvae.tracking.TrackingSettings`; None when not given."""
+    """``--log`` as [`airvae.tracking.TrackingSettings`][]; None when not given."""
     from .tracking import TrackingSettings
 
     return None if args.log is None else TrackingSettings.parse(args.log)

@@ -1,6 +1,6 @@
 """When and how airvae compiles its log-weights kernels with torch.compile: the compile policy
 (``auto``, on, off), the kernels' cache, and a fallback to eager when compiling fails. Used by the
-model (:mod:`airvae.model`), training and the estimators; nothing here knows a model.
+model ([`airvae.model`][airvae.model]), training and the estimators; nothing here knows a model.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _compile = _CompileState()
 
 def set_compile(enabled: bool | None = True) -> None:
     """Use (``True``) or never use (``False``) torch.compile'd log-weights kernels, in training and
-    every estimator; ``None`` restores ``auto`` (compile long work only, see :func:`compile_for`).
+    every estimator; ``None`` restores ``auto`` (compile long work only, see [`compile_for`][airvae.compiling.compile_for]).
     Results agree with eager to float rounding and the random draws are identical. Default:
     ``AIRVAE_COMPILE`` (1, 0 or unset = auto)."""
     _compile.mode = "auto" if enabled is None else ("on" if enabled else "off")

@@ -1,6 +1,6 @@
 """Typed, validated configuration and the paper's presets (Tables 6 and 7, appendix E).
 
-Everything a run needs is one :class:`RunConfig`. It is validated when built, before any work,
+Everything a run needs is one [`RunConfig`][airvae.config.RunConfig]. It is validated when built, before any work,
 and round-trips through JSON (``config.json`` in every run directory).
 """
 
@@ -49,13 +49,13 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
 
 def check_device_name(name) -> None:
     """Syntax only ("auto", "cpu", "mps", "cuda", "cuda:N"); availability is checked where the
-    device is used (:func:`airvae.devices.resolve_device`)."""
+    device is used ([`airvae.devices.resolve_device`][airvae.estimators.resolve_device])."""
     require(isinstance(name, str) and _DEVICE.fullmatch(name) is not None, "device", name,
            "auto, cpu, cuda, cuda:N (N >= 0) or mps")
 
 
 def check_hidden_spec(name: str, spec) -> None:
-    """``name`` ("encoder" or "decoder") is a valid architecture spec (:mod:`airvae.networks`)."""
+    """``name`` ("encoder" or "decoder") is a valid architecture spec ([`airvae.networks`][])."""
     from .networks import parse_spec
 
     require(isinstance(spec, str) and spec.strip() != "", name, spec,
@@ -68,8 +68,14 @@ def check_hidden_spec(name: str, spec) -> None:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Encoder/decoder layers (Table 6 notation ``d300-d300``; ``c32k4s2`` convolutions for image
-    data, see :mod:`airvae.networks`) and latent size."""
+    """A model's layers and latent size.
+
+    Attributes:
+        encoder: the encoder's spec, Table 6's notation (``d300-d300``: two dense ELU layers of 300
+            units), with ``c32k4s2`` convolutions for image data ([`airvae.networks`][]).
+        decoder: the decoder's spec (dense layers first).
+        z_dim: the latent size.
+    """
 
     encoder: str
     decoder: str
@@ -82,6 +88,7 @@ class Architecture:
 
     @property
     def convolutional(self) -> bool:
+        """Whether either network has convolution layers (which need image data)."""
         from .networks import parse_spec
 
         return bool(parse_spec(self.encoder, "encoder")[0] or parse_spec(self.decoder, "decoder")[0])
@@ -105,7 +112,7 @@ MAX_BINS = 65536
 
 @dataclass(frozen=True)
 class LikelihoodConfig:
-    """p(x|z) of a run (:mod:`airvae.likelihoods`). ``std`` and ``std_mode`` apply to ``gaussian``
+    """p(x|z) of a run ([`airvae.likelihoods`][]). ``std`` and ``std_mode`` apply to ``gaussian``
     only (the fixed std, or the initial value of a learned one), ``num_bins`` and ``components`` to
     ``discretized-logistic`` only (the data lie on the grid ``i / (num_bins - 1)``); a setting given
     for another likelihood is refused rather than ignored."""
@@ -146,7 +153,7 @@ class LikelihoodConfig:
         return self.build(1).params_per_dim
 
     def build(self, x_dim: int):
-        """The :class:`airvae.likelihoods.Likelihood` for data of ``x_dim`` dimensions."""
+        """The [`airvae.likelihoods.Likelihood`][] for data of ``x_dim`` dimensions."""
         from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 
         if self.kind == "gaussian":
@@ -178,8 +185,20 @@ PAPER_SCHEDULES: dict[str, Schedule] = {
 
 @dataclass(frozen=True)
 class Budget:
-    """How much compute a run gets. ``iterations_fraction`` scales Table 6's iteration counts
-    (per dataset, with a "default" entry)."""
+    """How much compute a run gets: ``smoke`` (seconds; checks plumbing), ``quick`` (minutes: 1% of
+    Table 6's iterations) or ``paper`` (appendix E's schedule), in [`BUDGETS`][airvae.config.BUDGETS].
+
+    Attributes:
+        iterations_fraction: the fraction of Table 6's iteration counts, per dataset, with a
+            ``"default"`` entry.
+        validations: validation estimates over the run (early stopping's granularity).
+        val_k: importance samples of the validation estimate.
+        val_examples: validation examples used (None: the whole split).
+        max_iterations: a cap on the iterations (None: none).
+        lr_scale: dataset -> factor on Table 6's learning rate.
+        patience: validations without improvement before training stops (None: never).
+        judged: whether its runs can test the paper's claims (reports give verdicts: [`airvae.verdicts`][]).
+    """
 
     iterations_fraction: dict
     validations: int  # validation estimates over the run (early stopping granularity)
@@ -213,8 +232,14 @@ BUDGETS: dict[str, Budget] = {
 
 @dataclass(frozen=True)
 class Regularizer:
-    """AIR settings. ``sigma`` is the denoising noise std (eq. 13), ``alpha`` the partial-denoising
-    weight (eq. 16), ``max_norm`` the WNI cap H (eq. 18). sigma = 0 and H = inf: plain VAE/IWAE."""
+    """AIR settings of a run; sigma = 0 and H = inf: plain VAE/IWAE. Table 7 gives strengths as
+    ``sigma * sqrt(d)`` and ``10 / H``: [`from_paper`][airvae.config.Regularizer.from_paper] takes those.
+
+    Attributes:
+        sigma: the denoising noise std (eq. 13; 0: none).
+        alpha: the partial-denoising weight of eq. 16, in [0, 1].
+        max_norm: the WNI cap H (eq. 18; inf: none).
+    """
 
     sigma: float = 0.0
     alpha: float = 1.0
@@ -256,7 +281,35 @@ class Regularizer:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A complete, validated training run."""
+    """A complete, validated training run of one of airvae's models: checked when built, before any
+    work, and round-tripped through ``config.json``. [`resolve_run_config`][airvae.config.resolve_run_config]
+    builds one from the paper's presets.
+
+    Attributes:
+        dataset: a dataset's name or the path of a ``.npz``.
+        architecture: the layers and latent size.
+        x_dim: data dimensions per example.
+        image_shape: ``(C, H, W)`` of image data, flattened to ``x_dim`` values (None: flat data).
+        likelihood: p(x|z).
+        regularizer: AIR's settings.
+        k: importance samples of the training bound (IWAE-k, eq. 20; 1: the ELBO, eq. 5).
+        m: Monte Carlo repeats of that bound.
+        seed: the run's seed (initialization, minibatches, training draws).
+        lr: Adam's initial learning rate.
+        iterations: training steps.
+        batch_size: examples per step.
+        lr_final_fraction: eq. 43: the learning rate decays to this fraction of ``lr`` over the run.
+        val_every: steps between validations.
+        val_k: importance samples of the validation estimate (IWAE-``val_k``).
+        val_examples: validation examples used (None: all).
+        patience: validations without improvement before stopping (None: never).
+        track_test_examples: > 0: log the amortized bound L_k on this many test examples at each
+            validation (Figure 4's curves); monitoring only, early stopping never looks at it.
+        checkpoint_every: steps between checkpoints.
+        data_dir: where the dataset's files are (offline machines).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        budget: the budget the run was resolved with (``custom`` when built by hand).
+    """
 
     dataset: str
     architecture: Architecture
@@ -333,7 +386,7 @@ class RunConfig:
                 raise ConfigError(f"invalid {role} = {spec!r} for {shape[1]}x{shape[2]} images: {error}") from None
 
     def check_dataset(self, dataset) -> None:
-        """Raise ConfigError unless ``dataset`` (an :class:`airvae.data.Dataset`; an object without
+        """Raise ConfigError unless ``dataset`` (an [`airvae.data.Dataset`][]; an object without
         ``levels`` and ``image_shape`` counts as flat binary data) can serve this run: its dimension
         and image shape, and values of the kind the likelihood scores."""
         if dataset.dim != self.x_dim:
@@ -356,6 +409,7 @@ class RunConfig:
 
     @property
     def z_dim(self) -> int:
+        """The latent size (the architecture's)."""
         return self.architecture.z_dim
 
     @property
@@ -380,16 +434,18 @@ class RunConfig:
         return self.lr * self.lr_final_fraction ** (step / (self.iterations - 1))
 
     def replace(self, **changes) -> "RunConfig":
+        """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
+        """The configuration as ``config.json`` holds it (H = inf written as ``"inf"``)."""
         out = dataclasses.asdict(self)
         out["regularizer"]["max_norm"] = _encode_float(self.regularizer.max_norm)
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "RunConfig":
-        """Inverse of :meth:`to_json`; every field is validated, and a missing, unknown or
+        """Inverse of [`to_json`][airvae.config.RunConfig.to_json]; every field is validated, and a missing, unknown or
         mistyped one is a ConfigError naming it."""
         _check_fields(cls, data, "config")
         data = dict(data)
@@ -410,8 +466,8 @@ CUSTOM = "custom"  # config.json's "kind" for a researcher's own model (airvae.f
 
 @dataclass(frozen=True)
 class FitConfig:
-    """The training settings of a researcher's own model (:func:`airvae.fit.fit`): what
-    :class:`RunConfig` is to airvae's architectures, without the architecture. ``model`` says what
+    """The training settings of a researcher's own model ([`airvae.fit.fit`][]): what
+    [`RunConfig`][airvae.config.RunConfig] is to airvae's architectures, without the architecture. ``model`` says what
     built the model (``"package.module:function"``, or its class); airvae never imports it by
     itself: whoever loads the run passes the model (``--model`` on the command line)."""
 
@@ -461,18 +517,22 @@ class FitConfig:
 
     @property
     def model_name(self) -> str:
+        """What built the model, with VAE or IWAE-k."""
         return f"{self.model} ({'VAE' if self.k == 1 else f'IWAE-{self.k}'})"
 
     lr_at = RunConfig.lr_at  # eq. 43, the same schedule
 
     def replace(self, **changes) -> "FitConfig":
+        """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
+        """The configuration as ``config.json`` holds it, marked ``"kind": "custom"``."""
         return {"kind": CUSTOM, **dataclasses.asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> "FitConfig":
+        """Inverse of [`to_json`][airvae.config.FitConfig.to_json]; every field is validated."""
         data = {key: value for key, value in data.items() if key != "kind"}
         return _from_fields(cls, data, "config")
 
@@ -534,10 +594,33 @@ def resolve_run_config(
     regularizer: Regularizer | None = None,
     **overrides,
 ) -> RunConfig:
-    """Build a RunConfig from the presets: Table 6 for the dataset (or a named architecture),
-    scaled by the budget, then explicit overrides (``None`` values are ignored). ``image_shape`` and
-    ``levels`` describe the data (:class:`airvae.data.Dataset`); the likelihood defaults to the one
-    for its kind of values (:meth:`LikelihoodConfig.for_data`)."""
+    """Build a [`RunConfig`][airvae.config.RunConfig] from the presets: Table 6 for the dataset (or a
+    named architecture; MNIST's for datasets not in the paper), scaled by the budget, then explicit
+    overrides.
+
+    Args:
+        dataset: a dataset's name or the path of a ``.npz``.
+        x_dim: data dimensions per example.
+        image_shape: ``(C, H, W)`` of image data (None: flat).
+        levels: values per dimension (2: binary; None: real-valued), as
+            [`airvae.data.Dataset`][] says.
+        likelihood: p(x|z) (default: the one for the data's kind of values,
+            [`LikelihoodConfig.for_data`][airvae.config.LikelihoodConfig.for_data]).
+        budget: ``smoke``, ``quick`` or ``paper`` ([`BUDGETS`][airvae.config.BUDGETS]).
+        architecture: a key of [`ARCHITECTURES`][airvae.config.ARCHITECTURES] (default: the dataset's).
+        encoder: overrides the architecture's encoder spec.
+        decoder: overrides its decoder spec.
+        z_dim: overrides its latent size.
+        regularizer: AIR's settings (default: none).
+        **overrides (Any): any other [`RunConfig`][airvae.config.RunConfig] field (``k``, ``m``,
+            ``seed``, ``iterations``, ...); None values are ignored.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: an unknown budget or architecture, or an invalid setting.
+    """
     require(budget in BUDGETS, "budget", budget, f"one of {sorted(BUDGETS)}")
     preset_key = dataset if dataset in ARCHITECTURES else "mnist"
     arch_key = architecture or preset_key

@@ -1,13 +1,13 @@
-"""One training driver for every model airvae trains: a run alone (:func:`airvae.train.train`), a
-stacked group of runs (:func:`airvae.stacked.train_group`) and a researcher's own model
-(:func:`airvae.fit.fit`).
+"""One training driver for every model airvae trains: a run alone ([`airvae.train.train`][]), a
+stacked group of runs ([`airvae.stacked.train_group`][]) and a researcher's own model
+([`airvae.fit.fit`][]).
 
-The driver (:func:`drive`) owns what is the same for all of them: the learning-rate schedule of
+The driver ([`drive`][airvae.driver.drive]) owns what is the same for all of them: the learning-rate schedule of
 eq. 43, each run's minibatch order, validation, the staging of best and last checkpoints, early
-stopping, divergence, interrupts, and the run's files and tracking (:class:`RunLog`). An *engine*
-(:class:`Engine`) owns the model or models and knows how to take a step, validate and save: a
-single model with torch's Adam (:class:`SingleEngine`), or a stacked group with
-:class:`airvae.stacked.StackedAdam`.
+stopping, divergence, interrupts, and the run's files and tracking ([`RunLog`][airvae.driver.RunLog]). An *engine*
+([`Engine`][airvae.driver.Engine]) owns the model or models and knows how to take a step, validate and save: a
+single model with torch's Adam ([`SingleEngine`][airvae.driver.SingleEngine]), or a stacked group with
+[`airvae.stacked.StackedAdam`][].
 
 Exact resume rests on three choices: the minibatch of step t is a pure function of (seed, t), the
 learning rate of step t is a pure function of t, and the state of each run's own training
@@ -46,6 +46,17 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """How a run's training ended: what [`airvae.train.train`][], [`airvae.fit.fit`][] and
+    [`drive`][airvae.driver.drive] return.
+
+    Attributes:
+        run_dir: the run directory.
+        status: ``"completed"``, ``"early-stopped"``, ``"interrupted"`` or ``"diverged"``.
+        steps: training steps taken.
+        best_step: the step of the best validation (the model in ``best.pt``); None before the first.
+        best_val_log_likelihood: its validation IWAE-``val_k`` estimate, in nats.
+        seconds: training time, over every start of the run.
+    """
     run_dir: Path
     status: str  # "completed" | "early-stopped" | "interrupted" | "diverged"
     steps: int
@@ -55,9 +66,17 @@ class TrainResult:
 
 
 class MinibatchSchedule:
-    """Shuffled epochs without replacement; batch ``t`` depends only on (seed, t). Each epoch's
-    permutation is drawn on the CPU and moved to ``device`` once, so a step indexes there without a
-    host-to-device copy (on CUDA, a copy from the host waits for the queued work)."""
+    """Shuffled epochs without replacement; batch ``t`` depends only on (seed, t), which makes resuming
+    exact. Each epoch's permutation is drawn on the CPU and moved to ``device`` once, so a step
+    indexes there without a host-to-device copy (on CUDA, a copy from the host waits for the queued
+    work).
+
+    Args:
+        n: training examples.
+        batch_size: examples per step (at most ``n``; an epoch is ``n // batch_size`` steps).
+        seed: the run's seed.
+        device: where the indices live.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         if batch_size > n:
@@ -67,6 +86,7 @@ class MinibatchSchedule:
         self._epoch, self._perm = -1, None
 
     def indices(self, step: int) -> torch.Tensor:
+        """The indices ``[batch_size]`` of step ``step``'s minibatch."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -106,9 +126,17 @@ class RunLog:
     """A training run's bookkeeping and files: the loop state that is checkpointed (step, best
     validation, loss average, elapsed time), metrics lines, best and last checkpoints, and the
     summary. The one place that writes a run directory during training, whether the run trains
-    alone (:func:`train`) or in a stacked group (:mod:`airvae.stacked`). It also feeds the run's
-    tracking sinks (``RUN/tracking.json``: :mod:`airvae.tracking`), rebuilt from metrics.jsonl at
-    each start."""
+    alone ([`airvae.train.train`][]) or in a stacked group ([`airvae.stacked`][]). It also feeds the
+    run's tracking sinks (``RUN/tracking.json``: [`airvae.tracking`][]), rebuilt from metrics.jsonl at
+    each start.
+
+    Args:
+        cfg (RunConfig | FitConfig): the run's settings (``iterations``, ``val_every``,
+            ``checkpoint_every``, ``patience``, ``lr_at``, ...).
+        run_dir: the run directory, created and locked by the caller.
+        deviation: how the run's data depart from the paper's, recorded in its summary (None: they
+            do not).
+    """
 
     def __init__(self, cfg, run_dir: Path, deviation: str | None = None):
         self.cfg, self.run_dir, self.deviation = cfg, Path(run_dir), deviation
@@ -120,6 +148,7 @@ class RunLog:
 
     @property
     def step(self) -> int:
+        """Training steps taken so far."""
         return self.state["step"]
 
     def resume(self, device: torch.device, shapes: dict[str, tuple[int, ...]]) -> tuple[dict | None, TrainResult | None]:
@@ -156,13 +185,16 @@ class RunLog:
         self.state["seconds"] = time.perf_counter() - self._clock
 
     def add_loss(self, total: float, count: int = 1) -> None:
+        """Add ``count`` steps' summed loss to the average reported at the next validation."""
         self.state["loss_sum"] += total
         self.state["loss_count"] += count
 
     def validation_due(self) -> bool:
+        """Whether the current step validates (every ``val_every`` steps, and the last one)."""
         return self.step % self.cfg.val_every == 0 or self.step == self.cfg.iterations
 
     def checkpoint_due(self, validated: bool) -> bool:
+        """Whether the current step writes ``last.pt`` (after a validation, and every ``checkpoint_every`` steps)."""
         return validated or self.step % self.cfg.checkpoint_every == 0
 
     def record_validation(self, val: float, model_state: dict, test_bound: float | None = None) -> None:
@@ -187,12 +219,16 @@ class RunLog:
         state.update(loss_sum=0.0, loss_count=0)
 
     def checkpoint(self, model_state: dict, optimizer_state: dict, rng_state: torch.Tensor) -> None:
+        """Write ``last.pt`` (model, optimizer, loop state, the training generator's state), then promote a
+        staged new best to ``best.pt``.
+        """
         self._tick()
         save_checkpoint(self.run_dir / LAST, {"model": model_state, "optimizer": optimizer_state,
                                               "state": dict(self.state), "rng": rng_state})
         _promote_best(self.run_dir)
 
     def finish(self, status: str, message: str | None = None) -> TrainResult:
+        """Write the run's summary with ``status`` and ``message``, close its sinks and return its result."""
         self._tick()
         state = self.state
         write_json(self.run_dir / SUMMARY, {
@@ -218,6 +254,7 @@ class RunLog:
             self.tracker.close(status)
 
     def interrupted(self, signum: int) -> TrainResult:
+        """Finish as ``"interrupted"`` by signal ``signum``, saying how to resume."""
         return self.finish("interrupted", f"stopped by signal {signum} at step {self.step}; resume with "
                            f"`airvae train --resume --run-dir {self.run_dir}`")
 
@@ -226,13 +263,19 @@ EARLY_STOP_MESSAGE = "no improvement in {} validations"
 
 
 class Engine(Protocol):
-    """What :func:`drive` needs of whatever holds the models of ``R`` runs (``R = 1`` for a run alone).
+    """What [`drive`][airvae.driver.drive] needs of whatever holds the models of ``R`` runs (``R = 1`` for
+    a run alone): [`SingleEngine`][airvae.driver.SingleEngine] or
+    [`StackedEngine`][airvae.stacked.StackedEngine].
 
     ``step`` takes one optimizer step of the ``active`` runs on their minibatches ``x`` ``[R, B, ...]``
     at learning rate ``lr`` and returns each run's loss ``[R]`` on the device (read by the driver only
     when it validates or saves: no host sync per step); inactive runs must be left exactly as they
     were. ``validate`` gives the mean IWAE-``k`` estimate of the runs ``rows`` on ``x``, run r drawing
-    from the per-example streams of ``seeds[r]``. The rest restores and saves run r."""
+    from the per-example streams of ``seeds[r]``. The rest restores and saves run r: ``shapes`` (its
+    model's tensor shapes, to check a checkpoint against), ``restore`` (from a checkpoint),
+    ``model_state``, ``optimizer_state`` (as ``torch.optim.Adam`` would save it) and ``rng_state`` (its
+    training generator's).
+    """
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]: ...
 
@@ -254,8 +297,20 @@ Objective = Callable[..., torch.Tensor]  # (model, x, k, m, alpha, generator) ->
 
 class SingleEngine:
     """One model and torch's Adam (fused where available): a run trained alone, or any model that
-    follows :class:`airvae.model.LatentVariableModel` and the objective's needs (by default
-    :func:`airvae.model.air_objective`: ``encoder``, ``decoder``, ``likelihood``, ``z_dim``)."""
+    follows [`airvae.model.LatentVariableModel`][] and the objective's needs (by default
+    [`airvae.model.air_objective`][]: ``encoder``, ``decoder``, ``likelihood``, ``z_dim``).
+
+    Args:
+        model: the model, on ``device``.
+        lr: Adam's initial learning rate (the driver sets each step's).
+        k: the training bound's importance samples.
+        m: its Monte Carlo repeats.
+        alpha: eq. 16's weight of the noisy encoder's bound.
+        generator: the run's training stream ([`training_generator`][airvae.driver.training_generator]).
+        device: where the model trains.
+        objective: ``(model, x, k, m, alpha, generator=) -> [B]``, maximized (default
+            [`air_objective`][airvae.model.air_objective]).
+    """
 
     def __init__(self, model: torch.nn.Module, *, lr: float, k: int, m: int, alpha: float,
                  generator: torch.Generator, device: torch.device, objective: Objective | None = None):
@@ -266,14 +321,17 @@ class SingleEngine:
         model.train()  # validation (estimators.frozen) puts it back in training mode when it is done
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """Its model's tensor shapes (one run: ``r`` is 0)."""
         return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
 
     def restore(self, r: int, saved: dict) -> None:
+        """Load the model, Adam state and training generator from a checkpoint."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         restore_generator(self.generator, saved)
 
     def step(self, x: torch.Tensor, active: list[bool], lr: float) -> torch.Tensor:
+        """One Adam step on ``x[0]``, the minibatch ``[1, B, ...]``; returns the loss ``[1]``."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = -self.objective(self.model, x[0], self.k, self.m, self.alpha, generator=self.generator).mean()
@@ -283,23 +341,31 @@ class SingleEngine:
         return loss.detach().reshape(1)
 
     def validate(self, rows: list[int], x: torch.Tensor, k: int, seeds: list[int]) -> list[float]:
+        """The mean IWAE-``k`` estimate on ``x``, from the streams of ``seeds[0]``."""
         return [iwae_log_likelihood(self.model, x, k, seed=seeds[0]).mean]
 
     def model_state(self, r: int) -> dict:
+        """The model's ``state_dict``."""
         return self.model.state_dict()
 
     def optimizer_state(self, r: int, lr: float) -> dict:
+        """Adam's ``state_dict``."""
         return self.optimizer.state_dict()
 
     def rng_state(self, r: int) -> torch.Tensor:
+        """The training generator's state."""
         return self.generator.get_state()
 
 
 @dataclass
 class Batches:
-    """The data a drive sees, on its device: training examples (minibatches by index), validation
-    examples, and optionally the test examples whose amortized bound is logged at each validation
-    (Figure 4)."""
+    """The data a drive sees, on its device.
+
+    Attributes:
+        train: training examples (minibatches by index).
+        valid: validation examples.
+        test: optionally, test examples whose amortized bound is logged at each validation (Figure 4).
+    """
 
     train: torch.Tensor
     valid: torch.Tensor
@@ -308,11 +374,26 @@ class Batches:
 
 def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device: torch.device, *,
           progress: bool = True, desc: str = "training") -> list[TrainResult]:
-    """Train the runs of ``engine`` to the end of their schedules (``cfgs``: each run's settings, with
-    ``iterations``, ``batch_size``, ``seed``, ``k``, ``val_k``, ``patience``, ``lr_at``; ``logs``: their
-    :class:`RunLog`), resuming each from its last checkpoint. The runs step in lockstep: a run whose
-    checkpoint is ahead sits out until the others catch up. Returns each run's result; a run that
-    stops early (early stopping, divergence) stays in the engine, inactive."""
+    """Train the runs of ``engine`` to the end of their schedules, resuming each from its last
+    checkpoint.
+
+    The runs step in lockstep: a run whose checkpoint is ahead sits out until the others catch up.
+    A run that stops early (early stopping, divergence) stays in the engine, inactive. SIGINT and
+    SIGTERM stop every run at a consistent state and save it.
+
+    Args:
+        engine: holds the runs' models and takes their steps.
+        cfgs (list[RunConfig | FitConfig]): each run's settings, with ``iterations``, ``batch_size``,
+            ``seed``, ``k``, ``val_k``, ``patience``, ``lr_at``.
+        logs: each run's [`RunLog`][airvae.driver.RunLog].
+        data: the examples, on ``device``.
+        device: where the runs train.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        Each run's [`TrainResult`][airvae.driver.TrainResult], in the order of ``cfgs``.
+    """
     R, first = len(cfgs), cfgs[0]
     results: list[TrainResult | None] = [None] * R
     for r, log in enumerate(logs):
@@ -396,9 +477,14 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
 
 
 def training_generator(seed: int, device: torch.device) -> torch.Generator:
-    """The random stream of a run's training draws (reparameterization and denoising noise): its
-    own generator, seeded by the run's seed, so that a run draws the same numbers whether it
-    trains alone or in a stacked group."""
+    """The random stream of a run's training draws (reparameterization and denoising noise): its own
+    generator, seeded by the run's seed, so that a run draws the same numbers whether it trains
+    alone or in a stacked group.
+
+    Args:
+        seed: the run's seed.
+        device: where the draws are made.
+    """
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -1,15 +1,16 @@
-"""Run-level evaluation: the estimators of :mod:`airvae.estimators` applied to a trained run.
+"""Run-level evaluation: the estimators of [`airvae.estimators`][] applied to a trained run.
 
-* :class:`EvaluationSettings` -- what to estimate and how hard (appendix C's values by default:
-  IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
-* :func:`evaluate_model` -- library call on any model (:class:`airvae.model.LatentVariableModel`)
-  and data;
-* :func:`evaluate_run` -- loads ``RUN/checkpoints/best.pt`` (in a bundle's run, its
+* [`EvaluationSettings`][airvae.evaluation.EvaluationSettings] -- what to estimate and how hard (appendix C's
+  values by default: IWAE-5000, IW-SVI with k = 5000, l = 8, T = 3000);
+* [`evaluate_model`][airvae.evaluation.evaluate_model] -- library call on any model
+  ([`airvae.model.LatentVariableModel`][]) and data;
+* [`evaluate_run`][airvae.evaluation.evaluate_run] -- loads ``RUN/checkpoints/best.pt`` (in a bundle's run, its
   ``best.safetensors``), evaluates a split and caches the result as
-  ``RUN/evaluations/<split>-<hash>.json`` (:func:`stored_evaluation` reads it back), and sends it
-  to the run's tracking sinks, if any (:mod:`airvae.tracking`);
-* :func:`format_table` -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
-* :func:`iwsvi_vs_iwae_study` / :func:`run_study` -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
+  ``RUN/evaluations/<split>-<hash>.json`` ([`stored_evaluation`][airvae.evaluation.stored_evaluation] reads it
+  back), and sends it to the run's tracking sinks, if any ([`airvae.tracking`][]);
+* [`format_table`][airvae.evaluation.format_table] -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
+* [`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study] / [`run_study`][airvae.evaluation.run_study]
+  -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
 
 ``airvae.runs`` and ``airvae.data`` are imported inside the functions that need them, so this
 module and the model-level functions work without them.
@@ -53,14 +54,41 @@ def _is_pos_float(value) -> bool:
 
 @dataclass
 class EvaluationSettings:
-    """What :func:`evaluate_run` estimates, on which split, with how much effort.
+    """What [`evaluate_run`][airvae.evaluation.evaluate_run] (or
+    [`evaluate_model`][airvae.evaluation.evaluate_model]) estimates, on which split, with how much
+    effort; the defaults are appendix C's (IWAE-5000; IW-SVI with k = 5000, l = 8, T = 3000).
+    Every field is checked when the settings are made (a ``ConfigError`` names the field).
 
-    ``estimators``: any of ``bound`` (the training bound L_k with the encoder, k = the run's k
-    unless ``bound_k``), ``iwae`` (IWAE-``k_iwae`` with the encoder, eq. 40), ``iwsvi`` (eq. 41-42),
-    ``ais``, ``gap`` (Delta_inf = ln p(x) [IW-SVI] - L_k; needs bound and iwsvi, and is always
-    added when both are present since it costs nothing), ``bdmc`` (the sandwich lower <= ln p(x)
-    <= upper on ``bdmc_examples`` examples simulated from the model, with the ``ais_*`` settings;
-    together with ``iwsvi``, IW-SVI is also run on those examples, so its slack there is known).
+    Attributes:
+        estimators: any of ``bound`` (the training bound L_k with the encoder, k = the run's k unless
+            ``bound_k``), ``iwae`` (IWAE-``k_iwae`` with the encoder, eq. 40), ``iwsvi`` (eq. 41-42),
+            ``ais``, ``gap`` (Delta_inf = ln p(x) [IW-SVI] - L_k; needs bound and iwsvi, and is always
+            added when both are present since it costs nothing), ``bdmc`` (the sandwich lower <= ln p(x)
+            <= upper on ``bdmc_examples`` examples simulated from the model, with the ``ais_*``
+            settings; together with ``iwsvi``, IW-SVI is also run on those examples, so its slack there
+            is known). A comma-separated string is accepted.
+        split: ``train``, ``valid`` or ``test``.
+        max_examples: only this many examples, spread evenly over the split (quick runs); None: all.
+        bound_k: the bound's k; None: the run's training k.
+        bound_repeats: L_k averaged over this many draws per example (cheap; a less noisy gap).
+        k_iwae: IWAE's importance samples.
+        svi_k: IW-SVI's scoring samples k.
+        svi_l: IW-SVI's optimized bound's samples l.
+        svi_steps: IW-SVI's Adam steps T (0 scores the encoder's q).
+        svi_lr: IW-SVI's Adam step size.
+        svi_lr_decay: IW-SVI's final learning rate as a fraction of ``svi_lr`` (1: constant).
+        ais_intermediate: AIS's annealing steps.
+        ais_chains: AIS's estimating chains per example.
+        ais_leapfrog: leapfrog steps per HMC transition.
+        ais_step_size: the starting leapfrog step size.
+        ais_schedule: ``sigmoid`` or ``linear``.
+        ais_tuning_chains: chains that only adapt the step size (0: fixed step size).
+        bdmc_examples: examples simulated for ``bdmc``.
+        seed: the seed of every estimator's per-example streams.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        chunk_samples: latents decoded at once (no effect on the result).
+        svi_chunk_examples: examples IW-SVI optimizes at once (no effect on the result).
+        ais_chunk_examples: examples AIS anneals at once (no effect on the result).
     """
 
     estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
@@ -127,12 +155,16 @@ class EvaluationSettings:
         check_device_name(self.device)
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict."""
         d = asdict(self)
         d["estimators"] = list(self.estimators)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvaluationSettings":
+        """Settings from [`to_dict`][airvae.evaluation.EvaluationSettings.to_dict]'s output (an evaluation
+        record's ``settings``); unknown keys are refused.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -147,6 +179,9 @@ class EvaluationSettings:
                    if k not in _EXECUTION_FIELDS and (k != "bdmc_examples" or "bdmc" in self.estimators)}}
 
     def short_hash(self) -> str:
+        """The first 10 hex digits of the sha256 of [`identity`][airvae.evaluation.EvaluationSettings.identity]:
+        the cache file's name.
+        """
         text = json.dumps(self.identity(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -162,12 +197,24 @@ def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) 
 
 def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
                    progress: bool = False) -> dict[str, Estimate]:
-    """Every estimator of ``settings`` on the examples ``x`` (``max_examples`` of them, spread
-    evenly: :func:`airvae.data.evenly_spaced`), on the model's device, in canonical order (each
-    estimator's single-model call, :data:`airvae.estimators.REGISTRY`). Returns ``{name: Estimate}``,
-    with ``gap`` = iwsvi - bound per example when both are present and ``bdmc_lower``,
-    ``bdmc_upper`` (and ``bdmc_iwsvi``) for ``bdmc``. ``bound_k`` (the training k) is needed for
-    ``bound`` unless ``settings.bound_k`` is set."""
+    """Every estimator of ``settings`` on the examples ``x``: the library call for any model and data.
+
+    Runs on the model's device, in canonical order (each estimator's single-model call,
+    [`REGISTRY`][airvae.estimators.registry.REGISTRY]); ``settings.max_examples`` examples of ``x``,
+    spread evenly ([`evenly_spaced`][airvae.data.evenly_spaced]), else all of them.
+
+    Args:
+        model (LatentVariableModel): any model following the protocol.
+        x (torch.Tensor | numpy.ndarray): the examples, ``[n, ...]``.
+        settings: the estimators and their effort (``split``, ``device`` and the cache are the run
+            level's business and are not used here).
+        bound_k: the training k, for ``bound`` unless ``settings.bound_k`` is set.
+        progress: show progress bars.
+
+    Returns:
+        ``{name: Estimate}``, with ``gap`` = iwsvi - bound per example when both are present and
+        ``bdmc_lower``, ``bdmc_upper`` (and ``bdmc_iwsvi``) for ``bdmc``.
+    """
     x = torch.as_tensor(x)
     if settings.max_examples is not None and settings.max_examples < len(x):  # else all of x: no copy
         x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
@@ -189,14 +236,27 @@ def parse_estimators(text: str) -> tuple[str, ...]:
 
 
 def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
+    """Where the evaluation of ``settings`` on a run is cached:
+    ``RUN/evaluations/<split>-<short hash of the settings>.json``.
+    """
     return Path(run_dir) / EVALUATIONS / f"{settings.split}-{settings.short_hash()}.json"
 
 
 def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) -> dict | None:
     """The cached result of ``settings`` on this run, or None if absent, unreadable or stale
-    (computed with other settings or from another checkpoint). A run folder without weights (a
-    results folder committed or shared without them) keeps its evaluations: there is no checkpoint
-    for them to be stale against."""
+    (computed with other settings or from another checkpoint).
+
+    A run folder without weights (a results folder committed or shared without them) keeps its
+    evaluations: there is no checkpoint for them to be stale against.
+
+    Args:
+        run_dir: the run directory.
+        settings: the settings the result must have been computed with (execution fields such as
+            ``device`` and chunk sizes do not count).
+
+    Returns:
+        The evaluation record, as [`evaluate_run`][airvae.evaluation.evaluate_run] returns it, or None.
+    """
     stored = _read_record(evaluation_path(run_dir, settings))
     if stored is None or stored.get("identity") != settings.identity():
         return None
@@ -204,7 +264,8 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
 
 
 def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
-    """Every evaluation in ``RUN/evaluations/`` that :func:`stored_evaluation` returns for its own
+    """Every evaluation in ``RUN/evaluations/`` that
+    [`stored_evaluation`][airvae.evaluation.stored_evaluation] returns for its own
     settings, with its file, by file name (each file read once, the checkpoint hashed once)."""
     paths = sorted((Path(run_dir) / EVALUATIONS).glob("*.json"))
     digest = best_checkpoint_digest(run_dir) if paths else None
@@ -237,15 +298,34 @@ def _of_checkpoint(stored: dict, digest: str | None) -> bool:
 
 def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
                  progress: bool = True, allow_data_change: bool = False, model=None) -> dict:
-    """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result
-    in ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same
-    settings, checkpoint and data is returned without computing unless ``recompute``.
+    """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result in
+    ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same settings,
+    checkpoint and data is returned without computing.
 
-    Data that changed since the run was trained (its marker records the digest) is refused unless
-    ``allow_data_change``; then the evaluation scores the new data and records its digest. The
-    device, the memory the settings need and that the result can be written are checked before
-    any work. ``model``: for a run of a researcher's own model (:func:`airvae.fit.fit`), an untrained
-    instance to load its weights into (:func:`airvae.runs.load_trained_model`)."""
+    The device, the memory the settings need and that the result can be written are checked before
+    any work. A new result is also sent to the run's tracking sinks, if any ([`airvae.tracking`][]).
+
+    Args:
+        run_dir: the run directory (a run inside an extracted bundle works too).
+        settings: what to estimate and how hard.
+        recompute: compute even when a cached result exists.
+        progress: show progress bars.
+        allow_data_change: score data that changed since the run was trained (its marker records the
+            digest), recording the new digest; refused otherwise.
+        model (torch.nn.Module | None): for a run of a researcher's own model
+            ([`airvae.fit.fit`][]), an untrained instance to load its weights into
+            ([`airvae.runs.load_trained_model`][]); None for airvae's own models.
+
+    Returns:
+        The evaluation record: dataset, split, ``n`` (examples evaluated) of ``n_split``, the
+        settings, the checkpoint's and the data's sha256, and ``estimates`` (name -> the
+        [`Estimate.to_dict`][airvae.estimators.Estimate.to_dict] summary with per-example values).
+
+    Raises:
+        RunError: the run cannot be used as asked: not an airvae run, no best checkpoint yet, a
+            corrupt file, changed data without ``allow_data_change``, or a model of your own without
+            ``model``.
+    """
     from .data import DatasetError, load_dataset
     from .runs import load_config
 
@@ -273,7 +353,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
 
 
 def check_run_data(run_dir: Path, cfg, dataset, allow_data_change: bool = False) -> str:
-    """The digest of ``dataset`` (:func:`airvae.data.dataset_digest`), after checking that it is the
+    """The digest of ``dataset`` ([`airvae.data.dataset_digest`][]), after checking that it is the
     data the run was trained on (its marker's record) unless ``allow_data_change``, and that its
     examples fit the run's model."""
     from .data import dataset_digest
@@ -377,7 +457,8 @@ def format_table(result: dict) -> str:
     """A text table, estimator | mean | ± stderr | bits/dim | n | seconds, in the paper's sign
     convention; bits/dim is the mean over (data dimensions x ln 2), exact for discrete likelihoods.
 
-    ``result``: what :func:`evaluate_run` returns, or :func:`evaluate_model`'s ``{name: Estimate}``.
+    ``result``: what [`evaluate_run`][airvae.evaluation.evaluate_run] returns, or
+    [`evaluate_model`][airvae.evaluation.evaluate_model]'s ``{name: Estimate}``.
     """
     estimates = result.get("estimates", result)
     rows = []
@@ -420,7 +501,28 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     T up to 3000 and fixed_steps=3000. Each IW-SVI point over T is its own optimization (the
     learning-rate decay depends on T); for (b) the q fitted with ``fixed_steps`` is scored with
     every k, which is exactly what separate runs would give (the optimization's random stream
-    does not depend on k). Writes ``figure3.json`` to ``out_dir`` if given.
+    does not depend on k).
+
+    Args:
+        model (LatentVariableModel): the model.
+        x (torch.Tensor | numpy.ndarray): the examples.
+        ks (Iterable[int]): the IWAE sample sizes k.
+        steps_list (Iterable[int]): the IW-SVI step counts T.
+        fixed_steps: T of panel (b).
+        svi_k: IW-SVI's scoring k in panels (a) and (c).
+        l: IW-SVI's optimized bound's samples.
+        lr: IW-SVI's Adam step size.
+        lr_decay: its final learning rate as a fraction of ``lr``.
+        seed: the seed of the examples' random streams.
+        chunk_samples: latents decoded at once.
+        chunk_examples: examples IW-SVI optimizes at once.
+        out_dir (str | os.PathLike | None): where to write ``figure3.json`` (None: nowhere; draw it
+            with [`draw_figure3`][airvae.figures.draw_figure3]).
+        progress: show progress bars.
+
+    Returns:
+        The study's numbers: ``iwae``, ``iwsvi_over_steps`` and ``iwsvi_over_k``, lists of points
+        (``mean``, ``stderr``, ``seconds`` and k or T), with the settings.
     """
     x = torch.as_tensor(x)
     ks, steps_list = sorted(set(int(k) for k in ks)), sorted(set(int(t) for t in steps_list))
@@ -452,7 +554,7 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
 
 
 def _write_figure3(data: dict, out_dir: Path) -> None:
-    """figure3.json in ``out_dir`` (drawn by :func:`airvae.figures.draw_figure3`); its path is added
+    """figure3.json in ``out_dir`` (drawn by [`draw_figure3`][airvae.figures.draw_figure3]); its path is added
     to ``data["files"]``."""
     write_json(out_dir / "figure3.json", data, out_dir)
     data["files"] = [str(out_dir / "figure3.json")]
@@ -461,8 +563,20 @@ def _write_figure3(data: dict, out_dir: Path) -> None:
 def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: int | None = 100,
               device: str = "auto", out_dir: str | os.PathLike | None = None, progress: bool = True,
               **study_kwargs) -> dict:
-    """:func:`iwsvi_vs_iwae_study` on a run's best checkpoint and ``max_examples`` (evenly spread)
-    examples of ``split``; files go to ``out_dir`` (default ``RUN/evaluations/``)."""
+    """[`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study] on a run's best checkpoint.
+
+    Args:
+        run_dir: the run directory.
+        split: the split the examples come from.
+        max_examples: examples, spread evenly over the split (None: all of it).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        out_dir: where ``figure3.png`` and ``figure3.json`` go (default ``RUN/evaluations/``).
+        progress: show progress bars.
+        **study_kwargs (Any): passed on to the study (``ks``, ``steps_list``, ``fixed_steps``, ...).
+
+    Returns:
+        The study's numbers, with the dataset, split and run directory.
+    """
     require(split in SPLITS, "split", split, " | ".join(SPLITS))
     require(max_examples is None or (is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
            "an integer >= 1, or None for the whole split")

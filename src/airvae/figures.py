@@ -1,5 +1,5 @@
 """Figures 1-4 of the paper, drawn from the run directories of a reproduction. Each figure function
-returns the images it wrote and its claims (REPORT.md lines), judged by :mod:`airvae.verdicts`' rule:
+returns the images it wrote and its claims (REPORT.md lines), judged by [`airvae.verdicts`][]' rule:
 strengths are selected on validation, as for the tables, and compared by seed."""
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def figure4(manifest, rows, out_dir: Path):
 
 def figure3(manifest, rows, out_dir: Path):
     """IW-SVI vs IWAE-k on each dataset's VAE (appendix C), drawn from the ``figure3.json`` that
-    :func:`airvae.evaluation.run_study` writes into ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
+    [`run_study`][airvae.evaluation.run_study] writes into ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
     models, so they are described, not judged."""
     quotes = paper_tables()["quotes"]
     paths = []
@@ -228,7 +228,7 @@ def figure3_claims(dataset: str, data: dict) -> list[str]:
 
 
 def draw_figure3(data: dict, path: Path) -> Path:
-    """The paper's Figure 3 from :func:`airvae.evaluation.iwsvi_vs_iwae_study`'s data, as a PNG at ``path``:
+    """The paper's Figure 3 from [`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study]'s data, as a PNG at ``path``:
     (a) estimate against wall time, (b) IWAE-k and IW-SVI over k, (c) IW-SVI over T."""
     # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much
     # ln p(x) varies between examples, which is common to every curve and hides their differences.

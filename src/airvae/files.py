@@ -1,7 +1,7 @@
 """How airvae writes and reads its own files, in one place: every write is atomic (a temporary file
 with a name no user picks, fsync, rename) and never goes through a symbolic link, neither at the
 file nor at any folder between it and the run, reproduction or output folder it belongs to; every
-failure is one :class:`RunError` that names the file and what to do."""
+failure is one [`RunError`][airvae.files.RunError] that names the file and what to do."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _refuse_link(path: Path) -> None:
 def real_folder(folder: Path, root: Path | None = None) -> Path:
     """Make sure ``folder`` exists as a real folder, creating what is missing, with no symbolic link
     on the way from ``root`` (the run, reproduction or output folder it lies in; default: ``folder``
-    itself) down to it. Returns ``folder``; a link or a file in the way is a :class:`RunError`."""
+    itself) down to it. Returns ``folder``; a link or a file in the way is a [`RunError`][airvae.files.RunError]."""
     folder = Path(folder)
     root = folder if root is None else Path(root)
     try:
@@ -75,7 +75,7 @@ def atomic_write_bytes(path: Path, data: bytes, root: Path | None = None) -> Non
     fsync, then a rename over the target, so a crash never leaves a half-written file; and never
     through a symbolic link: neither the file nor any folder from ``root`` (the run, reproduction or
     output folder it belongs to; default: its own folder) down to it may be a link. An OS error
-    (disk full, permissions) becomes a :class:`RunError` naming the file."""
+    (disk full, permissions) becomes a [`RunError`][airvae.files.RunError] naming the file."""
     path = Path(path)
     real_folder(path.parent, root)
     if path.is_symlink():
@@ -144,7 +144,8 @@ def links_under(folder: Path) -> list[Path]:
 
 
 def refuse_links_under(folder: Path) -> None:
-    """A :class:`LinkRefused` naming the links in ``folder``, if it holds any: a folder airvae writes
+    """A [`LinkRefused`][airvae.files.LinkRefused] naming the links in ``folder``, if it holds any: a folder
+    airvae writes
     into (a reproduction: its run folders, plots, reports) must be free of them."""
     if Path(folder).is_symlink():
         _refuse_link(Path(folder))
@@ -156,7 +157,7 @@ def refuse_links_under(folder: Path) -> None:
 
 
 def write_text(path: Path, text: str, root: Path | None = None) -> None:
-    """:func:`atomic_write_bytes` of UTF-8 text."""
+    """[`atomic_write_bytes`][airvae.files.atomic_write_bytes] of UTF-8 text."""
     atomic_write_bytes(Path(path), text.encode(), root)
 
 
@@ -187,11 +188,12 @@ def append_line(path: Path, line: str) -> None:
 
 
 def write_json(path: Path, obj, root: Path | None = None) -> None:
+    """``obj`` as indented JSON, by [`atomic_write_bytes`][airvae.files.atomic_write_bytes]."""
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode(), root)
 
 
 def save_figure(fig, path: Path, root: Path | None = None, dpi: int = 120) -> Path:
-    """A matplotlib figure as PNG, written by :func:`atomic_write_bytes`."""
+    """A matplotlib figure as PNG, written by [`atomic_write_bytes`][airvae.files.atomic_write_bytes]."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(Path(path), buffer.getvalue(), root)
@@ -233,6 +235,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:
+    """Rewrite a metrics.jsonl with ``records``, one JSON line each, atomically."""
     atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
 
 

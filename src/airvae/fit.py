@@ -1,10 +1,10 @@
-"""Train a researcher's own model with airvae's trainer: :func:`fit` gives any model that follows
-:class:`airvae.model.LatentVariableModel` (any networks, any likelihood) the run folder, exact
+"""Train a researcher's own model with airvae's trainer: [`fit`][airvae.fit.fit] gives any model that follows
+[`airvae.model.LatentVariableModel`][] (any networks, any likelihood) the run folder, exact
 resume, validation and early stopping, checkpoints, locks, tracking and safety guarantees of
-``airvae train``, through the driver every airvae run uses (:mod:`airvae.driver`).
+``airvae train``, through the driver every airvae run uses ([`airvae.driver`][]).
 
-The model keeps AIR's regularizers if it has them: a :class:`~airvae.networks.DenoisingEncoder`
-(eq. 13, with eq. 16's ``alpha``) and :func:`~airvae.model.cap_weight_norms` (WNI, eq. 17/18).
+The model keeps AIR's regularizers if it has them: a [`DenoisingEncoder`][airvae.networks.DenoisingEncoder]
+(eq. 13, with eq. 16's ``alpha``) and [`cap_weight_norms`][airvae.model.cap_weight_norms] (WNI, eq. 17/18).
 ``airvae evaluate RUN --model package.module:function`` and ``airvae plot`` read such a run; the
 model is never rebuilt from the run folder (that would mean running code named in a file).
 """
@@ -36,30 +36,42 @@ def fit(model: torch.nn.Module, data: str | Dataset, run_dir: str | Path, *, k: 
     """Train ``model`` on ``data`` into the run folder ``run_dir`` and return the run's result.
 
     Args:
-        model: any ``nn.Module`` following :class:`~airvae.model.LatentVariableModel`, built (and
+        model: any ``nn.Module`` following [`LatentVariableModel`][airvae.model.LatentVariableModel], built (and
             initialized) by the caller. With ``encoder``, ``decoder``, ``likelihood`` and ``z_dim`` it
-            trains on :func:`~airvae.model.air_objective` (a denoising encoder then gets eq. 16's
+            trains on [`air_objective`][airvae.model.air_objective] (a denoising encoder then gets eq. 16's
             ``alpha``); otherwise on the IWAE-k bound of its ``encode``.
-        data: a dataset's name or a ``.npz`` path (as ``--dataset``), or a :class:`~airvae.data.Dataset`.
+        data: a dataset's name or a ``.npz`` path (as ``--dataset``), or a [`Dataset`][airvae.data.Dataset].
         run_dir: the run folder; refused if it holds anything but this run (``resume``) or an airvae
             run to discard (``overwrite``).
-        k, m: importance samples and Monte Carlo repeats of the training bound.
+        k: importance samples of the training bound (IWAE-k, eq. 20; 1: the ELBO, eq. 5).
+        m: Monte Carlo repeats of that bound, averaged.
         alpha: eq. 16's weight of the noisy bound (denoising encoders only).
-        lr, iterations, batch_size: Adam's initial learning rate, decayed by eq. 43 over ``iterations``
-            steps of ``batch_size`` examples.
-        val_every, val_k, val_examples: validate every ``val_every`` steps (default: 20 times in all)
-            with IWAE-``val_k`` on ``val_examples`` validation examples (None: all).
+        lr: Adam's initial learning rate, decayed by eq. 43 over the ``iterations`` steps.
+        iterations: training steps.
+        batch_size: examples per step.
+        val_every: steps between validations (default: 20 validations in all).
+        val_k: importance samples of the validation estimate, IWAE-``val_k``.
+        val_examples: validation examples used (None: all).
         patience: stop after this many validations without a new best (None: never).
         checkpoint_every: steps between checkpoints (default: ``val_every``).
         seed: the training draws' and minibatch order's seed (the model's initialization is yours).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         data_dir: where a named dataset's files are (offline machines).
         built_by: what built the model, recorded in ``config.json`` (default: its class).
-        resume, overwrite, allow_data_change, tracking, progress: as ``airvae train``'s flags.
+        resume: continue the run in ``run_dir`` from its last checkpoint (``airvae train --resume``).
+        overwrite: discard the airvae run in ``run_dir`` and start again (``--overwrite``).
+        allow_data_change: resume although the data differ from those the run started on
+            (``--allow-data-change``).
+        tracking: TensorBoard or MLflow sinks besides ``metrics.jsonl`` (``--log``); None: the
+            run's own choice, none for a new run.
+        progress: show a progress bar.
 
     Returns:
-        The :class:`~airvae.driver.TrainResult`; a run whose objective became non-finite raises
-        :class:`~airvae.driver.TrainingDiverged` after recording it.
+        The run's [`TrainResult`][airvae.driver.TrainResult].
+
+    Raises:
+        TrainingDiverged: the objective became non-finite; the run records why before this is raised
+            ([`TrainingDiverged`][airvae.driver.TrainingDiverged]).
     """
     run_dir = Path(run_dir)
     check_run_dir_use(run_dir, resume=resume, overwrite=overwrite)  # refused before any work

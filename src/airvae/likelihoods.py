@@ -1,7 +1,7 @@
 """Likelihoods p(x|z): the decoder emits their parameters, the likelihood scores x.
 
 One contract for every likelihood, so that any decoder fits any likelihood and every bound and
-estimator goes through the one log-weights path (:func:`airvae.model.log_weights_given_q`):
+estimator goes through the one log-weights path ([`airvae.model.log_weights_given_q`][]):
 
 * ``x`` has exactly one batch axis: ``[B, D]`` (flat data) or ``[B, C, H, W]`` (images; any number
   of event axes works). Its first event axis (features ``D`` or channels ``C``) is the *parameter
@@ -12,14 +12,14 @@ estimator goes through the one log-weights path (:func:`airvae.model.log_weights
   channel ``p * C + c``). A Bernoulli or fixed-std Gaussian decoder (P = 1) emits one value per
   data dimension; a dense decoder's last layer has ``P * D`` outputs, a conv decoder's last layer
   ``P * C`` channels.
-* :meth:`Likelihood.log_prob` takes ``x [B, *event]`` and parameters with any leading sample axes,
-  ``[*sample, B, P * C, ...]``, and returns ``log p(x|z)`` summed over the event axes,
-  ``[*sample, B]``.
+* [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob] takes ``x [B, *event]`` and parameters with
+  any leading sample axes, ``[*sample, B, P * C, ...]``, and returns ``log p(x|z)`` summed over the event
+  axes, ``[*sample, B]``.
 
 Likelihoods are modules: learned parameters (a Gaussian's learned std) are trained, saved and
 frozen together with the model that holds them. Discrete likelihoods (Bernoulli,
 DiscretizedLogistic) give probabilities, so ``-ln p(x)`` converts exactly to bits per dimension
-(:func:`bits_per_dim`); a Gaussian gives a density.
+([`bits_per_dim`][airvae.likelihoods.bits_per_dim]); a Gaussian gives a density.
 """
 
 from __future__ import annotations
@@ -39,28 +39,59 @@ __all__ = ["Bernoulli", "DiscretizedLogistic", "Gaussian", "Likelihood", "bits_p
 
 
 def bits_per_dim(log_likelihood, dims: int):
-    """``-ln p(x) / (dims * ln 2)``: a log-likelihood in nats as bits per data dimension."""
+    """A log-likelihood in nats as bits per data dimension, ``-ln p(x) / (dims * ln 2)``; exact for
+    discrete likelihoods (a density's bits/dim mean nothing).
+
+    Args:
+        log_likelihood (float | numpy.ndarray | torch.Tensor): ln p(x) in nats.
+        dims: data dimensions per example.
+    """
     return -log_likelihood / (dims * LN2)
 
 
 def log_likelihood_from_bits_per_dim(bits, dims: int):
-    """Inverse of :func:`bits_per_dim`: ``-bits * dims * ln 2`` nats."""
+    """Inverse of [`bits_per_dim`][airvae.likelihoods.bits_per_dim]: ``-bits * dims * ln 2`` nats.
+
+    Args:
+        bits (float | numpy.ndarray | torch.Tensor): bits per data dimension.
+        dims: data dimensions per example.
+    """
     return -bits * (dims * LN2)
 
 
 class Likelihood(nn.Module):
-    """p(x|z) given the decoder's output (see the module docstring for the shapes)."""
+    """p(x|z) given the decoder's output (see the module docstring for the shapes).
+
+    Subclasses set ``params_per_dim`` (P) and ``discrete``, and implement ``log_prob``, ``sample``
+    and ``mean``; ``validate`` refuses data the likelihood cannot score.
+    """
 
     params_per_dim: int = 1  # P: parameter tensors the decoder emits per data dimension
     discrete: bool = True  # a probability of discrete data (bits/dim mean something), not a density
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) summed over the event axes: x ``[B, *event]``, params ``[*sample, B, P*C, ...]``
-        -> ``[*sample, B]``."""
+        """log p(x|z) summed over the event axes.
+
+        Args:
+            x: the examples, ``[B, *event]``.
+            params: the decoder's output for latents with any leading sample axes,
+                ``[*sample, B, P*C, ...]``.
+
+        Returns:
+            ``[*sample, B]``.
+        """
         raise NotImplementedError
 
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x ~ p(x|z) for params ``[N, P*C, ...]`` -> ``[N, C, ...]``."""
+        """x ~ p(x|z).
+
+        Args:
+            params: the decoder's output for N latents, ``[N, P*C, ...]``.
+            generator: the draws' random stream (default: torch's global one).
+
+        Returns:
+            ``[N, C, ...]``.
+        """
         raise NotImplementedError
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -104,20 +135,30 @@ class Bernoulli(Likelihood):
     airvae's default: the paper's likelihood for binary data."""
 
     def log_prob(self, x, params):
+        """log p(x|z) for binary x and logits;
+        see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
+        """
         (logits,) = self.split(x, params)
         event_dims = x.dim() - 1
         return bernoulli_log_prob(_flat(x, event_dims), _flat(logits, event_dims))
 
     def sample(self, params, generator=None):
+        """Binary x ~ p(x|z);
+        see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
+        """
         (logits,) = self._sample_split(params)
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
         return (u < torch.sigmoid(logits)).to(logits.dtype)
 
     def mean(self, params):
+        """``sigmoid(logits)``;
+        see [`Likelihood.mean`][airvae.likelihoods.Likelihood.mean].
+        """
         (logits,) = self._sample_split(params)
         return torch.sigmoid(logits)
 
     def validate(self, x):
+        """Also refuses x that is not binary (0 or 1)."""
         super().validate(x)
         if x.numel() and not bool(((x == 0) | (x == 1)).all()):
             raise ValueError(f"Bernoulli likelihood: x must be binary (0 or 1), got values in [{x.min().item():g}, "
@@ -128,17 +169,23 @@ class Bernoulli(Likelihood):
 class Gaussian(Likelihood):
     """p(x|z) = N(x; mean(z), diag(std^2)), a density for real-valued x; the decoder emits the mean.
 
-    ``std_mode`` says where the standard deviation comes from:
-
-    * ``"fixed"`` (default): ``std`` itself, never trained (P = 1);
-    * ``"global"``: one learned std for every dimension, initialised at ``std`` (P = 1);
-    * ``"per-dimension"``: one learned std per data dimension, initialised at ``std``; needs
-      ``event_shape``, the shape of one example (``(D,)`` or ``(C, H, W)``) (P = 1);
-    * ``"decoder"``: the decoder emits the log std of every dimension after the means (P = 2).
-
     Learned stds are ``min_std + exp(l)`` for a learned (or decoder-emitted) l: without a floor, a
     dimension that is constant in the data (a black image border) drives its std to 0 and the
     likelihood to infinity, and a smooth floor (unlike clamping) never leaves a gradient of 0.
+
+    Args:
+        std: the fixed std, or the initial value of a learned one (``std_mode`` ``"decoder"``: leave
+            it at 1).
+        std_mode: where the standard deviation comes from: ``"fixed"``, ``std`` itself, never
+            trained (P = 1); ``"global"``, one learned std for every dimension (P = 1);
+            ``"per-dimension"``, one learned std per data dimension (P = 1); ``"decoder"``, the
+            decoder emits the log std of every dimension after the means (P = 2).
+        event_shape: the shape of one example (``(D,)`` or ``(C, H, W)``), for and only for
+            ``"per-dimension"``.
+        min_std: the floor of a learned std, in ``[0, std)``.
+
+    Raises:
+        ValueError: an invalid setting or combination, naming it.
     """
 
     STD_MODES = ("fixed", "global", "per-dimension", "decoder")
@@ -174,6 +221,9 @@ class Gaussian(Likelihood):
         return parts[0], self.min_std + log_std.exp()
 
     def log_prob(self, x, params):
+        """The Gaussian log density of x;
+        see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
+        """
         event_dims = x.dim() - 1
         mean, std = self._mean_and_std(self.split(x, params))
         if self.std_mode == "per-dimension" and tuple(std.shape) != tuple(x.shape[1:]):
@@ -182,10 +232,16 @@ class Gaussian(Likelihood):
                                  _flat(std, event_dims) if std.dim() else std)
 
     def sample(self, params, generator=None):
+        """x ~ N(mean, std^2);
+        see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
+        """
         mean, std = self._mean_and_std(self._sample_split(params))
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     def mean(self, params):
+        """The decoder's mean;
+        see [`Likelihood.mean`][airvae.likelihoods.Likelihood.mean].
+        """
         return self._sample_split(params)[0]
 
     def extra_repr(self) -> str:
@@ -208,6 +264,15 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     and ``b = (x - w/2 - mean) / scale``, an inner bin has probability ``sigmoid(a) - sigmoid(b)``
     ``= sigmoid(a) sigmoid(-b) (1 - exp(b - a))``, evaluated in log space: no cancellation in
     either tail and no underflow for narrow scales.
+
+    Args:
+        x: the data, on the grid.
+        mean: the logistic's location, broadcastable with x.
+        log_scale: the log of its scale (clamped to [-20, 20]).
+        num_bins: the grid's levels.
+
+    Returns:
+        log P per element, x's shape broadcast with ``mean``'s.
     """
     half = 0.5 / (num_bins - 1)
     # Scales beyond e^-20 (a millionth of a bin) or e^20 mean nothing, and exp(-log_scale) would
@@ -227,7 +292,12 @@ class DiscretizedLogistic(Likelihood):
     with the default 256 bins; 17 grey levels (scikit-learn's digits, 0..16) as ``x / 16`` with
     ``num_bins=17``. The decoder emits, per data dimension, the mean and log scale (P = 2) for
     one component; for K > 1 components, K mixture logits, K means and K log scales in that order
-    (P = 3K). Gives probabilities: report ``-ln p(x)`` as :func:`bits_per_dim` too.
+    (P = 3K). Gives probabilities: report ``-ln p(x)`` as
+    [`bits_per_dim`][airvae.likelihoods.bits_per_dim] too.
+
+    Args:
+        num_bins: the grid's levels (>= 2).
+        components: K, the logistics mixed per dimension (>= 1).
     """
 
     def __init__(self, num_bins: int = 256, components: int = 1):
@@ -247,6 +317,9 @@ class DiscretizedLogistic(Likelihood):
         return (torch.stack(parts[:k], axis), torch.stack(parts[k:2 * k], axis), torch.stack(parts[2 * k:], axis))
 
     def log_prob(self, x, params):
+        """log P(x) summed over the bins of every dimension;
+        see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
+        """
         event_dims = x.dim() - 1
         logits, mean, log_scale = self._components(self.split(x, params), axis=-event_dims - 1)
         if logits is None:
@@ -258,6 +331,9 @@ class DiscretizedLogistic(Likelihood):
         return _flat(per_dim, event_dims).sum(-1)
 
     def sample(self, params, generator=None):
+        """x on the grid, drawn with exactly the bins' probabilities;
+        see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
+        """
         logits, mean, log_scale = self._components(self._sample_split(params), axis=1)
 
         def uniform(shape):  # in (0, 1): finite logs
@@ -275,12 +351,16 @@ class DiscretizedLogistic(Likelihood):
     def mean(self, params):
         # The logistics' locations, weighted by the mixture, clamped to the data's range: the mean of each
         # continuous logistic before discretization (the edge bins pile its tails at 0 and 1).
+        """The logistics' locations, weighted by the mixture and clamped to [0, 1] (the continuous mean
+        before discretization, whose edge bins pile the tails at 0 and 1).
+        """
         logits, mean, _ = self._components(self._sample_split(params), axis=1)
         if logits is not None:
             mean = (torch.softmax(logits, 1) * mean).sum(1)
         return mean.clamp(0, 1)
 
     def validate(self, x):
+        """Also refuses x off the grid ``i / (num_bins - 1)`` in [0, 1]."""
         super().validate(x)
         top = self.num_bins - 1
         off_grid = (x * top - torch.round(x * top)).abs().max() if x.numel() else 0.0

@@ -20,18 +20,18 @@ from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWei
 
 
 class LatentVariableModel(Protocol):
-    """What every estimator of :mod:`airvae.estimators` needs from a model: any ``nn.Module`` with
+    """What every estimator of [`airvae.estimators`][] needs from a model: any ``nn.Module`` with
 
     * ``encode(x) -> (mean, std)``: q(z|x) = N(mean, diag(std^2)), each ``[B, z_dim]``; in eval
       mode (the estimators put the model there) it must be the *clean* encoder (a
-      :class:`~airvae.networks.DenoisingEncoder` is);
+      [`DenoisingEncoder`][airvae.networks.DenoisingEncoder] is);
     * ``decoder``: a module mapping latents ``[N, z_dim]`` to the likelihood's parameters (the
       estimators flatten any sample axes into N, so conv decoders work unchanged);
-    * ``likelihood``: an :class:`airvae.likelihoods.Likelihood`;
+    * ``likelihood``: an [`airvae.likelihoods.Likelihood`][];
     * optionally ``z_dim`` (else read from ``decoder.z_dim``, or from encoding one example):
-      needed where no data is given (:func:`airvae.estimators.simulate`).
+      needed where no data is given ([`airvae.estimators.simulate`][]).
 
-    The prior is N(0, I). :class:`VAE` follows the protocol; nothing needs to subclass it.
+    The prior is N(0, I). [`VAE`][airvae.model.VAE] follows the protocol; nothing needs to subclass it.
     """
 
     decoder: nn.Module
@@ -51,8 +51,17 @@ def decode(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def conditional_log_prob(decoder: nn.Module, likelihood: Likelihood, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) for x ``[B, *event]`` and z ``[*sample, B, z_dim]`` -> ``[*sample, B]``: the one place
-    the decoder and the likelihood meet (the log weights below, AIS and BDMC)."""
+    """log p(x|z): the one place the decoder and the likelihood meet (the log weights below, AIS and BDMC).
+
+    Args:
+        decoder: maps latents ``[N, z_dim]`` to the likelihood's parameters.
+        likelihood: scores x from those parameters.
+        x: the examples, ``[B, *event]``.
+        z: latents with any leading sample axes, ``[*sample, B, z_dim]``.
+
+    Returns:
+        log p(x|z) summed over the event axes, ``[*sample, B]``.
+    """
     return likelihood.log_prob(x, decode(decoder, z))
 
 
@@ -67,12 +76,26 @@ def log_weights_given_q(
     noise: torch.Tensor | None = None,
     likelihood: Likelihood | None = None,
 ) -> torch.Tensor:
-    """log p(x, z) - log q(z) for ``z ~ q = N(mean, std^2)``; returns ``[m, k, batch]``.
+    """log w = log p(x, z) - log q(z) for z ~ q = N(mean, diag(std^2)): the log-weights path of training
+    and of every estimator.
 
     ``q`` may come from an encoder (amortized) or be free per-example parameters (IW-SVI).
-    ``noise`` optionally supplies the standard-normal draws (``[m, k, batch, z]`` or
-    ``[k, batch, z]``) so estimators can control their random streams. ``x`` is ``[batch, ...]``;
-    ``likelihood`` scores it from the decoder's output (default: :class:`~airvae.likelihoods.Bernoulli`).
+
+    Args:
+        decoder: maps latents ``[N, z_dim]`` to the likelihood's parameters.
+        x: the examples, ``[batch, ...]``.
+        mean: q's mean, ``[batch, z_dim]``.
+        std: q's standard deviation, ``[batch, z_dim]``.
+        k: importance samples per repeat.
+        m: Monte Carlo repeats.
+        generator: the random stream of the draws (default: torch's global one); unused with ``noise``.
+        noise: the standard-normal draws, ``[m, k, batch, z_dim]`` or ``[k, batch, z_dim]``, so that an
+            estimator controls its random streams; ``k`` and ``m`` are then read from it.
+        likelihood: scores x from the decoder's output (default:
+            [`Bernoulli`][airvae.likelihoods.Bernoulli], the decoder emitting logits).
+
+    Returns:
+        The log weights, ``[m, k, batch]`` (``[1, k, batch]`` for ``noise`` of shape ``[k, batch, z_dim]``).
     """
     if noise is None:
         eps = torch.randn((m, k, *mean.shape), device=mean.device, dtype=mean.dtype, generator=generator)
@@ -98,9 +121,22 @@ def encode_log_weights(encoder: nn.Module, decoder: nn.Module, likelihood: Likel
 
 
 class VAE(nn.Module):
-    """``encoder(x) -> (mean, std)``, ``decoder(z) -> params``, ``likelihood`` p(x|z) from the params
-    (default Bernoulli: the decoder emits logits), prior N(0, I). Follows
-    :class:`LatentVariableModel`. ``z_dim`` defaults to ``decoder.z_dim``."""
+    """A VAE: ``encoder(x) -> (mean, std)``, ``decoder(z) -> params``, ``likelihood`` p(x|z) from the
+    params, prior N(0, I). Follows [`LatentVariableModel`][airvae.model.LatentVariableModel].
+
+    [`build_vae`][airvae.model.build_vae] builds the paper's models; any encoder and decoder modules work.
+
+    Args:
+        encoder: maps x to q(z|x)'s ``(mean, std)``, e.g. a
+            [`GaussianEncoder`][airvae.networks.GaussianEncoder], possibly wrapped in a
+            [`DenoisingEncoder`][airvae.networks.DenoisingEncoder] (eq. 13).
+        decoder: maps latents ``[N, z_dim]`` to the likelihood's parameters.
+        likelihood: p(x|z) from the decoder's output (default: Bernoulli, the decoder emitting logits).
+        z_dim: the latent size (default: ``decoder.z_dim``).
+
+    Raises:
+        ValueError: the latent size is unknown (no ``z_dim`` given, none on the decoder).
+    """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood | None = None,
                  z_dim: int | None = None):
@@ -121,14 +157,34 @@ class VAE(nn.Module):
         return self.encoder, x
 
     def encode(self, x: torch.Tensor, noisy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z|x) parameters; ``noisy`` selects the denoising encoder's perturbed input (eq. 13)."""
+        """q(z|x)'s parameters.
+
+        Args:
+            x: the examples, ``[B, ...]``.
+            noisy: with a denoising encoder, whether it sees the perturbed input ``x + eps`` (eq. 13);
+                None: perturbed in training mode only.
+
+        Returns:
+            ``(mean, std)``, each ``[B, z_dim]``.
+        """
         encoder, x_seen = self._encoder_and_input(x, noisy)
         return encoder(x_seen)
 
     def log_weights(self, x: torch.Tensor, k: int = 1, m: int = 1, noisy: bool | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Log importance weights ``[m, k, batch]``. The encoder may see a noisy x; the decoder
-        always scores the clean x (eq. 13)."""
+        """Log importance weights with the model's own encoder. The encoder may see a noisy x; the decoder
+        always scores the clean x (eq. 13).
+
+        Args:
+            x: the examples, ``[batch, ...]``.
+            k: importance samples per repeat.
+            m: Monte Carlo repeats.
+            noisy: as in [`encode`][airvae.model.VAE.encode].
+            generator: the random stream of the input noise and the latent draws (default: torch's global one).
+
+        Returns:
+            ``[m, k, batch]``.
+        """
         encoder, x_seen = self._encoder_and_input(x, noisy, generator)
         eps = torch.randn((m, k, x.shape[0], self.z_dim), device=x.device, dtype=x.dtype,
                           generator=generator)  # the same draws log_weights_given_q would make
@@ -136,7 +192,7 @@ class VAE(nn.Module):
 
 
 def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
-    """The deterministic encoder of ``model`` (a :class:`~airvae.networks.DenoisingEncoder`'s inner
+    """The deterministic encoder of ``model`` (a [`DenoisingEncoder`][airvae.networks.DenoisingEncoder]'s inner
     one) and what its denoising asks of a training step: the model owns sigma, the caller alpha."""
     if isinstance(model.encoder, DenoisingEncoder):
         return model.encoder.encoder, Denoising(model.encoder.sigma, alpha)
@@ -145,15 +201,27 @@ def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, De
 
 def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-example training objective: the IWAE-k bound averaged over m repeats, ``[batch]``.
+    """The per-example training objective, to be maximized: the IWAE-k bound (eq. 20; the ELBO, eq. 5,
+    at k = 1) averaged over m repeats.
 
-    With a denoising encoder, the partially denoising objective of eq. 16 is
+    With a denoising encoder, the partially denoising objective of eq. 16,
     ``alpha * L_k(noisy encoder) + (1 - alpha) * L_k(clean encoder)``; both terms are computed
-    exactly (no per-example coin flip) so that alpha interpolates linearly. Works for any model
-    with ``encoder`` (possibly a DenoisingEncoder), ``decoder``, ``likelihood`` and ``z_dim``.
+    exactly (no per-example coin flip) so that alpha interpolates linearly.
 
-    Random draws come from ``generator`` (default: the global one) in the order
-    :mod:`airvae.objectives` fixes, which a stacked group's runs draw in too.
+    Random draws come from ``generator`` in the order [`airvae.objectives`][] fixes, which a stacked
+    group's runs draw in too.
+
+    Args:
+        model: a [`VAE`][airvae.model.VAE], or any model with ``encoder`` (possibly a
+            [`DenoisingEncoder`][airvae.networks.DenoisingEncoder]), ``decoder``, ``likelihood`` and ``z_dim``.
+        x: the examples, ``[batch, ...]``.
+        k: importance samples.
+        m: Monte Carlo repeats, averaged.
+        alpha: eq. 16's weight of the noisy encoder's bound (used with a denoising encoder only).
+        generator: the random stream (default: torch's global one).
+
+    Returns:
+        ``[batch]``.
     """
     encoder, denoising = denoising_parts(model, alpha)
     draws = draw_step(denoising, tuple(x.shape), (m, k, x.shape[0], model.z_dim), generator=generator,
@@ -169,9 +237,11 @@ def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: fl
 
 def protocol_objective(model: nn.Module, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`air_objective` for a model that offers only :class:`LatentVariableModel`'s ``encode``:
-    the IWAE-k bound averaged over m repeats, ``[batch]`` (``alpha`` is unused: any denoising is the
-    model's own ``encode``'s business)."""
+    """[`air_objective`][airvae.model.air_objective] for a model that offers only
+    [`LatentVariableModel`][airvae.model.LatentVariableModel]'s ``encode``: the IWAE-k bound averaged
+    over m repeats, ``[batch]``. ``alpha`` is unused: any denoising is the model's own ``encode``'s
+    business.
+    """
     mean, std = model.encode(x)
     eps = torch.randn((m, k, *mean.shape), generator=generator, device=x.device, dtype=x.dtype)
     return mean_bound(log_weights_from_eps(model.decoder, model.likelihood, x, mean, std, eps))
@@ -184,7 +254,7 @@ def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def model_from_config(cfg) -> "VAE":
-    """The untrained model a :class:`~airvae.config.RunConfig` describes (Table 6 specs, its
+    """The untrained model a [`RunConfig`][airvae.config.RunConfig] describes (Table 6 specs, its
     regularizer and likelihood); the same every time for the same seed set before the call."""
     arch, reg = cfg.architecture, cfg.regularizer
     return build_vae(cfg.x_dim, arch.z_dim, arch.encoder, arch.decoder, reg.sigma, reg.max_norm,
@@ -192,15 +262,23 @@ def model_from_config(cfg) -> "VAE":
 
 
 def cap_weight_norms(module: nn.Module, max_norm: float) -> nn.Module:
-    """Weight-normalized inference (eq. 17/18) for any encoder, in place: every ``nn.Linear``
-    inside ``module`` becomes a :class:`~airvae.networks.CappedWeightNormLinear`, and every
-    ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` gets a
-    :class:`~airvae.networks.CappedFilterNorm` parametrization of its weight (it stays the same
-    layer). Either way, each output unit's weight vector -- a dense layer's row, a convolution's
-    whole filter for one output channel -- has norm ``min(||v||, H sigmoid(u)) <= H`` with
-    ``H = max_norm``, direction kept, and a learned ``u`` per output unit (starting at 0: a cap
-    of H/2). Returns ``module`` (the converted layer if ``module`` is itself an ``nn.Linear``).
-    ``H = inf`` leaves the module untouched.
+    """Weight-normalized inference (WNI, eq. 17/18) for any encoder, in place.
+
+    Every ``nn.Linear`` inside ``module`` becomes a
+    [`CappedWeightNormLinear`][airvae.networks.CappedWeightNormLinear], and every ``Conv1d/2d/3d`` and
+    ``ConvTranspose1d/2d/3d`` gets a [`CappedFilterNorm`][airvae.networks.CappedFilterNorm]
+    parametrization of its weight (it stays the same layer). Either way, each output unit's weight
+    vector -- a dense layer's row, a convolution's whole filter for one output channel -- has norm
+    ``min(||v||, H sigmoid(u)) <= H``, direction kept, with a learned ``u`` per output unit (starting
+    at 0: a cap of H/2). Bounding the norms bounds the encoder's Lipschitz constant: that is the
+    regularization.
+
+    Args:
+        module: the encoder (or any module); its layers are replaced in place.
+        max_norm: the cap H of eq. 18; ``inf`` leaves the module untouched.
+
+    Returns:
+        ``module``, or the converted layer if ``module`` is itself an ``nn.Linear``.
     """
     if math.isinf(max_norm):
         return module
@@ -232,14 +310,31 @@ def _capped_linear(linear: nn.Linear, max_norm: float) -> CappedWeightNormLinear
 def build_vae(x_dim: int, z_dim: int, encoder_hidden: str, decoder_hidden: str,
               sigma: float = 0.0, max_norm: float = math.inf, likelihood: Likelihood | None = None,
               image_shape: tuple[int, int, int] | None = None) -> VAE:
-    """The paper's model family: plain VAE/IWAE at ``sigma=0, max_norm=inf``; WNI when
-    ``max_norm`` is finite; denoising when ``sigma > 0``; both together compose. ``likelihood``
-    (default Bernoulli, the paper's) sets p(x|z); the decoder emits its parameters.
+    """The paper's model family: plain VAE/IWAE at ``sigma=0, max_norm=inf``; WNI when ``max_norm`` is
+    finite; denoising when ``sigma > 0``; both together compose.
 
-    Specs with convolution layers (:mod:`airvae.networks`) need ``image_shape`` ``(C, H, W)`` with
-    ``C*H*W = x_dim``: the model then still takes flattened data ``[B, x_dim]`` (the conv encoder
-    reshapes it, the conv decoder emits the flattened layout), so training and every estimator see
-    the same shapes whatever the architecture."""
+    Specs with convolution layers ([`airvae.networks`][]) need ``image_shape``: the model then still
+    takes flattened data ``[B, x_dim]`` (the conv encoder reshapes it, the conv decoder emits the
+    flattened layout), so training and every estimator see the same shapes whatever the
+    architecture.
+
+    Args:
+        x_dim: data dimensions per example.
+        z_dim: the latent size.
+        encoder_hidden: the encoder's architecture spec (Table 6's notation: ``"d300-d300"``;
+            convolutions ``"c32k4s2-c64k4s2-d256"``).
+        decoder_hidden: the decoder's spec (dense layers first: ``"d256-c64k4s2-c32k4s2"``).
+        sigma: the denoising noise std of eq. 13 (0: none).
+        max_norm: the WNI cap H of eq. 18 (``inf``: none).
+        likelihood: p(x|z) (default: Bernoulli, the paper's); the decoder emits its parameters.
+        image_shape: ``(C, H, W)`` with ``C*H*W = x_dim``, for specs with convolutions.
+
+    Returns:
+        The untrained [`VAE`][airvae.model.VAE].
+
+    Raises:
+        ValueError: a spec is invalid, or has convolutions without a matching ``image_shape``.
+    """
     def conv(spec: str, role: str) -> bool:
         if not parse_spec(spec, role)[0]:
             return False

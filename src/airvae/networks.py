@@ -48,9 +48,22 @@ class Conv:
 
 
 def parse_spec(spec: str, role: str = "encoder") -> tuple[tuple[Conv, ...], tuple[int, ...]]:
-    """``(convolutions, dense widths)`` of an architecture spec (see the module docstring):
-    ``"c32k4s2-c64k4s2-d256"`` -> ``((Conv(32, 4, 2), Conv(64, 4, 2)), (256,))`` for an encoder; a
-    decoder (``role="decoder"``) lists its dense layers first. ``""`` or ``"none"``: no layers."""
+    """The convolutions and dense widths of an architecture spec (the module docstring's notation).
+
+    ``"c32k4s2-c64k4s2-d256"`` gives ``((Conv(32, 4, 2), Conv(64, 4, 2)), (256,))`` for an encoder;
+    a decoder lists its dense layers first (``"d256-c64k4s2-c32k4s2"``).
+
+    Args:
+        spec: the spec; ``""`` or ``"none"``: no layers.
+        role: ``"encoder"`` or ``"decoder"``, which decides the order the layers must come in.
+
+    Returns:
+        ``(convolutions, dense widths)``, each in the spec's order.
+
+    Raises:
+        ValueError: a token is neither ``d<units>`` nor ``c<channels>k<kernel>s<stride>``, or the
+            layers are in the wrong order for ``role``.
+    """
     spec = spec.strip()
     if spec in ("", "none"):
         return (), ()
@@ -114,7 +127,13 @@ class CappedWeightNormLinear(nn.Module):
 
     Each output unit's weight vector (a row of ``weight``, the paper's column ``w_i``) is
     ``w_i = v_i / ||v_i|| * s_i`` with ``s_i = min(||v_i||, H * sigmoid(u_i))``. The cap bounds the
-    Lipschitz constant of the layer, which is what makes the encoder smooth.
+    Lipschitz constant of the layer, which is what makes the encoder smooth. ``v`` and the bias start
+    as torch's ``nn.Linear`` would, ``u`` at 0 (a cap of H/2).
+
+    Args:
+        in_features: input width.
+        out_features: output width (units).
+        max_norm: the cap H (> 0).
     """
 
     def __init__(self, in_features: int, out_features: int, max_norm: float):
@@ -138,9 +157,11 @@ class CappedWeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The capped weight ``[out_features, in_features]``, recomputed from ``v`` and ``u`` at each use."""
         return capped_rows(self.v, self.u, self.h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T + bias`` with the capped weight."""
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -152,7 +173,8 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTransp
 
 class CappedFilterNorm(nn.Module):
     """Eq. 17/18 for a convolution, as a ``torch.nn.utils.parametrize`` parametrization of its
-    ``weight`` (installed by :func:`airvae.model.cap_weight_norms`; the layer stays a Conv*d).
+    ``weight`` (installed by [`cap_weight_norms`][airvae.model.cap_weight_norms]; the layer stays a
+    ``Conv*d``).
 
     What is bounded: for every output channel o, the Euclidean norm of its whole filter -- every
     weight that feeds o, over all input channels of its group and all kernel positions -- is
@@ -165,6 +187,12 @@ class CappedFilterNorm(nn.Module):
     A ``ConvTranspose*d`` weight is ``[in, out/groups, *kernel]``: output channel
     ``o = g * out/groups + j`` of group g is fed by ``weight[g*in/groups:(g+1)*in/groups, j]``, a
     slice across the input-channel axis, and that slice is what is capped.
+
+    Args:
+        out_channels: the layer's output channels (one learned ``u`` each, starting at 0: a cap of H/2).
+        max_norm: the cap H (> 0).
+        groups: the layer's ``groups``.
+        transposed: whether the layer is a ``ConvTranspose*d``.
     """
 
     def __init__(self, out_channels: int, max_norm: float, groups: int = 1, transposed: bool = False):
@@ -182,6 +210,7 @@ class CappedFilterNorm(nn.Module):
         return float(self.h)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """The capped weight, in the layer's layout, from the unconstrained ``v``."""
         capped = capped_rows(self._rows(v), self.u, self.h)
         if not self.transposed:
             return capped.view_as(v)
@@ -214,10 +243,16 @@ def mlp(in_features: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
 
 
 class GaussianEncoder(nn.Module):
-    """q(z|x) = N(mean(x), diag(var(x))) with var = softplus(.) (Table 6's ``z64``).
+    """q(z|x) = N(mean(x), diag(var(x))) with var = softplus(.) (Table 6's ``z64``): dense ELU layers,
+    then a mean layer and a variance layer.
 
     Weight-normalized inference (section 3.2) is applied to it, or to any other encoder, by
-    :func:`airvae.model.cap_weight_norms`.
+    [`cap_weight_norms`][airvae.model.cap_weight_norms].
+
+    Args:
+        x_dim: data dimensions per example.
+        z_dim: the latent size.
+        hidden: the dense layers' widths, or their spec (``"d300-d300"``; ``""``: none, a linear map).
     """
 
     def __init__(self, x_dim: int, z_dim: int, hidden: tuple[int, ...] | str = ()):
@@ -229,7 +264,7 @@ class GaussianEncoder(nn.Module):
         self.var = nn.Linear(width, z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mean, std), each [..., z_dim]."""
+        """``(mean, std)``, each ``[..., z_dim]``, for x ``[..., x_dim]``."""
         h = self.trunk(x)
         # A tiny floor keeps log q finite when softplus underflows for very confident units.
         std = torch.sqrt(F.softplus(self.var(h)) + 1e-8)
@@ -242,6 +277,11 @@ class DenoisingEncoder(nn.Module):
     The noise is added only when asked for (``noisy=True``) or, by default, in training mode:
     evaluation always sees the clean input. The decoder's log p(x|z) keeps scoring the clean x;
     that is the caller's business, this module only perturbs what the encoder sees.
+
+    Args:
+        encoder: the encoder to wrap (x to ``(mean, std)``).
+        sigma: the noise std (>= 0). Table 7 gives it as ``sigma * sqrt(d)``:
+            [`sigma_from_sqrt_d`][airvae.config.sigma_from_sqrt_d] converts.
     """
 
     def __init__(self, encoder: nn.Module, sigma: float):
@@ -252,13 +292,22 @@ class DenoisingEncoder(nn.Module):
 
     def perturb(self, x: torch.Tensor, noisy: bool | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """What the wrapped encoder sees: ``x + eps`` when noisy, else ``x``."""
+        """What the wrapped encoder sees: ``x + eps`` when noisy, else ``x``.
+
+        Args:
+            x: the examples.
+            noisy: add the noise; None: in training mode only.
+            generator: the noise's random stream (default: torch's global one).
+        """
         noisy = self.training if noisy is None else noisy
         if noisy and self.sigma > 0:
             return x + self.sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
     def forward(self, x: torch.Tensor, noisy: bool | None = None):
+        """The wrapped encoder's ``(mean, std)`` for the perturbed (or clean) x; ``noisy`` as in
+        [`perturb`][airvae.networks.DenoisingEncoder.perturb].
+        """
         return self.encoder(self.perturb(x, noisy))
 
     def extra_repr(self) -> str:
@@ -266,7 +315,14 @@ class DenoisingEncoder(nn.Module):
 
 
 class BernoulliDecoder(nn.Module):
-    """p(x|z) = Bernoulli(sigmoid(logits(z))) (Table 6's ``x784``): the paper's decoder."""
+    """p(x|z) = Bernoulli(sigmoid(logits(z))) (Table 6's ``x784``): the paper's decoder, dense ELU
+    layers then a logit layer.
+
+    Args:
+        z_dim: the latent size.
+        x_dim: data dimensions per example (one logit each).
+        hidden: the dense layers' widths, or their spec (``"d300-d300"``).
+    """
 
     def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = ()):
         super().__init__()
@@ -276,13 +332,20 @@ class BernoulliDecoder(nn.Module):
         self.logits = nn.Linear(width, x_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits ``[N, x_dim]`` for latents ``[N, z_dim]``."""
         return self.logits(self.trunk(z))
 
 
 class ConvEncoder(nn.Module):
-    """q(z|x) for images ``[C, H, W]``: convolutions (each + ELU), then :class:`GaussianEncoder`'s
-    dense layers and heads on the flattened map. Takes x as ``[B, C, H, W]`` or flattened,
-    ``[B, C*H*W]``. WNI converts its convolutions too (:func:`airvae.model.cap_weight_norms`)."""
+    """q(z|x) for images ``[C, H, W]``: convolutions (each + ELU), then
+    [`GaussianEncoder`][airvae.networks.GaussianEncoder]'s dense layers and heads on the flattened
+    map. WNI converts its convolutions too ([`cap_weight_norms`][airvae.model.cap_weight_norms]).
+
+    Args:
+        image_shape: ``(C, H, W)`` of one example.
+        z_dim: the latent size.
+        spec: convolutions then dense layers, e.g. ``"c32k4s2-c64k4s2-d256"``.
+    """
 
     def __init__(self, image_shape: tuple[int, int, int], z_dim: int, spec: str):
         super().__init__()
@@ -296,6 +359,7 @@ class ConvEncoder(nn.Module):
         self.head = GaussianEncoder(math.prod(shapes[-1]), z_dim, dense)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)``, each ``[B, z_dim]``, for x ``[B, C, H, W]`` or flattened, ``[B, C*H*W]``."""
         return self.head(self.convs(x.reshape(x.shape[0], *self.image_shape)).flatten(1))
 
 
@@ -303,8 +367,19 @@ class ConvDecoder(nn.Module):
     """Decoder for images ``[C, H, W]``: dense layers (each + ELU), a dense projection to the
     smallest feature map, then transposed convolutions (ELU between them) up to the likelihood's
     ``params_per_dim * C`` channels at ``H x W`` (the spec's mirror image: module docstring).
-    Emits ``[N, P*C, H, W]``, or with ``flatten`` the same values as ``[N, P*C*H*W]`` (the layout
-    of flattened data ``[B, C*H*W]``: parameter p of dimension d is output ``p*C*H*W + d``)."""
+
+    Emits ``[N, P*C, H, W]``, or with ``flatten`` the same values as ``[N, P*C*H*W]``: the layout
+    of flattened data ``[B, C*H*W]``, parameter p of dimension d being output ``p*C*H*W + d``.
+
+    Args:
+        z_dim: the latent size.
+        image_shape: ``(C, H, W)`` of one example.
+        spec: dense layers then transposed convolutions, e.g. ``"d256-c64k4s2-c32k4s2"`` (the
+            mirror of the encoder ``"c32k4s2-c64k4s2-d256"``); at least one convolution.
+        params_per_dim: P, the likelihood's parameters per data dimension
+            ([`Likelihood.params_per_dim`][airvae.likelihoods.Likelihood.params_per_dim]).
+        flatten: emit flattened parameters, for models that take flattened data.
+    """
 
     def __init__(self, z_dim: int, image_shape: tuple[int, int, int], spec: str, params_per_dim: int = 1,
                  flatten: bool = False):
@@ -332,14 +407,25 @@ class ConvDecoder(nn.Module):
         self.deconvs = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameters for latents ``[N, z_dim]``: ``[N, P*C, H, W]``, or ``[N, P*C*H*W]``
+        with ``flatten``.
+        """
         params = self.deconvs(self.project(self.trunk(z)))
         return params.flatten(1) if self.flatten else params
 
 
 class MLPDecoder(nn.Module):
     """Dense decoder for any likelihood: z -> ``params_per_dim * x_dim`` parameters of p(x|z)
-    (:mod:`airvae.likelihoods`). With one parameter per dimension it is :class:`BernoulliDecoder`
-    up to the name of its output layer, which the paper's model keeps for its checkpoints."""
+    ([`airvae.likelihoods`][]). With one parameter per dimension it is
+    [`BernoulliDecoder`][airvae.networks.BernoulliDecoder] up to the name of its output layer, which
+    the paper's model keeps for its checkpoints.
+
+    Args:
+        z_dim: the latent size.
+        x_dim: data dimensions per example.
+        hidden: the dense layers' widths, or their spec (``"d300-d300"``).
+        params_per_dim: P, the likelihood's parameters per data dimension.
+    """
 
     def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = (), params_per_dim: int = 1):
         super().__init__()
@@ -349,4 +435,5 @@ class MLPDecoder(nn.Module):
         self.out = nn.Linear(width, params_per_dim * x_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The parameters ``[N, params_per_dim * x_dim]`` for latents ``[N, z_dim]``, P blocks of ``x_dim``."""
         return self.out(self.trunk(z))

@@ -1,5 +1,5 @@
 """The training objective's random draws and eq. 16's mix, in one place for a model trained alone
-(:func:`airvae.model.air_objective`) and for a stacked group (:mod:`airvae.stacked`).
+([`airvae.model.air_objective`][]) and for a stacked group ([`airvae.stacked`][]).
 
 A training step of a model with denoising noise ``sigma`` (eq. 13) and partial-denoising weight
 ``alpha`` (eq. 16) draws, from the run's own generator and in this order:
@@ -51,7 +51,19 @@ class StepDraws:
 
 def draw_step(denoising: Denoising, x_shape: tuple[int, ...], eps_shape: tuple[int, ...], *,
               generator: torch.Generator | None, device, dtype) -> StepDraws:
-    """One step's draws, in the order of the module docstring."""
+    """One step's draws, in the order of the module docstring (input noise, then eps, then eps_clean).
+
+    Args:
+        denoising: which draws the step makes.
+        x_shape: the input's shape (of the noise).
+        eps_shape: ``[m, k, B, z]``, the shape of each reparameterization draw.
+        generator: the run's random stream (None: torch's global one).
+        device (torch.device | str): where the draws are made.
+        dtype (torch.dtype): their dtype.
+
+    Returns:
+        The step's [`StepDraws`][airvae.objectives.StepDraws].
+    """
     def normal(shape):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 

@@ -3,16 +3,17 @@ them beside as JSON.
 
 * ``curves`` -- training loss, validation estimate, learning rate and (when tracked) the test bound,
   drawn from ``metrics.jsonl``; ``curves.json`` holds the plotted points, read back from the figure;
-* ``samples`` -- Bernoulli means ``sigmoid(decoder(z))`` for ``z ~ N(0, I)``;
-* ``reconstructions`` -- test images, decoded from the clean encoder's mean and, for a denoising
-  encoder, the noisy input it sees in training (eq. 13) and what it decodes from it;
+* ``samples`` -- the likelihood's mean E[x|z] for ``z ~ N(0, I)`` (any likelihood);
+* ``reconstructions`` -- test images and E[x|z] at the clean encoder's mean and, for a denoising
+  encoder, the noisy input it sees in training (eq. 13) and E[x|z] at its mean for it;
 * ``posterior`` -- active units (Burda et al. 2016: Cov_x E_q[z_u] > 0.01) and the spread of the
   posterior standard deviations, on test examples (``posterior.json``);
 * ``weight_norms`` -- WNI runs: each encoder layer's weight-vector norms against H (eq. 18)
   (``weight_norms.json``).
 
-Image figures need 28x28 data (x_dim = 784, the paper's three datasets) and a Bernoulli likelihood;
-for other runs they are skipped, and :class:`RunPlots` says why.
+Image figures need images: a run's ``image_shape``, or flat data of a square size (x_dim = 784 for
+the paper's three datasets: 28x28); for other runs they are skipped, and
+[`RunPlots`][airvae.plots.RunPlots] says why.
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ UNITS = {"train_loss": "nats per example", "val_log_likelihood": "ln p(x), nats 
 
 @dataclass
 class RunPlots:
-    """What :func:`plot_run` wrote (figure name -> PNG path) and skipped (figure name -> why)."""
+    """What [`plot_run`][airvae.plots.plot_run] did.
+
+    Attributes:
+        directory: the folder the figures went to.
+        written: figure name -> PNG path.
+        skipped: figure name -> why it was not drawn.
+    """
 
     directory: Path
     written: dict[str, Path] = field(default_factory=dict)
@@ -62,13 +69,26 @@ class RunPlots:
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, which: str = "best",
              examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto",
              model: torch.nn.Module | None = None) -> RunPlots:
-    """Every figure of a run into ``out_dir`` (default ``RUN/plots``). Model figures use the
-    ``which`` checkpoint ("best" or "last") and ``examples`` test examples spread evenly over the
-    split; ``seed`` fixes the prior samples and the denoising noise. Samples and reconstructions
-    show the likelihood's mean E[x|z] (any likelihood), as images when the data are images (or
-    flat squares). A figure that cannot be drawn (no checkpoint yet, no data, not images, not a WNI
-    run) is skipped with the reason. ``model``: for a run of a researcher's own model
-    (:func:`airvae.fit.fit`), an untrained instance to load the weights into."""
+    """Every figure of a run (module docstring), as ``airvae plot RUN`` draws them.
+
+    Samples and reconstructions show the likelihood's mean E[x|z] (any likelihood), as images when
+    the data are images (or flat squares). A figure that cannot be drawn (no checkpoint yet, no
+    data, not images, not a WNI run) is skipped with the reason.
+
+    Args:
+        run_dir: the run directory.
+        out_dir: where the PNGs and JSON go (default ``RUN/plots``).
+        which: the checkpoint of the model figures, ``"best"`` or ``"last"``.
+        examples: test examples, spread evenly over the split, for the posterior figure.
+        seed: fixes the prior samples and the denoising noise.
+        data_dir: where the run's dataset files are (offline machines).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        model: for a run of a researcher's own model ([`airvae.fit.fit`][]), an untrained instance to
+            load the weights into.
+
+    Returns:
+        What was written and what was skipped.
+    """
     run_dir = Path(run_dir)
     if not (isinstance(examples, int) and examples >= 1):
         raise ValueError(f"invalid examples = {examples!r}: allowed an integer >= 1")
@@ -164,7 +184,11 @@ def _curves_figure(metrics: list[dict], cfg, json_path: Path):
 
 def image_shape(cfg) -> tuple[int, int, int] | None:
     """``(C, H, W)`` of a run's examples: its image data's own, or a flat square of one channel
-    (28x28 binary MNIST); None when they are not images."""
+    (28x28 binary MNIST); None when they are not images.
+
+    Args:
+        cfg (RunConfig | FitConfig): the run's configuration.
+    """
     shape = getattr(cfg, "image_shape", None)
     if shape is not None:
         return tuple(shape)
@@ -277,7 +301,7 @@ def _capped_layers(encoder: torch.nn.Module) -> list[tuple[str, torch.Tensor, to
 
 
 def _weight_norms_figure(capped: list[tuple[str, torch.Tensor, torch.Tensor, float]], json_path: Path):
-    """Per capped layer (:func:`_capped_layers`): each unit's weight-vector norm ||w_i|| (sorted; an
+    """Per capped layer (``_capped_layers``): each unit's weight-vector norm ||w_i|| (sorted; an
     output channel's whole filter for a convolution), its learned cap H sigmoid(u_i), and H; eq. 18
     keeps ||w_i|| <= H sigmoid(u_i) < H."""
     fig, axes = plt.subplots(1, len(capped), figsize=(3.6 * len(capped), 3.2), squeeze=False)

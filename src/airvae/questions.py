@@ -7,7 +7,7 @@ channel) improve the test bits/dim of a *conv* VAE with a discretized-logistic l
 grey-level images? The paper only trains MLPs with Bernoulli likelihoods on binary images.
 
 Runs of the same seed share their initial decoder, minibatch order and training draws, so the
-comparison is paired by seed and judged by :mod:`airvae.verdicts`' rule, like the paper's claims.
+comparison is paired by seed and judged by [`airvae.verdicts`][]' rule, like the paper's claims.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A reproduction's REPORT.md, tables (Markdown and CSV), figures and plots, rebuilt from its run
 directories alone (``airvae report``): what was run and how it departs from the paper, each of the
-paper's numbers beside ours, and every claim judged by :mod:`airvae.verdicts`' rule."""
+paper's numbers beside ours, and every claim judged by [`airvae.verdicts`][]' rule."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ from .targets import TARGETS, model_label, paper_tables
 
 
 def collect(out_dir: Path) -> tuple[dict, list[dict]]:
-    """The manifest and one row per planned run (:mod:`airvae.claims`' rows)."""
+    """A reproduction's manifest and its runs as rows.
+
+    Args:
+        out_dir: the reproduction's folder.
+
+    Returns:
+        ``(manifest, rows)``: one row per planned run, a dict with its ``job``
+        ([`airvae.sweep.Job`][]), ``run_dir``, ``summary``, ``config``, ``failed``, ``metrics`` and
+        ``evaluation`` ([`merged_evaluation`][airvae.report.merged_evaluation]; None until it is
+        finished and evaluated): the rows [`airvae.claims`][] reads.
+    """
     from .evaluation import EvaluationSettings
 
     manifest = read_json(out_dir / "manifest.json")
@@ -42,7 +52,7 @@ def merged_evaluation(run_dir: Path, settings) -> dict | None:
     """The reproduction's evaluation of a run, plus the estimators of every other current evaluation of
     the same split (e.g. AIS on 200 of the test examples that IW-SVI covers whole, or AIS added later
     with ``airvae evaluate``). Each estimate carries ``examples`` = (size of the split, max_examples),
-    which lines up per-example values where two estimates are compared (:func:`airvae.claims.metric`)."""
+    which lines up per-example values where two estimates are compared ([`airvae.claims.metric`][])."""
     from .evaluation import current_evaluations, evaluation_path
 
     current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
@@ -131,7 +141,19 @@ def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
 def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels: dict[str, str]) -> list[str]:
     """Every claim of a table: each AIR row against the unregularized row of its column on test
     log-likelihood, the inference gap and the amortized bound (Table 4: also the large encoder, and
-    its caption's "by over 1 nat" per k), paired by seed, judged under each estimator."""
+    its caption's "by over 1 nat" per k), paired by seed, judged under each estimator.
+
+    Args:
+        manifest: the reproduction's manifest.
+        rows: its runs ([`collect`][airvae.report.collect]).
+        estimators: the log-likelihood estimators to judge under
+            ([`airvae.claims.estimators_present`][]).
+        labels: estimator -> its label in the report
+            ([`airvae.claims.estimator_labels`][]).
+
+    Returns:
+        REPORT.md lines.
+    """
     target, budget = manifest["target"], manifest["budget"]
     selected = selected_rows(manifest, rows)
     quote = paper_tables()["quotes"].get(target)
@@ -190,7 +212,18 @@ def check_reproduction(out_dir: str | Path) -> Path:
 
 
 def render(out_dir: str | Path) -> Path:
-    """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs."""
+    """Rebuild the tables, figures, plots and REPORT.md of a reproduction directory from its runs
+    (``airvae report``).
+
+    Args:
+        out_dir: the reproduction's folder (it holds ``manifest.json``).
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` holds no reproduction.
+    """
     from .questions import QUESTIONS
 
     out_dir = check_reproduction(out_dir)

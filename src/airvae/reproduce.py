@@ -1,8 +1,8 @@
 """Plan and run a reproduction of the paper's Tables 1-4 and Figures 1-4 (or a question it leaves
 open) at any budget: train every run, select the regularization strength on validation (or take
-Table 7's), evaluate on test, run Figure 3's study, then render the folder (:func:`airvae.report.render`:
+Table 7's), evaluate on test, run Figure 3's study, then render the folder ([`airvae.report.render`][]:
 ``airvae report`` rebuilds it from the run directories alone). What the targets and budgets are:
-:mod:`airvae.targets`.
+[`airvae.targets`][].
 """
 
 from __future__ import annotations
@@ -26,9 +26,27 @@ MAX_PLANNED_RUNS = 10_000
 
 def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[float, ...] | None = None,
          strengths: str = "grid") -> list[Job]:
-    """The training jobs of a reproduction. ``strengths="grid"`` trains every regularized family at
-    each strength of the grid (selected on validation afterwards); ``"paper"`` only at the strength
-    Table 7 reports the paper selected (:func:`paper_strength`), nothing reselected here."""
+    """The training jobs of a reproduction.
+
+    Args:
+        target: a key of [`TARGETS`][airvae.targets.TARGETS] (``table1``, ``figure2``, ...).
+        datasets: the datasets (``mnist``, ``omniglot``, ``caltech``; some targets are defined on
+            fewer).
+        budget: ``smoke``, ``quick`` or ``paper``.
+        seeds: seeds per configuration.
+        grid: the regularization strengths to sweep (default: the target's for the budget,
+            [`swept_strengths`][airvae.targets.swept_strengths]).
+        strengths: ``"grid"`` trains every regularized family at each strength of the grid (selected
+            on validation afterwards); ``"paper"`` only at the strength Table 7 reports the paper
+            selected ([`paper_strength`][airvae.targets.paper_strength]), nothing reselected here.
+
+    Returns:
+        (list[Job]): The runs, as [`airvae.sweep.Job`][]s.
+
+    Raises:
+        ValueError: a contradictory or unknown setting, a dataset the target does not cover, or too
+            many runs.
+    """
     spec = TARGETS[target]
     if strengths not in STRENGTHS:
         raise ValueError(f"invalid strengths = {strengths!r}: allowed {', '.join(STRENGTHS)}")
@@ -109,8 +127,9 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def extra_evaluation(target: str, budget: str, estimators: tuple[str, ...]) -> dict | None:
     """The second test evaluation that ``--estimators`` asks for (e.g. ``ais``, ``bdmc``), on the same
-    examples as the target's own, with the budget's AIS effort (:data:`AIS_BUDGETS`); None for none.
-    Its estimators sit beside the target's in the report (:func:`_merged_evaluation`)."""
+    examples as the target's own, with the budget's AIS effort ([`AIS_BUDGETS`][airvae.targets.AIS_BUDGETS]);
+    None for none.
+    Its estimators sit beside the target's in the report ([`airvae.report.merged_evaluation`][])."""
     from .evaluation import EvaluationSettings
 
     if not estimators:
@@ -128,16 +147,37 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
               grid: tuple[float, ...] | None = None, data_dir: str | None = None, device: str = "auto",
               progress: bool = True, tracking: TrackingSettings | None = None,
               estimators: tuple[str, ...] = (), strengths: str = "grid") -> list[dict]:
-    """Train, select on validation, evaluate on test, render. Idempotent: re-running skips
-    finished work and resumes interrupted runs. Everything is checked before anything is written,
-    and the output folder is locked against a second reproduction. ``tracking``
-    (:class:`airvae.tracking.TrackingSettings`): the runs' sinks besides metrics.jsonl; None keeps
-    each run's own choice. ``estimators`` (e.g. ``("ais",)``) are run on the evaluated models in a
-    second evaluation (:func:`extra_evaluation`). ``strengths`` (:func:`plan`): "grid" sweeps and
-    selects on validation, "paper" trains Table 7's strengths only; then nothing is selected, and
-    each run is trained and evaluated in one task, so runs finish (and can be committed) one by one.
-    Runs are started seed by seed: the first whole seed is done first. Returns the results of the
-    runs that did not finish (status "failed" or "locked"), each with its ``name`` and ``error``."""
+    """Train, select on validation, evaluate on test, render: ``airvae reproduce``.
+
+    Idempotent: re-running skips finished work and resumes interrupted runs. Everything is checked
+    before anything is written, and the output folder is locked against a second reproduction.
+    Runs are started seed by seed: the first whole seed is done first.
+
+    Args:
+        target: a key of [`TARGETS`][airvae.targets.TARGETS].
+        datasets: the datasets.
+        budget: ``smoke``, ``quick`` or ``paper``.
+        seeds: seeds per configuration (verdicts need at least
+            [`MIN_SEEDS`][airvae.verdicts.MIN_SEEDS]).
+        executor (LocalExecutor | RayExecutor | StackedExecutor | AutoExecutor): runs the tasks
+            ([`make_executor`][airvae.sweep.make_executor]).
+        out_dir: the reproduction's folder (runs, manifest, report).
+        grid: the strengths to sweep (default: the target's for the budget).
+        data_dir: where the datasets' files are (offline machines).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        progress: show progress bars.
+        tracking: the runs' sinks besides metrics.jsonl ([`airvae.tracking.TrackingSettings`][]);
+            None keeps each run's own choice.
+        estimators: estimators (e.g. ``("ais",)``) run on the evaluated models in a second evaluation
+            ([`extra_evaluation`][airvae.reproduce.extra_evaluation]).
+        strengths: ``"grid"`` sweeps and selects on validation; ``"paper"`` trains Table 7's
+            strengths only ([`plan`][airvae.reproduce.plan]): nothing is selected, and each run is
+            trained and evaluated in one task, so runs finish (and can be committed) one by one.
+
+    Returns:
+        The results of the runs that did not finish (status ``"failed"`` or ``"locked"``), each with
+        its ``name`` and ``error``; empty when all did.
+    """
     if target not in TARGETS:
         raise ValueError(f"invalid target = {target!r}: allowed {', '.join(TARGETS)}")
     out_dir = Path(out_dir)

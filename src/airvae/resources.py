@@ -143,7 +143,7 @@ def model_bytes(cfg: RunConfig, optimizer: bool = True) -> int:
 
 
 def iwae_bytes(cfg: RunConfig, k: int, examples: int, chunk_samples: int) -> int:
-    """One chunk of :func:`airvae.estimators.iwae_given_q`: all k draws of its examples plus the
+    """One chunk of [`airvae.estimators.iwae_given_q`][]: all k draws of its examples plus the
     decoded latents of the chunk (no gradients)."""
     per_chunk = max(1, min(examples, chunk_samples // k))
     k_chunk = min(k, chunk_samples)
@@ -151,8 +151,8 @@ def iwae_bytes(cfg: RunConfig, k: int, examples: int, chunk_samples: int) -> int
 
 
 def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> MemoryEstimate:
-    """Peak memory of :func:`airvae.train.train` (or of a stacked group of ``runs`` such runs,
-    :mod:`airvae.stacked`): models, optimizers, the resident data (shared by a group), and the
+    """Peak memory of [`airvae.train.train`][] (or of a stacked group of ``runs`` such runs,
+    [`airvae.stacked`][]): models, optimizers, the resident data (shared by a group), and the
     larger of one training step and one validation chunk (a group splits its chunk among its runs)."""
     reg = cfg.regularizer
     passes = 2 if reg.two_bounds else 1  # eq. 16 computes both bounds
@@ -171,9 +171,10 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
 
 
 def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) -> MemoryEstimate:
-    """Peak memory of :func:`airvae.evaluation.evaluate_model` on ``examples`` examples of a run
-    (or of ``runs`` such runs evaluated together, :func:`airvae.stacked.evaluate_group`): the
-    largest part any chosen estimator needs (:meth:`airvae.estimators.Estimator.memory`), since
+    """Peak memory of [`airvae.evaluation.evaluate_model`][] on ``examples`` examples of a run
+    (or of ``runs`` such runs evaluated together, [`airvae.stacked.evaluate_group`][]): the
+    largest part any chosen estimator needs
+    ([`airvae.estimators.Estimator.memory`][airvae.estimators.registry.Estimator.memory]), since
     they run one after the other."""
     footprint = Footprint(z_dim=cfg.architecture.z_dim, row=_decoded_row(cfg), training_k=cfg.k,
                           iwae=lambda k, n, chunk_samples: iwae_bytes(cfg, k, n, chunk_samples), float_bytes=FLOAT)

@@ -21,12 +21,12 @@ Safety rules, each enforced here:
 
 * Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors and plain containers only,
   so a checkpoint received from someone else can never run code.
-* One writer per run: :class:`RunLock` takes an exclusive ``flock`` on ``RUN/.lock``; a second
+* One writer per run: [`RunLock`][airvae.runs.RunLock] takes an exclusive ``flock`` on ``RUN/.lock``; a second
   writer is refused at once with the holder's PID, and the kernel releases the lock when the holder
   dies (even by SIGKILL).
-* airvae deletes only what it provably wrote (:func:`clear_run_dir`): the marker must be there, the
-  config must be valid, every entry must be one airvae writes, and links are never followed.
-* Every file error names the file and the fix (:class:`RunError`).
+* airvae deletes only what it provably wrote ([`clear_run_dir`][airvae.runs.clear_run_dir]): the marker must
+  be there, the config must be valid, every entry must be one airvae writes, and links are never followed.
+* Every file error names the file and the fix ([`RunError`][airvae.files.RunError]).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ _MARKER_FILE = re.compile(re.escape(MARKER))
 
 
 def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
-    """Is ``name`` a leftover of :func:`airvae.files.atomic_write_bytes` writing one of ``targets``
+    """Is ``name`` a leftover of [`airvae.files.atomic_write_bytes`][] writing one of ``targets``
     (a kill during the write)?"""
     match = TEMPORARY.fullmatch(name)
     return match is not None and targets.fullmatch(match["target"]) is not None
@@ -89,8 +89,10 @@ def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``state`` (a dict of tensors and plain values) as ``RUN/checkpoints/NAME``, by
-    :func:`atomic_write_bytes`: neither the run folder nor its checkpoints folder may be a link."""
+    """Write ``state`` (a dict of tensors and plain values) as a checkpoint, ``RUN/checkpoints/NAME``, by
+    [`atomic_write_bytes`][airvae.files.atomic_write_bytes]: neither the run folder nor its
+    checkpoints folder may be a link.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue(), Path(path).parent.parent)
@@ -101,7 +103,18 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
 
     Loaded with ``weights_only=True``: tensors, numbers, strings and plain containers only. A file
     that needs more (a pickle carrying code, or anything not written by airvae) is refused and
-    nothing in it runs."""
+    nothing in it runs.
+
+    Args:
+        path: the checkpoint file (``RUN/checkpoints/best.pt`` or ``last.pt``).
+        device: where its tensors are loaded.
+
+    Returns:
+        ``(state, sha256)``.
+
+    Raises:
+        RunError: the file is missing, unreadable, corrupt or holds more than weights.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -141,7 +154,7 @@ def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tu
     """A ``last.pt`` checked against the run it should resume, before anything uses it: its parts
     (model, optimizer, loop state, random state), the loop state's fields (a step within the run's
     ``iterations``), and the model's tensor names and ``shapes``. Anything else is a
-    :class:`RunError` that names the file and the way out, so a bad checkpoint never leaves a run
+    [`RunError`][airvae.files.RunError] that names the file and the way out, so a bad checkpoint never leaves a run
     marked "running"."""
     def refuse(problem: str):
         raise RunError(f"checkpoint {path} cannot resume this run: {problem}; delete it to restart the run from the "
@@ -169,16 +182,20 @@ def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tu
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """:func:`read_checkpoint` without the digest."""
+    """[`read_checkpoint`][airvae.runs.read_checkpoint] without the digest."""
     return read_checkpoint(path, device)[0]
 
 
 def best_weights_safetensors(run_dir: Path) -> bytes:
-    """The weights of ``RUN/checkpoints/best.pt`` (read weights-only) as a safetensors file:
-    tensors and a header of strings, a format that cannot carry code. The header keeps
-    the checkpoint's step, validation estimate and the sha256 of best.pt, which stays the
-    checkpoint's identity (:func:`best_checkpoint_digest`), so evaluations cached for best.pt hold
-    for these weights."""
+    """The weights of ``RUN/checkpoints/best.pt`` (read weights-only) as a safetensors file: tensors
+    and a header of strings, a format that cannot carry code. The header keeps the checkpoint's
+    step, validation estimate and the sha256 of best.pt, which stays the checkpoint's identity
+    ([`best_checkpoint_digest`][airvae.runs.best_checkpoint_digest]), so evaluations cached for
+    best.pt hold for these weights. What a bundle ships in place of best.pt.
+
+    Returns:
+        The file's bytes.
+    """
     from safetensors.torch import save
 
     state, digest = read_checkpoint(Path(run_dir) / BEST)
@@ -189,7 +206,9 @@ def best_weights_safetensors(run_dir: Path) -> bytes:
 
 
 def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """The tensors and header of a ``best.safetensors`` (:func:`best_weights_safetensors`)."""
+    """The tensors and header of a ``best.safetensors``
+    ([`best_weights_safetensors`][airvae.runs.best_weights_safetensors]), tensors on ``device``.
+    """
     from safetensors import safe_open
 
     try:
@@ -236,6 +255,12 @@ def stream_digest(f) -> str:
 
 
 def load_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The configuration of a run: a [`RunConfig`][airvae.config.RunConfig] for airvae's own models, a
+    [`FitConfig`][airvae.config.FitConfig] for a researcher's own model ([`airvae.fit.fit`][]).
+
+    Raises:
+        RunError: ``run_dir`` is not an airvae run, or its ``config.json`` is invalid.
+    """
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
     if not run_dir.is_dir():
@@ -255,17 +280,35 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
 
 def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None,
                        model: torch.nn.Module | None = None):
-    """``(config, model)``: the trained model of a run (``which``: "best" by validation, or
-    "last"), in eval mode. The best weights come from ``best.pt``, or from ``best.safetensors`` in
-    a run extracted from a bundle. A run of a researcher's own model (:func:`airvae.fit.fit`) needs
-    ``model``, an untrained instance of it, to load the weights into: airvae does not build it."""
+    """The trained model of a run, in eval mode. [`airvae.load`][airvae.bundle.load] does the same for
+    bundles too.
+
+    The best weights come from ``best.pt``, or from ``best.safetensors`` in a run extracted from a
+    bundle.
+
+    Args:
+        run_dir: the run directory.
+        which: ``"best"`` (the best validation estimate: early stopping's model) or ``"last"`` (the
+            last checkpoint).
+        device: where the model is loaded (default: the CPU).
+        model: for a run of a researcher's own model ([`airvae.fit.fit`][]), an untrained instance to
+            load the weights into (airvae does not build it); None for airvae's own models.
+
+    Returns:
+        (tuple[RunConfig | FitConfig, torch.nn.Module]): ``(config, model)``.
+
+    Raises:
+        RunError: not a run, no such checkpoint yet, weights that do not fit the model, or a model of
+            your own without ``model`` (or airvae's with one).
+    """
     cfg, model, _ = load_trained_model_with_digest(run_dir, which, device, model)
     return cfg, model
 
 
 def build_model(cfg, model: torch.nn.Module | None, run_dir: Path) -> torch.nn.Module:
     """The untrained model of a run: built from its configuration, or for a run of a researcher's own
-    model the one the caller passes (refused, saying how, when there is none)."""
+    model the one the caller passes (refused, saying how, when there is none).
+    """
     if isinstance(cfg, FitConfig):
         if model is None:
             raise RunError(f"{run_dir} trained a model of your own ({cfg.model}); airvae does not build it: pass an "
@@ -280,8 +323,12 @@ def build_model(cfg, model: torch.nn.Module | None, run_dir: Path) -> torch.nn.M
 
 def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "best",
                                    device: torch.device | str | None = None, model: torch.nn.Module | None = None):
-    """``(config, model, sha256 of the checkpoint file it came from)``; ``model``: as
-    :func:`load_trained_model`."""
+    """[`load_trained_model`][airvae.runs.load_trained_model], with the sha256 of the checkpoint file the
+    weights came from (the identity evaluations are cached against).
+
+    Returns:
+        (tuple[RunConfig | FitConfig, torch.nn.Module, str]): ``(config, model, sha256)``.
+    """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     cfg = load_config(run_dir)
@@ -307,11 +354,17 @@ def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "bes
 
 
 class RunLock:
-    """An exclusive lock on a directory for the whole life of a writer: ``flock`` on ``DIR/.lock``.
+    """An exclusive lock on a directory for the whole life of a writer: ``flock`` on ``DIR/.lock``;
+    use it as a context manager.
 
-    ``acquire`` never waits: when another process holds the lock, :class:`RunLocked` names its PID.
-    The kernel drops the lock when the holding process exits or dies, so a crash never leaves a
-    directory locked. (Two opens of the file, even in one process, exclude each other.)"""
+    ``acquire`` never waits: when another process holds the lock,
+    [`RunLocked`][airvae.files.RunLocked] names its PID. The kernel drops the lock when the holding
+    process exits or dies, so a crash never leaves a directory locked. (Two opens of the file, even
+    in one process, exclude each other.)
+
+    Args:
+        directory: the directory to lock (created if missing, never through a link).
+    """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -319,6 +372,11 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> "RunLock":
+        """Take the lock and write this process's PID into the lock file.
+
+        Raises:
+            RunLocked: another process holds it.
+        """
         real_folder(self.directory)
         f = _open_lock(self.path, write=True)  # names its own failures
         try:
@@ -337,6 +395,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Release the lock (closing the file releases the ``flock``)."""
         if self._file is not None:
             self._file.close()  # closing the descriptor releases the flock
             self._file = None
@@ -376,7 +435,7 @@ def _flock(f, directory: Path) -> None:
 
 
 def check_unlocked(directory: Path) -> None:
-    """Raise :class:`RunLocked` (naming the PID) if another process is writing ``directory``;
+    """Raise [`RunLocked`][airvae.files.RunLocked] (naming the PID) if another process is writing ``directory``;
     creates and writes nothing."""
     path = Path(directory) / LOCK
     if path.exists() or path.is_symlink():
@@ -466,7 +525,7 @@ def run_dir_state(run_dir: Path) -> str:
 def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
     """Refuse a use of ``run_dir`` that cannot succeed (a file, a link, a foreign folder, an
     existing run without --resume/--overwrite, an --overwrite airvae may not perform) before
-    anything is written, even a lock file. Returns :func:`airvae.runs.run_dir_state`."""
+    anything is written, even a lock file. Returns [`run_dir_state`][airvae.runs.run_dir_state]."""
     state = run_dir_state(run_dir)
     if state == "run":
         if overwrite:
@@ -480,7 +539,7 @@ def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
 def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
                  allow_data_change: bool = False) -> RunConfig:
     """Create the run directory, or check that resuming it is consistent; the caller holds its
-    lock. ``data_digest``: :func:`airvae.data.dataset_digest` of the data it trains on. Returns the
+    lock. ``data_digest``: ``airvae.data.dataset_digest`` of the data it trains on. Returns the
     config to train with (the stored one when resuming)."""
     if check_run_dir_use(run_dir, resume=resume, overwrite=overwrite) == "run":
         if overwrite:
@@ -539,7 +598,7 @@ def check_clearable(run_dir: Path) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Delete an airvae run's files (after :func:`check_clearable`), keeping the lock file the
+    """Delete an airvae run's files (after [`check_clearable`][airvae.runs.check_clearable]), keeping the lock file the
     caller holds. Links are unlinked, never followed."""
     check_clearable(run_dir)
     for entry in Path(run_dir).iterdir():

@@ -2,24 +2,24 @@
 
 A group's R runs keep each parameter as one ``[R, ...]`` tensor. Every step evaluates the R
 training objectives with one vmapped call of the very code a single run uses
-(:func:`torch.func.functional_call` over the run's own encoder and decoder modules), so each layer
+(``torch.func.functional_call`` over the run's own encoder and decoder modules), so each layer
 becomes one batched matrix product over the group instead of R small ones: on a GPU, where one
 of these MLPs uses a few percent of the device, that is the difference between launch-bound and
 compute-bound.
 
 Each run keeps everything else its own: regularizer (sigma, alpha and H differ within a group),
 seed and initialization, minibatch order, training random stream (its own generator, drawn in the
-order :func:`airvae.model.air_objective` draws), Adam state and step count
-(:class:`StackedAdam`), validation estimate (its own per-example streams), early stopping,
-checkpoints, metrics and summary, written by the same :class:`airvae.train.RunLog` as a run trained
+order [`airvae.model.air_objective`][] draws), Adam state and step count
+([`StackedAdam`][airvae.stacked.StackedAdam]), validation estimate (its own per-example streams), early stopping,
+checkpoints, metrics and summary, written by the same [`airvae.driver.RunLog`][] as a run trained
 alone, in the same format. So a run trained in a group equals its separate training up to float
 rounding, its directory is indistinguishable from a separately trained one (selection, ``report``
 and ``evaluate`` are unchanged, and either trainer can resume the other's checkpoints), and a group
 killed at any point resumes every run exactly: runs whose checkpoints are ahead wait (their updates
 masked) until the others catch up.
 
-Groups are formed by :func:`group_key`: same dataset, architecture, schedule, k and m, and the same
-module structure (WNI or not) and number of bounds per step (eq. 16 with 0 < alpha < 1 evaluates
+Groups are formed by [`group_key`][airvae.stacked.group_key]: same dataset, architecture, schedule, k and m,
+and the same module structure (WNI or not) and number of bounds per step (eq. 16 with 0 < alpha < 1 evaluates
 two).
 """
 
@@ -79,7 +79,11 @@ class StackedAdam:
     very arithmetic a run trained alone gets, and a step count per run. A step updates the active
     runs, which must be at the same step (they are: a group steps its runs in lockstep, and runs
     whose checkpoints are ahead sit out until the others catch up); the others are left exactly
-    as they were (parameters and moments), so catching up changes nothing bit for bit."""
+    as they were (parameters and moments), so catching up changes nothing bit for bit.
+
+    Args:
+        params: the stacked leaf tensors (``StackedModel.leaves``), their gradients set by backward.
+    """
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -91,6 +95,11 @@ class StackedAdam:
         self._idle, self._idle_index = None, None  # the runs sitting out, as a device index tensor
 
     def step(self, lr: float, active: list[bool]) -> None:
+        """One Adam step at learning rate ``lr`` for the runs whose ``active`` flag is set.
+
+        Raises:
+            ValueError: the active runs are not at one step.
+        """
         steps = {s for s, a in zip(self.steps, active) if a}
         if len(steps) != 1:
             raise ValueError(f"StackedAdam: the active runs must be at one step, not {sorted(steps)}")
@@ -149,7 +158,13 @@ class _BoundLikelihood:
 class StackedModel:
     """R models of one architecture: each parameter stacked ``[R, ...]`` (one leaf tensor per
     parameter, so gradients land without any scatter), buffers stacked the same way, and the
-    modules of run 0 as the template every run is computed with."""
+    modules of run 0 as the template every run is computed with.
+
+    Args:
+        models: the runs' models (same architecture and module structure), each initialized as its
+            run would be alone.
+        device: where the stacked tensors live.
+    """
 
     def __init__(self, models: list, device: torch.device):
         self.device = device
@@ -183,6 +198,7 @@ class StackedModel:
                 for name, t in tensors.items() if name in self.saved[part]}
 
     def load_run(self, r: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load run r's weights from a model ``state_dict`` (as a run trained alone saves it)."""
         with torch.no_grad():
             for s, leaf in zip(self.slots, self.leaves):
                 leaf[r] = state_dict[self.prefixes[r][s.part] + s.name]
@@ -224,6 +240,9 @@ def adam_state_dict(group: StackedModel, adam: StackedAdam, r: int, lr: float) -
 
 
 def load_adam_state(group: StackedModel, adam: StackedAdam, r: int, optimizer_state: dict) -> None:
+    """Load run r's slice of the stacked Adam from a ``torch.optim.Adam`` state dict (the inverse of
+    [`adam_state_dict`][airvae.stacked.adam_state_dict]): a run trained alone resumes in a group.
+    """
     state = optimizer_state["state"]
     with torch.no_grad():
         for i in range(len(group.slots)):
@@ -239,7 +258,7 @@ def load_adam_state(group: StackedModel, adam: StackedAdam, r: int, optimizer_st
 
 def stacked_objectives(group: StackedModel, x: torch.Tensor, x_seen: torch.Tensor, eps: torch.Tensor,
                        eps_clean: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
-    """Per run and example, the training objective of :func:`airvae.model.air_objective`:
+    """Per run and example, the training objective of [`airvae.model.air_objective`][]:
     ``[R, B]``. ``x_seen`` is what each encoder sees (x plus its run's denoising noise);
     ``eps``/``eps_clean`` are the reparameterization draws ``[R, m, k, B, z]`` of the (noisy) bound
     and, for two-bound groups, of the clean one."""
@@ -279,11 +298,23 @@ def _encode_stacked(group: StackedModel, params: dict, x: torch.Tensor, batch: i
 def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, seeds: list[int],
                  chunk_samples: int = DEFAULT_CHUNK_SAMPLES, q: tuple[torch.Tensor, torch.Tensor] | None = None,
                  repeats: int = 1) -> torch.Tensor:
-    """Per-example IWAE-k ``[S, n]`` (float64; float32 on MPS) of the runs ``rows``, with proposal ``q`` = (mean,
-    std) ``[S, n, z]`` or each run's clean encoder, averaged over ``repeats`` sets of k samples;
-    run r draws from the per-example streams of ``seeds[r]``. What
-    :func:`airvae.estimators.iwae_given_q` gives each run alone, up to float rounding (runs that
-    share a seed share their draws)."""
+    """Per-example IWAE-k of the runs ``rows``, averaged over ``repeats`` sets of k samples: what
+    [`airvae.estimators.iwae_given_q`][] gives each run alone, up to float rounding (runs that share a
+    seed share their draws).
+
+    Args:
+        group: the stacked runs.
+        rows: the runs to score (S of them).
+        x: the examples, ``[n, ...]``, shared by the runs.
+        k: importance samples per set.
+        seeds: per run, the seed of its per-example streams.
+        chunk_samples: latents decoded at once (no effect on the result).
+        q: the proposal, ``(mean, std)`` each ``[S, n, z]``; None: each run's clean encoder.
+        repeats: independent sets of k samples, averaged.
+
+    Returns:
+        ``[S, n]``, float64 (float32 on MPS).
+    """
     params = group.runs(rows)
     means, stds = q if q is not None else _encode_stacked(group, params, x)
     n, z_dim = x.shape[0], means.shape[-1]
@@ -312,10 +343,24 @@ def stacked_iwae(group: StackedModel, rows: list[int], x: torch.Tensor, k: int, 
 def stacked_fit_iw_svi(group: StackedModel, rows: list[int], x: torch.Tensor, *, l: int, steps: int,  # noqa: E741
                        lr: float, lr_decay: float, seed: int,
                        chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
-    """q*_{x,l} of eq. 42 for every example and run: (mean, std) ``[S, n, z]``, as
-    :func:`airvae.estimators.fit_iw_svi` fits it for each run alone (same initialization from the
-    encoder, Adam, learning-rate decay and random streams, which all runs share), one batched
-    parameter tensor for all runs."""
+    """q*_{x,l} of eq. 42 for every example and run, as [`airvae.estimators.fit_iw_svi`][] fits it for
+    each run alone (same initialization from the encoder, Adam, learning-rate decay and random
+    streams, which all runs share), one batched parameter tensor for all runs.
+
+    Args:
+        group: the stacked runs.
+        rows: the runs (S of them).
+        x: the examples, ``[n, ...]``.
+        l: importance samples of the bound optimized.
+        steps: Adam steps.
+        lr: Adam's initial step size.
+        lr_decay: the final learning rate as a fraction of ``lr``.
+        seed: the seed of the examples' streams.
+        chunk_examples: examples optimized at once (no effect on the result).
+
+    Returns:
+        ``(mean, std)``, each ``[S, n, z]``.
+    """
     params = group.runs(rows)
     mean0, std0 = _encode_stacked(group, params, x)
     log_weights = _stacked_log_weights(group)
@@ -353,12 +398,24 @@ def evaluation_key(cfg: RunConfig, settings) -> str:
 
 
 def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) -> list[dict]:
-    """:func:`airvae.evaluation.evaluate_run` for runs that share an architecture (and training k),
-    batched: every estimator of ``settings`` (a subset of :data:`STACKED_ESTIMATORS`) computed for
-    all runs at once by its stacked call (:data:`airvae.estimators.REGISTRY`), with the
-    evaluation's random streams (``settings.seed``) shared by all, as they are when each run is
-    evaluated alone. Writes and returns each run's evaluation record, exactly what evaluate_run
-    writes."""
+    """[`airvae.evaluation.evaluate_run`][] for runs that share an architecture (and training k),
+    batched: every estimator of ``settings`` computed for all runs at once by its stacked call
+    ([`REGISTRY`][airvae.estimators.registry.REGISTRY]), with the evaluation's random streams
+    (``settings.seed``) shared by all, as they are when each run is evaluated alone.
+
+    Args:
+        run_dirs: the runs (same dataset, architecture, WNI or not, and bound k:
+            [`evaluation_key`][airvae.stacked.evaluation_key]).
+        settings (EvaluationSettings): the evaluation; its estimators a subset of
+            [`STACKED_ESTIMATORS`][airvae.stacked.STACKED_ESTIMATORS].
+        progress: show progress bars.
+
+    Returns:
+        Each run's evaluation record, exactly what ``evaluate_run`` writes.
+
+    Raises:
+        ValueError: an estimator the group does not batch, or runs that do not share a key.
+    """
     from .data import evenly_spaced, load_dataset
     from .devices import resolve_device
     from .evaluation import check_run_data, store_evaluation
@@ -402,8 +459,14 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
 
 @dataclass
 class Member:
-    """One run of a group: its configuration, run directory and tracking sinks (None: the run's
-    own choice, :mod:`airvae.tracking`)."""
+    """One run of a group.
+
+    Attributes:
+        cfg: its configuration.
+        run_dir: its run directory.
+        tracking: its tracking sinks, a [`TrackingSettings`][airvae.tracking.TrackingSettings] (None: the
+            run's own choice, [`airvae.tracking`][]).
+    """
 
     cfg: RunConfig
     run_dir: Path
@@ -412,11 +475,25 @@ class Member:
 
 def train_group(members: list[Member], dataset, *, progress: bool = True,
                 chunk_samples: int | None = None) -> list[TrainResult]:
-    """Train (or resume) the runs of ``members`` as one stacked model; returns each run's result.
+    """Train (or resume) the runs of ``members`` as one stacked model.
 
-    Every run is checked and locked as :func:`airvae.train.train` checks and locks it (a run that
-    another process is writing makes the call fail with RunLocked: leave it out). The members must
-    share :func:`group_key` and the dataset."""
+    Every run is checked and locked as [`airvae.train.train`][] checks and locks it (a run that
+    another process is writing makes the call fail with RunLocked: leave it out), and every member is
+    checked before any is touched.
+
+    Args:
+        members: the runs; they must share [`group_key`][airvae.stacked.group_key] and a device.
+        dataset (Dataset): their data, loaded once.
+        progress: show a progress bar.
+        chunk_samples: latents decoded at once when validating (default: 8192 on CUDA, split among
+            the runs on a CPU).
+
+    Returns:
+        Each run's [`TrainResult`][airvae.driver.TrainResult], in the order of ``members``.
+
+    Raises:
+        ValueError: the runs cannot form a group (different keys or devices).
+    """
     from .runs import check_unlocked
     from .tracking import choose_sinks
     from .runs import check_run_dir_use, open_run_dir
@@ -446,10 +523,18 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
 
 
 class StackedEngine:
-    """The :class:`airvae.driver.Engine` of a stacked group: R models of one architecture as one
-    :class:`StackedModel`, :class:`StackedAdam`, each run's training generator, and the objectives of
-    all runs in one vmapped call. Each run's sigma is its own model's (the denoising encoder it was
-    built with), its alpha its own configuration's."""
+    """The [`airvae.driver.Engine`][] of a stacked group: R models of one architecture as one
+    [`StackedModel`][airvae.stacked.StackedModel], [`StackedAdam`][airvae.stacked.StackedAdam], each
+    run's training generator, and the objectives of all runs in one vmapped call. Each run's sigma is
+    its own model's (the denoising encoder it was built with), its alpha its own configuration's.
+
+    Args:
+        cfgs: the runs' configurations (one [`group_key`][airvae.stacked.group_key]); each model is
+            initialized from its seed exactly as it would be alone.
+        device: where the group trains.
+        chunk_samples: latents decoded at once when validating.
+        x_shape: the shape of the group's minibatch, ``[R, B, ...]``.
+    """
 
     def __init__(self, cfgs: list[RunConfig], device: torch.device, chunk_samples: int, x_shape: tuple[int, ...]):
         models = []
@@ -467,17 +552,23 @@ class StackedEngine:
         self._shapes = [{name: tuple(t.shape) for name, t in model.state_dict().items()} for model in models]
 
     def compile(self) -> None:
+        """Use a torch.compile'd objective from now on."""
         self.objectives = _compiled(stacked_objectives, self.device)
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """Run r's model tensor shapes, to check a checkpoint against."""
         return self._shapes[r]  # names differ: a denoising encoder nests the encoder one level deeper
 
     def restore(self, r: int, saved: dict) -> None:
+        """Load run r's model, Adam state and training generator from a checkpoint."""
         self.group.load_run(r, saved["model"])
         load_adam_state(self.group, self.adam, r, saved["optimizer"])
         restore_generator(self.generators[r], saved)
 
     def step(self, x: torch.Tensor, active: list[bool], lr: float) -> torch.Tensor:
+        """One Adam step of the ``active`` runs on their minibatches ``x`` ``[R, B, ...]``; returns each
+        run's loss ``[R]``.
+        """
         x_seen, eps, eps_clean = self.draws.next(x, active)
         per_run = -self.objectives(self.group, x, x_seen, eps, eps_clean, self.alpha).mean(-1)  # [R]
         keep = torch.tensor(active, device=self.device) if not all(active) else None
@@ -488,15 +579,21 @@ class StackedEngine:
         return per_run.detach()
 
     def validate(self, rows: list[int], x: torch.Tensor, k: int, seeds: list[int]) -> list[float]:
+        """The mean IWAE-``k`` estimate of the runs ``rows`` on ``x``, run r from the streams of
+        ``seeds[r]``.
+        """
         return stacked_iwae(self.group, rows, x, k, seeds, self.chunk_samples).mean(-1).tolist()
 
     def model_state(self, r: int) -> dict:
+        """Run r's model ``state_dict``."""
         return self.group.run_state_dict(r)
 
     def optimizer_state(self, r: int, lr: float) -> dict:
+        """Run r's Adam state, as ``torch.optim.Adam`` would save it."""
         return adam_state_dict(self.group, self.adam, r, lr)
 
     def rng_state(self, r: int) -> torch.Tensor:
+        """Run r's training generator's state."""
         return self.generators[r].get_state()
 
 
@@ -550,7 +647,7 @@ def _long_group_steps(runs: int) -> int:
 
 
 class _GroupDraws:
-    """Each run's training draws from its own generator, made by :func:`airvae.objectives.draw_step`
+    """Each run's training draws from its own generator, made by [`airvae.objectives.draw_step`][]
     (so in the order a run alone draws them). Runs whose generators are in the same state (same seed
     and step, e.g. one seed across the strength grid) and that draw the same things share the numbers."""
 
@@ -596,10 +693,21 @@ class _GroupDraws:
 
 
 def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device, compile: bool = False):
-    """``(group_step, single_step)`` on throwaway models: the very step :func:`airvae.driver.drive`
-    takes (objective, backward, Adam) for the runs ``cfgs`` stacked (:class:`StackedEngine`) and for
-    the first run alone (:class:`airvae.driver.SingleEngine`), on minibatches of ``x``. What
-    ``--executor auto`` measures and what benchmarks/ times."""
+    """Two callables that each take one training step on throwaway models: the very step
+    [`airvae.driver.drive`][] takes (objective, backward, Adam) for the runs ``cfgs`` stacked
+    ([`StackedEngine`][airvae.stacked.StackedEngine]) and for the first run alone
+    ([`airvae.driver.SingleEngine`][]), on minibatches of ``x``. What ``--executor auto`` measures
+    and what benchmarks/ times.
+
+    Args:
+        cfgs: the runs.
+        x: training examples to draw minibatches from.
+        device: where the steps run.
+        compile: use torch.compile'd objectives.
+
+    Returns:
+        (tuple[Callable, Callable]): ``(group_step, single_step)``.
+    """
     cfg, batch = cfgs[0], cfgs[0].batch_size
     stacked = StackedEngine(cfgs, device, DEFAULT_CHUNK_SAMPLES, tuple(x.shape[1:]))
     if compile:
@@ -614,8 +722,18 @@ def training_steps(cfgs: list[RunConfig], x: torch.Tensor, device: torch.device,
 
 def step_rates(cfgs: list[RunConfig], dataset, device: torch.device, steps: int = 10,
                threads_alone: int | None = None) -> tuple[float, float]:
-    """(group steps/s of the runs ``cfgs`` stacked, steps/s of the first run alone with
-    ``threads_alone`` threads): :func:`training_steps` timed here."""
+    """[`training_steps`][airvae.stacked.training_steps] timed here.
+
+    Args:
+        cfgs: the runs.
+        dataset (Dataset): their data.
+        device: where the steps run.
+        steps: group steps timed, after one warm-up step (the run alone is timed over 4x as many).
+        threads_alone: torch threads for the run alone (None: the current number).
+
+    Returns:
+        ``(group steps/s of the runs stacked, steps/s of the first run alone)``.
+    """
     x = torch.as_tensor(dataset.train[:cfgs[0].batch_size], device=device).float()
     group_step, single_step = training_steps(cfgs, x, device)
     threads = torch.get_num_threads()

@@ -35,7 +35,21 @@ MAX_WORKERS = 1024  # processes of a local executor (or CPUs of a local Ray)
 
 @dataclass(frozen=True)
 class Job:
-    """One training run of a sweep: a model family at one regularization strength and seed."""
+    """One training run of a sweep: a model family at one regularization strength and seed.
+
+    Attributes:
+        family: ``plain``, ``denoise-0.5``, ``denoise-1.0``, ``wni`` or ``large-encoder``.
+        dataset: a dataset's name or ``.npz`` path.
+        k: importance samples of the training bound.
+        m: its Monte Carlo repeats.
+        strength: sigma * sqrt(d) for denoising, 10 / H for WNI (Table 7's units); 0 for none.
+        seed: the run's seed.
+        budget: ``smoke``, ``quick`` or ``paper``.
+        track_test_examples: test examples whose bound is logged during training (Figure 4).
+        iterations: overrides the budget's iterations (None: the budget's).
+        architecture: a preset of [`ARCHITECTURES`][airvae.config.ARCHITECTURES] (None: the
+            dataset's).
+    """
 
     family: str
     dataset: str
@@ -57,6 +71,7 @@ class Job:
 
     @property
     def name(self) -> str:
+        """The job's name and run folder, ``DATASET/kK-mM/FAMILY[-STRENGTH]/seedS``."""
         dataset = Path(self.dataset).stem
         strength = f"-{self.strength:g}" if self.strength else ""
         return f"{dataset}/k{self.k}-m{self.m}/{self.family}{strength}/seed{self.seed}"
@@ -66,7 +81,7 @@ class Job:
         return Path(root) / "runs" / self.name
 
     def run_config(self, dataset, data_dir: str | None = None, device: str = "auto") -> RunConfig:
-        """The run's configuration on ``dataset`` (an :class:`airvae.data.Dataset`: its dimension,
+        """The run's configuration on ``dataset`` (an [`airvae.data.Dataset`][]: its dimension,
         image shape and kind of values)."""
         alpha = float(self.family.split("-")[1]) if self.family.startswith("denoise") else 1.0
         regularizer = Regularizer.from_paper(
@@ -81,7 +96,19 @@ class Job:
 
 @dataclass(frozen=True)
 class Task:
-    """A unit of work for an executor: train ``job`` and/or evaluate it (picklable for processes and Ray)."""
+    """A unit of work for an executor: train ``job`` and/or evaluate it (picklable for processes and
+    Ray).
+
+    Attributes:
+        job: the run.
+        root: the results folder the run directory lies in.
+        data_dir: where the datasets' files are.
+        device: the device the task runs on.
+        evaluation: [`EvaluationSettings`][airvae.evaluation.EvaluationSettings] fields of the
+            evaluation after training (None: none).
+        tracking: the run's tracking sinks (None: the run's own choice).
+        extra_evaluation: the fields of a second evaluation (``--estimators``; None: none).
+    """
 
     job: Job
     root: str
@@ -93,6 +120,7 @@ class Task:
 
     @property
     def run_dir(self) -> Path:
+        """The job's run directory."""
         return self.job.run_dir(self.root)
 
 
@@ -177,7 +205,11 @@ def _strip_values(result: dict) -> dict:
 
 class LocalExecutor:
     """Runs tasks on this machine: in this process (``workers=1``) or in worker processes, each
-    limited to its share of the cores (more threads than cores halves PyTorch's throughput)."""
+    limited to its share of the cores (more threads than cores halves PyTorch's throughput).
+
+    Args:
+        workers: worker processes (1: this process).
+    """
 
     def __init__(self, workers: int = 1):
         if workers < 1:
@@ -185,6 +217,9 @@ class LocalExecutor:
         self.workers = workers
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        """Run ``fn`` (normally [`execute`][airvae.sweep.execute]) on every task; yields the results as they
+        come.
+        """
         if self.workers == 1:
             yield from map(fn, tasks)
             return
@@ -236,7 +271,14 @@ def _stop_with_parent(parent: int) -> None:
 
 class RayExecutor:
     """Runs each task as a Ray task with its CPU/GPU resources, on a local Ray instance or the
-    cluster at ``address`` (``pip install 'airvae[ray]'``)."""
+    cluster at ``address`` (``pip install 'airvae[ray]'``).
+
+    Args:
+        address: the Ray cluster (None: a local instance).
+        cpus_per_task: CPUs each task asks for (and its torch threads).
+        gpus_per_task: GPUs each task asks for.
+        num_cpus: the CPUs of a local instance (None: Ray's default).
+    """
 
     def __init__(self, address: str | None = None, cpus_per_task: float = 1, gpus_per_task: float = 0,
                  num_cpus: int | None = None):
@@ -252,6 +294,9 @@ class RayExecutor:
             ray.init(ignore_reinit_error=True, log_to_driver=False, **kwargs)
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        """Run ``fn`` (normally [`execute`][airvae.sweep.execute]) on every task; yields the results as they
+        come.
+        """
         remote = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(_ray_entry)
         pending = [remote.remote(fn, task, max(1, int(self.cpus))) for task in tasks]
         while pending:
@@ -259,6 +304,7 @@ class RayExecutor:
             yield self.ray.get(done[0])
 
     def shutdown(self) -> None:
+        """Shut Ray down."""
         self.ray.shutdown()
 
 
@@ -269,11 +315,11 @@ def _ray_entry(fn, task: Task, threads: int) -> dict:
 
 class StackedExecutor:
     """Trains the runs of a sweep that share an architecture, k, m and schedule as stacked groups
-    (:mod:`airvae.stacked`: one vmapped model per group, in this process, on one device), then
+    ([`airvae.stacked`][]: one vmapped model per group, in this process, on one device), then
     hands every task to ``fn`` as the other executors do: finished runs are skipped there, so only
     evaluations (and the training of any run a group could not take) happen per task.
 
-    A group is as large as the device's memory allows (:func:`airvae.resources.largest_group`);
+    A group is as large as the device's memory allows (``airvae.resources.largest_group``);
     larger sets of runs are split. A run another process is writing is left out of its group
     (``fn`` reports it as locked); a group that fails leaves its runs to ``fn``, which trains them
     one by one from whatever checkpoints the group wrote (the formats are the same)."""
@@ -282,6 +328,9 @@ class StackedExecutor:
         self._datasets = {}  # (dataset, data_dir) -> Dataset, loaded once for grouping and training
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        """Train the groups, evaluate the trained runs as groups, then run ``fn`` on every task (which skips
+        what the groups finished); yields the results.
+        """
         trained = self.train_groups(tasks)
         self.evaluate_groups(tasks)
         for task in tasks:
@@ -348,7 +397,7 @@ class StackedExecutor:
 
     def evaluate_groups(self, tasks: list[Task]) -> None:
         """Evaluate the trained runs of ``tasks`` that share an architecture as stacked groups
-        (:func:`airvae.stacked.evaluate_group`), caching each run's result where ``fn`` (through
+        ([`airvae.stacked.evaluate_group`][]), caching each run's result where ``fn`` (through
         evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
         import warnings
 
@@ -388,9 +437,15 @@ class StackedExecutor:
 
 
 class AutoExecutor:
-    """``--executor auto``: stacked groups on a GPU; on a CPU, whichever its own measurement on
-    this machine says is faster for the sweep at hand: ``workers`` processes of one run each, or
-    stacked groups (:func:`airvae.stacked.step_rates` on the largest group)."""
+    """``--executor auto``: stacked groups on a GPU; on a CPU, whichever its own measurement on this
+    machine says is faster for the sweep at hand: ``workers`` processes of one run each, or stacked
+    groups ([`airvae.stacked.step_rates`][] on the largest group). Decided once, on the first tasks
+    it is given (a sweep's training), and said on stderr.
+
+    Args:
+        workers: worker processes for the local choice.
+        device: the device the runs train on.
+    """
 
     def __init__(self, workers: int = 1, device: str = "auto"):
         self.workers, self.device = workers, device
@@ -398,6 +453,7 @@ class AutoExecutor:
         self.reason = ""
 
     def choose(self, tasks: list[Task]):
+        """The executor for ``tasks`` (and why, in ``choice`` and ``reason``)."""
         from .devices import resolve_device
         from .stacked import step_rates
 
@@ -421,6 +477,9 @@ class AutoExecutor:
         return stacked if self.choice == "stacked" else LocalExecutor(self.workers)
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
+        """Run ``fn`` (normally [`execute`][airvae.sweep.execute]) on every task; yields the results as they
+        come.
+        """
         if self.choice is None:  # decided once, on the first batch of tasks (the training of a sweep)
             self.executor = self.choose(tasks)
             print(f"airvae: executor auto -> {self.choice} ({self.reason})", file=sys.stderr)
@@ -429,6 +488,21 @@ class AutoExecutor:
 
 def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_per_task: float = 0,
                   device: str = "auto"):
+    """The executor ``--executor name`` asks for.
+
+    Args:
+        name: ``auto``, ``local``, ``ray`` or ``stacked``.
+        workers: worker processes (``local``, ``auto``; a local Ray instance's CPUs).
+        address: the Ray cluster (``ray``; None: a local instance).
+        gpus_per_task: GPUs each Ray task asks for.
+        device: the device (``auto``).
+
+    Returns:
+        (LocalExecutor | RayExecutor | StackedExecutor | AutoExecutor): The executor.
+
+    Raises:
+        ValueError: an unknown name or an invalid setting.
+    """
     from .config import check_int, is_real
 
     check_int("workers", workers, 1, MAX_WORKERS)
@@ -449,7 +523,18 @@ def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_
 def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progress: bool = True,
               desc: str = "runs") -> list[dict]:
     """Run tasks through an executor; each result is appended to ``log_path`` (JSON lines) as it
-    arrives, so an interrupted sweep leaves a record of what finished."""
+    arrives, so an interrupted sweep leaves a record of what finished.
+
+    Args:
+        tasks: the tasks.
+        executor (LocalExecutor | RayExecutor | StackedExecutor | AutoExecutor): runs them.
+        log_path: the JSON-lines log (None: none).
+        progress: show a progress bar.
+        desc: its label.
+
+    Returns:
+        Every task's result, in the order they finished.
+    """
     results = []
     bar = tqdm(total=len(tasks), desc=desc, unit="run", disable=not progress)
     failed = 0

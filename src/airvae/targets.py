@@ -1,7 +1,7 @@
 """What a reproduction can regenerate: the paper's tables and figures (and questions it leaves open)
 as targets, the effort each budget spends on them, and the paper's own numbers and words
 (``paper_results/paper_tables.json``). Definitions only: planning and running are
-:mod:`airvae.reproduce`'s, judging and rendering :mod:`airvae.claims` and :mod:`airvae.report`'s.
+[`airvae.reproduce`][]'s, judging and rendering [`airvae.claims`][] and [`airvae.report`][]'s.
 """
 
 from __future__ import annotations
@@ -21,6 +21,23 @@ FAMILY_LABELS = {"plain": "{base}", "denoise-0.5": "D{base} (alpha=0.5)", "denoi
 
 @dataclass(frozen=True)
 class Target:
+    """One reproduction target of [`TARGETS`][airvae.targets.TARGETS]: the runs it trains and what it
+    does with them.
+
+    Attributes:
+        ks: the importance samples k of its models.
+        families: the model families: ``plain``, ``denoise-0.5``, ``denoise-1.0`` (DVAE at that
+            alpha), ``wni``, ``large-encoder`` (Table 4).
+        ms: the Monte Carlo repeats m.
+        datasets: the datasets it is defined on (None: any).
+        evaluate_all: figures evaluate every strength on test (an ablation, not a selection).
+        track_test: its runs log the test bound during training (Figure 4).
+        study: Figure 3: IW-SVI vs IWAE-k on the seed-0 model of each dataset, no test table.
+        architecture: a preset of [`ARCHITECTURES`][airvae.config.ARCHITECTURES] for every run (None:
+            each dataset's own).
+        default_dataset: the dataset ``airvae reproduce`` uses when none is given.
+        grids: budget -> strengths, instead of [`GRIDS`][airvae.targets.GRIDS].
+    """
     ks: tuple[int, ...]
     families: tuple[str, ...] = TABLE_FAMILIES
     ms: tuple[int, ...] = (1,)
@@ -107,7 +124,7 @@ def paper_strength(family: str, k: int, dataset: str) -> float:
 
 def swept_strengths(target: str, budget: str, grid: tuple[float, ...] | None = None) -> tuple[float, ...]:
     """The regularization strengths a reproduction sweeps: ``grid`` if given, else the target's own
-    for the budget, else :data:`GRIDS`."""
+    for the budget, else [`GRIDS`][airvae.targets.GRIDS]."""
     return tuple(grid or (TARGETS[target].grids or {}).get(budget) or GRIDS[budget])
 
 

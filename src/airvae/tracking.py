@@ -3,7 +3,7 @@
 evaluation of the run.
 
     RUN/tracking.json      the sinks a run writes to (kept on resume), the MLflow store and run id
-    RUN/tensorboard/       TensorBoard event files (``tensorboard --logdir runs``)
+    RUN/tensorboard/       TensorBoard event files (tensorboard --logdir runs)
     MLflow                 the store of $MLFLOW_TRACKING_URI, else the local file store ./mlruns
                            (resolved once, when the sinks are chosen); experiment
                            $MLFLOW_EXPERIMENT_NAME, else "airvae"
@@ -41,9 +41,15 @@ _FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
 class TrackingSettings:
     """Which sinks a run writes to besides ``metrics.jsonl``, and where MLflow's are.
 
-    ``mlflow_uri`` None is resolved when the settings are made: ``$MLFLOW_TRACKING_URI``, else the
-    local file store ``./mlruns`` as an absolute URI (so a run resumed from another folder, or a
-    sweep worker, writes to the same store)."""
+    Attributes:
+        sinks: any of ``"tensorboard"`` and ``"mlflow"`` (their packages must be installed:
+            ``pip install 'airvae[tensorboard]'``, ``'airvae[mlflow]'``).
+        mlflow_uri: the MLflow store. None is resolved when the settings are made:
+            ``$MLFLOW_TRACKING_URI``, else the local file store ``./mlruns`` as an absolute URI (so a
+            run resumed from another folder, or a sweep worker, writes to the same store).
+        mlflow_experiment: the MLflow experiment (default ``$MLFLOW_EXPERIMENT_NAME``, else
+            ``"airvae"``).
+    """
 
     sinks: tuple[str, ...] = ()
     mlflow_uri: str | None = None
@@ -175,7 +181,7 @@ def _file_store_allowed(uri: str):
 
 
 class _Mlflow:
-    """The MLflow sink; every call runs inside :func:`_file_store_allowed`."""
+    """The MLflow sink; every call runs inside ``_file_store_allowed``."""
 
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_id: str | None, replace: bool, name: str):
         self.uri = uri
@@ -228,8 +234,10 @@ class _Mlflow:
 
 
 class Tracker:
-    """The live sinks of a run; with none, every method does nothing. A failing sink is dropped
-    with one warning on stderr (``metrics.jsonl`` has everything; the next start rebuilds it)."""
+    """The live sinks of a run, fed by its [`RunLog`][airvae.driver.RunLog]; with none, every method does
+    nothing. A failing sink is dropped with one warning on stderr (``metrics.jsonl`` has everything;
+    the next start rebuilds it).
+    """
 
     def __init__(self, sinks: dict | None = None):
         self.sinks = dict(sinks or {})
@@ -269,7 +277,7 @@ class Tracker:
         self._each("scalars", record["step"], values, time.time() if walltime is None else walltime)
 
     def evaluation(self, name: str, result: dict, step: int, walltime: float | None = None) -> None:
-        """An evaluation (:func:`airvae.evaluation.evaluate_run`) as ``evaluation/NAME/ESTIMATOR``: the
+        """An evaluation ([`airvae.evaluation.evaluate_run`][]) as ``evaluation/NAME/ESTIMATOR``: the
         mean in nats (ln p(x) or a bound for the estimators, Delta_inf for ``gap``), at ``step`` (the
         run's last logged step); NAME is its file's stem in ``RUN/evaluations/``, e.g.
         ``test-88245f0258``, so evaluations with other settings never share a tag."""
@@ -278,6 +286,7 @@ class Tracker:
         self._each("scalars", step, values, time.time() if walltime is None else walltime)
 
     def close(self, status: str | None = None) -> None:
+        """Close the sinks; ``status`` is the run's (``completed``, ``interrupted``, ...), which MLflow records."""
         self._each("close", status)
         self.sinks.clear()
 
@@ -302,7 +311,13 @@ def _run_name(run_dir: Path) -> str:
 
 
 def log_evaluation(run_dir: Path, path: Path, result: dict) -> None:
-    """Send a new evaluation to the sinks of a tracked run (none: nothing happens)."""
+    """Send a new evaluation to the sinks of a tracked run (none: nothing happens).
+
+    Args:
+        run_dir: the run directory.
+        path: the evaluation's file in ``RUN/evaluations/`` (its stem names it in the sinks).
+        result: the evaluation record.
+    """
     try:
         stored = read_tracking(run_dir)
     except Exception as error:  # noqa: BLE001 - the evaluation itself is stored either way

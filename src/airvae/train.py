@@ -1,7 +1,7 @@
 """Training one airvae run (per appendix E: Adam, the learning-rate decay of eq. 43, early stopping
 on a validation IWAE-k estimate, checkpoints and exact resume): everything checked before anything
 is written, the run folder created or checked for resuming and locked, then the model trained by
-:func:`airvae.driver.drive` (which every trainer shares).
+[`airvae.driver.drive`][] (which every trainer shares).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .tracking import TrackingSettings, choose_sinks
 def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.device:
     """Everything about a run that can be checked before its directory is touched: the data fits
     the config, the device exists, and the memory the run needs (with ``runs`` - 1 others in a
-    stacked group, :mod:`airvae.stacked`) is there. Returns the device."""
+    stacked group, [`airvae.stacked`][]) is there. Returns the device."""
     cfg.check_dataset(dataset)
     n_train = len(dataset.train)
     if cfg.batch_size > n_train:
@@ -46,13 +46,36 @@ def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.devic
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, dataset=None, allow_data_change: bool = False,
           tracking: TrackingSettings | None = None) -> TrainResult:
-    """Train (or resume) one model and write its run directory. ``dataset`` optionally supplies an
-    already loaded :class:`airvae.data.Dataset`. ``tracking``: the sinks (TensorBoard, MLflow)
-    the run writes to besides metrics.jsonl (:mod:`airvae.tracking`); None keeps the run's own
-    choice (none for a new run).
+    """Train (or resume) one of airvae's models, as ``airvae train`` does, and write its run directory.
 
-    Nothing is written before every check has passed (:func:`check_training_inputs`); the run
-    directory is then locked for the whole call (:class:`airvae.runs.RunLock`)."""
+    Nothing is written before every check has passed (the data fit the config, the device exists,
+    the memory is there, the run directory may be used as asked); the run directory is then locked
+    for the whole call ([`airvae.runs.RunLock`][]). The schedule is appendix E's: Adam, the
+    learning-rate decay of eq. 43, early stopping on a validation IWAE-k estimate.
+
+    Args:
+        cfg: the run ([`resolve_run_config`][airvae.config.resolve_run_config] builds one from the
+            paper's presets).
+        run_dir: the run directory.
+        resume: continue the run in ``run_dir`` from its last checkpoint (its config must match).
+        overwrite: discard the airvae run in ``run_dir`` and start again.
+        progress: show a progress bar.
+        dataset (Dataset | None): the data, already loaded
+            ([`airvae.data.Dataset`][]); None: loaded from ``cfg.dataset``.
+        allow_data_change: resume although the data differ from those the run started on.
+        tracking: the sinks (TensorBoard, MLflow) the run writes to besides metrics.jsonl
+            ([`airvae.tracking`][]); None keeps the run's own choice (none for a new run).
+
+    Returns:
+        The run's [`TrainResult`][airvae.driver.TrainResult].
+
+    Raises:
+        RunError: the run directory cannot be used as asked (a file, a link, a foreign folder, a run
+            without ``resume`` or ``overwrite``, a run another process is writing).
+        ConfigError: the run cannot run here (data that do not fit, a missing device, not enough
+            memory).
+        TrainingDiverged: the objective became non-finite; the run records why first.
+    """
     run_dir = Path(run_dir)
     check_run_dir_use(run_dir, resume=resume, overwrite=overwrite)  # refused before any work
     if dataset is None:

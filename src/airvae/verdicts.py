@@ -4,9 +4,9 @@
   parts they share), minibatch order and training draws, so two models are compared **paired**:
   per seed, the difference of their means over the same test examples.
 - Across seeds, the mean of those per-seed differences gets a two-sided **t interval** with
-  n_seeds - 1 degrees of freedom at :data:`LEVEL` (95%).
-- A **verdict** needs at least :data:`MIN_SEEDS` seeds and a budget that can test the claim
-  (:func:`budget_judges`): the interval above zero is the claim's direction, below zero the
+  n_seeds - 1 degrees of freedom at [`LEVEL`][airvae.verdicts.LEVEL] (95%).
+- A **verdict** needs at least [`MIN_SEEDS`][airvae.verdicts.MIN_SEEDS] seeds and a budget that can test the claim
+  ([`budget_judges`][airvae.verdicts.budget_judges]): the interval above zero is the claim's direction, below zero the
   opposite, across zero no decision. Under a true null the rule errs in either direction with
   probability 1 - LEVEL in all (2.5% each way): ``tests/test_verdicts.py`` measures it, and the
   rate at which it finds an effect of known size, on simulated seeds.
@@ -30,7 +30,16 @@ SUPPORTS, CONTRADICTS, INCONCLUSIVE = "supports", "contradicts", "inconclusive"
 
 @dataclass(frozen=True)
 class Interval:
-    """The mean of per-seed differences, its standard error and t interval (NaN below two seeds)."""
+    """The mean of per-seed differences, its standard error and t interval (NaN below two seeds).
+
+    Attributes:
+        mean: the mean difference.
+        se: its standard error over seeds.
+        low: the interval's lower end, at [`LEVEL`][airvae.verdicts.LEVEL].
+        high: its upper end.
+        n: the seeds.
+        differences: the per-seed differences.
+    """
 
     mean: float
     se: float
@@ -56,8 +65,16 @@ def t_quantile(n: int, level: float = LEVEL) -> float:
 
 
 def paired_interval(differences: Sequence[float | None], level: float = LEVEL) -> Interval | None:
-    """The interval of per-seed paired differences (None values, a seed missing from either side,
-    are dropped); None when no seed has both."""
+    """The interval of per-seed paired differences.
+
+    Args:
+        differences: one per seed; None values (a seed missing from either side) and non-finite ones
+            are dropped.
+        level: the interval's confidence level.
+
+    Returns:
+        The interval; None when no seed has a number.
+    """
     values = tuple(float(d) for d in differences if d is not None and math.isfinite(d))
     if not values:
         return None
@@ -77,7 +94,7 @@ def paired_differences(a: dict, b: dict) -> list[float]:
 def budget_judges(budget: str | None) -> bool:
     """Whether runs at ``budget`` can test a paper's claim: ``smoke`` checks plumbing only (its
     models barely train), so it never gets a verdict; ``quick`` and ``paper`` do (quick's are
-    labelled with what the budget changes: :func:`airvae.claims.deviations`)."""
+    labelled with what the budget changes: [`airvae.claims.deviations`][])."""
     from .config import BUDGETS
 
     return budget in BUDGETS and BUDGETS[budget].judged
@@ -86,7 +103,16 @@ def budget_judges(budget: str | None) -> bool:
 def decide(interval: Interval | None, budget: str | None = None) -> str:
     """The rule: ``supports`` when the interval lies above zero (the claim's direction is positive by
     construction: the caller orients the differences), ``contradicts`` below zero, ``inconclusive``
-    across it; otherwise why there is no verdict."""
+    across it; otherwise why there is no verdict.
+
+    Args:
+        interval: the paired interval of the claim's differences (None: numbers are missing).
+        budget: the runs' budget, if known: one that cannot test claims gets no verdict
+            ([`budget_judges`][airvae.verdicts.budget_judges]).
+
+    Returns:
+        ``"supports"``, ``"contradicts"``, ``"inconclusive"``, or ``"no verdict (why)"``.
+    """
     if interval is None:
         return "no verdict (missing numbers)"
     if budget is not None and not budget_judges(budget):
@@ -101,4 +127,5 @@ def decide(interval: Interval | None, budget: str | None = None) -> str:
 
 
 def is_verdict(word: str) -> bool:
+    """Whether ``word`` is one of the rule's three verdicts (not a "no verdict")."""
     return word in (SUPPORTS, CONTRADICTS, INCONCLUSIVE)

@@ -70,7 +70,7 @@ they are (NaN and infinities are refused).
 An optional integer entry ``levels`` (2..256) declares integer data on ``levels`` grey levels
 ``0..levels-1`` instead (given as ``x / (levels - 1)``).
 
-Whatever the source, every :class:`Dataset` holds its splits as ``(N, D)`` arrays of the rows models
+Whatever the source, every [`Dataset`][airvae.data.Dataset] holds its splits as ``(N, D)`` arrays of the rows models
 see, images flattened row-major: uint8 0/1 for binary data, float32 otherwise (grey levels on the
 grid ``i / (levels - 1)``, real values as given); ``levels`` (2, the grid size, or None for
 real-valued) and ``image_shape`` (``(C, H, W)``, or None for flat vectors) say how to read them.
@@ -126,11 +126,26 @@ _HOW_TO_PROVIDE = (
 def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, download: bool = True,
                  progress: bool = True) -> Dataset:
-    """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``, the bundled ``"digits"``) or
-    a user ``.npz``.
+    """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``, the bundled ``"digits"``) or a
+    user's ``.npz``.
 
-    See the module docstring for the resolution order (cache, ``data_dir``, download).
-    Raises :class:`DatasetError` with instructions for every data problem.
+    See the module docstring for the resolution order (cache, ``data_dir``, download) and each
+    dataset's conventions.
+
+    Args:
+        name_or_path: a dataset's name, or the path of an ``.npz`` with arrays ``train``, ``valid``
+            and ``test``, each ``(N, D)`` or images ``(N, C, H, W)`` (optionally ``levels``: module
+            docstring).
+        data_dir: a folder holding the source files (offline machines; default ``$AIRVAE_DATA_DIR``).
+        cache_dir: airvae's cache folder (default ``$AIRVAE_CACHE_DIR``, else ``~/.cache/airvae``).
+        download: fetch missing source files from their public URLs; False never touches the network.
+        progress: show download progress.
+
+    Returns:
+        The three splits and what their values are.
+
+    Raises:
+        DatasetError: every data problem, with instructions ([`DatasetError`][airvae.data.DatasetError]).
     """
     text = os.fspath(name_or_path)
     if text.lower() == "digits":
@@ -144,9 +159,13 @@ def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | 
 
 
 def check_dataset_name(name_or_path: str | os.PathLike) -> None:
-    """Refuse, without reading any data, what :func:`load_dataset` would refuse from the name alone: an
-    unknown name, or an ``.npz`` path that does not exist or is not a regular file. Commands call it
-    before long work starts."""
+    """Refuse, without reading any data, what [`load_dataset`][airvae.data.load_dataset] would refuse from
+    the name alone: an unknown name, or an ``.npz`` path that does not exist or is not a regular
+    file. Commands call it before long work starts.
+
+    Raises:
+        DatasetError: the name or path is refused.
+    """
     text = os.fspath(name_or_path)
     if text.lower() in DATASETS:
         return

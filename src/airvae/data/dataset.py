@@ -1,6 +1,6 @@
-"""The :class:`Dataset` every loader returns, the error every data problem raises, and the helpers
+"""The [`Dataset`][airvae.data.Dataset] every loader returns, the error every data problem raises, and the helpers
 over a dataset's splits (subsets spread over a split, a digest of the contents). Imports nothing else
-of airvae: the other modules of :mod:`airvae.data` build on it."""
+of airvae: the other modules of [`airvae.data`][] build on it."""
 from __future__ import annotations
 
 import hashlib
@@ -18,12 +18,20 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
 class Dataset:
-    """Three splits of examples, one row each (images flattened row-major), plus what their values
-    are and where they came from.
+    """Three splits of examples, one row each (images flattened row-major), plus what their values are
+    and where they came from; checked when made.
 
-    ``levels`` = 2: binary, uint8 0/1 (the paper's data); an integer L > 2: grey levels, float32 on
-    the grid ``i / (L - 1)``; None: real-valued float32. ``image_shape`` ``(C, H, W)``: the rows are
-    images (None: flat vectors)."""
+    Attributes:
+        name: the dataset's name (or the user file's).
+        train: the training split, ``[N, dim]``.
+        valid: the validation split.
+        test: the test split.
+        source: where the data came from (files and checksums, or the provenance of bundled data).
+        deviation: how the data depart from the paper's, when they do (None: they do not).
+        levels: 2: binary, uint8 0/1 (the paper's data); an integer L > 2: grey levels, float32 on the
+            grid ``i / (L - 1)``; None: real-valued float32.
+        image_shape: ``(C, H, W)`` when the rows are images (None: flat vectors).
+    """
 
     name: str
     train: np.ndarray
@@ -56,9 +64,11 @@ class Dataset:
 
     @property
     def dim(self) -> int:
+        """Values per example."""
         return int(self.train.shape[1])
 
     def split(self, name: str) -> np.ndarray:
+        """The split ``name`` (``train``, ``valid`` or ``test``)."""
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return getattr(self, name)

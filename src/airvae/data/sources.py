@@ -1,7 +1,7 @@
 """Where the datasets come from: the registry of the paper's three datasets (the file sets each is
 accepted as, their checksums, public download URLs and provenance), the converters from their original
-formats to binary splits, and the bundled grey-level digits (module docstring of :mod:`airvae.data`).
-Nothing here reads or writes the cache or touches the network: :mod:`airvae.data.cache` does."""
+formats to binary splits, and the bundled grey-level digits (module docstring of [`airvae.data`][]).
+Nothing here reads or writes the cache or touches the network: ``airvae.data.cache`` does."""
 from __future__ import annotations
 
 import gzip
@@ -201,7 +201,7 @@ DIGITS_PROVENANCE = (
 
 
 def load_digits() -> Dataset:
-    """The bundled grey-level dataset (:mod:`airvae.data`'s docstring): verified by sha256, split as documented."""
+    """The bundled grey-level dataset ([`airvae.data`][]'s docstring): verified by sha256, split as documented."""
     with resources.as_file(resources.files("airvae").joinpath("bundled", DIGITS_FILE)) as path:
         verify(path, f"sha256:{DIGITS_SHA256}")
         with gzip.open(path, "rt") as f:

@@ -1,7 +1,7 @@
 """Users' own ``.npz`` datasets: the checks that the path is a regular file, the validation of the
 arrays ``train``, ``valid`` and ``test``, and the detection of what their values are (binary, grey
-levels or real-valued; :mod:`airvae.data`'s docstring). Such a file is read (safely, by
-:func:`airvae.data.npz.read_npz`) but never cached."""
+levels or real-valued; [`airvae.data`][]'s docstring). Such a file is read (safely, by
+``airvae.data.npz.read_npz``) but never cached."""
 from __future__ import annotations
 
 import math
@@ -62,7 +62,7 @@ def load_user_npz(path: Path) -> Dataset:
 
 
 def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
-    """The kind of values of a user's splits (:mod:`airvae.data`'s docstring): 2 (binary), the number of grey
+    """The kind of values of a user's splits ([`airvae.data`][]'s docstring): 2 (binary), the number of grey
     levels, or None (real-valued); raises DatasetError for values that are none of these."""
     if declared is not None:
         ok = declared.ndim == 0 and declared.dtype.kind in "iu" and 2 <= int(declared) <= 256

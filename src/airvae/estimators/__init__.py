@@ -1,26 +1,27 @@
 """Log-likelihood estimators for trained models, separate from training, by family:
 
-* :mod:`~airvae.estimators.amortized` -- :func:`iwae_log_likelihood`, IWAE-k with the amortized
-  encoder (appendix C, eq. 40), and :func:`amortized_bound`, the model's own training bound
-  L_k(x) (eq. 5 for k = 1, eq. 20);
-* :mod:`~airvae.estimators.iwsvi` -- :func:`iw_svi_log_likelihood`, importance-weighted SVI
-  (appendix C, eq. 41-42): a per-example Gaussian q optimized on the IWAE-l bound, then scored
-  with IWAE-k;
-* :mod:`~airvae.estimators.gap` -- :func:`inference_gap`, Delta_inf = ln p(x) - L_k(x) per
+* ``airvae.estimators.amortized`` -- [`iwae_log_likelihood`][airvae.estimators.iwae_log_likelihood], IWAE-k
+  with the amortized encoder (appendix C, eq. 40), and [`amortized_bound`][airvae.estimators.amortized_bound],
+  the model's own training bound L_k(x) (eq. 5 for k = 1, eq. 20);
+* ``airvae.estimators.iwsvi`` -- [`iw_svi_log_likelihood`][airvae.estimators.iw_svi_log_likelihood],
+  importance-weighted SVI (appendix C, eq. 41-42): a per-example Gaussian q optimized on the IWAE-l bound,
+  then scored with IWAE-k;
+* ``airvae.estimators.gap`` -- [`inference_gap`][airvae.estimators.inference_gap], Delta_inf = ln p(x) - L_k(x) per
   example (Table 1);
-* :mod:`~airvae.estimators.ais` -- :func:`ais_log_likelihood`, annealed importance sampling with
-  HMC (not in the paper; an independent check of IW-SVI), and :func:`bdmc`, bidirectional Monte
-  Carlo (Grosse et al. 2015) on data :func:`simulate`-d from the model: a stochastic lower *and
-  upper* bound on ln p(x), certifying how tight AIS is;
-* :mod:`~airvae.estimators.common` -- the :class:`Estimate` they return and the per-example random
+* ``airvae.estimators.ais`` -- [`ais_log_likelihood`][airvae.estimators.ais_log_likelihood], annealed
+  importance sampling with HMC (not in the paper; an independent check of IW-SVI), and
+  [`bdmc`][airvae.estimators.bdmc], bidirectional Monte Carlo (Grosse et al. 2015) on data
+  [`simulate`][airvae.estimators.simulate]-d from the model: a stochastic lower *and upper* bound on ln p(x),
+  certifying how tight AIS is;
+* ``airvae.estimators.common`` -- the [`Estimate`][airvae.estimators.Estimate] they return and the per-example random
   streams they draw from;
-* :mod:`~airvae.estimators.registry` -- :data:`REGISTRY`, the estimators an evaluation chooses
-  from, each with its cost, memory, single-model and stacked call.
+* [`airvae.estimators.registry`][] -- [`REGISTRY`][airvae.estimators.registry.REGISTRY], the
+  estimators an evaluation chooses from, each with its cost, memory, single-model and stacked call.
 
-Every estimator takes any model that follows :class:`airvae.model.LatentVariableModel`
+Every estimator takes any model that follows [`airvae.model.LatentVariableModel`][]
 (``encode``, ``decoder``, ``likelihood``) and any data shape the likelihood scores. All of them
-use the model's one log-weights path (:func:`airvae.model.log_weights_given_q`) or, for AIS and
-BDMC, its log p(x|z) (:func:`airvae.model.conditional_log_prob`). Every example owns its random
+use the model's one log-weights path ([`airvae.model.log_weights_given_q`][]) or, for AIS and
+BDMC, its log p(x|z) ([`airvae.model.conditional_log_prob`][]). Every example owns its random
 streams, so an estimate does not depend on how the work is chunked.
 """
 

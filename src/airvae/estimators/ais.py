@@ -1,10 +1,10 @@
 """Annealed importance sampling with HMC (not in the paper; an independent check of IW-SVI that
 never uses the encoder) and bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015): on data
-:func:`simulate`-d from the model, a stochastic lower *and upper* bound on ln p(x), certifying
+[`simulate`][airvae.estimators.simulate]-d from the model, a stochastic lower *and upper* bound on ln p(x), certifying
 how tight AIS is.
 
-Both use the model's log p(x|z) (:func:`airvae.model.conditional_log_prob`) and each example's
-own random streams (AIS, BDMC's reverse chains, the simulation: :mod:`airvae.estimators.common`).
+Both use the model's log p(x|z) ([`airvae.model.conditional_log_prob`][]) and each example's
+own random streams (AIS, BDMC's reverse chains, the simulation: ``airvae.estimators.common``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,17 @@ DEFAULT_AIS_CHUNK_EXAMPLES = 256
 
 
 def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
-    """Inverse temperatures beta_0 = 0 < ... < beta_T = 1 (float64, T + 1 values).
+    """Inverse temperatures beta_0 = 0 < ... < beta_T = 1 of AIS's geometric path.
 
-    ``sigmoid``: beta_t proportional to sigmoid(sharpness * (2t/T - 1)), rescaled to [0, 1]; it
-    spends more steps near both ends, where the geometric path changes fastest (Grosse et al. 2015).
-    ``linear``: evenly spaced.
+    Args:
+        num_steps: T.
+        kind: ``"sigmoid"``: beta_t proportional to sigmoid(sharpness * (2t/T - 1)), rescaled to
+            [0, 1]; it spends more steps near both ends, where the geometric path changes fastest
+            (Grosse et al. 2015). ``"linear"``: evenly spaced.
+        sharpness: the sigmoid's slope.
+
+    Returns:
+        T + 1 values, float64.
     """
     check_k("num_steps", num_steps)
     t = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
@@ -81,12 +87,14 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_inter
                        tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
                        seed: int = 0, chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES,
                        progress: bool = False) -> Estimate:
-    """Annealed importance sampling (Neal 2001) of ln p(x) with HMC transitions.
+    """Annealed importance sampling (Neal 2001) of ln p(x) with HMC transitions: not in the paper, an
+    independent check of IW-SVI that never uses the encoder.
 
     Path: f_t(z) = p(z) p(x|z)^beta_t, geometric from the prior N(0, I) (beta = 0, sampled
     exactly, normalizer 1) to p(x, z) (beta = 1); ``num_intermediate`` annealing steps after the
-    prior (the last one targets the posterior), spaced by :func:`annealing_schedule`. Each chain
-    accumulates log w += (beta_t - beta_{t-1}) log p(x|z_{t-1}), then makes one HMC transition
+    prior (the last one targets the posterior), spaced by
+    [`annealing_schedule`][airvae.estimators.annealing_schedule]. Each chain accumulates
+    log w += (beta_t - beta_{t-1}) log p(x|z_{t-1}), then makes one HMC transition
     (``leapfrog_steps`` leapfrog steps, Metropolis accept) that leaves f_t invariant. ln p(x) is
     estimated by logmeanexp over the ``chains`` independent chains of each example: an unbiased
     estimate of p(x), hence a stochastic lower bound of ln p(x) like the other estimators.
@@ -100,6 +108,25 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_inter
     tests' ground-truth model it overestimated ln p(x) by 0.01-0.03 nats.) ``tuning_chains=0``
     keeps ``step_size`` fixed. Chains and examples never otherwise interact, so results do not
     depend on chunking.
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel] (its encoder is not used).
+        x: the examples, ``[n, ...]``.
+        num_intermediate: annealing steps T after the prior (more: tighter, slower).
+        chains: independent estimating chains per example.
+        leapfrog_steps: leapfrog steps per HMC transition.
+        step_size: the leapfrog step size (the starting one when adapted).
+        schedule: ``"sigmoid"`` or ``"linear"`` ([`annealing_schedule`][airvae.estimators.annealing_schedule]).
+        tuning_chains: extra chains per example that only adapt the step size (0: fixed step size).
+        target_accept: the acceptance probability the adaptation aims at, in (0, 1).
+        adapt_rate: how fast the step size adapts (>= 0).
+        seed: the seed of the examples' random streams.
+        chunk_examples: examples annealed at once (no effect on the result).
+        progress: show a progress bar.
+
+    Returns:
+        The per-example [`Estimate`][airvae.estimators.Estimate], named ``ais``; its settings
+        include the mean acceptance rate, a diagnostic.
     """
     _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
                adapt_rate)
@@ -147,9 +174,9 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
     are exact samples of the first distribution. Chains ``[:chains]`` estimate; the others, if
     any, only tune the step size. ``step_size`` is either the starting step size, adapted after
     every transition from the tuning chains' acceptance (``adaptation = (target_accept,
-    adapt_rate)``, see :func:`ais_log_likelihood`), or a ``[T, b]`` tensor of fixed step sizes,
-    one per transition and example. Returns (logmeanexp of the estimating chains' log weights
-    [b], an estimate of ln Z_last - ln Z_first; the sum over examples of their mean acceptance
+    adapt_rate)``, see [`ais_log_likelihood`][airvae.estimators.ais_log_likelihood]), or a ``[T, b]`` tensor
+    of fixed step sizes, one per transition and example. Returns (logmeanexp of the estimating chains' log
+    weights [b], an estimate of ln Z_last - ln Z_first; the sum over examples of their mean acceptance
     rate; the step sizes used [T, b])."""
     c, b, z_dim = z.shape
     dtype, device = z.dtype, z.device
@@ -201,10 +228,21 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
 @torch.no_grad()
 def simulate(model: LatentVariableModel, num_examples: int, *, seed: int = 0, z_dim: int | None = None,
              chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_examples`` pairs drawn from the model, z ~ N(0, I) then x ~ p(x|z): (x, z) on the
-    model's device. Given x, each z is an exact sample of the posterior p(z|x), which is what
-    :func:`bdmc`'s reverse chains need. Example i draws from its own stream (as in every
-    estimator), so the first examples do not depend on ``num_examples``."""
+    """Examples drawn from the model, z ~ N(0, I) then x ~ p(x|z). Given x, each z is an exact sample of
+    the posterior p(z|x), which is what [`bdmc`][airvae.estimators.bdmc]'s reverse chains need.
+    Example i draws from its own stream (as in every estimator), so the first examples do not depend
+    on ``num_examples``.
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        num_examples: pairs to draw.
+        seed: the seed of the examples' random streams.
+        z_dim: the latent size (default: read from the model, ``z_dim`` or ``decoder.z_dim``).
+        chunk_examples: examples decoded at once.
+
+    Returns:
+        ``(x, z)`` on the model's device, x float32.
+    """
     check_model(model)
     check_k("num_examples", num_examples)
     check_k("chunk_examples", chunk_examples)
@@ -225,13 +263,15 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
          chains: int = 16, leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
          tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2, seed: int = 0,
          chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> tuple[Estimate, Estimate]:
-    """Bidirectional Monte Carlo: a sandwich ``lower <= ln p(x) <= upper`` per example, for data
-    ``(x, z)`` simulated from the model (:func:`simulate`), so that each z is an exact sample of
-    p(z|x). Returns (lower, upper) Estimates. In expectation, ``upper - lower`` bounds the error of
-    each, and ``upper`` minus any other lower bound on these examples (IW-SVI) bounds its slack.
+    """Bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015): a sandwich
+    ``lower <= ln p(x) <= upper`` per example, for data ``(x, z)`` simulated from the model
+    ([`simulate`][airvae.estimators.simulate]), so that each z is an exact sample of p(z|x). In
+    expectation, ``upper - lower`` bounds the error of each, and ``upper`` minus any other lower
+    bound on these examples (IW-SVI) bounds its slack.
 
-    * lower: forward AIS from the prior, exactly :func:`ais_log_likelihood` with the same settings
-      and seed (an unbiased estimate of p(x), so E[lower] <= ln p(x));
+    * lower: forward AIS from the prior, exactly
+      [`ais_log_likelihood`][airvae.estimators.ais_log_likelihood] with the same settings and seed
+      (an unbiased estimate of p(x), so E[lower] <= ln p(x));
     * upper: reverse AIS, the same annealing path run from beta = 1 down to 0, every chain started
       at the z that generated x. Its weights are unbiased estimates of 1/p(x) (it is AIS from the
       normalized posterior to the prior), so minus their logmeanexp has E[upper] >= ln p(x).
@@ -240,6 +280,29 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_in
     beta: the kernels then depend only on x and chains independent of z, which keeps the reverse
     estimate exact (adapting on the reverse chains themselves would not). The sandwich narrows to
     0 as ``num_intermediate`` grows.
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        x: simulated examples, ``[n, ...]``.
+        z: the latents that generated them, ``[n, z_dim]``.
+        num_intermediate: annealing steps T after the prior (more: tighter, slower).
+        chains: independent estimating chains per example.
+        leapfrog_steps: leapfrog steps per HMC transition.
+        step_size: the leapfrog step size (the starting one when adapted).
+        schedule: ``"sigmoid"`` or ``"linear"`` ([`annealing_schedule`][airvae.estimators.annealing_schedule]).
+        tuning_chains: extra chains per example that only adapt the step size (0: fixed step size).
+        target_accept: the acceptance probability the adaptation aims at, in (0, 1).
+        adapt_rate: how fast the step size adapts (>= 0).
+        seed: the seed of the examples' random streams.
+        chunk_examples: examples annealed at once (no effect on the result).
+        progress: show a progress bar.
+
+    Returns:
+        ``(lower, upper)``, per-example [`Estimate`][airvae.estimators.Estimate]s named ``bdmc-lower``
+        and ``bdmc-upper``.
+
+    Raises:
+        ValueError: ``z`` is not one finite latent per example of ``x``.
     """
     _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
                adapt_rate)

@@ -1,10 +1,10 @@
 """IWAE-k scoring (appendix C, eq. 40-41), one function for every Gaussian q: the amortized
-encoder's (:func:`iwae_log_likelihood`, the model's own bound :func:`amortized_bound`) and
-IW-SVI's fitted one (:mod:`airvae.estimators.iwsvi`).
+encoder's ([`iwae_log_likelihood`][airvae.estimators.iwae_log_likelihood], the model's own bound
+[`amortized_bound`][airvae.estimators.amortized_bound]) and IW-SVI's fitted one (``airvae.estimators.iwsvi``).
 
 Every log weight goes through the model's one log-weights path
-(:func:`airvae.model.log_weights_given_q`), with standard-normal draws from each example's
-scoring stream (stream 0, :func:`airvae.estimators.common.example_generator`).
+([`airvae.model.log_weights_given_q`][]), with standard-normal draws from each example's
+scoring stream (stream 0, [`airvae.estimators.common.example_generator`][airvae.estimators.example_generator]).
 """
 
 from __future__ import annotations
@@ -22,7 +22,20 @@ from .common import DEFAULT_CHUNK_SAMPLES, Estimate, as_input, check_k, data_dim
 
 def log_weights_from_noise(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                            eps: torch.Tensor) -> torch.Tensor:
-    """log w for given standard-normal draws ``eps`` [k, b, z] -> [k, b] (the shared path)."""
+    """log w of ``model`` with proposal q = N(mean, diag(std^2)) for given standard-normal draws: the
+    model's log-weights path ([`log_weights_given_q`][airvae.model.log_weights_given_q]) with its own
+    likelihood.
+
+    Args:
+        model: the model.
+        x: the examples, ``[b, ...]``.
+        mean: q's mean, ``[b, z]``.
+        std: q's standard deviation, ``[b, z]``.
+        eps: the draws, ``[k, b, z]``.
+
+    Returns:
+        ``[k, b]``.
+    """
     return log_weights_given_q(model.decoder, x, mean, std, k=eps.shape[0], noise=eps, likelihood=model.likelihood)[0]
 
 
@@ -49,13 +62,30 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
                  repeats: int = 1, seed: int = 0, first_index: int = 0,
                  chunk_samples: int = DEFAULT_CHUNK_SAMPLES, bar: tqdm | None = None) -> torch.Tensor:
     """Per-example IWAE-k (eq. 40/41) with proposal q = N(mean, diag(std^2)), averaged over
-    ``repeats`` independent sets of k samples; returns [n] float64 on CPU.
+    ``repeats`` independent sets of k samples: the scoring step that IWAE-k, the amortized bound
+    and IW-SVI share.
 
     Exactly ``k`` samples per set. Work is split into chunks of about ``chunk_samples`` decoded
     latents: several examples per chunk when k is small, several chunks per example (merged with
     a running logsumexp) when k is large. Example ``i`` of ``x`` draws from stream 0 of example
     index ``first_index + i``; its r-th set of k samples is the r-th ``randn(k, z)`` draw of that
-    stream, so ``repeats=1`` reproduces IWAE-k with the same seed exactly.
+    stream, so ``repeats=1`` reproduces IWAE-k with the same seed exactly. The caller holds the
+    model [`frozen`][airvae.estimators.frozen].
+
+    Args:
+        model: the model.
+        x: the examples, ``[n, ...]``, on the model's device.
+        mean: q's mean per example, ``[n, z]``.
+        std: q's standard deviation per example, ``[n, z]``.
+        k: importance samples per set.
+        repeats: independent sets of k samples, averaged.
+        seed: the seed of the examples' random streams.
+        first_index: the example index of ``x[0]`` (its stream), when ``x`` is a slice of a split.
+        chunk_samples: latents decoded at once (memory against speed; no effect on the result).
+        bar: a progress bar advanced by the examples done.
+
+    Returns:
+        ``[n]`` float64, on the CPU.
     """
     check_k("k", k)
     check_k("repeats", repeats)
@@ -85,8 +115,22 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
 def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
                         chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
                         name: str | None = None) -> Estimate:
-    """IWAE-k with the amortized (clean) encoder (eq. 40): per-example
-    log (1/k) sum_i p(x, z_i)/q(z_i|x), exactly ``k`` samples per example."""
+    """IWAE-k with the amortized (clean) encoder (eq. 40): per example,
+    ``log (1/k) sum_i p(x, z_i) / q(z_i|x)`` with exactly ``k`` samples. A lower bound on ln p(x) that
+    scores encoder and decoder together; IW-SVI scores the decoder alone.
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        x: the examples (tensor or array, ``[n, ...]``), any data its likelihood scores.
+        k: importance samples per example.
+        seed: the seed of the examples' random streams.
+        chunk_samples: latents decoded at once (memory against speed; no effect on the result).
+        progress: show a progress bar.
+        name: the estimate's name (default ``iwae-<k>``).
+
+    Returns:
+        The per-example [`Estimate`][airvae.estimators.Estimate].
+    """
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, progress, name or f"IWAE-{k}")
     return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time,
@@ -95,11 +139,22 @@ def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 50
 
 def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
                     chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
-    """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5)
-    for k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent
-    draws of k samples (a lower-variance estimate of the same expectation).
+    """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5) for
+    k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent draws of k
+    samples (a lower-variance estimate of the same expectation). ``repeats=1`` equals
+    [`iwae_log_likelihood`][airvae.estimators.iwae_log_likelihood] with the same k and seed.
 
-    ``repeats=1`` equals :func:`iwae_log_likelihood` with the same k and seed.
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        x: the examples, ``[n, ...]``.
+        k: the training k.
+        repeats: independent draws of k samples, averaged.
+        seed: the seed of the examples' random streams.
+        chunk_samples: latents decoded at once (no effect on the result).
+        progress: show a progress bar.
+
+    Returns:
+        The per-example [`Estimate`][airvae.estimators.Estimate], named ``bound-<k>``.
     """
     start_time = time.perf_counter()
     values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, progress, f"L_{k} x{repeats}")
@@ -109,7 +164,7 @@ def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repe
 
 def _amortized_iwae(model: LatentVariableModel, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
                     desc: str) -> torch.Tensor:
-    """:func:`iwae_given_q` with the clean encoder's q, the model frozen."""
+    """[`iwae_given_q`][airvae.estimators.iwae_given_q] with the clean encoder's q, the model frozen."""
     check_k("k", k)
     x = as_input(model, x)
     with frozen(model):

@@ -1,4 +1,4 @@
-"""What every estimator shares: the :class:`Estimate` it returns, the per-example random streams
+"""What every estimator shares: the [`Estimate`][airvae.estimators.Estimate] it returns, the per-example random streams
 it draws from, and the checks and helpers around a model.
 
 Random draws are tied to (seed, stream, example index): every example owns its random streams, so
@@ -33,7 +33,15 @@ NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per exa
 
 @dataclass
 class Estimate:
-    """Per-example values of an estimator with its settings and cost."""
+    """Per-example values of an estimator with its settings and cost: what every estimator returns.
+
+    Attributes:
+        name: the estimator and its main setting, e.g. ``iwsvi-5000``.
+        values: per-example values in nats, ``[n]`` float64 on the CPU.
+        settings: the settings it was computed with.
+        seconds: wall time.
+        dims: data dimensions per example, for bits/dim (None for a density).
+    """
 
     name: str
     values: torch.Tensor  # [n] float64, on CPU
@@ -43,6 +51,7 @@ class Estimate:
 
     @property
     def mean(self) -> float:
+        """The mean over the examples, in nats."""
         return float(self.values.mean())
 
     @property
@@ -52,10 +61,14 @@ class Estimate:
 
     @property
     def stderr(self) -> float:
+        """The standard error of the mean over the examples (NaN for one example)."""
         n = self.values.numel()
         return float(self.values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
     def to_dict(self, per_example: bool = True) -> dict:
+        """A JSON-ready summary: name, settings, mean, stderr, n, seconds and dims, with the per-example
+        ``values`` unless ``per_example`` is False.
+        """
         out = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
                "n": self.values.numel(), "seconds": self.seconds, "dims": self.dims}
         if per_example:
@@ -64,7 +77,7 @@ class Estimate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Estimate":
-        """Inverse of :meth:`to_dict` (needs the per-example values)."""
+        """Inverse of [`to_dict`][airvae.estimators.Estimate.to_dict] (needs the per-example values)."""
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
                    float(d.get("seconds", 0.0)), d.get("dims"))
 
@@ -74,7 +87,19 @@ class Estimate:
 
 
 def example_generator(seed: int, index: int, device: torch.device, stream: int = STREAM_SCORE) -> torch.Generator:
-    """The random stream ``stream`` of example ``index``: independent of batching and chunking."""
+    """The random stream ``stream`` of example ``index``: independent of batching and chunking.
+
+    Args:
+        seed: the estimator's seed.
+        index: the example's index in its split (or among the examples evaluated).
+        device: where the generator lives.
+        stream: which stream: ``STREAM_SCORE`` (0, shared by IWAE-k, the bound and IW-SVI's scoring:
+            common random numbers), ``STREAM_SVI``, ``STREAM_AIS``, ``STREAM_BDMC_REVERSE`` or
+            ``STREAM_SIMULATE``.
+
+    Returns:
+        A seeded ``torch.Generator``.
+    """
     if stream == STREAM_SCORE:
         state = (seed * 1_000_003 + index) % (2**63)
     else:  # other streams: a well-mixed seed, so they never coincide with stream 0 of another example
@@ -87,8 +112,15 @@ class StepNoise:
 
     ``next()`` returns one standard-normal tensor of shape ``[*normal_shape[:1], b, *normal_shape[1:]]``
     (the example axis second, like log-weights) and, if ``uniform_shape`` is given, a uniform tensor
-    laid out the same way. Draws are made in fixed blocks of :data:`NOISE_BLOCK` steps per example
+    laid out the same way. Draws are made in fixed blocks of ``NOISE_BLOCK`` (16) steps per example
     so the stream of an example never depends on which other examples share its chunk.
+
+    Args:
+        generators: one per example of the chunk (b of them).
+        normal_shape: the shape of one example's standard-normal draw per step.
+        uniform_shape: the shape of one example's uniform draw per step (None: none).
+        device (torch.device): where the draws are made.
+        dtype (torch.dtype): their dtype.
     """
 
     def __init__(self, generators: list[torch.Generator], normal_shape: tuple[int, ...],
@@ -111,6 +143,7 @@ class StepNoise:
         self._pos = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next step's ``(normal, uniform or None)`` draws."""
         if self._pos == NOISE_BLOCK:
             self._refill()
         i, self._pos = self._pos, self._pos + 1
@@ -128,7 +161,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def check_model(model) -> None:
-    """A clear error for a model that does not follow :class:`airvae.model.LatentVariableModel`."""
+    """A clear error for a model that does not follow [`airvae.model.LatentVariableModel`][]."""
     missing = [name for name in ("encode", "decoder", "likelihood") if not hasattr(model, name)]
     if not isinstance(model, torch.nn.Module) or missing or not isinstance(model.likelihood, Likelihood):
         what = f"missing {', '.join(missing)}" if missing else (
@@ -149,8 +182,13 @@ def as_input(model: torch.nn.Module, x) -> torch.Tensor:
 
 
 def data_dims(model: LatentVariableModel, x) -> int | None:
-    """Data dimensions per example of ``x`` (a tensor, array or nested list), for bits/dim; None
-    where bits/dim mean nothing (a density over real values, not a probability of discrete data)."""
+    """Data dimensions per example of ``x``, for bits/dim; None where bits/dim mean nothing (a density
+    over real values, not a probability of discrete data).
+
+    Args:
+        model: the model, whose likelihood says whether it is discrete.
+        x (torch.Tensor | numpy.ndarray | list): the examples.
+    """
     return math.prod(np.shape(x)[1:]) if getattr(model.likelihood, "discrete", True) else None
 
 
@@ -191,7 +229,8 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @torch.no_grad()
 def encode_all(model: LatentVariableModel, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's (mean, std) for every example: clean, since callers hold the model :func:`frozen`
+    """The encoder's (mean, std) for every example: clean, since callers hold the model
+    [`frozen`][airvae.estimators.frozen]
     (eval mode)."""
     means, stds = [], []
     for start in range(0, x.shape[0], batch):

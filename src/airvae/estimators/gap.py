@@ -7,7 +7,20 @@ from .common import Estimate
 
 
 def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
-    """Per-example Delta_inf = ln p(x) - L_k(x) (Table 1), ln p(x) from IW-SVI (or AIS)."""
+    """Per-example Delta_inf = ln p(x) - L_k(x) (Table 1): how much the amortized encoder's bound
+    leaves out.
+
+    Args:
+        log_likelihood: ln p(x) per example, from IW-SVI (or AIS).
+        bound: the amortized bound L_k(x) on the same examples
+            ([`amortized_bound`][airvae.estimators.amortized_bound]).
+
+    Returns:
+        The per-example [`Estimate`][airvae.estimators.Estimate], named ``gap``.
+
+    Raises:
+        ValueError: the two estimates are not on the same number of examples.
+    """
     if log_likelihood.values.shape != bound.values.shape:
         raise ValueError(f"inference_gap: {log_likelihood.name} has {log_likelihood.values.numel()} examples, "
                          f"{bound.name} has {bound.values.numel()}; they must be the same examples")

@@ -1,5 +1,6 @@
 """Importance-weighted SVI (appendix C, eq. 41-42): a Gaussian q fitted to each example on the
-IWAE-l bound, then scored with IWAE-k (:func:`airvae.estimators.amortized.iwae_given_q`) on draws
+IWAE-l bound, then scored with IWAE-k
+([`airvae.estimators.amortized.iwae_given_q`][airvae.estimators.iwae_given_q]) on draws
 independent of the fit, so the result is an unbiased estimate of a lower bound on ln p(x)."""
 
 from __future__ import annotations
@@ -35,13 +36,28 @@ def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor, *, l: int = 8, steps
                lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
                chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, first_index: int = 0,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """q*_{x,l} of eq. 42 for every example: (mean, std), each [n, z] on the model's device.
+    """q*_{x,l} of eq. 42 for every example: a Gaussian q fitted to each example on its IWAE-l bound.
 
     q = N(mu, diag(exp(rho)^2)) per example, initialised from the clean encoder, then ``steps``
     Adam steps on the IWAE-l bound with lr decaying as ``lr * lr_decay ** (t / (steps - 1))``
     (eq. 43's form). A chunk of examples is one batched parameter tensor; the loss is the sum of
     the per-example bounds, so each example's gradient, and hence (Adam being elementwise) its
-    trajectory, is its own. The model is frozen throughout (:func:`airvae.estimators.frozen`).
+    trajectory, is its own. The model is frozen throughout ([`frozen`][airvae.estimators.frozen]).
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        x: the examples, ``[n, ...]``.
+        l: importance samples of the bound optimized (eq. 42's l).
+        steps: Adam steps (0: the encoder's q itself).
+        lr: Adam's initial step size (the paper gives none; see ``DEFAULT_SVI_LR``).
+        lr_decay: the final learning rate as a fraction of ``lr``, in (0, 1] (1: constant).
+        seed: the seed of the examples' random streams.
+        chunk_examples: examples optimized at once (no effect on the result).
+        first_index: the example index of ``x[0]`` (its stream).
+        progress: show a progress bar.
+
+    Returns:
+        ``(mean, std)``, each ``[n, z]`` on the model's device.
     """
     check_k("l", l)
     check_k("chunk_examples", chunk_examples)
@@ -83,12 +99,26 @@ def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar
 def fit_gaussian_q(m0: torch.Tensor, s0: torch.Tensor, log_weights, noise: StepNoise, *, steps: int, lr: float,
                    lr_decay: float, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
     """IW-SVI's optimization (eq. 42) for a batch of examples: Adam on each example's (mean, log std),
-    from the encoder's ``m0, s0`` ``[..., b, z]``, maximizing the sum of their IWAE-l bounds, with the
-    learning rate decayed geometrically from ``lr`` to ``lr * lr_decay``.
+    from the encoder's q, maximizing the sum of their IWAE-l bounds, with the learning rate decayed
+    geometrically from ``lr`` to ``lr * lr_decay``. A diverged example falls back to its encoder q.
 
-    ``log_weights(mean, std, eps)`` gives log w ``[..., l, b]`` for draws ``eps`` ``[l, b, z]`` from
-    ``noise`` (the examples' own streams). Leading dimensions are independent problems: a stacked
-    group's runs (:func:`airvae.stacked.stacked_fit_iw_svi`) share this code with a single model."""
+    Leading dimensions are independent problems: a stacked group's runs
+    ([`stacked_fit_iw_svi`][airvae.stacked.stacked_fit_iw_svi]) share this code with a single model.
+
+    Args:
+        m0: the encoder's means, ``[..., b, z]``: the starting point.
+        s0: the encoder's standard deviations, ``[..., b, z]``.
+        log_weights (Callable): ``log_weights(mean, std, eps)`` gives log w ``[..., l, b]`` for draws
+            ``eps`` ``[l, b, z]``.
+        noise: the examples' own streams, drawing ``eps`` at each step.
+        steps: Adam steps.
+        lr: the initial learning rate.
+        lr_decay: the final learning rate as a fraction of ``lr``.
+        on_step (Callable | None): called after every step (a progress bar).
+
+    Returns:
+        ``(mean, std)``, each ``[..., b, z]``.
+    """
     mu = m0.detach().clone().requires_grad_(True)
     rho = s0.detach().log().clone().requires_grad_(True)  # log sigma: unconstrained
     opt = torch.optim.Adam([mu, rho], lr=lr)
@@ -113,12 +143,30 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int
                           steps: int = 3000, lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY,
                           seed: int = 0, chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
                           chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
-    """IW-SVI (appendix C, eq. 41-42): fit a Gaussian q per example on IWAE-l for ``steps`` Adam
-    steps (:func:`fit_iw_svi`), then score it with exactly ``k`` samples (:func:`iwae_given_q`).
+    """IW-SVI (appendix C, eq. 41-42), the paper's estimator of ln p(x): fit a Gaussian q per example
+    on IWAE-l for ``steps`` Adam steps ([`fit_iw_svi`][airvae.estimators.fit_iw_svi]), then score it
+    with exactly ``k`` samples ([`iwae_given_q`][airvae.estimators.iwae_given_q]).
 
-    ``steps=0`` scores the encoder's q, i.e. equals IWAE-k with the same seed. The scoring draws
-    are independent of the optimization draws, so the result is an unbiased estimate of a lower
-    bound on ln p(x) for the fitted q.
+    Because q is fitted per example, with enough steps the estimate measures the decoder (the
+    generative model), not how good the encoder is. ``steps=0`` scores the encoder's q, i.e.
+    equals IWAE-k with the same seed. The scoring draws are independent of the optimization draws,
+    so the result is an unbiased estimate of a lower bound on ln p(x) for the fitted q.
+
+    Args:
+        model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
+        x: the examples, ``[n, ...]``.
+        k: importance samples of the final scoring (appendix C: 5000).
+        l: importance samples of the bound optimized (appendix C: 8).
+        steps: Adam steps T (appendix C: 3000).
+        lr: Adam's initial step size.
+        lr_decay: the final learning rate as a fraction of ``lr`` (1: constant).
+        seed: the seed of the examples' random streams.
+        chunk_examples: examples optimized at once (no effect on the result).
+        chunk_samples: latents decoded at once when scoring (no effect on the result).
+        progress: show progress bars.
+
+    Returns:
+        The per-example [`Estimate`][airvae.estimators.Estimate], named ``iwsvi-<k>``.
     """
     check_k("k", k)
     start_time = time.perf_counter()

@@ -2,14 +2,14 @@
 costs (latents decoded), the memory it needs at its peak, its call on one model and, for those a
 stacked group batches, its call on a group's runs.
 
-:mod:`airvae.evaluation` (the allowed names, :func:`~airvae.evaluation.evaluate_model`, the size
-that decides compiling), :func:`airvae.resources.evaluation_memory` and
-:func:`airvae.stacked.evaluate_group` look estimators up in :data:`REGISTRY` instead of choosing
-by name. This module depends on the estimator functions only: what it needs of a run's sizes
-(:class:`Footprint`) and of a stacked group (:class:`StackedRuns`) those callers pass in, so it
-imports none of them.
+[`airvae.evaluation`][] (the allowed names, [`evaluate_model`][airvae.evaluation.evaluate_model], the size
+that decides compiling), ``airvae.resources.evaluation_memory`` and
+[`airvae.stacked.evaluate_group`][] look estimators up in [`REGISTRY`][airvae.estimators.registry.REGISTRY]
+instead of choosing by name. This module depends on the estimator functions only: what it needs of a run's
+sizes ([`Footprint`][airvae.estimators.registry.Footprint]) and of a stacked group
+([`StackedRuns`][airvae.estimators.registry.StackedRuns]) those callers pass in, so it imports none of them.
 
-``settings`` is an :class:`airvae.evaluation.EvaluationSettings` throughout.
+``settings`` is an [`airvae.evaluation.EvaluationSettings`][] throughout.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .iwsvi import iw_svi_log_likelihood
 @dataclass(frozen=True)
 class Footprint:
     """A run's sizes, as the estimators' peak memory depends on them. Built from the run's
-    configuration by :func:`airvae.resources.evaluation_memory`, which owns the memory model."""
+    configuration by ``airvae.resources.evaluation_memory``, which owns the memory model."""
 
     z_dim: int
     row: int  # floats held per decoded latent
@@ -43,7 +43,7 @@ class Footprint:
 
 @dataclass(frozen=True)
 class StackedRuns:
-    """A group of runs evaluated together (:func:`airvae.stacked.evaluate_group`), as the stacked
+    """A group of runs evaluated together ([`airvae.stacked.evaluate_group`][]), as the stacked
     calls see it: ``iwae(k, repeats=1, q=None)`` gives each run's per-example IWAE-k ``[size, n]``
     (q: (mean, std) ``[size, n, z]``, else each run's encoder), ``fit_iw_svi(l=, steps=, lr=,
     lr_decay=, seed=, chunk_examples=)`` each run's IW-SVI q; both with the random streams a run
@@ -56,12 +56,18 @@ class StackedRuns:
 
 
 class Estimator(ABC):
-    """One estimator of an evaluation.
+    """One estimator of an evaluation: what [`evaluate_model`][airvae.evaluation.evaluate_model] and
+    [`evaluate_group`][airvae.stacked.evaluate_group] call, and what sizes an evaluation before it
+    runs.
 
-    ``needs``: estimators it is computed from; it is then computed after them, costs nothing more,
-    and is chosen whenever they all are. ``stacked``: ``(runs, settings, bound_k, done) -> one
-    Estimate per run`` (``done``: each run's estimates so far), or None where a group does not
-    batch it (its runs are then evaluated one by one).
+    Attributes:
+        name: its name in ``--estimators`` and in evaluation records.
+        meaning: one line: what it measures.
+        needs: estimators it is computed from; it is then computed after them, costs nothing more,
+            and is chosen whenever they all are.
+        stacked: ``(runs, settings, bound_k, done) -> one Estimate per run`` for a group of runs
+            ([`StackedRuns`][airvae.estimators.registry.StackedRuns]; ``done``: each run's estimates so
+            far), or None where a group does not batch it (its runs are then evaluated one by one).
     """
 
     name: str
@@ -130,6 +136,10 @@ def _per_run(runs: StackedRuns, compute: Callable[[], torch.Tensor], name: str, 
 
 
 class Bound(Estimator):
+    """``bound``: L_k(x), the model's own training bound with the clean encoder (eq. 5 for k = 1,
+    eq. 20), averaged over ``settings.bound_repeats`` draws
+    ([`amortized_bound`][airvae.estimators.amortized_bound]).
+    """
     name = "bound"
     meaning = "L_k(x), the model's own training bound with the clean encoder (eq. 5 for k = 1, eq. 20)"
 
@@ -154,6 +164,9 @@ class Bound(Estimator):
 
 
 class Iwae(Estimator):
+    """``iwae``: IWAE-``settings.k_iwae`` with the amortized encoder's q (eq. 40)
+    ([`iwae_log_likelihood`][airvae.estimators.iwae_log_likelihood]).
+    """
     name = "iwae"
     meaning = "IWAE-k with the amortized encoder's q (eq. 40): scores encoder and decoder together"
 
@@ -173,6 +186,9 @@ class Iwae(Estimator):
 
 
 class IwSvi(Estimator):
+    """``iwsvi``: ln p(x) by IW-SVI (eq. 41-42), the ``svi_*`` settings
+    ([`iw_svi_log_likelihood`][airvae.estimators.iw_svi_log_likelihood]).
+    """
     name = "iwsvi"
     meaning = "ln p(x) by IW-SVI (eq. 41-42): a Gaussian q fitted to each example, scored with IWAE-k"
 
@@ -200,6 +216,9 @@ class IwSvi(Estimator):
 
 
 class Ais(Estimator):
+    """``ais``: ln p(x) by annealed importance sampling with HMC, the ``ais_*`` settings
+    ([`ais_log_likelihood`][airvae.estimators.ais_log_likelihood]). Not batched across a stacked group.
+    """
     name = "ais"
     meaning = "ln p(x) by annealed importance sampling with HMC, from the prior, without the encoder"
 
@@ -215,6 +234,10 @@ class Ais(Estimator):
 
 
 class Gap(Estimator):
+    """``gap``: Delta_inf = ln p(x) [IW-SVI] - L_k per example
+    ([`inference_gap`][airvae.estimators.inference_gap]); needs ``bound`` and ``iwsvi`` and costs nothing
+    more.
+    """
     name = "gap"
     meaning = "Delta_inf = ln p(x) [IW-SVI] - L_k"
     needs = ("bound", "iwsvi")
@@ -238,6 +261,11 @@ class Gap(Estimator):
 
 
 class Bdmc(Estimator):
+    """``bdmc``: the sandwich lower <= ln p(x) <= upper by forward and reverse AIS
+    ([`bdmc`][airvae.estimators.bdmc]) on ``settings.bdmc_examples`` examples simulated from the model
+    ([`simulate`][airvae.estimators.simulate]); with ``iwsvi`` chosen, IW-SVI on them too. Not batched
+    across a stacked group.
+    """
     name = "bdmc"
     meaning = "the sandwich lower <= ln p(x) <= upper, by forward and reverse AIS on data simulated from the model"
 
