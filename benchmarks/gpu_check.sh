@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of airvae (about 5 minutes on one H100): the suite's CUDA tests, then stacked
+# The GPU check of airvae (running time not measured yet): the suite's CUDA tests, then stacked
 # training throughput against the device's matmul ceiling, evaluation rates, and the projected wall
 # time of `airvae reproduce table1 --budget paper` per dataset. Writes benchmarks/gpu_check.json.
 #   bash benchmarks/gpu_check.sh            (from anywhere; the PyTorch in PATH must be a CUDA build)
