@@ -21,6 +21,7 @@ import airvae
 import airvae.report
 import airvae.sweep
 from airvae import bundle
+from airvae.bundle import limits, read, write
 from airvae.cli import main
 from airvae.runs import BEST_WEIGHTS, RunLock, RunLocked, check_clearable, load_trained_model
 from test_safety import one_error_line, write_npz
@@ -164,10 +165,10 @@ def test_bundle_holds_the_locks_while_it_renders_and_packs(reproduction, tmp_pat
         return False
 
     seen = []
-    render, weights = airvae.report.render, bundle.best_weights_safetensors
+    render, weights = airvae.report.render, write.best_weights_safetensors
     monkeypatch.setattr(airvae.report, "render", lambda out: seen.append(held(out) and held(out / RUN))
                         or render(out))
-    monkeypatch.setattr(bundle, "best_weights_safetensors", lambda run: seen.append(held(results) and held(run))
+    monkeypatch.setattr(write, "best_weights_safetensors", lambda run: seen.append(held(results) and held(run))
                         or weights(run))
     assert main(["bundle", str(results), "--out", str(tmp_path / "shared.zip")]) == 0
     assert seen == [True] * 5  # rendering, then packing each run's weights
@@ -191,14 +192,14 @@ def test_an_out_path_that_cannot_be_written_is_named_and_never_overwritten(repro
         assert named in one_error_line(capsys)
     assert (results / "REPORT.md").stat().st_mtime_ns == report  # refused before anything was written
     # An --out that appears while the bundle is written (another process) is left as it is.
-    out, weights = tmp_path / "shared.zip", bundle.best_weights_safetensors
+    out, weights = tmp_path / "shared.zip", write.best_weights_safetensors
 
     def meanwhile(run_dir):
         if not out.exists():
             out.write_bytes(b"theirs")
         return weights(run_dir)
 
-    monkeypatch.setattr(bundle, "best_weights_safetensors", meanwhile)
+    monkeypatch.setattr(write, "best_weights_safetensors", meanwhile)
     assert main(["bundle", str(results), "--out", str(out)]) == 2
     assert f"{out} already exists" in one_error_line(capsys)
     assert out.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["results", "shared.zip",
@@ -263,7 +264,7 @@ def test_a_hostile_bundle_is_refused_in_one_line_and_nothing_is_extracted(tmp_pa
                                                                          options, why):
     cache = tmp_path / "cache"
     monkeypatch.setenv("AIRVAE_CACHE_DIR", str(cache))
-    monkeypatch.setattr(bundle, "MAX_FILES", 3)
+    monkeypatch.setattr(read, "MAX_FILES", 3)  # where the limit is read
     archive = hostile(tmp_path, name, b"/etc/passwd" if stat.S_ISLNK(mode) else b"{}", mode, **options)
     for argv in (["report", str(archive)], ["evaluate", f"{archive}/runs/x", "--no-progress"]):
         assert main(argv) == 2
@@ -289,7 +290,7 @@ def test_a_zip_archive_without_the_marker_is_no_bundle(tmp_path, monkeypatch, ca
 def test_size_limits_are_enforced_before_and_while_extracting(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
     archive = hostile(tmp_path, "REPORT.md", b"x" * 5000)
-    monkeypatch.setattr(bundle, "MAX_BYTES", 1000)
+    monkeypatch.setattr(read, "MAX_BYTES", 1000)
     assert main(["report", str(archive)]) == 2
     assert "more than 1,000 bytes" in one_error_line(capsys)
     # A header that understates its size (a zip bomb): the counted sizes pass, and decompression stops at
@@ -531,17 +532,17 @@ def bomb(tmp_path: Path, sizes: list[int]) -> Path:
 
 def test_a_zip_bomb_is_refused_by_its_compression_ratio_before_extracting(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
-    for archive, why in ((bomb(tmp_path, [bundle.RATIO_FLOOR * 2]), "runs/x/evaluations/0.json' expands"),
-                         (bomb(tmp_path, [bundle.RATIO_FLOOR // 8] * 16), "its files expand")):
+    for archive, why in ((bomb(tmp_path, [limits.RATIO_FLOOR * 2]), "runs/x/evaluations/0.json' expands"),
+                         (bomb(tmp_path, [limits.RATIO_FLOOR // 8] * 16), "its files expand")):
         assert main(["report", str(archive)]) == 2
         err = one_error_line(capsys)
         assert "refused" in err and why in err and f"more than {bundle.MAX_RATIO} times" in err, err
         assert not list((tmp_path / "cache").rglob("*"))
     # A central directory that overstates the compressed size (to pass the ratio) is refused as well.
-    archive = bomb(tmp_path, [bundle.RATIO_FLOOR * 2])
+    archive = bomb(tmp_path, [limits.RATIO_FLOOR * 2])
     raw = bytearray(archive.read_bytes())
     at = raw.rfind(b"PK\x01\x02") + 20  # the last entry's compressed size in the central directory
-    struct.pack_into("<I", raw, at, bundle.RATIO_FLOOR * 2)
+    struct.pack_into("<I", raw, at, limits.RATIO_FLOOR * 2)
     archive.write_bytes(bytes(raw))
     assert main(["report", str(archive)]) == 2
     err = one_error_line(capsys)

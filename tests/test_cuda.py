@@ -8,7 +8,8 @@ import torch
 from airvae.estimators import iwae_log_likelihood
 from airvae.model import build_vae
 from airvae.runs import LAST, load_checkpoint
-from airvae.stacked import StackedModel, _compiled, stacked_objectives
+from airvae.stacked import StackedModel, stacked_objectives
+from airvae.stacked.training import _compiled
 from airvae.train import train
 
 pytestmark = [pytest.mark.cuda,

@@ -342,7 +342,8 @@ def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same
     from airvae.model import model_from_config
     from airvae.driver import training_generator
     from airvae.model import denoising_parts
-    from airvae.stacked import StackedModel, _GroupDraws, stacked_objectives
+    from airvae.stacked import StackedModel, stacked_objectives
+    from airvae.stacked.training import _GroupDraws
 
     cfgs, device = PARTIAL, torch.device("cpu")
     assert len({group_key(c) for c in cfgs}) == 1
