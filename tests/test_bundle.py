@@ -152,7 +152,6 @@ def test_a_reproduction_with_a_failed_run_is_bundled_and_a_damaged_config_is_nam
 
 
 def test_bundle_holds_the_locks_while_it_renders_and_packs(reproduction, tmp_path, monkeypatch, capsys):
-    import airvae.reproduce
 
     results = tmp_path / "results"
     shutil.copytree(reproduction, results)
@@ -165,8 +164,8 @@ def test_bundle_holds_the_locks_while_it_renders_and_packs(reproduction, tmp_pat
         return False
 
     seen = []
-    render, weights = airvae.report.render, write.best_weights_safetensors
-    monkeypatch.setattr(airvae.report, "render", lambda out: seen.append(held(out) and held(out / RUN))
+    render, weights = write.render, write.best_weights_safetensors
+    monkeypatch.setattr(write, "render", lambda out: seen.append(held(out) and held(out / RUN))
                         or render(out))
     monkeypatch.setattr(write, "best_weights_safetensors", lambda run: seen.append(held(results) and held(run))
                         or weights(run))

@@ -7,7 +7,6 @@ one-sided Monte Carlo allowances: an estimator above the truth beyond its noise 
 import hashlib
 import json
 import math
-import sys
 import types
 
 import pytest
@@ -256,7 +255,7 @@ def test_format_table_shows_the_numbers_in_the_papers_signs(case):
 
 
 def fake_run(monkeypatch, tmp_path, model, x):
-    """A run directory served by stand-ins for airvae.runs / airvae.data (not under test here)."""
+    """A run directory whose loading (config, weights, data: not under test here) evaluation gets from stand-ins."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v1")
@@ -273,16 +272,13 @@ def fake_run(monkeypatch, tmp_path, model, x):
         data = x.to(torch.uint8).numpy()
         return types.SimpleNamespace(split=lambda s: data, deviation="synthetic stand-in", dim=data.shape[1])
 
-    runs = types.ModuleType("airvae.runs")
-    runs.load_config = lambda path: cfg
-    runs.load_trained_model_with_digest = load_trained_model_with_digest
-    runs.read_marker = lambda path: None  # a run from before markers: no recorded data digest
-    data = types.ModuleType("airvae.data")
-    data.load_dataset = load_dataset
-    data.DatasetError = ValueError
-    data.dataset_digest = lambda dataset: "d" * 64
-    monkeypatch.setitem(sys.modules, "airvae.runs", runs)
-    monkeypatch.setitem(sys.modules, "airvae.data", data)
+    import airvae.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "load_config", lambda path: cfg)
+    monkeypatch.setattr(evaluation, "load_trained_model_with_digest", load_trained_model_with_digest)
+    monkeypatch.setattr(evaluation, "read_marker", lambda path: None)  # from before markers: no recorded digest
+    monkeypatch.setattr(evaluation, "load_dataset", load_dataset)
+    monkeypatch.setattr(evaluation, "dataset_digest", lambda dataset: "d" * 64)
     return run_dir, calls
 
 

@@ -417,7 +417,7 @@ def test_a_lock_file_that_is_a_link_is_never_written_through(trained, tmp_path, 
 
 
 def test_reproduce_exits_non_zero_naming_the_runs_that_failed(tmp_path, monkeypatch, capsys):
-    import airvae.train as train_module
+    import airvae.sweep as train_module  # a sweep's tasks call train() from there
 
     data = write_npz(tmp_path / "tiny.npz")
     real = train_module.train

@@ -11,6 +11,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
+from .networks import conv_map_shapes, parse_spec
+
 MAX_SEED = 2**32 - 1  # seeds feed torch.manual_seed and derived streams (seed * 100_003 + epoch)
 # Upper bounds of settings: far beyond what the paper or any sensible run uses (its largest: 1.5e6 steps,
 # k = 5000, lr 1e-3, sigma*sqrt(d) = 17.5, i.e. sigma = 0.63), low enough that a typo (1e30, 1e308) is
@@ -56,7 +59,6 @@ def check_device_name(name) -> None:
 
 def check_hidden_spec(name: str, spec) -> None:
     """``name`` ("encoder" or "decoder") is a valid architecture spec ([`airvae.networks`][])."""
-    from .networks import parse_spec
 
     require(isinstance(spec, str) and spec.strip() != "", name, spec,
            "layers like d300-d300 or c32k4s2-c64k4s2, or 'none' for no hidden layer")
@@ -89,7 +91,6 @@ class Architecture:
     @property
     def convolutional(self) -> bool:
         """Whether either network has convolution layers (which need image data)."""
-        from .networks import parse_spec
 
         return bool(parse_spec(self.encoder, "encoder")[0] or parse_spec(self.decoder, "decoder")[0])
 
@@ -124,7 +125,6 @@ class LikelihoodConfig:
     components: int = 1
 
     def __post_init__(self):
-        from .likelihoods import Gaussian
 
         require(self.kind in LIKELIHOODS, "likelihood", self.kind, " | ".join(LIKELIHOODS))
         require(is_real(self.std) and 1e-3 < self.std <= MAX_STD, "gaussian std", self.std,
@@ -154,7 +154,6 @@ class LikelihoodConfig:
 
     def build(self, x_dim: int):
         """The [`airvae.likelihoods.Likelihood`][] for data of ``x_dim`` dimensions."""
-        from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 
         if self.kind == "gaussian":
             return Gaussian(self.std, self.std_mode, (x_dim,) if self.std_mode == "per-dimension" else None)
@@ -369,7 +368,6 @@ class RunConfig:
                f"None, or (C, H, W) with C*H*W = x_dim = {self.x_dim}")
         if not self.architecture.convolutional:
             return
-        from .networks import conv_map_shapes, parse_spec
 
         for role in ("encoder", "decoder"):
             spec = getattr(self.architecture, role)

@@ -34,9 +34,23 @@ from .devices import accumulator_dtype
 from .estimators import iwae_log_likelihood
 from .evaluation import current_evaluations
 from .model import air_objective
-from .runs import (BEST, BEST_NEXT, LAST, METRICS, SUMMARY, RunError, RunIOError, append_line,
-                   check_training_checkpoint, load_checkpoint, read_metrics, save_checkpoint, write_error, write_json,
-                   write_metrics)
+from .runs import (
+    BEST,
+    BEST_NEXT,
+    LAST,
+    METRICS,
+    SUMMARY,
+    RunError,
+    RunIOError,
+    append_line,
+    check_training_checkpoint,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_error,
+    write_json,
+    write_metrics,
+)
 from .tracking import Tracker
 
 

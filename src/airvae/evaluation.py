@@ -28,15 +28,37 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_SAMPLES, MAX_SEED, RunConfig, check_device_name, check_int, is_int, is_real, require
-from .data import evenly_spaced
-from .runs import EVALUATIONS, RunError, best_checkpoint_digest, check_writable, write_json
-from .tracking import log_evaluation
-from .estimators import (DEFAULT_AIS_CHUNK_EXAMPLES, DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES,
-                         DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, REGISTRY, Estimate, fit_iw_svi, frozen,
-                         iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device)
-from .likelihoods import bits_per_dim
 from .compiling import LONG_EVALUATION_LATENTS, compile_for
+from .config import MAX_SAMPLES, MAX_SEED, RunConfig, check_device_name, check_int, is_int, is_real, require
+from .data import DatasetError, dataset_digest, evenly_spaced, load_dataset
+from .estimators import (
+    DEFAULT_AIS_CHUNK_EXAMPLES,
+    DEFAULT_CHUNK_SAMPLES,
+    DEFAULT_SVI_CHUNK_EXAMPLES,
+    DEFAULT_SVI_LR,
+    DEFAULT_SVI_LR_DECAY,
+    REGISTRY,
+    Estimate,
+    fit_iw_svi,
+    frozen,
+    iw_svi_log_likelihood,
+    iwae_given_q,
+    iwae_log_likelihood,
+    resolve_device,
+)
+from .likelihoods import bits_per_dim
+from .resources import check_fits, evaluation_memory
+from .runs import (
+    EVALUATIONS,
+    RunError,
+    best_checkpoint_digest,
+    check_writable,
+    load_config,
+    load_trained_model_with_digest,
+    read_marker,
+    write_json,
+)
+from .tracking import log_evaluation
 
 MAX_STEPS = 10**6  # IW-SVI steps, AIS distributions and chains, simulated examples, repeats
 ESTIMATORS = tuple(REGISTRY)  # the names an evaluation may choose, in canonical order
@@ -326,8 +348,6 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
             corrupt file, changed data without ``allow_data_change``, or a model of your own without
             ``model``.
     """
-    from .data import DatasetError, load_dataset
-    from .runs import load_config
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -356,8 +376,6 @@ def check_run_data(run_dir: Path, cfg, dataset, allow_data_change: bool = False)
     """The digest of ``dataset`` ([`airvae.data.dataset_digest`][]), after checking that it is the
     data the run was trained on (its marker's record) unless ``allow_data_change``, and that its
     examples fit the run's model."""
-    from .data import dataset_digest
-    from .runs import read_marker
 
     if dataset.dim != cfg.x_dim:
         raise RunError(f"cannot use {run_dir}: dataset {cfg.dataset!r} now has {dataset.dim} values per example, "
@@ -407,9 +425,6 @@ def _load_best(run_dir, split: str, max_examples: int | None, device: torch.devi
     """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
     (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
     the memory they need is checked before the model is loaded."""
-    from .data import load_dataset
-    from .resources import check_fits, evaluation_memory
-    from .runs import load_config, load_trained_model_with_digest
 
     cfg = load_config(run_dir)
     if dataset is None:

@@ -31,11 +31,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from .data import evenly_spaced  # noqa: E402
+from .data import (
+    evenly_spaced,  # noqa: E402
+    load_dataset,
+)
 from .devices import resolve_device  # noqa: E402
 from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
-from .runs import (METRICS, RunError, check_writable, load_config, load_trained_model, read_metrics,  # noqa: E402
-                   save_figure, write_json)
+from .runs import (  # noqa: E402
+    METRICS,
+    RunError,
+    check_writable,
+    load_config,
+    load_trained_model,
+    read_metrics,
+    save_figure,
+    write_json,
+)
 
 FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
 PLOTS_DIR = "plots"
@@ -110,7 +121,6 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         return out
     test_x, transpose, no_data = None, False, None
     try:
-        from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir or cfg.data_dir, progress=False)
         if dataset.dim != cfg.x_dim:

@@ -8,11 +8,35 @@ import csv
 import io
 from pathlib import Path
 
-from .claims import (METRICS, ais_beside_iwsvi, baseline_against_paper, by_seed, claim, claims_preamble, compare, deviations, estimator_labels,
-                     estimators_present, fmt, mean_se, metric, paper_improvement, paper_text, selected_rows, sign,
-                     suspect_estimates, verdict_scope)
+from .claims import (
+    METRICS,
+    ais_beside_iwsvi,
+    baseline_against_paper,
+    by_seed,
+    claim,
+    claims_preamble,
+    compare,
+    deviations,
+    estimator_labels,
+    estimators_present,
+    fmt,
+    mean_se,
+    metric,
+    paper_improvement,
+    paper_text,
+    selected_rows,
+    sign,
+    suspect_estimates,
+    verdict_scope,
+)
+from .evaluation import EvaluationSettings, current_evaluations, evaluation_path
+from .figures import FIGURES as PAPER_FIGURES
 from .files import refuse_links_under
-from .runs import BEST, FINISHED, METRICS as METRICS_FILE, read_json, read_metrics, write_text
+from .plots import FIGURES as RUN_FIGURES
+from .plots import PLOTS_DIR, plot_run
+from .questions import QUESTIONS
+from .runs import BEST, FINISHED, read_json, read_metrics, write_text
+from .runs import METRICS as METRICS_FILE
 from .sweep import REGULARIZED, Job
 from .targets import TARGETS, model_label, paper_tables
 
@@ -29,7 +53,6 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
         ``evaluation`` ([`merged_evaluation`][airvae.report.merged_evaluation]; None until it is
         finished and evaluated): the rows [`airvae.claims`][] reads.
     """
-    from .evaluation import EvaluationSettings
 
     manifest = read_json(out_dir / "manifest.json")
     rows = []
@@ -53,7 +76,6 @@ def merged_evaluation(run_dir: Path, settings) -> dict | None:
     the same split (e.g. AIS on 200 of the test examples that IW-SVI covers whole, or AIS added later
     with ``airvae evaluate``). Each estimate carries ``examples`` = (size of the split, max_examples),
     which lines up per-example values where two estimates are compared ([`airvae.claims.metric`][])."""
-    from .evaluation import current_evaluations, evaluation_path
 
     current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
     own = evaluation_path(run_dir, settings)
@@ -224,7 +246,6 @@ def render(out_dir: str | Path) -> Path:
     Raises:
         FileNotFoundError: ``out_dir`` holds no reproduction.
     """
-    from .questions import QUESTIONS
 
     out_dir = check_reproduction(out_dir)
     refuse_links_under(out_dir)  # nothing below is written through a link: reports, tables, figures, run plots
@@ -264,9 +285,8 @@ def render(out_dir: str | Path) -> Path:
         report += claims_preamble(labels, estimators, manifest["budget"])
         report += table_claims(manifest, rows, estimators, labels)
     else:
-        from .figures import FIGURES
 
-        paths, claims = FIGURES[target](manifest, rows, out_dir)
+        paths, claims = PAPER_FIGURES[target](manifest, rows, out_dir)
         report += [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in paths]
         report += ["", "## Claims", ""]
         if manifest["evaluation"]:
@@ -342,7 +362,6 @@ def bdmc_section(rows: list[dict]) -> list[str]:
 def plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
     """``airvae plot`` of the lowest seed of every configuration selected on validation (redrawn only
     when its metrics or best checkpoint changed), linked from a table."""
-    from .plots import FIGURES, PLOTS_DIR, plot_run
 
     shown: dict = {}
     for r in selected_rows(manifest, rows):
@@ -354,7 +373,7 @@ def plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
         return []
     lines = ["## Plots of the selected runs", "",
              "Lowest seed of each configuration selected on validation (`airvae plot RUN` draws any run).", "",
-             "| run | " + " | ".join(FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
+             "| run | " + " | ".join(RUN_FIGURES) + " |", "|---|" + "---|" * len(RUN_FIGURES)]
     for r in shown.values():
         plots_dir = r["run_dir"] / PLOTS_DIR
         inputs = [r["run_dir"] / name for name in (METRICS_FILE, BEST)]
@@ -362,6 +381,6 @@ def plots_section(out_dir: Path, manifest: dict, rows: list[dict]) -> list[str]:
         if not marker.exists() or any(p.exists() and p.stat().st_mtime > marker.stat().st_mtime for p in inputs):
             plot_run(r["run_dir"], device="cpu")
         cells = [f"[png]({(plots_dir / f'{name}.png').relative_to(out_dir).as_posix()})"
-                 if (plots_dir / f"{name}.png").exists() else "–" for name in FIGURES]
+                 if (plots_dir / f"{name}.png").exists() else "–" for name in RUN_FIGURES]
         lines.append(f"| `{r['job'].name}` | " + " | ".join(cells) + " |")
     return lines

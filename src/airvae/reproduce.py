@@ -12,13 +12,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError
+from .data import load_dataset
+from .evaluation import EvaluationSettings, run_study
 from .files import check_writable, refuse_links_under
 from .report import render
 from .runs import LOCK, RunError, RunLock, check_unlocked, read_json, write_json
-from .sweep import REGULARIZED, Job, Task, run_tasks, select_strengths
-from .targets import (AIS_BUDGETS, EVALUATION_BUDGETS, FIGURE3_STUDIES, STRENGTHS, TARGETS, TRACKED_TEST_EXAMPLES,
-                      figure3_dir, paper_strength, paper_tables, swept_strengths)
+from .sweep import REGULARIZED, Job, Task, finished_summary, run_tasks, select_strengths
+from .targets import (
+    AIS_BUDGETS,
+    EVALUATION_BUDGETS,
+    FIGURE3_STUDIES,
+    STRENGTHS,
+    TARGETS,
+    TRACKED_TEST_EXAMPLES,
+    figure3_dir,
+    paper_strength,
+    paper_tables,
+    swept_strengths,
+)
 from .tracking import TrackingSettings
+from .train import check_training_inputs
 
 # A reproduction larger than this is almost certainly a typo (--seeds 1e6): refused before planning.
 MAX_PLANNED_RUNS = 10_000
@@ -90,8 +103,6 @@ def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[
 def check_jobs(jobs: list[Job], data_dir: str | None, device: str) -> None:
     """Every job's configuration against its data, device and memory, before anything is written:
     a sweep that cannot run is refused whole instead of failing run by run."""
-    from .data import load_dataset
-    from .train import check_training_inputs
 
     datasets = {}
     for job in jobs:
@@ -130,7 +141,6 @@ def extra_evaluation(target: str, budget: str, estimators: tuple[str, ...]) -> d
     examples as the target's own, with the budget's AIS effort ([`AIS_BUDGETS`][airvae.targets.AIS_BUDGETS]);
     None for none.
     Its estimators sit beside the target's in the report ([`airvae.report.merged_evaluation`][])."""
-    from .evaluation import EvaluationSettings
 
     if not estimators:
         return None
@@ -232,9 +242,7 @@ def reproduce(target: str, datasets: list[str], budget: str, seeds: int, executo
 def _run_figure3(out_dir: Path, jobs: list[Job], study: dict, device: str, progress: bool) -> None:
     """Figure 3 on the seed-0 VAE of each dataset, in this process; skipped when the folder already
     holds it with the same settings."""
-    from .evaluation import run_study
 
-    from .sweep import finished_summary
 
     for job in jobs:
         run_dir, folder = job.run_dir(out_dir), figure3_dir(out_dir, job.dataset)

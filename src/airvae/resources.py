@@ -18,6 +18,7 @@ import torch
 from .config import ConfigError, RunConfig
 from .estimators import DEFAULT_CHUNK_SAMPLES
 from .estimators.registry import REGISTRY, Footprint
+from .networks import conv_map_shapes, parse_spec
 
 FLOAT = 4  # bytes per float32
 GiB = 2**30
@@ -87,7 +88,6 @@ def largest_group(need, device: torch.device, runs: int, share: float = 0.8) -> 
 
 
 def _widths(spec: str, role: str) -> tuple[int, ...]:
-    from .networks import parse_spec
 
     return parse_spec(spec, role)[1]
 
@@ -100,7 +100,6 @@ def _dense_parameters(inputs: int, hidden: tuple[int, ...], outputs: int) -> int
 def _conv_sizes(cfg: RunConfig, role: str) -> tuple[int, int, int]:
     """(parameters, floats of one example's feature maps, floats of the map next to the dense layers)
     of the encoder's or decoder's convolutions; zeros without any."""
-    from .networks import conv_map_shapes, parse_spec
 
     convs = parse_spec(getattr(cfg.architecture, role), role)[0]
     if not convs:

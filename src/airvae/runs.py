@@ -44,12 +44,28 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .config import CUSTOM, ConfigError, FitConfig, RunConfig
+from .files import (  # noqa: F401
+    TEMPORARY,
+    LinkRefused,
+    RunError,
+    RunIOError,
+    RunLocked,
+    append_line,
+    atomic_write_bytes,
+    check_writable,
+    hashed,
+    read_json,
+    read_metrics,
+    real_folder,
+    save_figure,
+    write_error,
+    write_json,
+    write_metrics,
+    write_text,
+)
 from .model import model_from_config
-from .files import (TEMPORARY, LinkRefused, RunError, RunIOError, RunLocked, append_line, atomic_write_bytes,  # noqa: F401
-                    check_writable, read_json, read_metrics, real_folder, save_figure, write_error, write_json, write_metrics,
-                    write_text)
-from .files import hashed
 
 try:
     import fcntl
@@ -448,7 +464,6 @@ def check_unlocked(directory: Path) -> None:
 
 
 def write_marker(run_dir: Path, data_digest: str | None) -> None:
-    from ._version import __version__
 
     write_json(run_dir / MARKER, {"airvae_run": MARKER_FORMAT, "airvae_version": __version__,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_sha256": data_digest})

@@ -8,23 +8,48 @@ is finished, resumes what was interrupted (from its last checkpoint), and a fail
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
 from tqdm.auto import tqdm
 
-from .config import Regularizer, RunConfig, resolve_run_config
-from .runs import FINISHED
 from .compiling import COMPILE_ENV
+from .config import Regularizer, RunConfig, check_int, is_real, resolve_run_config
+from .data import load_dataset
+from .devices import resolve_device
+from .evaluation import EvaluationSettings, evaluate_run, stored_evaluation
+from .files import append_line, real_folder
+from .resources import evaluation_memory, largest_group, training_memory
+from .runs import (
+    ERROR,
+    FINISHED,
+    MARKER,
+    SUMMARY,
+    RunError,
+    RunLocked,
+    check_unlocked,
+    load_config,
+    read_json,
+    run_dir_state,
+    write_json,
+    write_marker,
+)
+from .stacked import STACKED_ESTIMATORS, Member, evaluate_group, evaluation_key, group_key, step_rates, train_group
 from .tracking import TrackingSettings
+from .train import train
 
 # Table 7's search space for sigma*sqrt(d) and 10/H (0, the baseline, deliberately excluded).
 PAPER_GRID = (2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5)
@@ -127,7 +152,6 @@ class Task:
 def finished_summary(run_dir: Path) -> dict | None:
     """The run's summary if it says the run is finished; None otherwise (absent, unreadable, or
     unfinished: training then resumes it, and tells finished from unfinished by its checkpoint)."""
-    from .runs import SUMMARY, RunError, read_json
 
     try:
         summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None
@@ -140,9 +164,6 @@ def execute(task: Task) -> dict:
     """Train (or resume, or skip if finished) and optionally evaluate one job. Never raises: a
     failure is returned with ``status`` "failed" and written to ``error.json`` in the run
     directory; a run that another process is writing is skipped with ``status`` "locked"."""
-    from .data import load_dataset
-    from .runs import ERROR, SUMMARY, RunLocked, read_json
-    from .train import train
 
     started = time.perf_counter()
     run_dir = task.run_dir
@@ -159,7 +180,6 @@ def execute(task: Task) -> dict:
             summary = read_json(run_dir / SUMMARY)
         out["summary"] = summary
         if task.evaluation is not None:
-            from .evaluation import EvaluationSettings, evaluate_run
 
             settings = EvaluationSettings(**{**task.evaluation, "device": task.device})
             out["evaluation"] = _strip_values(evaluate_run(run_dir, settings, progress=False))
@@ -185,7 +205,6 @@ def execute(task: Task) -> dict:
 def _record_failure(run_dir: Path, error: dict) -> None:
     """``RUN/error.json``, in a folder that is airvae's (a run, or new: then marked as airvae's first,
     so that rerunning the sweep may use it); never in a folder that is someone else's."""
-    from .runs import ERROR, MARKER, RunError, run_dir_state, write_json, write_marker
 
     try:
         state = run_dir_state(run_dir)
@@ -223,8 +242,6 @@ class LocalExecutor:
         if self.workers == 1:
             yield from map(fn, tasks)
             return
-        import multiprocessing
-
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
@@ -247,8 +264,6 @@ def _init_worker(threads: int, parent: int) -> None:
 
 
 def _limit_threads(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -258,9 +273,6 @@ def _stop_with_parent(parent: int) -> None:
     the rerun of the sweep resumes."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not glibc/musl: keep the old behaviour
@@ -341,11 +353,6 @@ class StackedExecutor:
 
     def groups(self, tasks: list[Task]) -> list[list[tuple[Task, RunConfig]]]:
         """The unfinished, unlocked tasks, grouped as they will train."""
-        from .data import load_dataset
-        from .devices import resolve_device
-        from .resources import largest_group, training_memory
-        from .runs import check_unlocked
-        from .stacked import group_key
 
         datasets, pending = self._datasets, {}
         for task in tasks:
@@ -371,9 +378,6 @@ class StackedExecutor:
 
     def train_groups(self, tasks: list[Task]) -> set[str]:
         """Train every group; returns the names of the jobs trained to the end here."""
-        import warnings
-
-        from .stacked import Member, train_group
 
         trained = set()
         for members in self.groups(tasks):
@@ -399,13 +403,6 @@ class StackedExecutor:
         """Evaluate the trained runs of ``tasks`` that share an architecture as stacked groups
         ([`airvae.stacked.evaluate_group`][]), caching each run's result where ``fn`` (through
         evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
-        import warnings
-
-        from .devices import resolve_device
-        from .evaluation import EvaluationSettings, stored_evaluation
-        from .resources import evaluation_memory, largest_group
-        from .runs import load_config
-        from .stacked import STACKED_ESTIMATORS, evaluate_group, evaluation_key
 
         pending = {}
         for task in tasks:
@@ -454,8 +451,6 @@ class AutoExecutor:
 
     def choose(self, tasks: list[Task]):
         """The executor for ``tasks`` (and why, in ``choice`` and ``reason``)."""
-        from .devices import resolve_device
-        from .stacked import step_rates
 
         stacked = StackedExecutor()
         if resolve_device(self.device).type == "cuda":
@@ -503,7 +498,6 @@ def make_executor(name: str, workers: int = 1, address: str | None = None, gpus_
     Raises:
         ValueError: an unknown name or an invalid setting.
     """
-    from .config import check_int, is_real
 
     check_int("workers", workers, 1, MAX_WORKERS)
     if not (is_real(gpus_per_task) and 0 <= gpus_per_task < math.inf):
@@ -543,7 +537,6 @@ def run_tasks(tasks: list[Task], executor, log_path: Path | None = None, progres
             results.append(result)
             failed += result["status"] != "ok"  # failed, or locked by another process
             if log_path is not None:
-                from .files import append_line, real_folder
 
                 real_folder(log_path.parent)
                 append_line(log_path, json.dumps({k: v for k, v in result.items() if k != "evaluation"}))

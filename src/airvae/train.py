@@ -11,14 +11,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig
-from .data import dataset_digest
-from .devices import resolve_device
-from .driver import (Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive,  # noqa: F401
-                     training_generator)
 from .compiling import LONG_TRAINING_STEPS, compile_for
-from .resources import check_fits, training_memory
+from .config import ConfigError, RunConfig
+from .data import dataset_digest, load_dataset
+from .devices import resolve_device
+from .driver import Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator  # noqa: F401
 from .model import model_from_config
+from .resources import check_fits, training_memory
 from .runs import LAST, SUMMARY, RunError, RunLock, check_run_dir_use, load_checkpoint, open_run_dir, read_json
 from .tracking import TrackingSettings, choose_sinks
 
@@ -79,7 +78,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     run_dir = Path(run_dir)
     check_run_dir_use(run_dir, resume=resume, overwrite=overwrite)  # refused before any work
     if dataset is None:
-        from .data import load_dataset
 
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, progress=progress)
     device = check_training_inputs(cfg, dataset)

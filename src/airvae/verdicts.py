@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Sequence
 
+from .config import BUDGETS
+
 LEVEL = 0.95
 MIN_SEEDS = 3
 SUPPORTS, CONTRADICTS, INCONCLUSIVE = "supports", "contradicts", "inconclusive"
@@ -95,7 +97,6 @@ def budget_judges(budget: str | None) -> bool:
     """Whether runs at ``budget`` can test a paper's claim: ``smoke`` checks plumbing only (its
     models barely train), so it never gets a verdict; ``quick`` and ``paper`` do (quick's are
     labelled with what the budget changes: [`airvae.claims.deviations`][])."""
-    from .config import BUDGETS
 
     return budget in BUDGETS and BUDGETS[budget].judged
 

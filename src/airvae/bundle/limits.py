@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..runs import (CHECKPOINTS, ERROR, MARKER, METRICS, RUN_FOLDERS, SUMMARY,
-                   TENSORBOARD, RunError)
+from ..runs import CHECKPOINTS, ERROR, MARKER, METRICS, RUN_FOLDERS, SUMMARY, TENSORBOARD, RunError
 
 BUNDLE_MARKER = "airvae-bundle.json"
 BUNDLE_FORMAT = 1

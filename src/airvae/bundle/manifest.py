@@ -9,10 +9,12 @@ import math
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..runs import (RunError, read_json)
-
+from ..config import ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, check_int, is_real, require
+from ..evaluation import EvaluationSettings
+from ..runs import RunError, read_json
+from ..sweep import FAMILIES, Job
+from ..targets import STRENGTHS, TARGETS, figure3_dir
 from .limits import MANIFEST, MAX_COUNT, MAX_MANIFEST_BYTES, PLAIN_NAME, refuse
-
 
 # ----------------------------------------------------------------------------------------------
 # Manifests: every field checked before it names a path
@@ -23,7 +25,6 @@ def manifest_jobs(manifest, where: Path | str, fix: str) -> list:
     every field is checked by type and range (``check_manifest``): its fields name the folders
     that ``report``, ``evaluate`` and ``bundle`` read and write. A bad one is a RunError naming
     ``where`` (the file) with ``fix``."""
-    from ..config import ConfigError
 
     try:
         return check_manifest(manifest)
@@ -45,7 +46,6 @@ def check_archived_manifest(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, arch
         manifest = json.loads(bundle.read(info).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise refuse(archive, f"{info.filename} is not valid JSON ({type(error).__name__})") from None
-    from ..config import ConfigError
 
     try:
         check_manifest(manifest)
@@ -58,7 +58,6 @@ def check_extracted_manifest(folder: Path, archive: Path, name: str) -> None:
     the run folders it names, which must lie inside ``folder`` once resolved."""
     if not (folder / MANIFEST).exists():
         return
-    from ..targets import figure3_dir
 
     where, fix = f"bundle {archive} refused: {name}", "an archive airvae wrote never holds this: do not use it"
     manifest = read_json(folder / MANIFEST)
@@ -73,8 +72,6 @@ def check_extracted_manifest(folder: Path, archive: Path, name: str) -> None:
 def check_manifest(manifest) -> list:
     """Every field a reproduction's manifest holds (airvae.reproduce), by type and range; the jobs
     as [`airvae.sweep.Job`][]. Raises [`airvae.config.ConfigError`][] saying which field."""
-    from ..config import BUDGETS, MAX_SEED, ConfigError, check_int, require
-    from ..targets import STRENGTHS, TARGETS
 
     require(isinstance(manifest, dict), "manifest", type(manifest).__name__, "a JSON object")
     for key in ("target", "datasets", "budget", "seeds", "grid", "evaluation", "jobs"):
@@ -109,8 +106,6 @@ def check_manifest(manifest) -> list:
 def _check_job(fields) -> object:
     """One job of a manifest as a [`airvae.sweep.Job`][]: each field checked here, before
     Job's own checks (family, and its strength) and before [`name`][airvae.sweep.Job.name] makes a path of them."""
-    from ..config import ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, check_int, is_real, require
-    from ..sweep import FAMILIES, Job
 
     require(isinstance(fields, dict), "run", fields, "a JSON object of a run's fields")
     unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(Job)})
@@ -137,7 +132,6 @@ def _check_job(fields) -> object:
 
 
 def _check_choice(name: str, value, allowed) -> None:
-    from ..config import require
 
     require(isinstance(value, str) and value in allowed, name, value, ", ".join(allowed))
 
@@ -145,7 +139,6 @@ def _check_choice(name: str, value, allowed) -> None:
 def _check_dataset(value) -> None:
     """A dataset's name, or the path of its .npz file: what names the runs' folders (the name, or
     the file's stem) must be one plain path component."""
-    from ..config import require
 
     named = PurePosixPath(value).stem if isinstance(value, str) and value.endswith(".npz") else value
     require(isinstance(value, str) and "\0" not in value and isinstance(named, str)
@@ -154,15 +147,12 @@ def _check_dataset(value) -> None:
 
 
 def _is_finite(value) -> bool:
-    from ..config import is_real
 
     return is_real(value) and math.isfinite(value)
 
 
 def _check_evaluation(key: str, settings) -> None:
     """None, or the fields of [`airvae.evaluation.EvaluationSettings`][], checked by it."""
-    from ..config import ConfigError
-    from ..evaluation import EvaluationSettings
 
     if settings is None:
         return
@@ -180,7 +170,6 @@ _STUDY_INTS = {"fixed_steps": 0, "svi_k": 1, "l": 1}
 
 def _check_study(study) -> None:
     """None, or Figure 3's settings ([`airvae.targets.FIGURE3_STUDIES`][]), by type and range."""
-    from ..config import ConfigError, check_int, require
 
     if study is None:
         return

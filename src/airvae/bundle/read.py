@@ -11,12 +11,11 @@ import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ..data import cache_root
 from ..files import TEMPORARY_TAG, LinkRefused, real_folder
-from ..runs import (BEST_WEIGHTS, CONFIG, LAST, RunError, stream_digest)
-
+from ..runs import BEST_WEIGHTS, CONFIG, LAST, RunError, load_trained_model, stream_digest
 from .limits import BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, RATIO_FLOOR, SUFFIXES, refuse
 from .manifest import check_archived_manifest, check_extracted_manifest
-
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -69,7 +68,6 @@ def extract(archive: str | os.PathLike) -> Path:
     extracted on first use after every member is checked (module docstring); a refused archive
     extracts nothing and raises [`airvae.runs.RunError`][airvae.files.RunError] saying why. Its manifest is checked
     on every use, so an extraction by an older airvae is checked as well."""
-    from ..data import cache_root
 
     archive = Path(archive)
     root = cache_root() / "bundles"
@@ -234,7 +232,6 @@ def load(path: str | os.PathLike, which: str = "best", device: str = "cpu", mode
     Raises:
         RunError: no run there, a refused bundle, a missing checkpoint, or weights that do not fit.
     """
-    from ..runs import load_trained_model
 
     folder = resolve(path)
     if folder != Path(path) and not (folder / CONFIG).exists():

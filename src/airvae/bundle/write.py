@@ -14,13 +14,24 @@ import zipfile
 from functools import partial
 from pathlib import Path
 
+from .._version import __version__
 from ..files import TEMPORARY_TAG, RunIOError, real_folder
-from ..runs import (BEST, BEST_WEIGHTS, CONFIG, LOCK, RunError, RunLock, best_weights_safetensors, check_unlocked,
-                   load_config, read_json, write_error)
-
+from ..report import render
+from ..runs import (
+    BEST,
+    BEST_WEIGHTS,
+    CONFIG,
+    LOCK,
+    RunError,
+    RunLock,
+    best_weights_safetensors,
+    check_unlocked,
+    load_config,
+    read_json,
+    write_error,
+)
 from .limits import BUNDLE_FORMAT, BUNDLE_MARKER, MANIFEST, RESULTS_SUFFIXES, SHARED_FILES, SHARED_FOLDERS
 from .manifest import manifest_jobs
-
 
 # ----------------------------------------------------------------------------------------------
 # Writing
@@ -43,7 +54,6 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     Returns:
         The archive's path.
     """
-    from .._version import __version__
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir() or results_dir.is_symlink():
@@ -67,7 +77,6 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         archive = held.enter_context(_NewFile(out))
         files = []
         if kind == "reproduction":
-            from ..report import render
 
             if all(locked):  # a folder airvae may not write keeps its report as it is (the reader rebuilds it)
                 render(results_dir)

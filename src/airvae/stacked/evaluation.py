@@ -13,12 +13,24 @@ import torch
 from torch.func import vmap
 
 from ..config import RunConfig
-from ..devices import accumulator_dtype
-from ..estimators import (DEFAULT_CHUNK_SAMPLES, DEFAULT_SVI_CHUNK_EXAMPLES, REGISTRY, STREAM_SVI, StepNoise,
-                         chunked_iwae, data_dims, example_generator, fit_gaussian_q)
+from ..data import evenly_spaced, load_dataset
+from ..devices import accumulator_dtype, resolve_device
+from ..estimators import (
+    DEFAULT_CHUNK_SAMPLES,
+    DEFAULT_SVI_CHUNK_EXAMPLES,
+    REGISTRY,
+    STREAM_SVI,
+    StepNoise,
+    chunked_iwae,
+    data_dims,
+    example_generator,
+    fit_gaussian_q,
+)
 from ..estimators.registry import StackedRuns
+from ..evaluation import check_run_data, store_evaluation
 from ..model import log_weights_from_eps
-
+from ..resources import check_fits, evaluation_memory
+from ..runs import load_config, load_trained_model_with_digest
 from .group import StackedModel
 
 
@@ -165,11 +177,6 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     Raises:
         ValueError: an estimator the group does not batch, or runs that do not share a key.
     """
-    from ..data import evenly_spaced, load_dataset
-    from ..devices import resolve_device
-    from ..evaluation import check_run_data, store_evaluation
-    from ..resources import check_fits, evaluation_memory
-    from ..runs import load_config, load_trained_model_with_digest
 
     if not set(settings.estimators) <= set(STACKED_ESTIMATORS):
         raise ValueError(f"evaluate_group batches {', '.join(STACKED_ESTIMATORS)} only, not {settings.estimators}")

@@ -14,7 +14,7 @@ from torch.func import functional_call, vmap
 from torch.optim.adam import adam as torch_adam
 
 from ..config import Regularizer, RunConfig
-from ..driver import (fast_adam_options)
+from ..driver import fast_adam_options
 from ..model import encode_log_weights, mean_bound
 from ..networks import DenoisingEncoder
 from ..objectives import mix_bounds

@@ -11,21 +11,18 @@ from pathlib import Path
 
 import torch
 
+from ..compiling import LONG_TRAINING_STEPS, call_compiled, compile_for, torch_compile
 from ..config import RunConfig
 from ..data import dataset_digest
-from ..driver import (Batches, RunLog, SingleEngine, TrainResult, drive, restore_generator,
-                     training_generator)
-from ..estimators import (DEFAULT_CHUNK_SAMPLES)
-from ..compiling import call_compiled, compile_for, torch_compile
-from ..model import denoising_parts
+from ..driver import Batches, RunLog, SingleEngine, TrainResult, drive, restore_generator, training_generator
+from ..estimators import DEFAULT_CHUNK_SAMPLES
+from ..model import denoising_parts, model_from_config
 from ..objectives import Denoising, draw_step, seen_input
-from ..model import model_from_config
-from ..runs import RunLock
-
+from ..runs import LAST, RunError, RunLock, check_run_dir_use, check_unlocked, load_checkpoint, open_run_dir
+from ..tracking import choose_sinks
+from ..train import check_training_inputs
 from .evaluation import stacked_iwae
-from .group import (StackedAdam, StackedModel, adam_state_dict, group_key, load_adam_state,
-                    stacked_objectives)
-
+from .group import StackedAdam, StackedModel, adam_state_dict, group_key, load_adam_state, stacked_objectives
 
 # ----------------------------------------------------------------------------------------------
 # Training a group
@@ -68,10 +65,6 @@ def train_group(members: list[Member], dataset, *, progress: bool = True,
     Raises:
         ValueError: the runs cannot form a group (different keys or devices).
     """
-    from ..runs import check_unlocked
-    from ..tracking import choose_sinks
-    from ..runs import check_run_dir_use, open_run_dir
-    from ..train import check_training_inputs
 
     if len({group_key(m.cfg) for m in members}) != 1:
         raise ValueError("train_group: the runs do not share an architecture, schedule, k, m and structure")
@@ -187,7 +180,6 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
 
 
 def _checkpointed_step(run_dir: Path) -> int:
-    from ..runs import LAST, RunError, load_checkpoint
 
     try:
         return int(load_checkpoint(Path(run_dir) / LAST)["state"]["step"]) if (Path(run_dir) / LAST).exists() else 0
@@ -215,7 +207,6 @@ def _compiled(fn, device: torch.device):
 def _long_group_steps(runs: int) -> int:
     """Compile (in auto mode) when the group's remaining work is long: the per-run threshold of a
     single run, counted in run-steps."""
-    from ..compiling import LONG_TRAINING_STEPS
 
     return max(1, LONG_TRAINING_STEPS // runs)
 
