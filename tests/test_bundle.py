@@ -53,7 +53,8 @@ def test_a_bundle_round_trips_after_the_folder_is_deleted(reproduction, tmp_path
     assert main(["bundle", str(results), "--out", str(archive)]) == 0
     assert str(archive) in capsys.readouterr().out
     assert main(["report", str(results)]) == 0
-    from_folder = capsys.readouterr().out
+    from_folder, where = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert where == f"plots and REPORT.md in {results}"
     assert main(["evaluate", str(results / RUN), *SMOKE_EVALUATION]) == 0
     evaluated = capsys.readouterr().out
     best = load_trained_model(results / RUN)[1].state_dict()
@@ -61,7 +62,11 @@ def test_a_bundle_round_trips_after_the_folder_is_deleted(reproduction, tmp_path
     shutil.rmtree(results)  # the colleague has the archive only
 
     assert main(["report", str(archive)]) == 0
-    assert capsys.readouterr().out == from_folder and "## Claims" in from_folder
+    report, where = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert report == from_folder and "## Claims" in from_folder
+    extraction = Path(where.removeprefix("plots and REPORT.md in "))  # the last line says where the plots are
+    assert where.startswith("plots and REPORT.md in ") and extraction == Path(bundle.extract(archive))
+    assert (extraction / "REPORT.md").is_file() and list(extraction.glob("runs/**/plots/*.png"))
     assert main(["evaluate", f"{archive}/{RUN}", *SMOKE_EVALUATION]) == 0
     assert capsys.readouterr().out == evaluated  # the reproduction's own evaluation, found in the bundle
     assert main(["evaluate", f"{archive}/{RUN}", "--estimators", "iwae", "--k", "8", "--max-examples", "8",
@@ -140,9 +145,10 @@ def test_a_reproduction_with_a_failed_run_is_bundled_and_a_damaged_config_is_nam
     assert f"{FAILED}/error.json" in names and not [n for n in names if n.startswith(f"{FAILED}/config")]
     capsys.readouterr()
     assert main(["report", str(results)]) == 0
-    from_folder = capsys.readouterr().out
+    from_folder = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[0]  # less where its plots are
     assert main(["report", str(archive)]) == 0
-    assert capsys.readouterr().out == from_folder and f"`{FAILED[5:]}`: see" in from_folder
+    assert capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[0] == from_folder
+    assert f"`{FAILED[5:]}`: see" in from_folder
 
     (results / RUN / "config.json").write_text("[1, 2]")  # valid JSON, not a configuration
     report = (results / "REPORT.md").stat().st_mtime_ns

@@ -89,7 +89,7 @@ def test_evaluate_prints_the_table_stores_json_and_reuses_it(data_dir, tmp_path,
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "IW-SVI (k=20, l=8, T=3)" in out and "Δinf" in out
+    assert "IW-SVI (k=20, l=2, T=3)" in out and "Δinf" in out  # l: the smoke budget's, the run's own
     stored = list((run / "evaluations").glob("test-*.json"))
     assert len(stored) == 1
     result = json.loads(stored[0].read_text())
@@ -145,3 +145,41 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_needs_only_the_run_dir(data_dir, t
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert main(["train", "--run-dir", str(run)]) == 2
     assert "missing --dataset" in capsys.readouterr().err
+
+
+def test_evaluate_budget_sets_the_estimators_effort_explicit_flags_win_and_the_runs_budget_is_the_default(
+        tmp_path, monkeypatch, capsys):
+    """`--budget smoke|quick|paper` takes targets.EVALUATION_BUDGETS (and AIS_BUDGETS with ais or bdmc);
+    without it, the budget the run was trained at; a run of a budget airvae does not know: paper."""
+    import airvae.evaluation
+    from airvae.targets import AIS_BUDGETS, EVALUATION_BUDGETS
+    from test_safety import train_args, write_npz
+
+    run = tmp_path / "run"
+    assert main(train_args(write_npz(tmp_path / "tiny.npz"), run)) == 0  # --budget smoke
+    used = []
+    monkeypatch.setattr(airvae.evaluation, "evaluate_run", lambda run_dir, settings, **kw: used.append(settings) or {})
+
+    def effort(*flags) -> dict:
+        assert main(["evaluate", str(run), "--no-progress", *flags]) == 0
+        settings = used.pop()
+        return {key: getattr(settings, key) for key in ("k_iwae", "svi_k", "svi_l", "svi_steps", "max_examples",
+                                                        "ais_intermediate", "ais_chains", "bdmc_examples")}
+
+    defaults = airvae.evaluation.EvaluationSettings()
+    ais_defaults = {key: getattr(defaults, key) for key in ("ais_intermediate", "ais_chains", "bdmc_examples")}
+    assert effort() == {**EVALUATION_BUDGETS["smoke"], **ais_defaults}  # the run's own budget
+    assert effort("--budget", "quick") == {**EVALUATION_BUDGETS["quick"], **ais_defaults}
+    assert effort("--budget", "paper", "--k", "100", "--max-examples", "7") == {
+        **EVALUATION_BUDGETS["paper"], **ais_defaults, "k_iwae": 100, "max_examples": 7}
+    assert effort("--estimators", "bound,iwsvi,ais", "--budget", "quick", "--ais-chains", "3") == {
+        **EVALUATION_BUDGETS["quick"], **ais_defaults, **AIS_BUDGETS["quick"], "ais_chains": 3}
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "budget": "custom"}))
+    assert effort() == {**EVALUATION_BUDGETS["paper"], **ais_defaults}  # custom: the paper's effort
+    assert main(["evaluate", str(run), "--budget", "huge"]) == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert main(["evaluate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--budget {paper,quick,smoke}" in help_text and "Default: the budget the run was trained at" in help_text
+    assert "(default 5000)" not in help_text  # the defaults come from the budget now

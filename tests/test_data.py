@@ -618,3 +618,54 @@ def test_package_modules_import_in_one_direction_and_no_private_names():
         visit(module)
     files_source = (folder.parent / "files.py").read_text()
     assert "from .data" not in files_source and "import data" not in files_source
+
+
+# ----------------------------------------------------------------- torch views and the package root
+
+def test_a_split_as_a_torch_dataset_gives_float_tensors_as_images_or_rows(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from airvae.data import TorchSplit
+
+    digits = load_dataset("digits")  # 8x8 images of 17 grey levels, stored as rows of x / 16
+    images = TorchSplit(digits, "train")  # image data: (C, H, W) unless asked otherwise
+    assert len(images) == len(digits.train) and isinstance(images, torch.utils.data.Dataset)
+    assert images[3].shape == (1, 8, 8) and images[3].dtype == torch.float32
+    assert torch.equal(images[3].flatten(), torch.from_numpy(digits.train[3]))
+    rows = next(iter(DataLoader(TorchSplit(digits, "test", image=False), batch_size=5)))
+    assert rows.shape == (5, 64) and torch.equal(rows, torch.from_numpy(digits.test[:5]))
+
+    binary = load_dataset(write_binary_npz(tmp_path / "binary.npz"))  # uint8 0/1 rows, no image shape
+    view = TorchSplit(binary, "valid", device="cpu")
+    assert view[0].dtype == torch.float32 and view[0].shape == (16,) and set(view.tensor.unique().tolist()) <= {0, 1}
+    view.tensor[0] += 5  # a copy: the Dataset's arrays are never written through the view
+    assert binary.valid.max() <= 1
+    with pytest.raises(DatasetError, match="image_shape"):
+        TorchSplit(binary, "train", image=True)
+    with pytest.raises(DatasetError, match="unknown split"):
+        TorchSplit(binary, "dev")
+
+
+def write_binary_npz(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, **{s: (rng.random((n, 16)) < 0.3).astype(np.uint8) for s, n in (("train", 20), ("valid", 6),
+                                                                                  ("test", 6))})
+    return path
+
+
+def test_import_airvae_exposes_data_and_estimators_without_loading_matplotlib():
+    """What a researcher's own loop needs is one ``import airvae`` away, and that import stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, airvae; "
+            "assert airvae.estimators.iw_svi_log_likelihood is airvae.iw_svi_log_likelihood; "
+            "assert airvae.data.load_dataset is airvae.load_dataset; "
+            "assert airvae.load_dataset('digits').dim == 64 and airvae.TorchSplit and airvae.Estimate; "
+            "assert {'data', 'estimators', 'load_dataset', 'TorchSplit', 'Dataset'} <= set(airvae.__all__); "
+            "assert all(hasattr(airvae, name) for name in airvae.__all__); "
+            "assert 'matplotlib' not in sys.modules, 'import airvae loaded matplotlib'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -204,6 +204,24 @@ def test_inference_gap_is_the_difference_and_checks_shapes():
         inference_gap(ll, Estimate("bound", torch.zeros(3, dtype=torch.float64)))
 
 
+def test_a_positive_gap_is_positive_in_bits_per_dim_and_the_log_likelihoods_are_unchanged():
+    """A gap is a difference of log-likelihoods: gap / (dims ln 2) bits/dim, positive for a positive gap."""
+    dims = 784
+    ll = Estimate("iwsvi", torch.tensor([-90.0, -100.0], dtype=torch.float64), dims=dims)
+    bound = Estimate("bound", torch.tensor([-96.01, -106.01], dtype=torch.float64), dims=dims)
+    gap = inference_gap(ll, bound)
+    assert gap.mean == pytest.approx(6.01)
+    assert gap.bits_per_dim == pytest.approx(6.01 / (dims * math.log(2)), rel=1e-12) and gap.bits_per_dim > 0
+    assert ll.bits_per_dim == pytest.approx(95.0 / (dims * math.log(2)), rel=1e-12)  # -mean / (dims ln 2) as before
+    assert bound.bits_per_dim == pytest.approx(101.01 / (dims * math.log(2)), rel=1e-12)
+    stored = gap.to_dict()
+    assert Estimate.from_dict(stored).bits_per_dim == pytest.approx(gap.bits_per_dim, rel=1e-15)
+    # an evaluation file written before gaps said so: a "gap" is read as a difference all the same
+    older = {key: value for key, value in stored.items() if key != "difference"}
+    assert Estimate.from_dict(older).bits_per_dim == pytest.approx(gap.bits_per_dim, rel=1e-15)
+    assert "difference" not in ll.to_dict()  # the other estimates' records are unchanged
+
+
 def small_settings(**changes):
     base = dict(estimators=("bound", "iwsvi", "iwae"), k_iwae=64, svi_k=64, svi_l=4, svi_steps=30,
                 bound_repeats=3, device="cpu")

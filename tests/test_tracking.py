@@ -1,9 +1,13 @@
-"""Tracking sinks (`--log tensorboard,mlflow`): each holds exactly what metrics.jsonl holds, the
-config as hyperparameters and the run's evaluations, read back with TensorBoard's and MLflow's own
-readers; a killed and resumed run logs no step twice in either."""
+"""Tracking sinks (`--log tensorboard,mlflow,wandb`): each holds exactly what metrics.jsonl holds, the
+config as hyperparameters and the run's evaluations, read back with TensorBoard's, MLflow's and W&B's
+own readers (or files); a killed and resumed run logs no step twice in any."""
 
 import json
 import os
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,15 +95,50 @@ def test_both_sinks_hold_what_metrics_jsonl_holds_the_config_and_the_evaluation(
                  "--svi-steps", "2", "--no-progress", "--device", "cpu"]) == 0
     evaluation = next((run / "evaluations").glob("test-*.json"))
     estimates = json.loads(evaluation.read_text())["estimates"]
+    # readable names: split/estimator/effort (the run's smoke budget gives l=2; 4 of 40 test examples)
+    keys = {"bound": "test/bound/k1-n4", "iwsvi": "test/iwsvi/k4-l2-T2-n4", "gap": "test/gap/k4-l2-T2-n4"}
     for logged, rel in ((tensorboard_events(run), 1e-6), (mlflow_history(run), 0)):
-        for name in ("bound", "iwsvi", "gap"):
-            mean = pytest.approx(estimates[name]["mean"], rel=rel)
-            assert logged[f"evaluation/{evaluation.stem}/{name}"] == [(30, mean)]  # at the run's last step
+        for name, key in keys.items():
+            assert logged[key] == [(30, pytest.approx(estimates[name]["mean"], rel=rel))]  # at the run's last step
+    _, found = mlflow_run(run)
+    noted = json.loads(found.data.tags["settings/test/iwsvi/k4-l2-T2-n4"])
+    assert noted["file"] == evaluation.name and noted["settings"]["k"] == 4
+    assert (noted["n"], noted["n_split"]) == (4, 40)
     assert main(["evaluate", str(run), "--estimators", "bound,iwsvi", "--max-examples", "4", "--svi-k", "4",
                  "--svi-steps", "2", "--no-progress", "--device", "cpu", "--recompute"]) == 0
     for logged in (tensorboard_events(run), mlflow_history(run)):  # the same evaluation of the same weights
-        assert len(logged[f"evaluation/{evaluation.stem}/bound"]) == 1
+        assert len(logged["test/bound/k1-n4"]) == 1
     assert "warning" not in capsys.readouterr().err
+
+
+def test_mlflow_by_default_writes_a_store_mlflows_own_tools_read_with_no_settings_and_no_machine_paths(
+        tmp_path, monkeypatch, capsys):
+    """The default store is ./mlflow.db, MLflow's own default: MlflowClient() and `mlflow runs list` in
+    that folder read it without MLFLOW_TRACKING_URI or MLFLOW_ALLOW_FILE_STORE."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    assert main(train_args(data, run, "--log", "mlflow", "--data-dir", str(tmp_path))) == 0
+    assert main(["evaluate", str(run), "--estimators", "bound,iwsvi", "--max-examples", "4", "--svi-k", "4",
+                 "--svi-steps", "2", "--no-progress", "--device", "cpu"]) == 0
+    assert (tmp_path / "mlflow.db").is_file() and not (tmp_path / "mlruns").exists()
+    assert "warning" not in capsys.readouterr().err
+
+    client = MlflowClient()  # MLflow's default store, found with no settings
+    [found] = client.search_runs([client.get_experiment_by_name("airvae").experiment_id])
+    assert found.info.run_id == json.loads((run / "tracking.json").read_text())["mlflow_run_id"]
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)]
+               for key in found.data.metrics}
+    same(history, expected(run), rel=0)
+    assert [step for step, _ in history["test/iwsvi/k4-l2-T2-n4"]] == [20]
+    params = found.data.params
+    assert params["dataset"] == "tiny.npz" and params["architecture.encoder"] == "d8"  # the file, not its path
+    assert not {"data_dir", "device"} & set(params) and str(tmp_path) not in " ".join(params.values())
+    listed = subprocess.run([sys.executable, "-m", "mlflow", "runs", "list", "--experiment-id",
+                             found.info.experiment_id], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    assert listed.returncode == 0 and found.info.run_id in listed.stdout, listed.stderr[-2000:]
 
 
 def test_the_file_store_switch_does_not_leak_into_the_callers_environment(tmp_path, monkeypatch, capsys):
@@ -148,12 +187,17 @@ def test_a_failing_sink_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, ca
     assert [step for step, _ in tensorboard_events(run)["lr"]] == [10, 20]
 
 
-@pytest.mark.parametrize("value, named", [("wandb", "invalid --log = 'wandb'"), ("", "invalid --log"),
-                                          ("mlflow", "pip install 'airvae[mlflow]'")])
-def test_a_bad_or_uninstalled_sink_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, value, named):
+@pytest.mark.parametrize("value, missing, named", [
+    ("comet", "", "invalid --log = 'comet'"), ("", "", "invalid --log"),
+    ("mlflow", "mlflow", "pip install 'airvae[mlflow]'"), ("wandb", "wandb", "pip install 'airvae[wandb]'"),
+    ("mlflow", "sqlalchemy", "the sqlalchemy package is not installed; pip install 'airvae[mlflow]'")])
+def test_a_bad_or_uninstalled_sink_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, value,
+                                                                          missing, named):
     import airvae.tracking
 
-    monkeypatch.setattr(airvae.tracking, "_installed", lambda module: module != "mlflow")
+    monkeypatch.chdir(tmp_path)  # the default MLflow store, a database: ./mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(airvae.tracking, "_installed", lambda module: module != missing)
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
     assert main(train_args(data, run, "--log", value)) == 2
     assert named in one_error_line(capsys) and not run.exists()
@@ -189,7 +233,7 @@ def test_tensorboard_never_writes_through_a_link(tmp_path, monkeypatch, capsys):
 
 
 def test_a_run_without_weights_logs_its_stored_evaluations_as_airvae_evaluate_reads_them(tmp_path, capsys):
-    from airvae.evaluation import EvaluationSettings, stored_evaluation
+    from airvae.evaluation import EvaluationSettings, current_evaluations, stored_evaluation
     from airvae.runs import load_config, read_metrics
     from airvae.tracking import Tracker
 
@@ -197,9 +241,130 @@ def test_a_run_without_weights_logs_its_stored_evaluations_as_airvae_evaluate_re
     assert main(train_args(data, run, "--log", "tensorboard")) == 0
     settings = EvaluationSettings(estimators=("bound",), max_examples=4, device="cpu")
     assert main(["evaluate", str(run), "--estimators", "bound", "--max-examples", "4", "--no-progress",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--budget", "paper"]) == 0  # EvaluationSettings' defaults: the paper's
     for path in (run / "checkpoints").iterdir():  # a results folder shared without its weights
         path.unlink()
     assert stored_evaluation(run, settings) is not None  # still current for airvae evaluate and report
-    Tracker.start(run, load_config(run), read_metrics(run / "metrics.jsonl")).close()
-    assert len(tensorboard_events(run)[f"evaluation/test-{settings.short_hash()}/bound"]) == 1  # the sink agrees
+    Tracker.start(run, load_config(run), read_metrics(run / "metrics.jsonl"), lambda: current_evaluations(run)).close()
+    assert len(tensorboard_events(run)["test/bound/k1-n4"]) == 1  # the sink agrees
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights & Biases, offline: read back from the files W&B writes (its local run folders)
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B as a user without an account gets it: no WANDB_* settings, files under ./wandb/."""
+    pytest.importorskip("wandb", reason="pip install 'airvae[wandb]' (in the dev extra)")
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "wandb"
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (``run-ID.wandb``): LevelDB's log format, 32 KiB blocks of chunks
+    with a 7-byte header (crc, length, type), after W&B's own 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, records = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(folder: Path, run: Path) -> tuple[dict, dict, dict]:
+    """The W&B run that ``run``'s tracking.json names: its history by key ({key: [(step, value)]}), its
+    config and its summary, from the only local folder W&B keeps for it."""
+    run_id = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
+    [path] = folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = wandb_records(path)
+    for _ in range(120):  # W&B's service writes the file after run.finish() returns: wait for the exit record
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        time.sleep(0.25)
+        records = wandb_records(path)
+    history, config, summary = {}, {}, {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_") and key != "step":
+                    history.setdefault(key, []).append((row["step"], value))
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "summary":
+            summary.update({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                            for item in record.summary.update})
+    return history, config, summary
+
+
+def test_wandb_offline_holds_what_metrics_jsonl_holds_the_config_and_each_evaluation_once(tmp_path, wandb_offline,
+                                                                                          capsys):
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    assert main(train_args(data, run, "--iterations", "30", "--log", "wandb")) == 0
+    stored = json.loads((run / "tracking.json").read_text())
+    assert (stored["wandb_mode"], stored["wandb_project"], stored["wandb_dir"]) == ("offline", "airvae", str(tmp_path))
+    history, config, _ = wandb_run(wandb_offline, run)
+    same(history, expected(run), rel=0)
+    assert config["architecture.encoder"] == "d8" and config["dataset"] == "tiny.npz"
+    assert not {"data_dir", "device"} & set(config)
+    first = stored["wandb_run_id"]
+
+    for budget in ("smoke", "quick"):  # two evaluations: the W&B run is rebuilt with both, no step twice
+        assert main(["evaluate", str(run), "--estimators", "bound,iwsvi", "--max-examples", "4", "--svi-k", "4",
+                     "--svi-steps", "2", "--no-progress", "--device", "cpu", "--budget", budget]) == 0
+    history, _, summary = wandb_run(wandb_offline, run)
+    same(history, expected(run), rel=0)
+    means = {path.stem: json.loads(path.read_text())["estimates"] for path in (run / "evaluations").glob("*.json")}
+    assert sorted(key for key in history if key.startswith("test/")) == [
+        "test/bound/k1-n4", "test/gap/k4-l2-T2-n4", "test/gap/k4-l8-T2-n4", "test/iwsvi/k4-l2-T2-n4",
+        "test/iwsvi/k4-l8-T2-n4"]
+    [bound] = {m["bound"]["mean"] for m in means.values()}  # the same bound in both: logged once
+    assert history["test/bound/k1-n4"] == [(30, pytest.approx(bound, rel=1e-12))]
+    by_l = {m["iwsvi"]["settings"]["l"]: m["iwsvi"]["mean"] for m in means.values()}  # smoke: l=2, quick: l=8
+    assert history["test/iwsvi/k4-l8-T2-n4"] == [(30, pytest.approx(by_l[8], rel=1e-12))]
+    assert summary["settings/test/iwsvi/k4-l8-T2-n4"]["settings"]["l"] == 8
+    replaced = list(wandb_offline.glob(f"*-{first}"))
+    assert replaced == [] and len(list(wandb_offline.glob("offline-run-*"))) == 1  # the replaced runs forgotten
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_wandb_a_killed_and_resumed_run_logs_no_step_twice(tmp_path, monkeypatch, wandb_offline):
+    data, run = killed_run(tmp_path, monkeypatch, 20, "--log", "wandb")
+    history, _, _ = wandb_run(wandb_offline, run)
+    assert [step for step, _ in history["lr"]] == [10, 20]  # the dead process logged step 20; last.pt holds 10
+    assert main(train_args(data, run, "--resume", "--iterations", "40")) == 0
+    history, _, _ = wandb_run(wandb_offline, run)
+    truth = expected(run)
+    assert [step for step, _ in truth["lr"]] == [10, 20, 30, 40]
+    same(history, truth, rel=0)
+    assert len(list(wandb_offline.glob("offline-run-*"))) == 1
+
+
+def test_wandb_mode_is_the_users_when_set_and_a_bad_one_is_refused(wandb_offline, monkeypatch):
+    from airvae.config import ConfigError
+    from airvae.tracking import TrackingSettings
+
+    assert TrackingSettings.parse("wandb").wandb_mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    settings = TrackingSettings.parse("wandb")
+    assert (settings.wandb_mode, settings.wandb_project) == ("online", "mine")
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="invalid WANDB_MODE = 'sometimes'"):
+        TrackingSettings.parse("wandb")

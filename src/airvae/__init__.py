@@ -23,7 +23,12 @@ from ._torch_floor import check_torch
 check_torch()  # before anything loads a checkpoint: older torch's weights_only loading can run code
 
 from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
+from . import data, estimators  # airvae.data.X and airvae.estimators.X after a bare `import airvae`
 from .bundle import load
+from .data import Dataset, DatasetError, TorchSplit, load_dataset
+from .estimators import (Estimate, ais_log_likelihood, amortized_bound, inference_gap, iw_svi_log_likelihood,
+                         iwae_log_likelihood)
+from .evaluation import EvaluationSettings, evaluate_model, evaluate_run
 from .fit import fit
 from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config
 from .likelihoods import (Bernoulli, DiscretizedLogistic, Gaussian, Likelihood, bits_per_dim,
@@ -37,9 +42,12 @@ from ._version import __version__
 
 __all__ = [
     "ARCHITECTURES", "BUDGETS", "Architecture", "Bernoulli", "BernoulliDecoder", "CappedFilterNorm",
-    "CappedWeightNormLinear", "ConfigError", "DenoisingEncoder", "DiscretizedLogistic", "Gaussian", "GaussianEncoder",
-    "LatentVariableModel", "Likelihood", "MLPDecoder", "Regularizer", "RunConfig", "VAE", "air_objective",
-    "bernoulli_log_prob", "bits_per_dim", "build_vae", "cap_weight_norms", "conditional_log_prob", "elbo",
-    "fit", "gaussian_log_prob", "iwae_bound", "load", "log_likelihood_from_bits_per_dim", "log_weights_given_q",
-    "parse_hidden_spec", "resolve_run_config", "standard_normal_log_prob", "__version__",
+    "CappedWeightNormLinear", "ConfigError", "Dataset", "DatasetError", "DenoisingEncoder", "DiscretizedLogistic",
+    "Estimate", "EvaluationSettings", "Gaussian", "GaussianEncoder", "LatentVariableModel", "Likelihood",
+    "MLPDecoder", "Regularizer", "RunConfig", "TorchSplit", "VAE", "air_objective", "ais_log_likelihood",
+    "amortized_bound", "bernoulli_log_prob", "bits_per_dim", "build_vae", "cap_weight_norms", "conditional_log_prob",
+    "data", "elbo", "estimators", "evaluate_model", "evaluate_run", "fit", "gaussian_log_prob", "inference_gap",
+    "iw_svi_log_likelihood", "iwae_bound", "iwae_log_likelihood", "load", "load_dataset",
+    "log_likelihood_from_bits_per_dim", "log_weights_given_q", "parse_hidden_spec", "resolve_run_config",
+    "standard_normal_log_prob", "__version__",
 ]

@@ -112,7 +112,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_log(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", help="tracking sinks besides metrics.jsonl: tensorboard (RUN/tensorboard/), mlflow "
-                                 "($MLFLOW_TRACKING_URI, else ./mlruns), both comma-separated, or none; "
+                                 "($MLFLOW_TRACKING_URI, else the SQLite store ./mlflow.db), wandb (Weights & "
+                                 "Biases: offline in ./wandb/ unless WANDB_MODE=online), comma-separated, or none; "
                                  "default: none for a new run, the run's own choice when resuming")
 
 
@@ -262,6 +263,7 @@ def cmd_datasets(args) -> int:
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     from .estimators import REGISTRY
+    from .targets import EVALUATION_BUDGETS
 
     p.add_argument("run_dir", type=path, help="a training run directory, or a run inside a bundle (BUNDLE/RUN)")
     p.add_argument("--study", choices=("iwsvi-vs-iwae",),
@@ -270,15 +272,21 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {', '.join(REGISTRY)} (default bound,iwsvi,gap); "
                         "bdmc: the sandwich lower <= ln p(x) <= upper on data simulated from the model")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    p.add_argument("--max-examples", type=integer, help="evaluate only N examples, spread evenly over the split")
-    p.add_argument("--k", dest="k_iwae", type=integer, default=5000, help="IWAE-k samples (default 5000)")
-    p.add_argument("--svi-k", type=integer, default=5000, help="IW-SVI scoring samples (default 5000)")
-    p.add_argument("--svi-l", type=integer, default=8, help="IW-SVI optimization bound IWAE-l (default 8)")
-    p.add_argument("--svi-steps", type=integer, default=3000, help="IW-SVI Adam steps T (default 3000)")
+    p.add_argument("--budget", choices=sorted(EVALUATION_BUDGETS),
+                   help=f"the effort of the estimators where no flag below sets it. {_budget_help()}. Default: the "
+                        "budget the run was trained at (paper for a run of custom settings); not for --study")
+    p.add_argument("--max-examples", type=integer,
+                   help="evaluate only N examples, spread evenly over the split (default: from --budget)")
+    p.add_argument("--k", dest="k_iwae", type=integer, help="IWAE-k samples (default: from --budget)")
+    p.add_argument("--svi-k", type=integer, help="IW-SVI scoring samples (default: from --budget)")
+    p.add_argument("--svi-l", type=integer, help="IW-SVI optimization bound IWAE-l (default: from --budget)")
+    p.add_argument("--svi-steps", type=integer, help="IW-SVI Adam steps T (default: from --budget)")
     p.add_argument("--svi-lr", type=float, help="IW-SVI learning rate")
-    p.add_argument("--ais-intermediate", type=integer, help="ais, bdmc: intermediate distributions (default 500)")
-    p.add_argument("--ais-chains", type=integer, help="ais, bdmc: chains per example (default 16)")
-    p.add_argument("--bdmc-examples", type=integer, help="bdmc: examples simulated from the model (default 100)")
+    p.add_argument("--ais-intermediate", type=integer,
+                   help="ais, bdmc: intermediate distributions (default: from --budget)")
+    p.add_argument("--ais-chains", type=integer, help="ais, bdmc: chains per example (default: from --budget)")
+    p.add_argument("--bdmc-examples", type=integer,
+                   help="bdmc: examples simulated from the model (default: from --budget)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="evaluate although the dataset's contents changed since the run was trained")
     p.add_argument("--chunk-samples", type=integer, help="latents decoded per chunk (memory bound)")
@@ -287,6 +295,26 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _budget_help() -> str:
+    """The effort of each evaluation budget in words, from targets.EVALUATION_BUDGETS and AIS_BUDGETS."""
+    from .targets import AIS_BUDGETS, EVALUATION_BUDGETS
+
+    names = {"k_iwae": "k={}", "svi_k": "svi-k={}", "svi_l": "l={}", "svi_steps": "T={}",
+             "ais_intermediate": "{} AIS distributions", "ais_chains": "{} chains",
+             "bdmc_examples": "{} simulated examples"}
+
+    def words(effort: dict) -> str:
+        shown = [names[key].format(value) for key, value in effort.items() if key in names]
+        examples = effort.get("max_examples", "")
+        if "max_examples" in effort:
+            shown.append("the whole split" if examples is None else f"{examples} examples")
+        return ", ".join(shown)
+
+    budgets = "; ".join(f"{name}: {words(effort)}" for name, effort in EVALUATION_BUDGETS.items())
+    ais = "; ".join(f"{name}: {words(effort)}" for name, effort in AIS_BUDGETS.items())
+    return f"{budgets}. With ais or bdmc, AIS's effort too ({ais}; any other AIS setting at its default)"
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -340,6 +368,9 @@ def cmd_evaluate(args) -> int:
     if args.study and args.estimators is not None:
         raise ConfigError("--study and --estimators contradict each other: the study runs its own estimators "
                           "(IWAE-k and IW-SVI); drop one")
+    if args.study and args.budget is not None:
+        raise ConfigError("--study and --budget contradict each other: the study sets its own effort "
+                          "(Figure 3's k and T); drop --budget")
     annealed = {"ais", "bdmc"} & set(estimators)
     for flag, value, needs in (("--ais-intermediate", args.ais_intermediate, annealed),
                                ("--ais-chains", args.ais_chains, annealed),
@@ -358,15 +389,41 @@ def cmd_evaluate(args) -> int:
         json_path = Path(data["files"][0])
         print(f"written {draw_figure3(data, json_path.with_suffix('.png'))}\nwritten {json_path}")
         return 0
-    optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples", "ais_intermediate", "ais_chains",
-                                                    "bdmc_examples") if getattr(args, key) is not None}
-    settings = EvaluationSettings(
-        estimators=estimators, split=args.split, max_examples=args.max_examples, k_iwae=args.k_iwae,
-        svi_k=args.svi_k, svi_l=args.svi_l, svi_steps=args.svi_steps, seed=args.seed, device=args.device, **optional)
+    optional = {key: getattr(args, key) for key in ("svi_lr", "chunk_samples") if getattr(args, key) is not None}
+    effort = _evaluation_effort(args, estimators, args.budget or _run_budget(args.run_dir))
+    settings = EvaluationSettings(estimators=estimators, split=args.split, seed=args.seed, device=args.device,
+                                  **effort, **optional)
     result = evaluate_run(args.run_dir, settings, recompute=args.recompute, progress=not args.no_progress,
                           allow_data_change=args.allow_data_change, model=model)
     print(format_table(result))
     return 0
+
+
+# The flags of `airvae evaluate` whose defaults come from --budget (EvaluationSettings fields)
+_EFFORT_FLAGS = ("k_iwae", "svi_k", "svi_l", "svi_steps", "max_examples", "ais_intermediate", "ais_chains",
+                 "bdmc_examples")
+
+
+def _run_budget(run_dir: Path) -> str:
+    """The budget a run was trained at, as an evaluation budget: "paper" for custom settings (and any
+    name airvae does not know), whose size nothing says, so that the default stays the paper's."""
+    from .runs import load_config
+    from .targets import EVALUATION_BUDGETS
+
+    budget = getattr(load_config(run_dir), "budget", None)
+    return budget if budget in EVALUATION_BUDGETS else "paper"
+
+
+def _evaluation_effort(args, estimators: tuple[str, ...], budget: str) -> dict:
+    """EvaluationSettings' effort fields: the budget's (targets.EVALUATION_BUDGETS, and AIS_BUDGETS when
+    ais or bdmc run), each replaced by its flag where one was given."""
+    from .targets import AIS_BUDGETS, EVALUATION_BUDGETS
+
+    effort = dict(EVALUATION_BUDGETS[budget])
+    if {"ais", "bdmc"} & set(estimators):
+        effort.update(AIS_BUDGETS[budget])
+    effort.update({key: getattr(args, key) for key in _EFFORT_FLAGS if getattr(args, key) is not None})
+    return effort
 
 
 def cmd_plot(args) -> int:
@@ -469,6 +526,7 @@ def cmd_report(args) -> int:
     with RunLock(folder):  # refused while a reproduction writes the folder
         out_dir = render(folder)
     print((out_dir / "REPORT.md").read_text())
+    print(f"plots and REPORT.md in {out_dir}")  # for a bundle, its extraction: a cache folder nobody chose
     return 0
 
 

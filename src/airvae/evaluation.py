@@ -416,7 +416,8 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
     write_json(path, result, run_dir)
     # --recompute of the same settings and weights: the sinks hold it already
     if replaced is None or replaced.get("identity") != result["identity"] or not _of_checkpoint(replaced, digest):
-        log_evaluation(run_dir, path, result)  # to the run's TensorBoard/MLflow sinks, if it has any
+        # to the run's TensorBoard/MLflow/W&B sinks, if it has any (W&B is rebuilt with all current evaluations)
+        log_evaluation(run_dir, path, result, lambda: current_evaluations(run_dir))
     return result
 
 

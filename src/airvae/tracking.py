@@ -1,16 +1,19 @@
-"""Optional tracking sinks (``--log tensorboard,mlflow``): TensorBoard and MLflow get what
-``metrics.jsonl`` gets at every validation, the resolved config as hyperparameters, and each
-evaluation of the run.
+"""Optional tracking sinks (``--log tensorboard,mlflow,wandb``): TensorBoard, MLflow and Weights &
+Biases get what ``metrics.jsonl`` gets at every validation, the resolved config as hyperparameters
+(machine-independent ones only), and each evaluation of the run.
 
-    RUN/tracking.json      the sinks a run writes to (kept on resume), the MLflow store and run id
-    RUN/tensorboard/       TensorBoard event files (tensorboard --logdir runs)
-    MLflow                 the store of $MLFLOW_TRACKING_URI, else the local file store ./mlruns
-                           (resolved once, when the sinks are chosen); experiment
-                           $MLFLOW_EXPERIMENT_NAME, else "airvae"
+    RUN/tracking.json      the sinks a run writes to (kept on resume), the MLflow store, W&B project
+                           and folder, and their run ids
+    RUN/tensorboard/       TensorBoard event files (``tensorboard --logdir runs``)
+    MLflow                 the store of $MLFLOW_TRACKING_URI, else the SQLite store ./mlflow.db, MLflow's
+                           own default, which its tools read there without settings (resolved once,
+                           when the sinks are chosen); experiment $MLFLOW_EXPERIMENT_NAME, else "airvae"
+    W&B                    project $WANDB_PROJECT, else "airvae"; files in $WANDB_DIR/wandb/, else
+                           ./wandb/; offline unless $WANDB_MODE says otherwise (``wandb sync`` uploads)
 
 ``metrics.jsonl`` stays the source of truth. Each time a run starts or resumes, its sinks are
 rebuilt from it (and from the evaluations of its current best checkpoint): the TensorBoard event
-files are rewritten and the MLflow run is replaced by a replayed one. A resumed run's sinks thus
+files are rewritten and the MLflow and W&B runs are replaced by replayed ones. A resumed run's sinks thus
 hold exactly the steps up to its checkpoint, none twice, and a sink added on resume gets the
 whole history. A sink that fails (a server down, a full disk) is dropped with one warning: the
 run goes on, and the next start rebuilds the sink.
@@ -20,40 +23,64 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .runs import EVENT_FILE, METRICS, TENSORBOARD, TRACKING, RunError, read_json, read_metrics, write_json
+from .runs import (EVENT_FILE, METRICS, TENSORBOARD, TRACKING, RunError, RunLocked, check_unlocked, load_config,
+                   read_json, read_metrics, write_json)
 
-SINKS = ("tensorboard", "mlflow")
+SINKS = ("tensorboard", "mlflow", "wandb")
 TRACKING_FORMAT = 1
-_PACKAGES = {"tensorboard": ("tensorboard", "airvae[tensorboard]"), "mlflow": ("mlflow", "airvae[mlflow]")}
+_PACKAGES = {"tensorboard": ("tensorboard", "airvae[tensorboard]"), "mlflow": ("mlflow", "airvae[mlflow]"),
+             "wandb": ("wandb", "airvae[wandb]")}
 # MLflow run status per airvae run status
 _MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "interrupted": "KILLED"}
 _FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
+# MLflow's database stores (mlflow.store.db.db_types) need SQLAlchemy and Alembic, which mlflow-skinny
+# leaves out: airvae[mlflow] installs them
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_DATABASE_PACKAGES = ("sqlalchemy", "alembic")
+# Tries at a SQLite store's first use: workers of a sweep starting together race to create its tables
+# (measured: the losers fail with "duplicate column" or an Alembic error, the winner finishes in seconds)
+_SQLITE_TRIES = 5
+_WANDB_MODES = ("offline", "online", "disabled")
+# wandb.init's wait for its service (and, online, the server): offline starts in about a second, and
+# online without a network fails after this instead of hanging the run
+_WANDB_INIT_TIMEOUT = 60.0
+# Config fields that say where and on what this machine ran, not what was trained: never logged
+_MACHINE_FIELDS = ("data_dir", "device")
 
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """Which sinks a run writes to besides ``metrics.jsonl``, and where MLflow's are.
+    """Which sinks a run writes to besides ``metrics.jsonl``, and where MLflow's and W&B's are.
 
     Attributes:
-        sinks: any of ``"tensorboard"`` and ``"mlflow"`` (their packages must be installed:
-            ``pip install 'airvae[tensorboard]'``, ``'airvae[mlflow]'``).
+        sinks: any of ``"tensorboard"``, ``"mlflow"`` and ``"wandb"`` (their packages must be installed:
+            ``pip install 'airvae[tensorboard]'``, ``'airvae[mlflow]'``, ``'airvae[wandb]'``).
         mlflow_uri: the MLflow store. None is resolved when the settings are made:
-            ``$MLFLOW_TRACKING_URI``, else the local file store ``./mlruns`` as an absolute URI (so a
-            run resumed from another folder, or a sweep worker, writes to the same store).
+            ``$MLFLOW_TRACKING_URI``, else the SQLite store ``./mlflow.db`` as an absolute URI (so a run
+            resumed from another folder, or a sweep worker, writes to the same store).
         mlflow_experiment: the MLflow experiment (default ``$MLFLOW_EXPERIMENT_NAME``, else
             ``"airvae"``).
+
+    The W&B fields are resolved likewise: ``$WANDB_PROJECT`` else ``airvae``, ``$WANDB_DIR`` else the
+    current folder (absolute), ``$WANDB_MODE`` else ``offline``.
     """
 
     sinks: tuple[str, ...] = ()
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
+    wandb_project: str | None = None
+    wandb_dir: str | None = None
+    wandb_mode: str | None = None
 
     def __post_init__(self):
         sinks = self.sinks
@@ -66,11 +93,20 @@ class TrackingSettings:
                 raise ConfigError(f"invalid log = {sink}: the {module} package is not installed; "
                                   f"pip install '{extra}'")
         if "mlflow" in self.sinks:
-            if self.mlflow_uri is None:
-                uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path.cwd() / "mlruns").resolve().as_uri()
-                object.__setattr__(self, "mlflow_uri", uri)
-            if self.mlflow_experiment is None:
-                object.__setattr__(self, "mlflow_experiment", os.environ.get("MLFLOW_EXPERIMENT_NAME") or "airvae")
+            self._default("mlflow_uri", os.environ.get("MLFLOW_TRACKING_URI") or _default_mlflow_uri())
+            self._default("mlflow_experiment", os.environ.get("MLFLOW_EXPERIMENT_NAME") or "airvae")
+            _check_database_packages(self.mlflow_uri)
+        if "wandb" in self.sinks:
+            self._default("wandb_project", os.environ.get("WANDB_PROJECT") or "airvae")
+            self._default("wandb_dir", str(Path(os.environ.get("WANDB_DIR") or Path.cwd()).resolve()))
+            # offline by default: no account, no network, nothing that can hang; `wandb sync` uploads later
+            self._default("wandb_mode", os.environ.get("WANDB_MODE") or "offline")
+            if self.wandb_mode not in _WANDB_MODES:
+                raise ConfigError(f"invalid WANDB_MODE = {self.wandb_mode!r}: allowed {', '.join(_WANDB_MODES)}")
+
+    def _default(self, name: str, value: str) -> None:
+        if getattr(self, name) is None:
+            object.__setattr__(self, name, value)
 
     @classmethod
     def parse(cls, text: str) -> "TrackingSettings":
@@ -92,6 +128,22 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _default_mlflow_uri() -> str:
+    """``./mlflow.db`` as an absolute SQLite URI: MLflow's own default store (MLflow >= 3.7), so
+    ``mlflow runs list`` or ``MlflowClient()`` in this folder read it with no settings."""
+    return "sqlite:///" + (Path.cwd() / "mlflow.db").resolve().as_posix()
+
+
+def _check_database_packages(uri: str) -> None:
+    """Refuse, in one line, a database store that mlflow-skinny alone cannot open."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    missing = [module for module in _DATABASE_PACKAGES if not _installed(module)]
+    if scheme in _DATABASE_SCHEMES and missing:
+        raise ConfigError(f"invalid log = mlflow: the MLflow store {uri} is a database, and the "
+                          f"{' and '.join(missing)} package{'s are' if len(missing) > 1 else ' is'} not installed; "
+                          "pip install 'airvae[mlflow]'")
+
+
 def choose_sinks(run_dir: Path, settings: TrackingSettings) -> None:
     """Record the sinks of a run (``RUN/tracking.json``); its next start rebuilds them from
     ``metrics.jsonl``. Keeps the MLflow run id while the store stays the same. A damaged
@@ -100,12 +152,17 @@ def choose_sinks(run_dir: Path, settings: TrackingSettings) -> None:
         stored = read_tracking(run_dir)
     except RunError:
         stored = {}
-    same_store = stored.get("mlflow_uri") == settings.mlflow_uri and \
-        stored.get("mlflow_experiment") == settings.mlflow_experiment
+    mlflow = {"mlflow_uri": settings.mlflow_uri, "mlflow_experiment": settings.mlflow_experiment}
+    wandb = {"wandb_project": settings.wandb_project, "wandb_dir": settings.wandb_dir,
+             "wandb_mode": settings.wandb_mode}
     write_json(Path(run_dir) / TRACKING, {
-        "format": TRACKING_FORMAT, "sinks": list(settings.sinks), "mlflow_uri": settings.mlflow_uri,
-        "mlflow_experiment": settings.mlflow_experiment,
-        "mlflow_run_id": stored.get("mlflow_run_id") if same_store else None})
+        "format": TRACKING_FORMAT, "sinks": list(settings.sinks), **mlflow, **wandb,
+        "mlflow_run_id": stored.get("mlflow_run_id") if _same(stored, mlflow) else None,
+        "wandb_run_id": stored.get("wandb_run_id") if _same(stored, wandb) else None})
+
+
+def _same(stored: dict, place: dict) -> bool:
+    return all(stored.get(key) == value for key, value in place.items())
 
 
 def read_tracking(run_dir: Path) -> dict:
@@ -136,6 +193,37 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _params(config: dict) -> dict:
+    """The hyperparameters of a run (``_flat``) that do not depend on the machine: no data folder
+    nor device, and a user's .npz by its file name, so runs of the same settings compare equal
+    wherever they ran."""
+    kept = {key: value for key, value in config.items() if key not in _MACHINE_FIELDS}
+    if isinstance(kept.get("dataset"), str) and kept["dataset"].endswith(".npz"):
+        kept["dataset"] = Path(kept["dataset"]).name
+    return _flat(kept)
+
+
+def evaluation_key(name: str, result: dict, estimator: str) -> str:
+    """Where an evaluation's estimate is logged: the split, the estimator and the effort that sets its
+    value, e.g. ``test/iwsvi/k5000-l8-T3000`` or ``test/bound/k1``, with ``-n500`` when it covers 500
+    examples of a larger split and ``-seed1`` for another seed. ``name``: the evaluation file's stem
+    (``test-88245f0258``), the label of an estimator this function does not know."""
+    s = result.get("settings") or {}
+    svi = f"k{s.get('svi_k')}-l{s.get('svi_l')}-T{s.get('svi_steps')}"
+    ais = f"T{s.get('ais_intermediate')}-c{s.get('ais_chains')}"
+    simulated = f"{ais}-sim{s.get('bdmc_examples')}"
+    effort = {"bound": f"k{result.get('bound_k')}", "iwae": f"k{s.get('k_iwae')}", "iwsvi": svi,
+              "gap": svi + (f"-boundk{s['bound_k']}" if s.get("bound_k") else ""), "ais": ais,
+              "bdmc_lower": simulated, "bdmc_upper": simulated, "bdmc_iwsvi": f"{svi}-sim{s.get('bdmc_examples')}"}
+    label = effort.get(estimator, name)
+    n, n_split = result.get("n"), result.get("n_split")
+    if isinstance(n, int) and isinstance(n_split, int) and n < n_split:
+        label += f"-n{n}"
+    if s.get("seed"):
+        label += f"-seed{s['seed']}"
+    return f"{result.get('split', 'test')}/{estimator}/{label}"
+
+
 class _TensorBoard:
     def __init__(self, run_dir: Path, replace: bool):
         from torch.utils.tensorboard import SummaryWriter
@@ -150,11 +238,16 @@ class _TensorBoard:
                     entry.unlink()
         self.writer = SummaryWriter(log_dir=str(folder))
 
-    def params(self, config: dict) -> None:
+    def params(self, params: dict) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        for summary in hparams(_flat(config), {"val_log_likelihood": 0.0, "train_loss": 0.0}):
+        for summary in hparams(params, {"val_log_likelihood": 0.0, "train_loss": 0.0}):
             self.writer.file_writer.add_summary(summary)
+
+    def notes(self, notes: dict, step: int) -> None:
+        for tag, note in notes.items():
+            self.writer.add_text(tag, json.dumps(note, sort_keys=True), step)
+        self.writer.flush()
 
     def scalars(self, step: int, values: dict, walltime: float) -> None:
         for tag, value in values.items():
@@ -195,7 +288,7 @@ class _Mlflow:
         if not replace:
             self.run_id = run_id
             return
-        found = self.client.get_experiment_by_name(experiment)
+        found = self._experiment(experiment)
         if found is None:
             try:
                 self.client.create_experiment(experiment)
@@ -211,13 +304,30 @@ class _Mlflow:
         self.run_id = self.client.create_run(found.experiment_id, run_name=name,
                                              tags={"airvae.run_dir": str(run_dir.resolve())}).info.run_id
 
-    def params(self, config: dict) -> None:
+    def _experiment(self, experiment: str):
+        """The store's first use, tried again a few times for SQLite (``_SQLITE_TRIES``)."""
+        for attempt in range(_SQLITE_TRIES):
+            try:
+                return self.client.get_experiment_by_name(experiment)
+            except Exception:  # noqa: BLE001 - raised again unless another process may be creating the tables
+                if not self.uri.startswith("sqlite:") or attempt == _SQLITE_TRIES - 1:
+                    raise
+                time.sleep(1 + attempt)
+
+    def params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in _flat(config).items()]
+        params = [Param(key, str(value)) for key, value in params.items()]
         with _file_store_allowed(self.uri):
             for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def notes(self, notes: dict, step: int) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(key, json.dumps(note, sort_keys=True)) for key, note in notes.items()]
+        with _file_store_allowed(self.uri):
+            self.client.log_batch(self.run_id, tags=tags)
 
     def scalars(self, step: int, values: dict, walltime: float) -> None:
         from mlflow.entities import Metric
@@ -231,6 +341,53 @@ class _Mlflow:
         if status is not None:
             with _file_store_allowed(self.uri):
                 self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FAILED"))
+
+
+class _Wandb:
+    """The Weights & Biases sink. A W&B run's history only grows, so each start makes a new W&B run,
+    replayed from metrics.jsonl, and forgets the one it replaces (its local files; online, the run on
+    the server too). Scalars are logged against ``step`` (the training step), not W&B's own counter."""
+
+    def __init__(self, run_dir: Path, stored: dict, name: str):
+        import wandb
+
+        self.mode = stored["wandb_mode"]
+        settings = wandb.Settings(init_timeout=_WANDB_INIT_TIMEOUT, silent=True, console="off", x_disable_stats=True)
+        # reinit "create_new": a stacked sweep trains several runs, each with its own W&B run, in one process
+        self.run = wandb.init(project=stored["wandb_project"], dir=stored["wandb_dir"], mode=self.mode, name=name,
+                              notes=f"airvae run {run_dir.resolve()}", reinit="create_new", settings=settings)
+        self.run_id = self.run.id
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        replaced = stored.get("wandb_run_id")
+        if replaced and replaced != self.run_id:
+            self._forget(Path(stored["wandb_dir"]), replaced)
+
+    def _forget(self, folder: Path, run_id: str) -> None:
+        """Delete the W&B run ``run_id`` that this one replaces: its folders under ``folder/wandb/``
+        (only those W&B names after it, never through a link) and, online, the run on the server."""
+        pattern = re.compile(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}")
+        if (folder / "wandb").is_dir():
+            for entry in (folder / "wandb").iterdir():
+                if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+        if self.mode == "online":
+            import wandb
+
+            with contextlib.suppress(Exception):  # deleted by hand, or the server unreachable: nothing to replace
+                wandb.Api(timeout=10).run(f"{self.run.entity}/{self.run.project}/{run_id}").delete()
+
+    def params(self, params: dict) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def scalars(self, step: int, values: dict, walltime: float) -> None:
+        self.run.log({"step": step, **values})  # W&B stamps its own wall time
+
+    def notes(self, notes: dict, step: int) -> None:
+        self.run.summary.update(notes)
+
+    def close(self, status: str | None) -> None:
+        self.run.finish(exit_code=0 if status in (None, "completed", "early-stopped") else 1)
 
 
 class Tracker:
@@ -251,24 +408,33 @@ class Tracker:
                 _warn(name, error)
 
     @classmethod
-    def start(cls, run_dir: Path, cfg, records: list[dict], evaluations=lambda: ()) -> "Tracker":
-        """Rebuild the chosen sinks of a run from its ``records`` (``metrics.jsonl``) and its current
-        evaluations (``evaluations()``: ``(path, record)`` pairs, asked for only when a sink needs
-        them); the run then logs to them."""
+    def start(cls, run_dir: Path, cfg, records: list[dict], evaluations=lambda: (),
+              only: tuple[str, ...] | None = None) -> "Tracker":
+        """Rebuild the chosen sinks of a run (those of ``only``, if given) from its ``records``
+        (``metrics.jsonl``) and its current evaluations (``evaluations()``: ``(path, record)`` pairs,
+        asked for only when a sink needs them); the run then logs to them."""
         run_dir = Path(run_dir)
         stored = read_tracking(run_dir)
-        tracker = cls(_open_sinks(run_dir, stored, replace=True))
-        if "mlflow" in tracker.sinks and tracker.sinks["mlflow"].run_id != stored.get("mlflow_run_id"):
-            write_json(run_dir / TRACKING, {**stored, "mlflow_run_id": tracker.sinks["mlflow"].run_id})
+        chosen = [name for name in stored.get("sinks", []) if only is None or name in only]
+        tracker = cls(_open_sinks(run_dir, {**stored, "sinks": chosen}, replace=True))
+        ids = {f"{name}_run_id": sink.run_id for name, sink in tracker.sinks.items() if hasattr(sink, "run_id")}
+        if any(stored.get(key) != run_id for key, run_id in ids.items()):
+            write_json(run_dir / TRACKING, {**stored, **ids})
         if not tracker.sinks:
             return tracker
-        tracker._each("params", cfg.to_json())
+        tracker._each("params", _params(cfg.to_json()))
         now, last = time.time(), (records[-1].get("seconds", 0.0) if records else 0.0)
         for record in records:  # wall times as if the run had trained without stopping, ending now
             tracker.validation(record, now - (last - record.get("seconds", last)))
         step = records[-1]["step"] if records else 0
-        for path, result in evaluations():
-            tracker.evaluation(path.stem, result, step, now)
+        values, notes = {}, {}
+        for path, result in evaluations():  # one value per name: two evaluations may share an estimate
+            more_values, more_notes = _evaluation_entries(path.stem, result)
+            values.update(more_values)
+            notes.update(more_notes)
+        if values:
+            tracker._each("scalars", step, values, now)
+            tracker._each("notes", notes, step)
         return tracker
 
     def validation(self, record: dict, walltime: float | None = None) -> None:
@@ -277,13 +443,14 @@ class Tracker:
         self._each("scalars", record["step"], values, time.time() if walltime is None else walltime)
 
     def evaluation(self, name: str, result: dict, step: int, walltime: float | None = None) -> None:
-        """An evaluation ([`airvae.evaluation.evaluate_run`][]) as ``evaluation/NAME/ESTIMATOR``: the
-        mean in nats (ln p(x) or a bound for the estimators, Delta_inf for ``gap``), at ``step`` (the
-        run's last logged step); NAME is its file's stem in ``RUN/evaluations/``, e.g.
-        ``test-88245f0258``, so evaluations with other settings never share a tag."""
-        values = {f"evaluation/{name}/{estimator}": estimate["mean"]
-                  for estimator, estimate in result.get("estimates", {}).items()}
+        """An evaluation ([`evaluate_run`][airvae.evaluation.evaluate_run]) under ``evaluation_key``'s
+        readable names (``test/iwsvi/k5000-l8-T3000``): the mean in nats (ln p(x) or a bound for the
+        estimators, Delta_inf for ``gap``), at ``step`` (the run's last logged step); beside each, as
+        ``settings/KEY`` (a tag, text or summary entry), the estimator's settings, the examples and
+        ``file``, the evaluation's file in ``RUN/evaluations/`` (``NAME.json``)."""
+        values, notes = _evaluation_entries(name, result)
         self._each("scalars", step, values, time.time() if walltime is None else walltime)
+        self._each("notes", notes, step)
 
     def close(self, status: str | None = None) -> None:
         """Close the sinks; ``status`` is the run's (``completed``, ``interrupted``, ...), which MLflow records."""
@@ -291,18 +458,41 @@ class Tracker:
         self.sinks.clear()
 
 
+def _evaluation_entries(name: str, result: dict) -> tuple[dict, dict]:
+    """What [`Tracker.evaluation`][airvae.tracking.Tracker.evaluation] logs of an evaluation: ``{key: mean}`` and ``{settings/key: note}``."""
+    values, notes = {}, {}
+    for estimator, estimate in result.get("estimates", {}).items():
+        key = evaluation_key(name, result, estimator)
+        values[key] = estimate["mean"]
+        notes[f"settings/{key}"] = {"file": f"{name}.json", "n": result.get("n"), "n_split": result.get("n_split"),
+                                    "settings": estimate.get("settings", {})}
+    return values, notes
+
+
 def _open_sinks(run_dir: Path, stored: dict, replace: bool) -> dict:
     sinks = {}
     for name in stored.get("sinks", []):
         try:
-            if name == "tensorboard":
-                sinks[name] = _TensorBoard(run_dir, replace)
-            elif replace or stored.get("mlflow_run_id"):
-                sinks[name] = _Mlflow(run_dir, stored["mlflow_uri"], stored["mlflow_experiment"],
-                                      stored.get("mlflow_run_id"), replace, _run_name(run_dir))
+            sink = _open_sink(name, run_dir, stored, replace)
         except Exception as error:  # noqa: BLE001 - not installed any more, store unreachable
             _warn(name, error)
+            continue
+        if sink is not None:
+            sinks[name] = sink
     return sinks
+
+
+def _open_sink(name: str, run_dir: Path, stored: dict, replace: bool):
+    """Sink ``name`` of a run: made anew (``replace``) or, to add to, as it is; None where there is
+    nothing to add to (no MLflow run yet) or a sink is only ever rebuilt (W&B)."""
+    if name == "tensorboard":
+        return _TensorBoard(run_dir, replace)
+    if name == "mlflow":
+        if not (replace or stored.get("mlflow_run_id")):
+            return None
+        return _Mlflow(run_dir, stored["mlflow_uri"], stored["mlflow_experiment"], stored.get("mlflow_run_id"),
+                       replace, _run_name(run_dir))
+    return _Wandb(run_dir, stored, _run_name(run_dir)) if replace else None
 
 
 def _run_name(run_dir: Path) -> str:
@@ -310,24 +500,35 @@ def _run_name(run_dir: Path) -> str:
     return "/".join(run_dir.resolve().parts[-4:])
 
 
-def log_evaluation(run_dir: Path, path: Path, result: dict) -> None:
-    """Send a new evaluation to the sinks of a tracked run (none: nothing happens).
-
-    Args:
-        run_dir: the run directory.
-        path: the evaluation's file in ``RUN/evaluations/`` (its stem names it in the sinks).
-        result: the evaluation record.
-    """
+def log_evaluation(run_dir: Path, path: Path, result: dict, evaluations=lambda: ()) -> None:
+    """Send a new evaluation to the sinks of a tracked run (none: nothing happens). TensorBoard and
+    MLflow get it added; W&B's run is rebuilt with all of the run's current evaluations
+    (``evaluations()``, as for [`Tracker.start`][airvae.tracking.Tracker.start]), since a W&B run takes no step twice."""
     try:
         stored = read_tracking(run_dir)
     except Exception as error:  # noqa: BLE001 - the evaluation itself is stored either way
         _warn("tracking", error)
         return
-    if stored.get("sinks"):
+    if [name for name in stored.get("sinks", []) if name != "wandb"]:
         records = read_metrics(Path(run_dir) / METRICS)
         tracker = Tracker(_open_sinks(Path(run_dir), stored, replace=False))
         tracker.evaluation(Path(path).stem, result, records[-1]["step"] if records else 0)
         tracker.close()
+    if "wandb" in stored.get("sinks", []):
+        _rebuild_wandb(Path(run_dir), evaluations)
+
+
+def _rebuild_wandb(run_dir: Path, evaluations) -> None:
+    """The W&B sink of a run rebuilt from its files, unless the run is being trained: then its W&B run
+    is the trainer's, and the run's next start brings the evaluation."""
+    try:
+        check_unlocked(run_dir)
+        Tracker.start(run_dir, load_config(run_dir), read_metrics(run_dir / METRICS), evaluations,
+                      only=("wandb",)).close()
+    except RunLocked:
+        return
+    except Exception as error:  # noqa: BLE001 - the evaluation itself is stored either way
+        _warn("wandb", error)
 
 
 def _warn(sink: str, error: Exception) -> None:

@@ -83,6 +83,7 @@ from __future__ import annotations
 #   sources.py     the registry of the paper's datasets (files, checksums, URLs, converters) and the bundled digits
 #   cache.py       the cache folder, the packed caches in it and downloads into its raw/ subfolder
 #   user_files.py  users' own .npz datasets: regular-file checks, validation, kind of values
+#   torch_split.py one split as a torch.utils.data.Dataset of float tensors (TorchSplit)
 #   __init__.py    the public API: load_dataset (cache, then local files, then download) and check_dataset_name
 
 import os
@@ -93,6 +94,7 @@ from .dataset import SPLITS, Dataset, DatasetError, dataset_digest, evenly_space
 from .npz import READ_ERRORS
 from .sources import DATASETS, PIXELS, Spec, SPECS, Variant, check_splits, load_digits, verify
 from .user_files import check_user_file, load_user_npz
+from .torch_split import TorchSplit
 
 # Importable from here as before the split into modules (airvae.data was one file); the values read by
 # the code live in the modules named: patch the limits there (airvae.data.npz), not here.
@@ -108,6 +110,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "SPLITS",
+    "TorchSplit",
     "cache_root",
     "check_dataset_name",
     "dataset_digest",

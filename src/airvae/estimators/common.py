@@ -48,6 +48,8 @@ class Estimate:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     dims: int | None = None  # data dimensions per example, for bits/dim
+    # True for a difference of log-likelihoods (the inference gap): its bits/dim keep its sign
+    difference: bool = False
 
     @property
     def mean(self) -> float:
@@ -56,8 +58,12 @@ class Estimate:
 
     @property
     def bits_per_dim(self) -> float | None:
-        """The mean as bits per dimension, ``-mean / (dims ln 2)`` (exact for discrete likelihoods)."""
-        return None if self.dims is None else float(bits_per_dim(self.mean, self.dims))
+        """The mean as bits per dimension: ``-mean / (dims ln 2)`` for a log-likelihood or a bound
+        (exact for discrete likelihoods), ``mean / (dims ln 2)`` for a ``difference`` of them
+        (a positive gap is a positive number of bits/dim)."""
+        if self.dims is None:
+            return None
+        return self.mean / (self.dims * math.log(2)) if self.difference else float(bits_per_dim(self.mean, self.dims))
 
     @property
     def stderr(self) -> float:
@@ -71,15 +77,18 @@ class Estimate:
         """
         out = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
                "n": self.values.numel(), "seconds": self.seconds, "dims": self.dims}
+        if self.difference:  # only then: the records of the other estimates keep their keys
+            out["difference"] = True
         if per_example:
             out["values"] = self.values.tolist()
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Estimate":
-        """Inverse of [`to_dict`][airvae.estimators.Estimate.to_dict] (needs the per-example values)."""
+        """Inverse of [`to_dict`][airvae.estimators.Estimate.to_dict] (needs the per-example values). A
+        ``gap`` stored before records said ``difference`` is read as the difference it is."""
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
-                   float(d.get("seconds", 0.0)), d.get("dims"))
+                   float(d.get("seconds", 0.0)), d.get("dims"), bool(d.get("difference", d["name"] == "gap")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,4 +26,4 @@ def inference_gap(log_likelihood: Estimate, bound: Estimate) -> Estimate:
                          f"{bound.name} has {bound.values.numel()}; they must be the same examples")
     settings = {"log_likelihood": log_likelihood.name, "bound": bound.name}
     return Estimate("gap", log_likelihood.values - bound.values, settings,
-                    log_likelihood.seconds + bound.seconds, log_likelihood.dims)
+                    log_likelihood.seconds + bound.seconds, log_likelihood.dims, difference=True)
