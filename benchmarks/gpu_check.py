@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from bench import TRAIN_CASES, make_data, stacked_configs  # noqa: E402
 from harness import X_DIM, Z_DIM, arch_flops, matmul_ceiling, sync  # noqa: E402
 
+from airvae.config import BUDGETS  # noqa: E402
 from airvae.devices import resolve_device  # noqa: E402
 from airvae.estimators import fit_iw_svi, iwae_log_likelihood  # noqa: E402
 from airvae.model import build_vae  # noqa: E402
@@ -33,13 +34,14 @@ from airvae.stacked import StackedModel, stacked_iwae, training_steps  # noqa: E
 
 CASES = {c["name"]: c for c in TRAIN_CASES}
 # appendix E: validation splits, test splits, iterations; Table 1: 22 configurations per seed in three
-# groups (VAE + 7 DVAE(1.0), 7 DVAE(0.5) with two bounds a step, 7 WNI), 150 validations of IWAE-5000,
+# groups (VAE + 7 DVAE(1.0), 7 DVAE(0.5) with two bounds a step, 7 WNI), the paper budget's validations of IWAE-5000,
 # 4 selected models evaluated by IW-SVI (k=5000, l=8, T=3000) on the whole test set
 PAPER = {"mnist": {"case": "mnist k=1", "valid": 10000, "test": 10000},
          "omniglot": {"case": "mnist k=1", "enc": "d200-d200", "dec": "d200-d200", "valid": 1345, "test": 8070},
          "caltech": {"case": "caltech k=1", "valid": 2264, "test": 2307}}
 TABLE1_GROUPS = (8, 7, 7)  # runs per group per seed; the middle group evaluates two bounds per step
-VALIDATIONS, VAL_K, SVI = 150, 5000, {"k": 5000, "l": 8, "steps": 3000}
+VALIDATIONS, VAL_K = BUDGETS["paper"].validations, BUDGETS["paper"].val_k  # airvae's paper budget, not a copy
+SVI = {"k": 5000, "l": 8, "steps": 3000}
 
 
 def rate(fn, device, seconds: float, units: float = 1.0) -> float:
