@@ -12,8 +12,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric  # noqa: E402
-from .claims import selected_rows  # noqa: E402
+from .claims import (  # noqa: E402
+    by_seed,
+    claim,
+    compare,
+    estimator_labels,
+    estimators_present,
+    mean_se,
+    metric,
+    selected_rows,  # noqa: E402
+)
 from .runs import read_json, save_figure  # noqa: E402
 from .targets import figure3_dir, model_label, paper_tables  # noqa: E402
 
@@ -161,7 +169,7 @@ def figure4(manifest, rows, out_dir: Path):
                 for n, r in enumerate(runs):
                     points = [(p["step"], p["test_bound"]) for p in r["metrics"] if "test_bound" in p]
                     if points:
-                        ax.plot(*zip(*points), color=COLORS[family], alpha=0.8,
+                        ax.plot(*zip(*points, strict=True), color=COLORS[family], alpha=0.8,
                                 label=model_label(family, k) if n == 0 else None)
             ax.set_title(f"{dataset}, k={k}, m={m}")
             ax.set_xlabel("training step")

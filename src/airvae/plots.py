@@ -169,9 +169,9 @@ def _curves_figure(metrics: list[dict], cfg, json_path: Path):
     keys = [key for key in CURVES if any(key in record for record in metrics)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     drawn = {}
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         points = [(r["step"], r[key]) for r in metrics if key in r]
-        (line,) = ax.plot(*zip(*points), marker="o", markersize=3)
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
         if key == "val_log_likelihood":
             best = max(points, key=lambda p: p[1])
             ax.axvline(best[0], color="gray", linestyle="--", linewidth=0.8, label=f"best (step {best[0]})")
@@ -259,7 +259,7 @@ def _reconstructions_figure(model, x: torch.Tensor, seed: int, shape, transpose:
         rows += [(f"x + eps, eps ~ N(0, {encoder.sigma:.3g}² I): what the denoising encoder sees", noisy_x),
                  ("E[x|z] at the mean of q(z | x + eps)", reconstruct(noisy_x))]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3), squeeze=False)
-    for ax, (title, images) in zip(axes[:, 0], rows):
+    for ax, (title, images) in zip(axes[:, 0], rows, strict=True):
         _show(ax, _image_grid(images, shape, len(x), transpose))
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
@@ -271,7 +271,7 @@ def _posterior_figure(model, x: torch.Tensor, json_path: Path):
     activity = mean.double().var(dim=0).cpu()  # Cov_x E_q[z_u], one value per latent unit
     active = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
     std = std.double().cpu()
-    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist()))
+    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist(), strict=True))
     write_json(json_path, {"n_examples": int(x.shape[0]), "threshold": ACTIVE_UNIT_THRESHOLD,
                            "active_units": active, "z_dim": int(mean.shape[1]), "activity": activity.tolist(),
                            "std_mean_per_unit": std.mean(dim=0).tolist(), "std_quantiles": quantiles})
@@ -316,7 +316,7 @@ def _weight_norms_figure(capped: list[tuple[str, torch.Tensor, torch.Tensor, flo
     keeps ||w_i|| <= H sigmoid(u_i) < H."""
     fig, axes = plt.subplots(1, len(capped), figsize=(3.6 * len(capped), 3.2), squeeze=False)
     data = {}
-    for ax, (name, norms, caps, max_norm) in zip(axes[0], capped):
+    for ax, (name, norms, caps, max_norm) in zip(axes[0], capped, strict=True):
         norms, caps = norms.cpu(), caps.cpu()
         at_cap = int((norms >= caps * (1 - 1e-4)).sum())
         data[name] = {"H": max_norm, "norms": norms.tolist(), "caps": caps.tolist(), "at_cap": at_cap}

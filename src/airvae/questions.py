@@ -72,7 +72,7 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
               ""]
     fig, axes = plt.subplots(1, len(manifest["datasets"]), figsize=(5.5 * len(manifest["datasets"]), 3.8),
                              squeeze=False)
-    for ax, dataset in zip(axes[0], manifest["datasets"]):
+    for ax, dataset in zip(axes[0], manifest["datasets"], strict=True):
         lines += _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax)
     fig.tight_layout()
     path = save_figure(fig, out_dir / "grey-conv.png", out_dir)
@@ -152,7 +152,7 @@ def _draw(ax, dataset: str, by_family: dict, estimator: str, labels: dict) -> No
                   if seed in by_family[f]]
         points = [(i, v) for i, v in points if v is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", alpha=0.8, label=f"seed {seed}")
+            ax.plot(*zip(*points, strict=True), marker="o", alpha=0.8, label=f"seed {seed}")
     ax.set_xticks(range(len(families)), [model_label(f, 1) for f in families])
     ax.set_ylabel(f"test bits/dim ({labels[estimator]})")
     ax.set_title(f"{dataset}: conv VAE, selected strengths", fontsize=10)
