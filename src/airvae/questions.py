@@ -15,16 +15,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows  # noqa: E402
-from .likelihoods import bits_per_dim  # noqa: E402
-from .runs import save_figure  # noqa: E402
-from .targets import model_label  # noqa: E402
-from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval  # noqa: E402
+from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows
+from .drawing import pyplot
+from .likelihoods import bits_per_dim
+from .runs import save_figure
+from .targets import model_label
+from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
 WORDS = {SUPPORTS: "improves", CONTRADICTS: "worsens", INCONCLUSIVE: "no detectable difference (interval contains 0)"}
@@ -57,6 +53,7 @@ def _strength_text(family: str, strength: float, dims: int | None) -> str:
 
 def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Path], list[str]]:
     """REPORT.md lines and a figure for the ``grey-conv`` question (module docstring)."""
+    plt = pyplot()
     estimators = [e for e in estimators_present(rows) if e in ("iwsvi", "ais")] or ["iwsvi"]
     labels = estimator_labels(rows)
     selected = selected_rows(manifest, rows)
