@@ -26,24 +26,36 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # runnable without PYTHONPATH=src
     sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
+import torch
+from harness import (
+    VARIANTS,
+    X_DIM,
+    Z_DIM,
+    Timer,
+    arch_flops,
+    loadavg,
+    machine_info,
+    markdown,
+    matmul_ceiling,
+    pct,
+    print_row,
+    sync,
+)
+from reference import RefVAE, ref_iw_svi_steps, ref_iwae, ref_train_step
 
-from airvae.estimators import iwae_log_likelihood  # noqa: E402
-from airvae.estimators import fit_iw_svi  # noqa: E402
-from airvae.compiling import set_compile  # noqa: E402
-from airvae.model import build_vae  # noqa: E402
+from airvae.compiling import set_compile
+
 # the training driver's own pieces, so the benchmark measures exactly the step every airvae run takes
-from airvae.driver import MinibatchSchedule, SingleEngine, training_generator  # noqa: E402
-from airvae.model import model_from_config  # noqa: E402
-from harness import (VARIANTS, X_DIM, Z_DIM, Timer, arch_flops, loadavg, machine_info, markdown,  # noqa: E402
-                     matmul_ceiling, pct, print_row, sync)
-from reference import RefVAE, ref_iw_svi_steps, ref_iwae, ref_train_step  # noqa: E402
+from airvae.driver import MinibatchSchedule, SingleEngine, training_generator
+from airvae.estimators import fit_iw_svi, iwae_log_likelihood
+from airvae.model import build_vae, model_from_config
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -183,8 +195,8 @@ def bench_training(args, timer, device, ceiling_ref, results):
         if case.get("alpha", 1.0) not in (0.0, 1.0):
             flops *= 2  # eq. 16 evaluates both the noisy and the clean objective
         with_ref = "sigma" not in case and "max_norm" not in case and args.reference
-        fns = with_variants(args, lambda: airvae_train_step(case, device, data),
-                            (lambda: ref_train_step(case, device, data)) if with_ref else None)
+        fns = with_variants(args, partial(airvae_train_step, case, device, data),
+                            partial(ref_train_step, case, device, data) if with_ref else None)
         first = warm_up(fns, args.warmup_steps)
         expected = flops / max(ceiling_ref() * 0.3, 1e9)  # rough seconds per step
         min_calls = max(3, int(0.1 / max(expected, 1e-6)))
@@ -245,12 +257,13 @@ def bench_iwae(args, timer, device, ceiling_ref, results):
         ref = RefVAE(case["enc"], case["dec"]).to(device).eval()
         n = args.iwae_examples
         x = make_data(n, device, seed=1)
-        fns = with_variants(args, lambda: (lambda: iwae_log_likelihood(model, x, k, seed=0)),
-                            (lambda: (lambda: ref_iwae(ref, x, k))) if args.reference else None)
+        # with_variants calls each maker for the function it times: here the estimator with its arguments bound
+        fns = with_variants(args, partial(partial, iwae_log_likelihood, model, x, k, seed=0),
+                            partial(partial, ref_iwae, ref, x, k) if args.reference else None)
         sweep = {}
         if args.chunk_sweep and arch == "mnist":
             for cs in args.chunk_sweep:
-                sweep[f"chunk={cs}"] = in_mode(lambda cs=cs: iwae_log_likelihood(model, x, k, seed=0, chunk_samples=cs),
+                sweep[f"chunk={cs}"] = in_mode(partial(iwae_log_likelihood, model, x, k, seed=0, chunk_samples=cs),
                                                False)
         first = warm_up(fns, 1)
         warm_up(sweep, 1)

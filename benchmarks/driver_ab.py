@@ -27,12 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
-from bench import TRAIN_CASES, airvae_train_step, make_data, run_config  # noqa: E402
+import torch
+from bench import TRAIN_CASES, airvae_train_step, make_data, run_config
 
-from airvae.driver import MinibatchSchedule, fast_adam_options  # noqa: E402
-from airvae.model import air_objective  # noqa: E402
-from airvae.model import model_from_config  # noqa: E402
+from airvae.driver import MinibatchSchedule, fast_adam_options
+from airvae.model import air_objective, model_from_config
 
 
 def before_driver_step(case: dict, device: torch.device, data: torch.Tensor):

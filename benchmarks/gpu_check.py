@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from bench import TRAIN_CASES, make_data, stacked_configs  # noqa: E402
-from harness import X_DIM, Z_DIM, arch_flops, matmul_ceiling, sync  # noqa: E402
+import torch
+from bench import TRAIN_CASES, make_data, stacked_configs
+from harness import X_DIM, Z_DIM, arch_flops, matmul_ceiling, sync
 
-from airvae.config import BUDGETS  # noqa: E402
-from airvae.devices import resolve_device  # noqa: E402
-from airvae.estimators import fit_iw_svi, iwae_log_likelihood  # noqa: E402
-from airvae.model import build_vae  # noqa: E402
-from airvae.stacked import StackedModel, stacked_iwae, training_steps  # noqa: E402
+from airvae.config import BUDGETS
+from airvae.devices import resolve_device
+from airvae.estimators import fit_iw_svi, iwae_log_likelihood
+from airvae.model import build_vae
+from airvae.stacked import StackedModel, stacked_iwae, training_steps
 
 CASES = {c["name"]: c for c in TRAIN_CASES}
 # appendix E: validation splits, test splits, iterations; Table 1: 22 configurations per seed in three
@@ -139,7 +139,7 @@ def main() -> int:
         name = spec["case"]
         iterations = CASES[name]["T"]
         # a group of R runs trains at the measured rate of the nearest measured size (>= R when possible)
-        def group_seconds(size, bounds=1):
+        def group_seconds(size, bounds=1, iterations=iterations, name=name):
             measured = min((r for r in groups if r >= size), default=largest)
             return iterations / (rates[(name, measured)] * measured / size) * bounds
         train_s = sum(group_seconds(size, 2 if i == 1 else 1) for i, size in enumerate(TABLE1_GROUPS))

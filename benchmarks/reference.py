@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
+from harness import X_DIM, Z_DIM
 from torch import nn
 from torch.nn import functional as F
 
 from airvae.networks import parse_hidden_spec
-from harness import X_DIM, Z_DIM
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_safety import one_error_line, write_npz
 
 import airvae
 import airvae.report
@@ -24,7 +25,6 @@ from airvae import bundle
 from airvae.bundle import limits, read, write
 from airvae.cli import main
 from airvae.runs import BEST_WEIGHTS, RunLock, RunLocked, check_clearable, load_trained_model
-from test_safety import one_error_line, write_npz
 
 RUN = "runs/tiny/k1-m1/denoise-0.5-5/seed0"
 # The reproduction's own test evaluation (EVALUATION_BUDGETS["smoke"]).

@@ -95,7 +95,7 @@ def test_evaluate_prints_the_table_stores_json_and_reuses_it(data_dir, tmp_path,
     result = json.loads(stored[0].read_text())
     gap = result["estimates"]["gap"]["values"]
     svi, bound = result["estimates"]["iwsvi"]["values"], result["estimates"]["bound"]["values"]
-    assert all(abs(g - (s - b)) < 1e-9 for g, s, b in zip(gap, svi, bound)) and len(gap) == 6
+    assert all(abs(g - (s - b)) < 1e-9 for g, s, b in zip(gap, svi, bound, strict=True)) and len(gap) == 6
     mtime = stored[0].stat().st_mtime_ns
     assert main(args) == 0 and stored[0].stat().st_mtime_ns == mtime  # reused, not recomputed
     assert main(args + ["--recompute"]) == 0 and stored[0].stat().st_mtime_ns != mtime
@@ -151,9 +151,10 @@ def test_evaluate_budget_sets_the_estimators_effort_explicit_flags_win_and_the_r
         tmp_path, monkeypatch, capsys):
     """`--budget smoke|quick|paper` takes targets.EVALUATION_BUDGETS (and AIS_BUDGETS with ais or bdmc);
     without it, the budget the run was trained at; a run of a budget airvae does not know: paper."""
+    from test_safety import train_args, write_npz
+
     import airvae.evaluation
     from airvae.targets import AIS_BUDGETS, EVALUATION_BUDGETS
-    from test_safety import train_args, write_npz
 
     run = tmp_path / "run"
     assert main(train_args(write_npz(tmp_path / "tiny.npz"), run)) == 0  # --budget smoke

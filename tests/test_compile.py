@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from airvae import air_objective, build_vae
-from airvae.evaluation import EvaluationSettings, _latents_decoded
 from airvae.compiling import LONG_EVALUATION_LATENTS, _compile, compile_for, set_compile
+from airvae.evaluation import EvaluationSettings, _latents_decoded
 from airvae.model import log_weights_given_q
 from airvae.targets import EVALUATION_BUDGETS
 
@@ -40,7 +40,7 @@ def test_compiled_training_objective_matches_eager_with_the_same_draws(compiled)
         loss, grads = _loss_and_grads(model, x, True)
     assert _compile.fns, "nothing was compiled"
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, eager_grads):
+    for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 

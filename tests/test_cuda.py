@@ -37,7 +37,7 @@ def test_the_compiled_stacked_objective_equals_eager():
     # and the replayed graph's backward gives eager's gradients
     eager_grads = torch.autograd.grad(eager.sum(), group.leaves)
     compiled_grads = torch.autograd.grad(compiled(group, x, x, eps, None, alpha).sum(), group.leaves)
-    for a, b in zip(compiled_grads, eager_grads):
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

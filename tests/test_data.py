@@ -80,7 +80,7 @@ def _to_amat(x: np.ndarray) -> bytes:
 def test_named_datasets(tmp_path, name, sizes, means, deviated):
     ds = _load(name, DATA, tmp_path / "cache")
     assert ds.name == name and ds.dim == 784
-    for s, n, m in zip(("train", "valid", "test"), sizes, means):
+    for s, n, m in zip(("train", "valid", "test"), sizes, means, strict=True):
         x = ds.split(s)
         assert x.shape == (n, 784) and x.dtype == np.uint8
         assert x.max() == 1 and x.min() == 0
@@ -453,7 +453,7 @@ def test_chardata_conversion(tmp_path, monkeypatch):
     ds = _load("omniglot", d, tmp_path / "cache")
     np.testing.assert_array_equal(np.random.get_state()[1], before)  # global RNG untouched
     assert ds.deviation is None and "chardata.mat" in ds.source
-    for got, want in zip((ds.train, ds.valid, ds.test), _reference_chardata_split(data, testdata, 5)):
+    for got, want in zip((ds.train, ds.valid, ds.test), _reference_chardata_split(data, testdata, 5), strict=True):
         np.testing.assert_array_equal(got, want)
     assert (tmp_path / "cache" / "omniglot_chardata.npz").is_file()
     assert not (tmp_path / "cache" / "omniglot_lake_DEVIATION.npz").exists()

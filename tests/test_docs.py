@@ -46,11 +46,11 @@ from pathlib import Path
 import pytest
 import torch
 from pytest_codeblocks import extract_from_file
+from test_readme_example import readme_example
 
 import airvae.cli
 from airvae.evaluation import ESTIMATORS, parse_estimators
 from airvae.targets import TARGETS
-from test_readme_example import readme_example
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]

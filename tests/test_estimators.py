@@ -14,10 +14,27 @@ import torch
 from ground_truth import exact_log_marginal, tiny_data, tiny_model
 
 from airvae.config import Architecture, RunConfig
-from airvae.estimators import (Estimate, ais_log_likelihood, amortized_bound, bdmc, fit_iw_svi, inference_gap,
-                               iw_svi_log_likelihood, iwae_given_q, iwae_log_likelihood, resolve_device, simulate)
-from airvae.evaluation import (EvaluationSettings, evaluate_model, evaluate_run, format_table,
-                               iwsvi_vs_iwae_study, stored_evaluation)
+from airvae.estimators import (
+    Estimate,
+    ais_log_likelihood,
+    amortized_bound,
+    bdmc,
+    fit_iw_svi,
+    inference_gap,
+    iw_svi_log_likelihood,
+    iwae_given_q,
+    iwae_log_likelihood,
+    resolve_device,
+    simulate,
+)
+from airvae.evaluation import (
+    EvaluationSettings,
+    evaluate_model,
+    evaluate_run,
+    format_table,
+    iwsvi_vs_iwae_study,
+    stored_evaluation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +330,7 @@ def test_evaluate_run_writes_and_reuses_its_result(monkeypatch, tmp_path, case):
     assert stored["bound_k"] == 2 and len(stored["estimates"]["iwsvi"]["values"]) == 4
     gap = stored["estimates"]["gap"]
     assert gap["values"] == pytest.approx([a - b for a, b in zip(stored["estimates"]["iwsvi"]["values"],
-                                                                  stored["estimates"]["bound"]["values"])])
+                                                                  stored["estimates"]["bound"]["values"], strict=True)])
     assert not list((run_dir / "evaluations").glob("*.tmp"))
     # Same settings (device differs: not part of the key): served from disk without loading the model.
     assert evaluate_run(run_dir, small_settings(max_examples=4, device="auto"), progress=False) == stored
@@ -464,7 +481,7 @@ def test_iw_svi_scores_its_fitted_q_with_the_scoring_stream_not_the_optimization
     from airvae.estimators import STREAM_SCORE, STREAM_SVI, amortized, example_generator, iwsvi
 
     model, x, _ = case
-    k, l, steps, seed = 13, 3, 20, 5
+    k, samples, steps, seed = 13, 3, 20, 5
     draws = {"fit": [], "score": []}  # every eps [n, b, z] the estimator decodes, by phase
     real = amortized.log_weights_from_noise
 
@@ -475,9 +492,9 @@ def test_iw_svi_scores_its_fitted_q_with_the_scoring_stream_not_the_optimization
     with monkeypatch.context() as patch:
         for module in (amortized, iwsvi):  # the scoring's and the fit's one path to the log weights
             patch.setattr(module, "log_weights_from_noise", spy)
-        est = iw_svi_log_likelihood(model, x, k=k, l=l, steps=steps, seed=seed).values
+        est = iw_svi_log_likelihood(model, x, k=k, l=samples, steps=steps, seed=seed).values
     assert len(draws["fit"]) == steps and draws["score"], "the spy missed the optimization or the scoring"
-    mean_q, std_q = fit_iw_svi(model, x, l=l, steps=steps, seed=seed)
+    mean_q, std_q = fit_iw_svi(model, x, l=samples, steps=steps, seed=seed)
     z_dim = mean_q.shape[-1]
 
     def scored_with(stream):  # IWAE-k of the fitted q, example i's k draws: the first randn(k, z) of a stream
@@ -497,7 +514,7 @@ def test_iw_svi_scores_its_fitted_q_with_the_scoring_stream_not_the_optimization
         + (" - it equals the score on the optimization stream's draws (STREAM_SVI): optimistically biased"
            if torch.allclose(est, reused, atol=1e-4, rtol=0) else ""))
     # and directly: no latent draw of the scoring is one the optimization used on that example
-    fit = torch.cat(draws["fit"]).transpose(0, 1)  # [b, steps * l, z]
+    fit = torch.cat(draws["fit"]).transpose(0, 1)  # [b, steps * samples, z]
     score = torch.cat(draws["score"]).transpose(0, 1)  # [b, k, z]
     assert score.shape[:2] == (x.shape[0], k)
     shared = [(i, j) for i in range(x.shape[0]) for j in range(k) if (fit[i] == score[i, j]).all(-1).any()]

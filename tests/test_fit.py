@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from test_safety import Killed, one_error_line
 
 import airvae
 import airvae.driver as driver
@@ -16,7 +17,6 @@ from airvae.cli import main
 from airvae.data import Dataset
 from airvae.runs import LAST, RunError, RunLock, RunLocked, load_checkpoint
 from airvae.tracking import TrackingSettings
-from test_safety import Killed, one_error_line
 
 MODULE = textwrap.dedent('''
     import torch

@@ -8,20 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_safety import one_error_line
 
 from airvae.cli import main
 from airvae.config import ConfigError, LikelihoodConfig, RunConfig, resolve_run_config
 from airvae.data import load_dataset
 from airvae.likelihoods import DiscretizedLogistic
+from airvae.model import model_from_config
 from airvae.networks import Conv, ConvDecoder, ConvEncoder, conv_map_shapes, parse_spec
 from airvae.questions import grey_conv
 from airvae.report import bdmc_section
 from airvae.reproduce import extra_evaluation
 from airvae.resources import model_bytes
-from airvae.model import model_from_config
 from airvae.runs import load_trained_model
 from airvae.sweep import Job
-from test_safety import one_error_line
 
 SMALL = ["--budget", "smoke", "--iterations", "4", "--val-every", "2", "--val-k", "4", "--batch-size", "20",
          "--z-dim", "3", "--no-progress", "--device", "cpu"]

@@ -10,8 +10,16 @@ import torch
 from scipy.special import expit
 from torch import nn
 
-from airvae import (Bernoulli, DiscretizedLogistic, Gaussian, air_objective, bits_per_dim, build_vae,
-                    log_likelihood_from_bits_per_dim, log_weights_given_q)
+from airvae import (
+    Bernoulli,
+    DiscretizedLogistic,
+    Gaussian,
+    air_objective,
+    bits_per_dim,
+    build_vae,
+    log_likelihood_from_bits_per_dim,
+    log_weights_given_q,
+)
 from airvae.estimators import Estimate, iwae_log_likelihood
 from airvae.likelihoods import discretized_logistic_log_prob
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from airvae import Gaussian
-from airvae.estimators import (ais_log_likelihood, bdmc, fit_iw_svi, iwae_given_q, iwae_log_likelihood, simulate)
+from airvae.estimators import ais_log_likelihood, bdmc, fit_iw_svi, iwae_given_q, iwae_log_likelihood, simulate
 
 Z_DIM, X_DIM, NOISE_STD, SCALES = 16, 64, 1.0, (0.5, 1.5)
 

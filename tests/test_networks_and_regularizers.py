@@ -7,9 +7,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airvae import (CappedWeightNormLinear, DenoisingEncoder, GaussianEncoder, Regularizer, air_objective,
-                    bernoulli_log_prob, build_vae, cap_weight_norms, elbo, gaussian_log_prob, iwae_bound,
-                    parse_hidden_spec)
+from airvae import (
+    CappedWeightNormLinear,
+    DenoisingEncoder,
+    GaussianEncoder,
+    Regularizer,
+    air_objective,
+    bernoulli_log_prob,
+    build_vae,
+    cap_weight_norms,
+    elbo,
+    gaussian_log_prob,
+    iwae_bound,
+    parse_hidden_spec,
+)
 from airvae.config import ConfigError
 
 
@@ -230,7 +241,7 @@ def test_conv_wni_filter_norms_never_exceed_h(conv, groups, v_scale, u_shift, h,
     # Eq. 18 per output channel: s_o = min(||v_o||, H sigmoid(u_o)), and each filter keeps its direction.
     expected = torch.minimum(filter_norms(layer, v), h * torch.sigmoid(cap.u))
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=1e-6 * h)
-    for w_o, v_o in zip(filters(layer, layer.weight), filters(layer, v)):
+    for w_o, v_o in zip(filters(layer, layer.weight), filters(layer, v), strict=True):
         w_o = w_o / w_o.abs().max()  # a filter capped near 0 (u << 0) would underflow in w_o.norm()
         torch.testing.assert_close(w_o / w_o.norm(), v_o / v_o.norm(), rtol=1e-4, atol=1e-5)
 

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from airvae.estimators import (ais_log_likelihood, amortized_bound, bdmc, inference_gap, iw_svi_log_likelihood,
-                               iwae_log_likelihood, simulate)
+from airvae.estimators import (
+    ais_log_likelihood,
+    amortized_bound,
+    bdmc,
+    inference_gap,
+    iw_svi_log_likelihood,
+    iwae_log_likelihood,
+    simulate,
+)
 from airvae.evaluation import EvaluationSettings, evaluate_model, format_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"

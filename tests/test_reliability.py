@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_safety import one_error_line, train_args, write_npz
 
 from airvae import runs
 from airvae._torch_floor import check_torch
@@ -18,7 +19,6 @@ from airvae.config import MAX_LR, MAX_NORM, MAX_SIGMA, ConfigError, Regularizer,
 from airvae.evaluation import EvaluationSettings
 from airvae.files import atomic_write_bytes, real_folder
 from airvae.runs import LAST, LinkRefused, RunError
-from test_safety import one_error_line, train_args, write_npz
 
 FAST_EVAL = ["--estimators", "bound,iwsvi,gap", "--k", "8", "--svi-k", "8", "--svi-l", "2", "--svi-steps", "2",
              "--max-examples", "8", "--no-progress", "--device", "cpu"]

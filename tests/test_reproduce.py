@@ -13,6 +13,7 @@ from airvae.report import render
 from airvae.reproduce import plan
 from airvae.targets import EVALUATION_BUDGETS, paper_tables
 
+
 def test_paper_tables_are_stored_with_all_cells():
     tables = paper_tables()
     assert tables["table1"]["rows"]["plain"]["mnist"]["neg_log_likelihood"] == [86.93, 0.04]

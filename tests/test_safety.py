@@ -28,7 +28,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def write_npz(path: Path, d: int = 16, seed: int = 0, rows=(200, 40, 40)) -> Path:
     rng = np.random.default_rng(seed)
     p = rng.random(d) * 0.7
-    np.savez(path, **{split: (rng.random((n, d)) < p).astype(np.uint8) for split, n in zip(("train", "valid", "test"), rows)})
+    np.savez(path, **{split: (rng.random((n, d)) < p).astype(np.uint8) for split, n in zip(("train", "valid", "test"), rows, strict=True)})
     return path
 
 

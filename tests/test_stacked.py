@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_safety import Killed
+from test_train import SRC, tiny_config, tiny_dataset
 
 from airvae.cli import main
 from airvae.config import Architecture, Regularizer
@@ -22,9 +24,6 @@ from airvae.runs import LAST, load_checkpoint, read_json, read_metrics
 from airvae.stacked import Member, StackedAdam, group_key, train_group
 from airvae.sweep import select_strengths
 from airvae.train import train
-
-from test_safety import Killed
-from test_train import SRC, tiny_config, tiny_dataset
 
 BASE = tiny_config(architecture=Architecture("d16", "d16", 3), k=3, m=2, iterations=40, val_k=5)
 # Groups as a sweep forms them: strengths and seeds mixed, DVAE with a plain run, WNI, partial denoising.
@@ -142,7 +141,8 @@ def test_a_group_killed_with_sigkill_and_rerun_ends_exactly_as_an_uninterrupted_
         assert a["state"]["step"] == b["state"]["step"] == 3000
         for name, tensor in a["model"].items():
             assert torch.equal(tensor, b["model"][name]), (i, name)
-        metrics = lambda d: [m["val_log_likelihood"] for m in read_metrics(d / f"r{i}" / "metrics.jsonl")]  # noqa: E731
+        def metrics(d, i=i):
+            return [m["val_log_likelihood"] for m in read_metrics(d / f"r{i}" / "metrics.jsonl")]
         assert metrics(tmp_path / "reference") == metrics(killed)
 
 
@@ -158,19 +158,19 @@ def test_stacked_adam_is_torch_adam_per_run_and_leaves_the_runs_sitting_out_unto
             ([True, True, True], 0.02)]
     for active, lr in plan:
         grads = [torch.randn(s) for s in shapes]
-        for p, g in zip(stacked, grads):
+        for p, g in zip(stacked, grads, strict=True):
             p.grad = g.clone()
         before = [p.detach().clone() for p in stacked]
         adam.step(lr, active)
         for r in range(3):
             if not active[r]:
-                assert all(torch.equal(p.detach()[r], b[r]) for p, b in zip(stacked, before))
+                assert all(torch.equal(p.detach()[r], b[r]) for p, b in zip(stacked, before, strict=True))
                 continue
-            for p, g in zip(alone[r], grads):
+            for p, g in zip(alone[r], grads, strict=True):
                 p.grad = g[r].clone()
             optimizers[r].param_groups[0]["lr"] = lr
             optimizers[r].step()
-            for p, q in zip(stacked, alone[r]):
+            for p, q in zip(stacked, alone[r], strict=True):
                 assert torch.equal(p.detach()[r], q.detach())  # torch's own kernel: the same bits
     assert adam.steps == [3, 3, 3]
     with pytest.raises(ValueError, match="one step"):
@@ -201,12 +201,11 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
     """Every estimator with a stacked call (airvae.estimators.REGISTRY) gives each run of a group what
     its single-model call gives the run alone: the same values up to float rounding, under the same
     name and settings."""
+    from airvae.data import load_dataset
     from airvae.estimators import REGISTRY
     from airvae.evaluation import EvaluationSettings, evaluate_run
     from airvae.stacked import STACKED_ESTIMATORS, evaluate_group
     from airvae.sweep import Job
-
-    from airvae.data import load_dataset
 
     runs, caltech = [], load_dataset("caltech", data_dir=data_dir, progress=False)
     for family, strength in (("plain", 0.0), ("denoise-1.0", 5.0), ("denoise-0.5", 5.0)):
@@ -219,7 +218,7 @@ def test_a_stacked_evaluation_equals_each_run_evaluated_alone(tmp_path, data_dir
     settings = EvaluationSettings(estimators=STACKED_ESTIMATORS, max_examples=12, k_iwae=20, svi_k=20, svi_l=4,
                                   svi_steps=5, device="cpu")
     stacked = evaluate_group(runs, settings)
-    for run, together in zip(runs, stacked):
+    for run, together in zip(runs, stacked, strict=True):
         alone = evaluate_run(run, settings, recompute=True, progress=False)
         assert together.keys() == alone.keys() and together["identity"] == alone["identity"]
         assert list(together["estimates"]) == list(alone["estimates"]) == list(STACKED_ESTIMATORS)
@@ -338,10 +337,8 @@ PARTIAL = [BASE.replace(seed=0, iterations=20, regularizer=Regularizer(sigma=0.3
 def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same_draws():
     """Per run, the stacked objective equals ``air_objective`` (alpha * noisy + (1 - alpha) * clean)
     of the run's own model fed the same generator, and differs from the swapped weighting."""
-    from airvae.model import air_objective
-    from airvae.model import model_from_config
     from airvae.driver import training_generator
-    from airvae.model import denoising_parts
+    from airvae.model import air_objective, denoising_parts, model_from_config
     from airvae.stacked import StackedModel, stacked_objectives
     from airvae.stacked.training import _GroupDraws
 
@@ -353,14 +350,14 @@ def test_a_partial_denoising_objective_in_a_group_is_air_objective_with_the_same
         torch.manual_seed(cfg.seed)
         models.append(model_from_config(cfg))
     group = StackedModel(models, device)
-    denoising = [denoising_parts(model, c.regularizer.alpha)[1] for model, c in zip(models, cfgs)]
+    denoising = [denoising_parts(model, c.regularizer.alpha)[1] for model, c in zip(models, cfgs, strict=True)]
     draws = _GroupDraws(denoising, [training_generator(c.seed, device) for c in cfgs], x.shape[1:], cfgs[0], device)
     xs = x.expand(len(cfgs), *x.shape).contiguous()
     x_seen, eps, eps_clean = draws.next(xs, [True] * len(cfgs))
     alpha = torch.tensor([c.regularizer.alpha for c in cfgs])
     with torch.no_grad():
         stacked = stacked_objectives(group, xs, x_seen, eps, eps_clean, alpha)
-        for r, (cfg, model) in enumerate(zip(cfgs, models)):
+        for r, (cfg, model) in enumerate(zip(cfgs, models, strict=True)):
             a = cfg.regularizer.alpha
             alone = air_objective(model, x, cfg.k, cfg.m, a, generator=training_generator(cfg.seed, device))
             torch.testing.assert_close(

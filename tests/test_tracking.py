@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_safety import killed_run, one_error_line, train_args, write_npz
 
 from airvae.cli import main
-from test_safety import killed_run, one_error_line, train_args, write_npz
 
 pytest.importorskip("tensorboard", reason="pip install 'airvae[tensorboard]' (in the dev extra)")
 pytest.importorskip("mlflow", reason="pip install 'airvae[mlflow]' (in the dev extra)")

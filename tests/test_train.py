@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from airvae.config import Architecture, ConfigError, RunConfig
-from airvae.runs import LAST, RunError, load_checkpoint, load_trained_model, read_json
 from airvae.driver import MinibatchSchedule
+from airvae.runs import LAST, RunError, load_checkpoint, load_trained_model, read_json
 from airvae.train import TrainingDiverged, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

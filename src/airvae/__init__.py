@@ -22,23 +22,48 @@ from ._torch_floor import check_torch
 
 check_torch()  # before anything loads a checkpoint: older torch's weights_only loading can run code
 
-from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
 from . import data, estimators  # airvae.data.X and airvae.estimators.X after a bare `import airvae`
+from ._version import __version__
+from .bounds import bernoulli_log_prob, elbo, gaussian_log_prob, iwae_bound, standard_normal_log_prob
 from .bundle import load
+from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config
 from .data import Dataset, DatasetError, TorchSplit, load_dataset
-from .estimators import (Estimate, ais_log_likelihood, amortized_bound, inference_gap, iw_svi_log_likelihood,
-                         iwae_log_likelihood)
+from .estimators import (
+                         Estimate,
+                         ais_log_likelihood,
+                         amortized_bound,
+                         inference_gap,
+                         iw_svi_log_likelihood,
+                         iwae_log_likelihood,
+)
 from .evaluation import EvaluationSettings, evaluate_model, evaluate_run
 from .fit import fit
-from .config import ARCHITECTURES, BUDGETS, Architecture, ConfigError, Regularizer, RunConfig, resolve_run_config
-from .likelihoods import (Bernoulli, DiscretizedLogistic, Gaussian, Likelihood, bits_per_dim,
-                          log_likelihood_from_bits_per_dim)
-from .model import (VAE, LatentVariableModel, air_objective, build_vae, cap_weight_norms, conditional_log_prob,
-                    log_weights_given_q)
-from .networks import (BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder, GaussianEncoder,
-                       MLPDecoder, parse_hidden_spec)
-
-from ._version import __version__
+from .likelihoods import (
+                         Bernoulli,
+                         DiscretizedLogistic,
+                         Gaussian,
+                         Likelihood,
+                         bits_per_dim,
+                         log_likelihood_from_bits_per_dim,
+)
+from .model import (
+                         VAE,
+                         LatentVariableModel,
+                         air_objective,
+                         build_vae,
+                         cap_weight_norms,
+                         conditional_log_prob,
+                         log_weights_given_q,
+)
+from .networks import (
+                         BernoulliDecoder,
+                         CappedFilterNorm,
+                         CappedWeightNormLinear,
+                         DenoisingEncoder,
+                         GaussianEncoder,
+                         MLPDecoder,
+                         parse_hidden_spec,
+)
 
 __all__ = [
     "ARCHITECTURES", "BUDGETS", "Architecture", "Bernoulli", "BernoulliDecoder", "CappedFilterNorm",

@@ -51,14 +51,14 @@ def _aligned(a: dict, b: dict) -> list[tuple[float, float]] | None:
     None when the two cannot be aligned (no per-example values, or other examples)."""
     ea, eb = examples_of(a), examples_of(b)
     if ea == eb and a.get("n") == b.get("n") and "values" in a and "values" in b:
-        return list(zip(a["values"], b["values"]))
+        return list(zip(a["values"], b["values"], strict=True))
     if ea is None or eb is None or ea[0] != eb[0] or "values" not in a or "values" not in b:
         return None
     where = {int(i): j for j, i in enumerate(evenly_spaced(eb[0], eb[1]))}
     indices = evenly_spaced(ea[0], ea[1])
     if not all(int(i) in where for i in indices):
         return None
-    return [(va, b["values"][where[int(i)]]) for va, i in zip(a["values"], indices)]
+    return [(va, b["values"][where[int(i)]]) for va, i in zip(a["values"], indices, strict=True)]
 
 
 def metric(evaluation: dict | None, name: str, estimator: str = "iwsvi") -> float | None:

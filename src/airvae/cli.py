@@ -14,8 +14,20 @@ import re
 import sys
 from pathlib import Path
 
-from .config import (ARCHITECTURES, BUDGETS, LIKELIHOODS, MAX_NORM, MAX_SEED, ConfigError, LikelihoodConfig,
-                     Regularizer, check_int, h_from_ten_over_h, resolve_run_config, sigma_from_sqrt_d)
+from .config import (
+    ARCHITECTURES,
+    BUDGETS,
+    LIKELIHOODS,
+    MAX_NORM,
+    MAX_SEED,
+    ConfigError,
+    LikelihoodConfig,
+    Regularizer,
+    check_int,
+    h_from_ten_over_h,
+    resolve_run_config,
+    sigma_from_sqrt_d,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -475,8 +487,8 @@ def cmd_reproduce(args) -> int:
     from .devices import resolve_device
     from .evaluation import parse_estimators
     from .reproduce import reproduce
-    from .targets import TARGETS
     from .sweep import make_executor
+    from .targets import TARGETS
 
     if args.target not in TARGETS:
         raise ConfigError(f"invalid target = {args.target!r}: allowed {', '.join(TARGETS)}")
@@ -603,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--compile" in argv and "--no-compile" in argv:
         print("airvae: error: --compile and --no-compile contradict each other; give one", file=sys.stderr)
         return 2
-    for before, arg in zip([""] + argv, argv):
+    for before, arg in zip([""] + argv, argv, strict=False):
         if "\0" in arg:  # the OS cannot take such a string as a path or name
             print(f"airvae: error: argument {before if before.startswith('-') else repr(arg)} contains a NUL "
                   "character", file=sys.stderr)

@@ -140,7 +140,7 @@ class LikelihoodConfig:
                    f"only with the {owner} likelihood (this one is {self.kind!r})")
 
     @classmethod
-    def for_data(cls, levels: int | None) -> "LikelihoodConfig":
+    def for_data(cls, levels: int | None) -> LikelihoodConfig:
         """The default for data with ``levels`` values per dimension (None: real-valued): Bernoulli for
         binary data, a discretized logistic on the data's grid for grey levels, a Gaussian otherwise."""
         if levels == 2:
@@ -253,7 +253,7 @@ class Regularizer:
 
     @classmethod
     def from_paper(cls, x_dim: int, sigma_sqrt_d: float = 0.0, ten_over_h: float = 0.0,
-                   alpha: float = 1.0) -> "Regularizer":
+                   alpha: float = 1.0) -> Regularizer:
         """Table 7's parameterization: ``sigma * sqrt(d)`` and ``10 / H`` (0 means H = inf)."""
         return cls(sigma=sigma_from_sqrt_d(sigma_sqrt_d, x_dim), alpha=alpha, max_norm=h_from_ten_over_h(ten_over_h))
 
@@ -431,7 +431,7 @@ class RunConfig:
             return self.lr
         return self.lr * self.lr_final_fraction ** (step / (self.iterations - 1))
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
@@ -442,7 +442,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "RunConfig":
+    def from_json(cls, data: dict) -> RunConfig:
         """Inverse of [`to_json`][airvae.config.RunConfig.to_json]; every field is validated, and a missing, unknown or
         mistyped one is a ConfigError naming it."""
         _check_fields(cls, data, "config")
@@ -520,7 +520,7 @@ class FitConfig:
 
     lr_at = RunConfig.lr_at  # eq. 43, the same schedule
 
-    def replace(self, **changes) -> "FitConfig":
+    def replace(self, **changes) -> FitConfig:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
@@ -529,7 +529,7 @@ class FitConfig:
         return {"kind": CUSTOM, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "FitConfig":
+    def from_json(cls, data: dict) -> FitConfig:
         """Inverse of [`to_json`][airvae.config.FitConfig.to_json]; every field is validated."""
         data = {key: value for key, value in data.items() if key != "kind"}
         return _from_fields(cls, data, "config")

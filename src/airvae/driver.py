@@ -23,9 +23,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -441,7 +442,7 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
             while unfinished():
                 group_step = min(logs[r].step for r in unfinished())
                 active = [results[r] is None and logs[r].step == group_step for r in range(R)]
-                x = data.train[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs)])]
+                x = data.train[torch.stack([s.indices(log.step) for s, log in zip(schedules, logs, strict=True)])]
                 per_run = engine.step(x, active, first.lr_at(group_step))  # [R]
                 if active != kept:  # a host-to-device copy only when the active runs change
                     kept, keep = active, torch.tensor(active, device=device)
@@ -468,7 +469,7 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
                         vals = engine.validate(validate, data.valid, first.val_k, [s + 1 for s in seeds])
                         tests = (engine.validate(validate, data.test, first.k, [s + 2 for s in seeds])
                                  if data.test is not None else [None] * len(validate))
-                        for r, val, test_bound in zip(validate, vals, tests):
+                        for r, val, test_bound in zip(validate, vals, tests, strict=True):
                             logs[r].record_validation(val, engine.model_state(r), test_bound)
                         bar.set_postfix(best=f"{max(logs[r].state['best_val'] for r in validate):.2f}")
                     for r in unfinished():

@@ -183,7 +183,7 @@ class EvaluationSettings:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EvaluationSettings":
+    def from_dict(cls, d: dict) -> EvaluationSettings:
         """Settings from [`to_dict`][airvae.evaluation.EvaluationSettings.to_dict]'s output (an evaluation
         record's ``settings``); unknown keys are refused.
         """
@@ -488,7 +488,7 @@ def format_table(result: dict) -> str:
     header = ("estimator", "mean (nats)", "± stderr", "bits/dim", "n", "seconds")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     title = []
     if "dataset" in result:
         title.append(f"{result['dataset']} / {result.get('split')} ({result.get('n')} of {result.get('n_split')} "

@@ -7,15 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric  # noqa: E402
-from .claims import selected_rows  # noqa: E402
-from .runs import read_json, save_figure  # noqa: E402
-from .targets import figure3_dir, model_label, paper_tables  # noqa: E402
+from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric, selected_rows
+from .drawing import pyplot
+from .runs import read_json, save_figure
+from .targets import figure3_dir, model_label, paper_tables
 
 COLORS = {"plain": "black", "denoise-0.5": "tab:blue", "denoise-1.0": "tab:orange", "wni": "tab:green"}
 AIR = ("denoise-0.5", "denoise-1.0", "wni")
@@ -52,6 +47,7 @@ def figure2(manifest, rows, out_dir: Path):
 
 
 def _strength_figure(manifest, rows, out_dir, ks, relative, name):
+    plt = pyplot()
     datasets, grid = manifest["datasets"], manifest["grid"]
     panels = [(d, f) for d in datasets for f in AIR] if relative else [(d, None) for d in datasets]
     ncols = len(AIR) if relative else len(datasets)
@@ -146,6 +142,7 @@ def _drop_from_peak(row) -> float | None:
 
 def figure4(manifest, rows, out_dir: Path):
     """Test amortized bound during training, VAE vs DVAE, as k and m vary (Figure 4)."""
+    plt = pyplot()
     settings = sorted({(r["job"].k, r["job"].m) for r in rows})
     datasets = manifest["datasets"]
     fig, axes = plt.subplots(len(datasets), len(settings), figsize=(3.6 * len(settings), 3.2 * len(datasets)),
@@ -161,7 +158,7 @@ def figure4(manifest, rows, out_dir: Path):
                 for n, r in enumerate(runs):
                     points = [(p["step"], p["test_bound"]) for p in r["metrics"] if "test_bound" in p]
                     if points:
-                        ax.plot(*zip(*points), color=COLORS[family], alpha=0.8,
+                        ax.plot(*zip(*points, strict=True), color=COLORS[family], alpha=0.8,
                                 label=model_label(family, k) if n == 0 else None)
             ax.set_title(f"{dataset}, k={k}, m={m}")
             ax.set_xlabel("training step")
@@ -230,6 +227,7 @@ def figure3_claims(dataset: str, data: dict) -> list[str]:
 def draw_figure3(data: dict, path: Path) -> Path:
     """The paper's Figure 3 from [`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study]'s data, as a PNG at ``path``:
     (a) estimate against wall time, (b) IWAE-k and IW-SVI over k, (c) IW-SVI over T."""
+    plt = pyplot()
     # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much
     # ln p(x) varies between examples, which is common to every curve and hides their differences.
     def series(ax, points, xkey, label, marker):

@@ -21,9 +21,8 @@ from .devices import resolve_device
 from .driver import Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator
 from .estimators import latent_dim
 from .model import air_objective, protocol_objective
-from .runs import SUMMARY, RunLock, read_json
+from .runs import SUMMARY, RunLock, check_run_dir_use, open_run_dir, read_json
 from .tracking import TrackingSettings, choose_sinks
-from .runs import check_run_dir_use, open_run_dir
 
 
 def fit(model: torch.nn.Module, data: str | Dataset, run_dir: str | Path, *, k: int = 1, m: int = 1,

@@ -12,11 +12,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bounds import gaussian_log_ratio_from_noise, iwae_bound
-from .likelihoods import Bernoulli, Likelihood
 from .compiling import run_kernel
+from .likelihoods import Bernoulli, Likelihood
+from .networks import (
+    CONV_TYPES,
+    BernoulliDecoder,
+    CappedFilterNorm,
+    CappedWeightNormLinear,
+    ConvDecoder,
+    ConvEncoder,
+    DenoisingEncoder,
+    GaussianEncoder,
+    MLPDecoder,
+    parse_spec,
+)
 from .objectives import Denoising, draw_step, mix_bounds, seen_input
-from .networks import (CONV_TYPES, BernoulliDecoder, CappedFilterNorm, CappedWeightNormLinear, ConvDecoder,
-                       ConvEncoder, DenoisingEncoder, GaussianEncoder, MLPDecoder, parse_spec)
 
 
 class LatentVariableModel(Protocol):
@@ -253,7 +263,7 @@ def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
     return bound[0] if bound.shape[0] == 1 else bound.mean(0)  # m = 1: the mean is the value itself
 
 
-def model_from_config(cfg) -> "VAE":
+def model_from_config(cfg) -> VAE:
     """The untrained model a [`RunConfig`][airvae.config.RunConfig] describes (Table 6 specs, its
     regularizer and likelihood); the same every time for the same seed set before the call."""
     arch, reg = cfg.architecture, cfg.regularizer

@@ -353,7 +353,7 @@ class ConvEncoder(nn.Module):
         self.image_shape, self.z_dim = tuple(image_shape), z_dim
         shapes = conv_map_shapes(self.image_shape, convs)
         layers: list[nn.Module] = []
-        for conv, (in_channels, _, _) in zip(convs, shapes):
+        for conv, (in_channels, _, _) in zip(convs, shapes[:-1], strict=True):
             layers += [nn.Conv2d(in_channels, conv.channels, conv.kernel, conv.stride, conv.padding), nn.ELU()]
         self.convs = nn.Sequential(*layers)
         self.head = GaussianEncoder(math.prod(shapes[-1]), z_dim, dense)

@@ -23,21 +23,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
-
-from .data import (
-    evenly_spaced,  # noqa: E402
-    load_dataset,
-)
-from .devices import resolve_device  # noqa: E402
-from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder  # noqa: E402
-from .runs import (  # noqa: E402
+from .data import evenly_spaced, load_dataset
+from .devices import resolve_device
+from .drawing import pyplot
+from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder
+from .runs import (
     METRICS,
     RunError,
     check_writable,
@@ -158,6 +152,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
 
 def _save(fig, out: RunPlots, name: str) -> None:
+    plt = pyplot()
     path = save_figure(fig, out.directory / f"{name}.png", out.directory, dpi=100)
     plt.close(fig)
     out.written[name] = path
@@ -166,12 +161,13 @@ def _save(fig, out: RunPlots, name: str) -> None:
 def _curves_figure(metrics: list[dict], cfg, json_path: Path):
     """One panel per tracked metric against the step. The plotted points are read back from the
     figure's lines into ``json_path``, so the JSON is what the PNG shows."""
+    plt = pyplot()
     keys = [key for key in CURVES if any(key in record for record in metrics)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     drawn = {}
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         points = [(r["step"], r[key]) for r in metrics if key in r]
-        (line,) = ax.plot(*zip(*points), marker="o", markersize=3)
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
         if key == "val_log_likelihood":
             best = max(points, key=lambda p: p[1])
             ax.axvline(best[0], color="gray", linestyle="--", linewidth=0.8, label=f"best (step {best[0]})")
@@ -238,6 +234,7 @@ def _decoded_mean(model, z: torch.Tensor) -> torch.Tensor:
 
 
 def _samples_figure(model, generator: torch.Generator, shape, transpose: bool, z_dim: int, n: int = 64):
+    plt = pyplot()
     z = torch.randn(n, z_dim, generator=generator, device=generator.device)
     fig, ax = plt.subplots(figsize=(5, 5.3))
     _show(ax, _image_grid(_decoded_mean(model, z), shape, 8, transpose))
@@ -249,6 +246,7 @@ def _samples_figure(model, generator: torch.Generator, shape, transpose: bool, z
 def _reconstructions_figure(model, x: torch.Tensor, seed: int, shape, transpose: bool):
     """Rows: x; E[x|z] at the clean encoder's mean; for a denoising encoder also x + eps (what it
     sees in training, eq. 13) and E[x|z] at q(z | x + eps)'s mean."""
+    plt = pyplot()
     reconstruct = lambda x_in: _decoded_mean(model, model.encode(x_in)[0])  # noqa: E731 - eval mode: clean
     rows = [("test x", x), ("E[x|z] at the mean of q(z|x), clean encoder", reconstruct(x))]
     encoder = getattr(model, "encoder", None)
@@ -259,7 +257,7 @@ def _reconstructions_figure(model, x: torch.Tensor, seed: int, shape, transpose:
         rows += [(f"x + eps, eps ~ N(0, {encoder.sigma:.3g}² I): what the denoising encoder sees", noisy_x),
                  ("E[x|z] at the mean of q(z | x + eps)", reconstruct(noisy_x))]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.15 * len(rows) + 0.3), squeeze=False)
-    for ax, (title, images) in zip(axes[:, 0], rows):
+    for ax, (title, images) in zip(axes[:, 0], rows, strict=True):
         _show(ax, _image_grid(images, shape, len(x), transpose))
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
@@ -267,11 +265,12 @@ def _reconstructions_figure(model, x: torch.Tensor, seed: int, shape, transpose:
 
 
 def _posterior_figure(model, x: torch.Tensor, json_path: Path):
+    plt = pyplot()
     mean, std = model.encode(x)  # eval mode: the clean encoder
     activity = mean.double().var(dim=0).cpu()  # Cov_x E_q[z_u], one value per latent unit
     active = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
     std = std.double().cpu()
-    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist()))
+    quantiles = dict(zip(("q05", "q50", "q95"), np.quantile(std.numpy(), (0.05, 0.5, 0.95)).tolist(), strict=True))
     write_json(json_path, {"n_examples": int(x.shape[0]), "threshold": ACTIVE_UNIT_THRESHOLD,
                            "active_units": active, "z_dim": int(mean.shape[1]), "activity": activity.tolist(),
                            "std_mean_per_unit": std.mean(dim=0).tolist(), "std_quantiles": quantiles})
@@ -314,9 +313,10 @@ def _weight_norms_figure(capped: list[tuple[str, torch.Tensor, torch.Tensor, flo
     """Per capped layer (``_capped_layers``): each unit's weight-vector norm ||w_i|| (sorted; an
     output channel's whole filter for a convolution), its learned cap H sigmoid(u_i), and H; eq. 18
     keeps ||w_i|| <= H sigmoid(u_i) < H."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(capped), figsize=(3.6 * len(capped), 3.2), squeeze=False)
     data = {}
-    for ax, (name, norms, caps, max_norm) in zip(axes[0], capped):
+    for ax, (name, norms, caps, max_norm) in zip(axes[0], capped, strict=True):
         norms, caps = norms.cpu(), caps.cpu()
         at_cap = int((norms >= caps * (1 - 1e-4)).sum())
         data[name] = {"H": max_norm, "norms": norms.tolist(), "caps": caps.tolist(), "at_cap": at_cap}

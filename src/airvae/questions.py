@@ -15,16 +15,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows  # noqa: E402
-from .likelihoods import bits_per_dim  # noqa: E402
-from .runs import save_figure  # noqa: E402
-from .targets import model_label  # noqa: E402
-from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval  # noqa: E402
+from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows
+from .drawing import pyplot
+from .likelihoods import bits_per_dim
+from .runs import save_figure
+from .targets import model_label
+from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
 WORDS = {SUPPORTS: "improves", CONTRADICTS: "worsens", INCONCLUSIVE: "no detectable difference (interval contains 0)"}
@@ -57,6 +53,7 @@ def _strength_text(family: str, strength: float, dims: int | None) -> str:
 
 def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Path], list[str]]:
     """REPORT.md lines and a figure for the ``grey-conv`` question (module docstring)."""
+    plt = pyplot()
     estimators = [e for e in estimators_present(rows) if e in ("iwsvi", "ais")] or ["iwsvi"]
     labels = estimator_labels(rows)
     selected = selected_rows(manifest, rows)
@@ -72,7 +69,7 @@ def grey_conv(manifest: dict, rows: list[dict], out_dir: Path) -> tuple[list[Pat
               ""]
     fig, axes = plt.subplots(1, len(manifest["datasets"]), figsize=(5.5 * len(manifest["datasets"]), 3.8),
                              squeeze=False)
-    for ax, dataset in zip(axes[0], manifest["datasets"]):
+    for ax, dataset in zip(axes[0], manifest["datasets"], strict=True):
         lines += _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax)
     fig.tight_layout()
     path = save_figure(fig, out_dir / "grey-conv.png", out_dir)
@@ -152,7 +149,7 @@ def _draw(ax, dataset: str, by_family: dict, estimator: str, labels: dict) -> No
                   if seed in by_family[f]]
         points = [(i, v) for i, v in points if v is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", alpha=0.8, label=f"seed {seed}")
+            ax.plot(*zip(*points, strict=True), marker="o", alpha=0.8, label=f"seed {seed}")
     ax.set_xticks(range(len(families)), [model_label(f, 1) for f in families])
     ax.set_ylabel(f"test bits/dim ({labels[estimator]})")
     ax.set_title(f"{dataset}: conv VAE, selected strengths", fontsize=10)

@@ -94,7 +94,7 @@ def _widths(spec: str, role: str) -> tuple[int, ...]:
 
 def _dense_parameters(inputs: int, hidden: tuple[int, ...], outputs: int) -> int:
     sizes = (inputs, *hidden, outputs)
-    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
 def _conv_sizes(cfg: RunConfig, role: str) -> tuple[int, int, int]:

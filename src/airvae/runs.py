@@ -387,7 +387,7 @@ class RunLock:
         self.path = self.directory / LOCK
         self._file = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock and write this process's PID into the lock file.
 
         Raises:
@@ -416,7 +416,7 @@ class RunLock:
             self._file.close()  # closing the descriptor releases the flock
             self._file = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

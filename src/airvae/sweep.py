@@ -18,10 +18,11 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -371,7 +372,7 @@ class StackedExecutor:
         for (source, _), members in pending.items():
             cfg, dataset = members[0][1], datasets[source]
             rows = len(dataset.train) + len(dataset.valid) + len(dataset.test)  # at most these on the device
-            size = largest_group(lambda runs: training_memory(cfg, rows, runs), resolve_device(cfg.device),
+            size = largest_group(partial(training_memory, cfg, rows), resolve_device(cfg.device),
                                  len(members))
             groups += [members[i:i + size] for i in range(0, len(members), size)]
         return groups
@@ -394,7 +395,7 @@ class StackedExecutor:
                 continue
             if any(result.status == "interrupted" for result in results):
                 raise KeyboardInterrupt
-            trained |= {task.job.name for (task, _), result in zip(members, results)
+            trained |= {task.job.name for (task, _), result in zip(members, results, strict=True)
                         if result.status in FINISHED}
         return trained
 
@@ -420,7 +421,7 @@ class StackedExecutor:
             pending.setdefault(key, (settings, []))[1].append(task.run_dir)
         for settings, run_dirs in pending.values():
             cfg = load_config(run_dirs[0])
-            size = largest_group(lambda runs: evaluation_memory(cfg, settings, settings.max_examples or 10**5, runs),
+            size = largest_group(partial(evaluation_memory, cfg, settings, settings.max_examples or 10**5),
                                  resolve_device(settings.device), len(run_dirs))
             for i in range(0, len(run_dirs), size):
                 try:

@@ -33,8 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .runs import (EVENT_FILE, METRICS, TENSORBOARD, TRACKING, RunError, RunLocked, check_unlocked, load_config,
-                   read_json, read_metrics, write_json)
+from .runs import (
+    EVENT_FILE,
+    METRICS,
+    TENSORBOARD,
+    TRACKING,
+    RunError,
+    RunLocked,
+    check_unlocked,
+    load_config,
+    read_json,
+    read_metrics,
+    write_json,
+)
 
 SINKS = ("tensorboard", "mlflow", "wandb")
 TRACKING_FORMAT = 1
@@ -109,7 +120,7 @@ class TrackingSettings:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def parse(cls, text: str) -> "TrackingSettings":
+    def parse(cls, text: str) -> TrackingSettings:
         """``--log``: comma-separated sink names, or ``none``."""
         names = [name.strip().lower() for name in text.split(",")]
         if names == ["none"]:
@@ -409,7 +420,7 @@ class Tracker:
 
     @classmethod
     def start(cls, run_dir: Path, cfg, records: list[dict], evaluations=lambda: (),
-              only: tuple[str, ...] | None = None) -> "Tracker":
+              only: tuple[str, ...] | None = None) -> Tracker:
         """Rebuild the chosen sinks of a run (those of ``only``, if given) from its ``records``
         (``metrics.jsonl``) and its current evaluations (``evaluations()``: ``(path, record)`` pairs,
         asked for only when a sink needs them); the run then logs to them."""

@@ -168,7 +168,7 @@ def _check_no_overlap(infos: list[zipfile.ZipInfo], end: int, archive: Path) -> 
     archive, and no two entries share data (zip bombs that overlap entries, or overstate a size
     to hide their ratio)."""
     ordered = sorted(infos, key=lambda info: info.header_offset)
-    for info, following in zip(ordered, [other.header_offset for other in ordered[1:]] + [end]):
+    for info, following in zip(ordered, [other.header_offset for other in ordered[1:]] + [end], strict=True):
         if info.header_offset + info.compress_size > following:
             raise refuse(archive, f"entry {info.filename!r} overlaps the next entry or the archive's end (its "
                                    "compressed size is overstated or its data shared: a zip bomb)")

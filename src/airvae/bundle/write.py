@@ -135,7 +135,7 @@ class _NewFile:
     def __init__(self, out: Path):
         self.out, self.tmp = out, None
 
-    def __enter__(self) -> "_NewFile":
+    def __enter__(self) -> _NewFile:
         folder = self.out.parent
         real_folder(folder, _nearest_existing(folder))  # creates what is missing, refusing links on the way
         try:

@@ -85,23 +85,33 @@ from __future__ import annotations
 #   user_files.py  users' own .npz datasets: regular-file checks, validation, kind of values
 #   torch_split.py one split as a torch.utils.data.Dataset of float tensors (TorchSplit)
 #   __init__.py    the public API: load_dataset (cache, then local files, then download) and check_dataset_name
-
 import os
 from pathlib import Path
-
-from .cache import CACHE_DIR_ENV, cache_root, download_file, raw_dir, read_cache, write_cache
-from .dataset import SPLITS, Dataset, DatasetError, dataset_digest, evenly_spaced
-from .npz import READ_ERRORS
-from .sources import DATASETS, PIXELS, Spec, SPECS, Variant, check_splits, load_digits, verify
-from .user_files import check_user_file, load_user_npz
-from .torch_split import TorchSplit
 
 # Importable from here as before the split into modules (airvae.data was one file); the values read by
 # the code live in the modules named: patch the limits there (airvae.data.npz), not here.
 from ..files import hashed  # noqa: F401  (a generic file utility, now in airvae.files)
-from .npz import MAX_ARRAY_BYTES, MAX_COMPRESSION_RATIO, RATIO_CHECKED_ABOVE  # noqa: F401
-from .sources import (Arrays, DIGITS_FILE, DIGITS_PROVENANCE, DIGITS_SHA256, DIGITS_SIZES,  # noqa: F401
-                      OMNIGLOT_DEVIATION)
+from .cache import CACHE_DIR_ENV, cache_root, download_file, raw_dir, read_cache, write_cache
+from .dataset import SPLITS, Dataset, DatasetError, dataset_digest, evenly_spaced
+from .npz import MAX_ARRAY_BYTES, MAX_COMPRESSION_RATIO, RATIO_CHECKED_ABOVE, READ_ERRORS  # noqa: F401
+from .sources import (  # noqa: F401
+    DATASETS,
+    DIGITS_FILE,
+    DIGITS_PROVENANCE,
+    DIGITS_SHA256,
+    DIGITS_SIZES,
+    OMNIGLOT_DEVIATION,
+    PIXELS,
+    SPECS,
+    Arrays,
+    Spec,
+    Variant,
+    check_splits,
+    load_digits,
+    verify,
+)
+from .torch_split import TorchSplit
+from .user_files import check_user_file, load_user_npz
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -230,7 +240,7 @@ def _load_named(spec: Spec, data_dir, cache_dir, download: bool, progress: bool)
 
 
 def _convert(spec: Spec, v: Variant, paths: list[Path], cache: Path) -> Dataset:
-    for p, expected in zip(paths, v.files.values()):
+    for p, expected in zip(paths, v.files.values(), strict=True):
         verify(p, expected)
     where = ", ".join(map(str, paths))
     try:

@@ -35,7 +35,7 @@ def read_cache(path: Path, v: Variant) -> tuple[Arrays, str]:
         if int(d["dim"]) != PIXELS:
             raise ValueError(f"dim is {int(d['dim'])}, expected {PIXELS}")
         arrays = []
-        for s, n in zip(SPLITS, v.sizes):
+        for s, n in zip(SPLITS, v.sizes, strict=True):
             packed = d[s]
             if packed.dtype != np.uint8 or packed.shape != (n, (PIXELS + 7) // 8):
                 raise ValueError(f"split {s!r} has packed shape {packed.shape}")
@@ -57,7 +57,7 @@ def write_cache(path: Path, arrays: Arrays, origin: str) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer, dim=np.int64(PIXELS), origin=np.str_(origin),
-        **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays)},
+        **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays, strict=True)},
     )
     try:
         atomic_write_bytes(path, buffer.getvalue(), root=path.parent)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class Variant:
 
     key: str  # cache file stem; equal for variants that give identical arrays
     files: dict[str, str]  # file name -> "sha256:<hex>" or "gitblob:<hex>"
-    read: Callable[[list[Path], "Variant"], Arrays]
+    read: Callable[[list[Path], Variant], Arrays]
     sizes: tuple[int, int, int]  # expected rows of train, valid, test
     label: str  # shown in "file missing" messages
     provenance: str  # ends up in Dataset.source
@@ -243,7 +243,7 @@ def check_splits(arrays, sizes, dim: int, where: str) -> Arrays:
     """The three converted splits as uint8 0/1, refused unless numeric, ``(n, dim)`` with the
     expected ``sizes`` (None: any number of rows) and binary; ``where`` names the source files."""
     out = []
-    for s, x, n in zip(SPLITS, arrays, sizes):
+    for s, x, n in zip(SPLITS, arrays, sizes, strict=True):
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise DatasetError(f"{where}: split {s!r} has non-numeric dtype {x.dtype}")

@@ -38,7 +38,7 @@ def load_user_npz(path: Path) -> Dataset:
     if len(event) not in (1, 3):
         raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {_NEED} "
                            "(single-channel images (N, H, W) as x[:, None])")
-    for s, x in zip(SPLITS, arrays):
+    for s, x in zip(SPLITS, arrays, strict=True):
         if x.dtype.kind not in "biuf":
             raise DatasetError(f"{path}: split {s!r} has non-numeric dtype {x.dtype}")
         if x.shape[1:] != event:
@@ -54,7 +54,7 @@ def load_user_npz(path: Path) -> Dataset:
     else:
         with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
             rows = [x.astype(np.float32, copy=False) for x in rows]
-        for s, x in zip(SPLITS, rows):
+        for s, x in zip(SPLITS, rows, strict=True):
             if not np.isfinite(x).all():  # finite as float64, beyond float32's range (|x| > 3.4e38)
                 raise DatasetError(f"{path}: split {s!r} has values too large for float32 (above 3.4e38); "
                                    "rescale the data")
@@ -70,7 +70,7 @@ def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
             raise DatasetError(f"{path}: 'levels' must be one integer from 2 to 256 (the data are integers "
                                f"0..levels-1), got {declared!r}")
         levels = int(declared)
-        for s, x in zip(SPLITS, rows):
+        for s, x in zip(SPLITS, rows, strict=True):
             if x.size and not (np.all(x == np.round(x)) and x.min() >= 0 and x.max() <= levels - 1):
                 raise DatasetError(f"{path}: split {s!r} has values outside the integers 0..{levels - 1} that "
                                    f"'levels' = {levels} declares")
@@ -83,7 +83,7 @@ def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
             raise DatasetError(f"{path}: integer values from {low} to {high}; integers are read as 8-bit grey levels "
                                "0..255. Store real-valued data as floats, or declare the grid with a 'levels' entry")
         return 256
-    for s, x in zip(SPLITS, rows):
+    for s, x in zip(SPLITS, rows, strict=True):
         if not np.isfinite(x).all():
             raise DatasetError(f"{path}: split {s!r} contains NaN or infinite values; remove or replace them")
     return None

@@ -28,11 +28,29 @@ streams, so an estimate does not depend on how the work is chunked.
 from ..devices import resolve_device
 from .ais import DEFAULT_AIS_CHUNK_EXAMPLES, ais_log_likelihood, annealing_schedule, bdmc, simulate
 from .amortized import amortized_bound, chunked_iwae, iwae_given_q, iwae_log_likelihood, log_weights_from_noise
-from .common import (DEFAULT_CHUNK_SAMPLES, STREAM_AIS, STREAM_BDMC_REVERSE, STREAM_SCORE, STREAM_SIMULATE, STREAM_SVI,
-                     Estimate, StepNoise, data_dims, example_generator, frozen, latent_dim)
+from .common import (
+                     DEFAULT_CHUNK_SAMPLES,
+                     STREAM_AIS,
+                     STREAM_BDMC_REVERSE,
+                     STREAM_SCORE,
+                     STREAM_SIMULATE,
+                     STREAM_SVI,
+                     Estimate,
+                     StepNoise,
+                     data_dims,
+                     example_generator,
+                     frozen,
+                     latent_dim,
+)
 from .gap import inference_gap
-from .iwsvi import (DEFAULT_SVI_CHUNK_EXAMPLES, DEFAULT_SVI_LR, DEFAULT_SVI_LR_DECAY, fit_gaussian_q, fit_iw_svi,
-                    iw_svi_log_likelihood)
+from .iwsvi import (
+                     DEFAULT_SVI_CHUNK_EXAMPLES,
+                     DEFAULT_SVI_LR,
+                     DEFAULT_SVI_LR_DECAY,
+                     fit_gaussian_q,
+                     fit_iw_svi,
+                     iw_svi_log_likelihood,
+)
 from .registry import REGISTRY, Estimator
 
 __all__ = [

@@ -18,8 +18,21 @@ from tqdm.auto import tqdm
 from ..bounds import standard_normal_log_prob
 from ..devices import accumulator_dtype
 from ..model import LatentVariableModel, conditional_log_prob, decode
-from .common import (STREAM_AIS, STREAM_BDMC_REVERSE, STREAM_SIMULATE, Estimate, StepNoise, as_input, check_k,
-                     check_model, data_dims, example_generator, frozen, latent_dim, model_device)
+from .common import (
+    STREAM_AIS,
+    STREAM_BDMC_REVERSE,
+    STREAM_SIMULATE,
+    Estimate,
+    StepNoise,
+    as_input,
+    check_k,
+    check_model,
+    data_dims,
+    example_generator,
+    frozen,
+    latent_dim,
+    model_device,
+)
 
 # AIS runs this many examples (times `chains` states) at once.
 DEFAULT_AIS_CHUNK_EXAMPLES = 256

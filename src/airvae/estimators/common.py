@@ -84,7 +84,7 @@ class Estimate:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Estimate":
+    def from_dict(cls, d: dict) -> Estimate:
         """Inverse of [`to_dict`][airvae.estimators.Estimate.to_dict] (needs the per-example values). A
         ``gap`` stored before records said ``difference`` is read as the difference it is."""
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),

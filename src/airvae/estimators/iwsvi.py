@@ -14,8 +14,18 @@ from tqdm.auto import tqdm
 from ..bounds import iwae_bound
 from ..model import LatentVariableModel
 from .amortized import iwae_given_q, log_weights_from_noise
-from .common import (DEFAULT_CHUNK_SAMPLES, STREAM_SVI, Estimate, StepNoise, as_input, check_k, data_dims, encode_all,
-                     example_generator, frozen)
+from .common import (
+    DEFAULT_CHUNK_SAMPLES,
+    STREAM_SVI,
+    Estimate,
+    StepNoise,
+    as_input,
+    check_k,
+    data_dims,
+    encode_all,
+    example_generator,
+    frozen,
+)
 
 # IW-SVI optimizes this many examples at once (one batched parameter tensor).
 DEFAULT_SVI_CHUNK_EXAMPLES = 1000

@@ -286,7 +286,8 @@ class Bdmc(Estimator):
         slack there is known."""
         x_sim, z_sim = simulate(model, settings.bdmc_examples, seed=settings.seed, z_dim=latent_dim(model, x),
                                 chunk_examples=settings.ais_chunk_examples)
-        out = dict(zip(("bdmc_lower", "bdmc_upper"), bdmc(model, x_sim, z_sim, **_ais_kwargs(settings, progress))))
+        lower, upper = bdmc(model, x_sim, z_sim, **_ais_kwargs(settings, progress))
+        out = {"bdmc_lower": lower, "bdmc_upper": upper}
         if "iwsvi" in settings.estimators:
             out["bdmc_iwsvi"] = iw_svi_log_likelihood(model, x_sim, **_svi_kwargs(settings, progress))
         return out

@@ -48,8 +48,9 @@ def _stacked_log_weights(group: StackedModel):
 def _encode_stacked(group: StackedModel, params: dict, x: torch.Tensor, batch: int = 4096):
     """Each run's clean encoder on ``x``: (mean, std), each [S, n, z]."""
     means, stds = [], []
+    encode = vmap(lambda p, chunk: group.bind(p)[0](chunk), in_dims=(0, None))
     for start in range(0, x.shape[0], batch):
-        mean, std = vmap(lambda p: group.bind(p)[0](x[start:start + batch]))(params)
+        mean, std = encode(params, x[start:start + batch])
         means.append(mean)
         stds.append(std)
     return torch.cat(means, 1), torch.cat(stds, 1)
@@ -186,7 +187,7 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
     if len({evaluation_key(cfg, settings) for cfg in cfgs}) != 1:
         raise ValueError("evaluate_group: the runs do not share a dataset, an architecture and a training k")
     dataset = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, progress=progress)
-    data_digests = [check_run_data(run_dir, cfg, dataset) for run_dir, cfg in zip(run_dirs, cfgs)]
+    data_digests = [check_run_data(run_dir, cfg, dataset) for run_dir, cfg in zip(run_dirs, cfgs, strict=True)]
     split = dataset.split(settings.split)
     index = evenly_spaced(len(split), settings.max_examples)
     check_fits(evaluation_memory(cfgs[0], settings, len(index), runs=len(run_dirs)), device,
@@ -201,11 +202,11 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
                        fit_iw_svi=partial(stacked_fit_iw_svi, group, rows, x))
     done: list[dict] = [{} for _ in rows]  # each run's estimates, in canonical order
     for name in settings.estimators:
-        for estimates, estimate in zip(done, REGISTRY[name].stacked(runs, settings, cfgs[0].k, done)):
+        for estimates, estimate in zip(done, REGISTRY[name].stacked(runs, settings, cfgs[0].k, done), strict=True):
             estimates[name] = estimate
     return [store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
                              device=device, digest=digest, data_digest=data_digest,
                              seconds=(time.perf_counter() - started) / len(rows))
-            for run_dir, (cfg, _, digest), data_digest, estimates in zip(run_dirs, loaded, data_digests, done)]
+            for run_dir, (cfg, _, digest), data_digest, estimates in zip(run_dirs, loaded, data_digests, done, strict=True)]
 
 

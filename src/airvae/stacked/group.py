@@ -66,7 +66,7 @@ class StackedAdam:
         Raises:
             ValueError: the active runs are not at one step.
         """
-        steps = {s for s, a in zip(self.steps, active) if a}
+        steps = {s for s, a in zip(self.steps, active, strict=True) if a}
         if len(steps) != 1:
             raise ValueError(f"StackedAdam: the active runs must be at one step, not {sorted(steps)}")
         (step,) = steps
@@ -76,17 +76,17 @@ class StackedAdam:
         idle = [r for r, a in enumerate(active) if not a]
         if idle and idle != self._idle:  # an index tensor on the device: no host sync per step
             self._idle, self._idle_index = idle, torch.tensor(idle, device=self.params[0].device)
-        tensors = [t for trio in zip(self.params, self.exp_avg, self.exp_avg_sq) for t in trio]
+        tensors = [t for trio in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True) for t in trio]
         with torch.no_grad():
             kept = [t.index_select(0, self._idle_index) for t in tensors] if idle else None
             torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
                        fused=self.fused, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr, weight_decay=0.0,
                        eps=ADAM_EPS, maximize=False)
             if kept is not None:  # the runs sitting out get back exactly what they had
-                for t, old in zip(tensors, kept):
+                for t, old in zip(tensors, kept, strict=True):
                     t.index_copy_(0, self._idle_index, old)
         self._counted = step + 1
-        self.steps = [s + 1 if a else s for s, a in zip(self.steps, active)]
+        self.steps = [s + 1 if a else s for s, a in zip(self.steps, active, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class StackedModel:
     def parameters(self, detach: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """Per part, the stacked ``[R, ...]`` parameters and buffers by name."""
         out = {part: dict(buffers) for part, buffers in self.buffers.items()}
-        for s, leaf in zip(self.slots, self.leaves):
+        for s, leaf in zip(self.slots, self.leaves, strict=True):
             out[s.part][s.name] = leaf.detach() if detach else leaf
         return out
 
@@ -166,7 +166,7 @@ class StackedModel:
     def load_run(self, r: int, state_dict: dict[str, torch.Tensor]) -> None:
         """Load run r's weights from a model ``state_dict`` (as a run trained alone saves it)."""
         with torch.no_grad():
-            for s, leaf in zip(self.slots, self.leaves):
+            for s, leaf in zip(self.slots, self.leaves, strict=True):
                 leaf[r] = state_dict[self.prefixes[r][s.part] + s.name]
 
     def runs(self, rows: list[int]) -> dict[str, dict[str, torch.Tensor]]:

@@ -112,7 +112,7 @@ class StackedEngine:
         self.group = StackedModel(models, device)
         self.adam = StackedAdam(self.group.leaves)
         self.generators = [training_generator(cfg.seed, device) for cfg in cfgs]
-        denoising = [denoising_parts(model, cfg.regularizer.alpha)[1] for model, cfg in zip(models, cfgs)]
+        denoising = [denoising_parts(model, cfg.regularizer.alpha)[1] for model, cfg in zip(models, cfgs, strict=True)]
         self.draws = _GroupDraws(denoising, self.generators, x_shape, cfgs[0], device)
         self.alpha = torch.tensor([cfg.regularizer.alpha for cfg in cfgs], device=device)
         self.objectives = stacked_objectives
@@ -172,7 +172,7 @@ def _train_group_locked(cfgs: list[RunConfig], run_dirs: list[Path], dataset, de
                    torch.as_tensor(dataset.test[:first.track_test_examples], device=device).float()
                    if first.track_test_examples else None)
     engine = StackedEngine(cfgs, device, chunk_samples, tuple(data.train.shape[1:]))
-    logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs)]
+    logs = [RunLog(cfg, run_dir, getattr(dataset, "deviation", None)) for cfg, run_dir in zip(cfgs, run_dirs, strict=True)]
     done = min(_checkpointed_step(run_dir) for run_dir in run_dirs)
     if compile_for(first.iterations - done >= _long_group_steps(len(cfgs))):
         engine.compile()
