@@ -137,3 +137,18 @@ def test_a_quick_reproduction_lists_every_departure_from_appendix_e():
                     "stopped.",
                     "Regularization strengths are the ones the paper selected (Table 7), not reselected on our "
                     "validation set."]
+
+
+def test_the_compute_line_sums_the_finished_runs_own_seconds():
+    from airvae.claims import compute_line
+
+    def row(status, training, evaluation, devices=("cpu",)):
+        return {"summary": {"status": status, "seconds": training}, "evaluation_seconds": evaluation,
+                "devices": set(devices)}
+
+    rows = [row("early-stopped", 3600.0, 1800.0), row("completed", 7200.0, 5400.0, ("cuda:0",)),
+            row("running", 99999.0, 0.0)]  # an unfinished run is not counted
+    line = compute_line(rows)[0]
+    assert "the 2 finished runs took 3.0 h of training and 2.0 h of evaluation" in line
+    assert "training 60-120 min, evaluation 30-90 min; evaluated on cpu, cuda:0" in line
+    assert compute_line([row("running", 10.0, 0.0)]) == []

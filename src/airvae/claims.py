@@ -398,6 +398,35 @@ def deviations(manifest: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+def compute_spent(rows: list[dict]) -> tuple[float, float]:
+    """Seconds of training and of evaluation that the rows' runs took, summed over runs (so over
+    processes): each run's ``summary.json`` and its current evaluation records (``evaluation_seconds``
+    of a row from [`airvae.report.collect`][], else its merged evaluation's own)."""
+    training = sum((r["summary"] or {}).get("seconds") or 0.0 for r in rows)
+    evaluation = sum(r.get("evaluation_seconds", (r.get("evaluation") or {}).get("seconds") or 0.0) for r in rows)
+    return training, evaluation
+
+
+def compute_line(rows: list[dict]) -> list[str]:
+    """The time the finished runs took, from their own records, with the devices they ran on: what a
+    reader needs to plan a rerun (the README's wall times come from this line)."""
+    done = [r for r in rows if (r["summary"] or {}).get("status") in FINISHED]
+    if not done:
+        return []
+    training, evaluation = compute_spent(done)
+    per_run = [compute_spent([r]) for r in done]
+    devices = sorted({str(d) for r in done for d in r.get("devices", ())}) or ["not recorded"]
+
+    def spread(values: list[float]) -> str:
+        low, high = min(values) / 60, max(values) / 60
+        return f"{low:.0f} min" if round(low) == round(high) else f"{low:.0f}-{high:.0f} min"
+
+    return [f"Compute: the {len(done)} finished run{'s' if len(done) != 1 else ''} took {training / 3600:.1f} h of "
+            f"training and {evaluation / 3600:.1f} h of evaluation, summed over runs (a run: training "
+            f"{spread([t for t, _ in per_run])}, evaluation {spread([e for _, e in per_run])}; evaluated on "
+            f"{', '.join(devices)}), from the `seconds` of each run's summary.json and evaluation records.", ""]
+
+
 def verdict_scope(manifest: dict, rows: list[dict]) -> list[str]:
     """The paragraph at the top of REPORT.md that says whether this reproduction can give verdicts
     at all, and if not what one would take (seeds, budget, time measured on these runs)."""
@@ -411,8 +440,7 @@ def verdict_scope(manifest: dict, rows: list[dict]) -> list[str]:
                      "departures from the paper listed under *Deviations*: they test the claims at this budget, "
                      "not at the paper's protocol.")
     if seeds < 3:
-        seconds = sum((r["summary"] or {}).get("seconds") or 0.0 for r in rows) + sum(
-            (r.get("evaluation") or {}).get("seconds") or 0.0 for r in rows)
+        seconds = sum(compute_spent(rows))
         cost = (f" These {len(rows)} runs took {seconds / 60:.0f} min of training and test evaluation in all "
                 f"(about {seconds / 60 / seeds:.0f} min a seed, summed over processes)" if seconds else "")
         lines.append(f"**No verdicts: {seeds} seed{'s' if seeds != 1 else ''}.** A verdict needs 3 or more seeds "

@@ -16,6 +16,7 @@ from .claims import (
     claim,
     claims_preamble,
     compare,
+    compute_line,
     deviations,
     estimator_labels,
     estimators_present,
@@ -51,7 +52,8 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
         ``(manifest, rows)``: one row per planned run, a dict with its ``job``
         ([`airvae.sweep.Job`][]), ``run_dir``, ``summary``, ``config``, ``failed``, ``metrics`` and
         ``evaluation`` ([`merged_evaluation`][airvae.report.merged_evaluation]; None until it is
-        finished and evaluated): the rows [`airvae.claims`][] reads.
+        finished and evaluated), and for a finished run ``evaluation_seconds`` and ``devices``, the time
+        and devices of its current evaluations: the rows [`airvae.claims`][] reads.
     """
 
     manifest = read_json(out_dir / "manifest.json")
@@ -64,8 +66,12 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
         row = {"job": job, "run_dir": run_dir, "summary": summary, "evaluation": None,
                "config": read_json(config_path) if config_path.exists() else {},
                "failed": (run_dir / "error.json").exists()}
-        if manifest["evaluation"] and summary.get("status") in FINISHED:
-            row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]))
+        if summary.get("status") in FINISHED:
+            current = [record for _, record in current_evaluations(run_dir)]
+            row["evaluation_seconds"] = sum(record.get("seconds") or 0.0 for record in current)
+            row["devices"] = {record["device"] for record in current if record.get("device")}
+            if manifest["evaluation"]:
+                row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]))
         row["metrics"] = read_metrics(run_dir / METRICS_FILE)
         rows.append(row)
     return manifest, rows
@@ -259,6 +265,7 @@ def render(out_dir: str | Path) -> Path:
               f"Datasets: {', '.join(manifest['datasets'])}; seeds: {manifest['seeds']}; {strengths}; "
               f"runs: {len(rows)} ({len(finished)} finished, {len(failed)} failed, "
               f"{len(rows) - len(finished) - len(failed)} not finished).", ""]
+    report += compute_line(rows)
     report += verdict_scope(manifest, rows)
     departures = deviations(manifest, rows)
     if departures:
