@@ -20,6 +20,14 @@ def test_ruff_rules_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_mypy_passes_on_src():
+    """The annotations py.typed promises, checked by mypy with pyproject.toml [tool.mypy]: every module's
+    bodies, and the public API's signatures complete (what a researcher's own type checker reads)."""
+    pytest.importorskip("mypy", reason="mypy is in the dev extra")
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_package_is_layered_without_cycles():
     """import-linter's layers contract (pyproject.toml [tool.importlinter]): every module imports only
     from the layers below it, function-level imports included."""

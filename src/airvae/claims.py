@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
 from .config import BUDGETS, PAPER_SCHEDULES
@@ -117,13 +118,13 @@ def estimator_labels(rows: list[dict]) -> dict[str, str]:
     return labels
 
 
-def mean_se(values: list[float | None]) -> tuple[float, float] | None:
+def mean_se(values: Sequence[float | None]) -> tuple[float, float] | None:
     """Mean and standard error over seeds (NaN error for one seed); None for none."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
         return None
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return statistics.fmean(values), se
+    se = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
+    return statistics.fmean(finite), se
 
 
 def fmt(cell: tuple[float, float] | None, digits: int = 2) -> str:
@@ -147,7 +148,7 @@ def by_seed(rows: list[dict], value) -> dict[int, float | None]:
     return {r["job"].seed: value(r) for r in rows}
 
 
-def compare(better: dict[int, float | None], worse: dict[int, float | None]) -> Interval | None:
+def compare(better: Mapping[int, float | None], worse: Mapping[int, float | None]) -> Interval | None:
     """The paired interval of ``better[seed] - worse[seed]`` over the seeds both have."""
     return paired_interval(paired_differences(better, worse))
 
@@ -298,8 +299,8 @@ def ais_beside_iwsvi(rows: list[dict]) -> list[str]:
     for (dataset, family, k, strength), seeds in sorted(per_model.items()):
         interval = paired_interval([d for d, _ in seeds.values()])
         n = next(iter(seeds.values()))[1]
-        lines.append(f"| {dataset}, {model_label(family, k)} | {strength:g} | {interval.text(unit='')} | {n} | "
-                     f"{len(seeds)} |")
+        text = "n/a" if interval is None else interval.text(unit="")
+        lines.append(f"| {dataset}, {model_label(family, k)} | {strength:g} | {text} | {n} | {len(seeds)} |")
     return lines + [""]
 
 

@@ -23,6 +23,7 @@ from .config import (
     ConfigError,
     LikelihoodConfig,
     Regularizer,
+    RunConfig,
     check_int,
     h_from_ten_over_h,
     resolve_run_config,
@@ -216,6 +217,9 @@ def cmd_train(args) -> int:
             raise ConfigError(f"{', '.join(sorted(ignored))} cannot change a run resumed from its own configuration; "
                               "drop them, or give --dataset and every setting to compare them with the stored ones")
         stored = load_config(args.run_dir)
+        if not isinstance(stored, RunConfig):  # a FitConfig: a model of the researcher's own, not one airvae builds
+            raise ConfigError(f"{args.run_dir} trained a model of your own ({stored.model}); `airvae train` trains "
+                              "airvae's models: resume it with airvae.fit(model, ..., resume=True)")
         stored = stored.replace(device=args.device, data_dir=args.data_dir or stored.data_dir)
         dataset = load_dataset(stored.dataset, data_dir=stored.data_dir, progress=not args.no_progress)
         return _report_training(stored, args.run_dir, train(stored, args.run_dir, resume=True,

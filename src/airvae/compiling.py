@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,13 +27,15 @@ COMPILE_ENV = "AIRVAE_COMPILE"
 LONG_TRAINING_STEPS = 100_000  # minutes of training steps: the one-off compilation is then small
 LONG_EVALUATION_LATENTS = 50_000_000  # latents decoded by an evaluation: likewise minutes of work
 
+T = TypeVar("T")
+
 
 class _CompileState:
-    def __init__(self):
+    def __init__(self) -> None:
         value = os.environ.get(COMPILE_ENV, "").strip().lower()
         self.mode = "auto" if value in ("", "auto") else ("off" if value in ("0", "false", "no", "off") else "on")
         self.enabled = self.mode == "on"
-        self.fns: dict = {}
+        self.fns: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {}
 
 
 _compile = _CompileState()
@@ -54,7 +58,7 @@ def compile_for(long_work: bool) -> bool:
     return _compile.enabled
 
 
-def torch_compile(fn, mode: str | None = None):
+def torch_compile(fn: Callable[..., T], mode: str | None = None) -> Callable[..., T]:
     """``torch.compile(fn)`` with airvae's settings: a persistent cache, static shapes, and room for
     the graphs of many runs (and stacked groups) in one process."""
     # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
@@ -70,7 +74,8 @@ def torch_compile(fn, mode: str | None = None):
     return torch.compile(fn, dynamic=False, mode=mode)
 
 
-def call_compiled(compiled, eager, args, what: str):
+def call_compiled(compiled: Callable[..., T], eager: Callable[..., T], args: tuple[Any, ...],
+                  what: str) -> tuple[T, bool]:
     """``compiled(*args)``; if compiling fails (no C++ compiler, an unsupported platform...), warn
     once and return ``eager(*args)``. Returns (output, whether the compiled version worked)."""
     try:
@@ -82,7 +87,7 @@ def call_compiled(compiled, eager, args, what: str):
         return out, False
 
 
-def run_kernel(kernel, *args) -> torch.Tensor:
+def run_kernel(kernel: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``kernel(*args)``, compiled when compilation is on."""
     if not _compile.enabled:
         return kernel(*args)

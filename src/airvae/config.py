@@ -10,9 +10,15 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
-from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
+from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, Likelihood
 from .networks import conv_map_shapes, parse_spec
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 MAX_SEED = 2**32 - 1  # seeds feed torch.manual_seed and derived streams (seed * 100_003 + epoch)
 # Upper bounds of settings: far beyond what the paper or any sensible run uses (its largest: 1.5e6 steps,
@@ -31,33 +37,53 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the field and the allowed values."""
 
 
-def require(ok: bool, name: str, value, allowed: str) -> None:
+class _Data(Protocol):
+    """What RunConfig.check_dataset needs of a dataset (also read, when it has them: levels, image_shape)."""
+
+    @property
+    def dim(self) -> int: ...
+
+
+class _Schedule(Protocol):
+    """What eq. 43's learning-rate schedule reads of a configuration (RunConfig and FitConfig have it)."""
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def lr_final_fraction(self) -> float: ...
+
+    @property
+    def iterations(self) -> int: ...
+
+
+def require(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {name} = {value!r}: allowed {allowed}")
 
 
-def is_int(value) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """A true integer (``bool`` is not one, whatever Python says)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_real(value) -> bool:
+def is_real(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> None:
     allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     require(is_int(value) and value >= minimum and (maximum is None or value <= maximum), name, value, allowed)
 
 
-def check_device_name(name) -> None:
+def check_device_name(name: object) -> None:
     """Syntax only ("auto", "cpu", "mps", "cuda", "cuda:N"); availability is checked where the
     device is used ([`airvae.devices.resolve_device`][airvae.estimators.resolve_device])."""
     require(isinstance(name, str) and _DEVICE.fullmatch(name) is not None, "device", name,
            "auto, cpu, cuda, cuda:N (N >= 0) or mps")
 
 
-def check_hidden_spec(name: str, spec) -> None:
+def check_hidden_spec(name: str, spec: str) -> None:
     """``name`` ("encoder" or "decoder") is a valid architecture spec ([`airvae.networks`][])."""
 
     require(isinstance(spec, str) and spec.strip() != "", name, spec,
@@ -83,7 +109,7 @@ class Architecture:
     decoder: str
     z_dim: int = 64
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_hidden_spec("encoder", self.encoder)
         check_hidden_spec("decoder", self.decoder)
         check_int("z_dim", self.z_dim)
@@ -124,7 +150,7 @@ class LikelihoodConfig:
     num_bins: int = 256
     components: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
 
         require(self.kind in LIKELIHOODS, "likelihood", self.kind, " | ".join(LIKELIHOODS))
         require(is_real(self.std) and 1e-3 < self.std <= MAX_STD, "gaussian std", self.std,
@@ -152,7 +178,7 @@ class LikelihoodConfig:
         """P: parameters the decoder emits per data dimension (the likelihood's own count)."""
         return self.build(1).params_per_dim
 
-    def build(self, x_dim: int):
+    def build(self, x_dim: int) -> Likelihood:
         """The [`airvae.likelihoods.Likelihood`][] for data of ``x_dim`` dimensions."""
 
         if self.kind == "gaussian":
@@ -199,12 +225,12 @@ class Budget:
         judged: whether its runs can test the paper's claims (reports give verdicts: [`airvae.verdicts`][]).
     """
 
-    iterations_fraction: dict
+    iterations_fraction: dict[str, float]
     validations: int  # validation estimates over the run (early stopping granularity)
     val_k: int  # importance samples of the validation log-likelihood estimate
     val_examples: int | None  # None: the whole validation split
     max_iterations: int | None = None
-    lr_scale: dict = dataclasses.field(default_factory=dict)  # dataset -> factor on Table 6's lr
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)  # dataset -> factor on Table 6's lr
     patience: int | None = None  # validations without improvement before training stops; None: never
     judged: bool = True  # whether its runs can test the paper's claims (reports give verdicts: airvae.verdicts)
 
@@ -244,7 +270,7 @@ class Regularizer:
     alpha: float = 1.0
     max_norm: float = math.inf
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(is_real(self.sigma) and 0 <= self.sigma <= MAX_SIGMA, "sigma", self.sigma,
                f"a number >= 0 and <= {MAX_SIGMA:g}")
         require(is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
@@ -334,7 +360,7 @@ class RunConfig:
     device: str = "auto"
     budget: str = "custom"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset", self.dataset,
                "a dataset name or the path of a .npz file")
         require(isinstance(self.architecture, Architecture), "architecture", self.architecture, "an Architecture")
@@ -383,7 +409,7 @@ class RunConfig:
             except ValueError as error:
                 raise ConfigError(f"invalid {role} = {spec!r} for {shape[1]}x{shape[2]} images: {error}") from None
 
-    def check_dataset(self, dataset) -> None:
+    def check_dataset(self, dataset: _Data) -> None:
         """Raise ConfigError unless ``dataset`` (an [`airvae.data.Dataset`][]; an object without
         ``levels`` and ``image_shape`` counts as flat binary data) can serve this run: its dimension
         and image shape, and values of the kind the likelihood scores."""
@@ -425,24 +451,24 @@ class RunConfig:
             suffix = ""
         return f"{prefix}{base}{suffix}"
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self: _Schedule, step: int) -> float:
         """Eq. 43: ``lr_t = lr_0 * 0.1^(t / (T - 1))``."""
         if self.iterations == 1:
             return self.lr
         return self.lr * self.lr_final_fraction ** (step / (self.iterations - 1))
 
-    def replace(self, **changes) -> RunConfig:
+    def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The configuration as ``config.json`` holds it (H = inf written as ``"inf"``)."""
         out = dataclasses.asdict(self)
         out["regularizer"]["max_norm"] = _encode_float(self.regularizer.max_norm)
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> RunConfig:
+    def from_json(cls, data: dict[str, Any]) -> RunConfig:
         """Inverse of [`to_json`][airvae.config.RunConfig.to_json]; every field is validated, and a missing, unknown or
         mistyped one is a ConfigError naming it."""
         _check_fields(cls, data, "config")
@@ -491,7 +517,7 @@ class FitConfig:
     device: str = "auto"
     budget: str = "custom"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset", self.dataset, "a dataset's name")
         require(isinstance(self.model, str) and self.model != "", "model", self.model, "what built the model")
         for name in ("k", "m", "val_k"):
@@ -520,16 +546,16 @@ class FitConfig:
 
     lr_at = RunConfig.lr_at  # eq. 43, the same schedule
 
-    def replace(self, **changes) -> FitConfig:
+    def replace(self, **changes: Any) -> FitConfig:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The configuration as ``config.json`` holds it, marked ``"kind": "custom"``."""
         return {"kind": CUSTOM, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict) -> FitConfig:
+    def from_json(cls, data: dict[str, Any]) -> FitConfig:
         """Inverse of [`to_json`][airvae.config.FitConfig.to_json]; every field is validated."""
         data = {key: value for key, value in data.items() if key != "kind"}
         return _from_fields(cls, data, "config")
@@ -552,11 +578,11 @@ def h_from_ten_over_h(ten_over_h: float) -> float:
     return math.inf if ten_over_h == 0 else 10.0 / ten_over_h
 
 
-def _encode_float(value: float):
+def _encode_float(value: float) -> float | str:
     return "inf" if math.isinf(value) else value
 
 
-def _check_fields(cls, data, what: str) -> None:
+def _check_fields(cls: type[DataclassInstance], data: dict[str, Any], what: str) -> None:
     """``data`` is a dict with every required field of ``cls`` and no unknown one."""
     require(isinstance(data, dict), what, data, "a JSON object")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -568,7 +594,7 @@ def _check_fields(cls, data, what: str) -> None:
         raise ConfigError(f"invalid {what}: missing {', '.join(missing)}")
 
 
-def _from_fields(cls, data, what: str):
+def _from_fields(cls: type[C], data: dict[str, Any], what: str) -> C:
     """``cls(**data)`` with a ConfigError naming missing, unknown or mistyped fields."""
     _check_fields(cls, data, what)
     try:
@@ -590,7 +616,7 @@ def resolve_run_config(
     decoder: str | None = None,
     z_dim: int | None = None,
     regularizer: Regularizer | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> RunConfig:
     """Build a [`RunConfig`][airvae.config.RunConfig] from the presets: Table 6 for the dataset (or a
     named architecture; MNIST's for datasets not in the paper), scaled by the budget, then explicit
@@ -635,7 +661,7 @@ def resolve_run_config(
     overrides = {key: value for key, value in overrides.items() if value is not None}
     iterations = overrides.pop("iterations", iterations)
     val_every = overrides.pop("val_every", max(1, iterations // b.validations))
-    defaults = dict(
+    defaults: dict[str, Any] = dict(
         dataset=dataset, architecture=arch, x_dim=x_dim, image_shape=image_shape,
         likelihood=likelihood or LikelihoodConfig.for_data(levels), regularizer=regularizer or Regularizer(),
         lr=schedule.lr * b.lr_scale.get(dataset, 1.0),

@@ -23,10 +23,10 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -53,6 +53,10 @@ from .runs import (
     write_metrics,
 )
 from .tracking import Tracker
+
+if TYPE_CHECKING:
+    from .config import FitConfig, RunConfig
+    from .model import LatentVariableModel
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,7 +102,8 @@ class MinibatchSchedule:
             raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
         self.steps_per_epoch = n // batch_size
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None  # epoch self._epoch's permutation
 
     def indices(self, step: int) -> torch.Tensor:
         """The indices ``[batch_size]`` of step ``step``'s minibatch."""
@@ -106,6 +111,7 @@ class MinibatchSchedule:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).to(self.device)
+        assert self._perm is not None  # drawn above for this epoch
         return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
 
 
@@ -137,6 +143,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class _LoopState(TypedDict):
+    """What a run's loop carries from step to step (RunLog.state), checkpointed in ``last.pt``."""
+
+    step: int
+    best_val: float
+    best_step: int | None
+    bad_validations: int
+    seconds: float
+    loss_sum: float
+    loss_count: int
+
+
 class RunLog:
     """A training run's bookkeeping and files: the loop state that is checkpointed (step, best
     validation, loss average, elapsed time), metrics lines, best and last checkpoints, and the
@@ -153,11 +171,11 @@ class RunLog:
             do not).
     """
 
-    def __init__(self, cfg, run_dir: Path, deviation: str | None = None):
+    def __init__(self, cfg: RunConfig | FitConfig, run_dir: Path, deviation: str | None = None):
         self.cfg, self.run_dir, self.deviation = cfg, Path(run_dir), deviation
         # Everything the loop carries from step to step; checkpointed so resume continues exactly.
-        self.state = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0, "seconds": 0.0,
-                      "loss_sum": 0.0, "loss_count": 0}
+        self.state: _LoopState = {"step": 0, "best_val": -math.inf, "best_step": None, "bad_validations": 0,
+                                  "seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
         self._clock = time.perf_counter()
         self.tracker = Tracker()  # no sinks until start()
 
@@ -176,7 +194,8 @@ class RunLog:
         if (self.run_dir / LAST).exists():
             saved = load_checkpoint(self.run_dir / LAST, device)
             check_training_checkpoint(saved, self.cfg.iterations, shapes, self.run_dir / LAST)  # before any rewrite
-            self.state = dict(saved["state"])
+            # (checked just above to hold every field of _LoopState, with its type)
+            self.state = cast(_LoopState, dict(saved["state"]))
         self._clock = time.perf_counter() - self.state["seconds"]
         self.tracker = Tracker.start(self.run_dir, self.cfg, _forget_after(self.run_dir, self.step, device),
                                      lambda: current_evaluations(self.run_dir))
@@ -220,7 +239,7 @@ class RunLog:
         if test_bound is not None:
             record["test_bound"] = test_bound
         if val > state["best_val"]:
-            state.update(best_val=val, best_step=step, bad_validations=0)
+            state.update({"best_val": val, "best_step": step, "bad_validations": 0})
             # Staged: it becomes best.pt once last.pt (whose state names it the best) is written, so a
             # kill in between never leaves a best.pt that the resumed run's state knows nothing of.
             save_checkpoint(self.run_dir / BEST_NEXT, {"model": model_state, "step": step, "val_log_likelihood": val})
@@ -231,7 +250,7 @@ class RunLog:
         record["seconds"] = state["seconds"]
         append_line(self.run_dir / METRICS, json.dumps(record))
         self.tracker.validation(record)
-        state.update(loss_sum=0.0, loss_count=0)
+        state.update({"loss_sum": 0.0, "loss_count": 0})
 
     def checkpoint(self, model_state: dict, optimizer_state: dict, rng_state: torch.Tensor) -> None:
         """Write ``last.pt`` (model, optimizer, loop state, the training generator's state), then promote a
@@ -327,11 +346,11 @@ class SingleEngine:
             [`air_objective`][airvae.model.air_objective]).
     """
 
-    def __init__(self, model: torch.nn.Module, *, lr: float, k: int, m: int, alpha: float,
+    def __init__(self, model: LatentVariableModel, *, lr: float, k: int, m: int, alpha: float,
                  generator: torch.Generator, device: torch.device, objective: Objective | None = None):
         self.model, self.generator = model, generator
         self.k, self.m, self.alpha = k, m, alpha
-        self.objective = objective or air_objective
+        self.objective: Objective = objective or air_objective
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, **fast_adam_options(device))
         model.train()  # validation (estimators.frozen) puts it back in training mode when it is done
 
@@ -387,8 +406,8 @@ class Batches:
     test: torch.Tensor | None = None
 
 
-def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device: torch.device, *,
-          progress: bool = True, desc: str = "training") -> list[TrainResult]:
+def drive(engine: Engine, cfgs: Sequence[RunConfig | FitConfig], logs: list[RunLog], data: Batches,
+          device: torch.device, *, progress: bool = True, desc: str = "training") -> list[TrainResult]:
     """Train the runs of ``engine`` to the end of their schedules, resuming each from its last
     checkpoint.
 
@@ -434,7 +453,8 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
         logs[r].checkpoint(engine.model_state(r), engine.optimizer_state(r, cfgs[r].lr_at(logs[r].step - 1)),
                            engine.rng_state(r))
 
-    kept = keep = None  # the active runs' mask, rebuilt when they change
+    kept: list[bool] | None = None  # the active runs, and their mask (keep), rebuilt when they change
+    keep: torch.Tensor | None = None
     bar = tqdm(total=first.iterations, initial=min(log.step for log in logs), desc=desc, unit="step",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -446,6 +466,7 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
                 per_run = engine.step(x, active, first.lr_at(group_step))  # [R]
                 if active != kept:  # a host-to-device copy only when the active runs change
                     kept, keep = active, torch.tensor(active, device=device)
+                assert keep is not None  # made at the first step
                 loss_sums += torch.where(keep, per_run.to(loss_sums.dtype), torch.zeros_like(loss_sums))
                 validate, save = [], []
                 for r in range(R):
@@ -488,7 +509,9 @@ def drive(engine: Engine, cfgs: list, logs: list[RunLog], data: Batches, device:
         raise
     finally:
         bar.close()
-    return results
+    finished = [result for result in results if result is not None]
+    assert len(finished) == R  # the loop ends when no run is unfinished
+    return finished
 
 
 def training_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -509,7 +532,9 @@ def restore_generator(generator: torch.Generator, saved: dict) -> None:
     still a valid run, no longer bit-for-bit the uninterrupted one."""
     state = saved.get("rng")
     try:  # a generator's state is a CPU ByteTensor even for a CUDA generator (the checkpoint's map_location moved it)
-        generator.set_state(state.cpu() if isinstance(state, torch.Tensor) else state)
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"a generator's state is a tensor, not {type(state).__name__}")
+        generator.set_state(state.cpu())
     except (RuntimeError, TypeError):
         generator.manual_seed(int(saved["state"]["step"]) * 1_000_003 + generator.initial_seed())
 
@@ -558,6 +583,6 @@ def _checkpoint_step(run_dir: Path):
         return "none yet"
 
 
-def _result(run_dir: Path, status: str, state: dict) -> TrainResult:
+def _result(run_dir: Path, status: str, state: _LoopState) -> TrainResult:
     best = state["best_val"] if state["best_step"] is not None else None
     return TrainResult(run_dir, status, state["step"], state["best_step"], best, state["seconds"])

@@ -23,14 +23,17 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .compiling import LONG_EVALUATION_LATENTS, compile_for
-from .config import MAX_SAMPLES, MAX_SEED, RunConfig, check_device_name, check_int, is_int, is_real, require
-from .data import DatasetError, dataset_digest, evenly_spaced, load_dataset
+from .config import MAX_SAMPLES, MAX_SEED, FitConfig, RunConfig, check_device_name, check_int, is_int, is_real, require
+from .data import Dataset, DatasetError, dataset_digest, evenly_spaced, load_dataset
 from .estimators import (
     DEFAULT_AIS_CHUNK_EXAMPLES,
     DEFAULT_CHUNK_SAMPLES,
@@ -60,6 +63,9 @@ from .runs import (
 )
 from .tracking import log_evaluation
 
+if TYPE_CHECKING:
+    from .model import LatentVariableModel
+
 MAX_STEPS = 10**6  # IW-SVI steps, AIS distributions and chains, simulated examples, repeats
 ESTIMATORS = tuple(REGISTRY)  # the names an evaluation may choose, in canonical order
 SPLITS = ("train", "valid", "test")
@@ -70,7 +76,7 @@ FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 too
 _EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples")
 
 
-def _is_pos_float(value) -> bool:
+def _is_pos_float(value: object) -> bool:
     return is_real(value) and math.isfinite(value) and value > 0
 
 
@@ -137,7 +143,7 @@ class EvaluationSettings:
     svi_chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES
     ais_chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.estimators, str):
             self.estimators = parse_estimators(self.estimators)
         require(isinstance(self.estimators, (tuple, list)) and len(self.estimators) > 0
@@ -176,14 +182,14 @@ class EvaluationSettings:
         require(self.ais_schedule in ("sigmoid", "linear"), "ais_schedule", self.ais_schedule, "sigmoid | linear")
         check_device_name(self.device)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict."""
         d = asdict(self)
         d["estimators"] = list(self.estimators)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> EvaluationSettings:
+    def from_dict(cls, d: dict[str, Any]) -> EvaluationSettings:
         """Settings from [`to_dict`][airvae.evaluation.EvaluationSettings.to_dict]'s output (an evaluation
         record's ``settings``); unknown keys are refused.
         """
@@ -193,7 +199,7 @@ class EvaluationSettings:
             raise ValueError(f"unknown evaluation settings {', '.join(unknown)}: allowed {', '.join(sorted(known))}")
         return cls(**{**d, "estimators": tuple(d.get("estimators", cls.estimators))})
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         """The settings that determine the result (the cache key). ``bdmc_examples`` counts only
         when ``bdmc`` is chosen."""
         return {"format": FORMAT_VERSION,
@@ -217,7 +223,8 @@ def _latents_decoded(settings: EvaluationSettings, n: int, bound_k: int | None) 
     return sum(REGISTRY[name].cost(settings, n, bound_k) for name in settings.estimators)
 
 
-def evaluate_model(model, x, settings: EvaluationSettings, bound_k: int | None = None,
+def evaluate_model(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EvaluationSettings,
+                   bound_k: int | None = None,
                    progress: bool = False) -> dict[str, Estimate]:
     """Every estimator of ``settings`` on the examples ``x``: the library call for any model and data.
 
@@ -257,14 +264,14 @@ def parse_estimators(text: str) -> tuple[str, ...]:
     return tuple(e.strip() for e in text.split(",") if e.strip())
 
 
-def evaluation_path(run_dir: str | os.PathLike, settings: EvaluationSettings) -> Path:
+def evaluation_path(run_dir: str | os.PathLike[str], settings: EvaluationSettings) -> Path:
     """Where the evaluation of ``settings`` on a run is cached:
     ``RUN/evaluations/<split>-<short hash of the settings>.json``.
     """
     return Path(run_dir) / EVALUATIONS / f"{settings.split}-{settings.short_hash()}.json"
 
 
-def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) -> dict | None:
+def stored_evaluation(run_dir: str | os.PathLike[str], settings: EvaluationSettings) -> dict[str, Any] | None:
     """The cached result of ``settings`` on this run, or None if absent, unreadable or stale
     (computed with other settings or from another checkpoint).
 
@@ -285,7 +292,7 @@ def stored_evaluation(run_dir: str | os.PathLike, settings: EvaluationSettings) 
     return stored if _of_checkpoint(stored, best_checkpoint_digest(run_dir)) else None
 
 
-def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
+def current_evaluations(run_dir: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any]]]:
     """Every evaluation in ``RUN/evaluations/`` that
     [`stored_evaluation`][airvae.evaluation.stored_evaluation] returns for its own
     settings, with its file, by file name (each file read once, the checkpoint hashed once)."""
@@ -294,6 +301,8 @@ def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     found = []
     for path in paths:
         stored = _read_record(path)
+        if stored is None:  # unreadable
+            continue
         try:
             settings = EvaluationSettings.from_dict(stored["settings"])
         except (ValueError, KeyError, TypeError):  # unreadable, or not an evaluation record
@@ -304,7 +313,7 @@ def current_evaluations(run_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     return found
 
 
-def _read_record(path: Path) -> dict | None:
+def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -312,14 +321,15 @@ def _read_record(path: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
-def _of_checkpoint(stored: dict, digest: str | None) -> bool:
+def _of_checkpoint(stored: dict[str, Any], digest: str | None) -> bool:
     """Whether a record was computed from the checkpoint whose sha256 is ``digest`` (None: the run
     has no weights, so nothing makes the record stale)."""
     return digest is None or stored.get("checkpoint_sha256") == digest
 
 
-def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, recompute: bool = False,
-                 progress: bool = True, allow_data_change: bool = False, model=None) -> dict:
+def evaluate_run(run_dir: str | os.PathLike[str], settings: EvaluationSettings, *, recompute: bool = False,
+                 progress: bool = True, allow_data_change: bool = False,
+                 model: LatentVariableModel | None = None) -> dict[str, Any]:
     """Evaluate the best checkpoint of a training run on ``settings.split`` and cache the result in
     ``RUN/evaluations/<split>-<hash of settings>.json``; a cached result with the same settings,
     checkpoint and data is returned without computing.
@@ -334,7 +344,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
         progress: show progress bars.
         allow_data_change: score data that changed since the run was trained (its marker records the
             digest), recording the new digest; refused otherwise.
-        model (torch.nn.Module | None): for a run of a researcher's own model
+        model (LatentVariableModel | None): for a run of a researcher's own model
             ([`airvae.fit.fit`][]), an untrained instance to load its weights into
             ([`airvae.runs.load_trained_model`][]); None for airvae's own models.
 
@@ -351,6 +361,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    dataset: Dataset | None
     try:
         dataset = load_dataset(cfg.dataset, cfg.data_dir, progress=progress)
     except DatasetError:
@@ -372,7 +383,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvaluationSettings, *, re
                             digest=digest, seconds=time.perf_counter() - started, data_digest=data_digest)
 
 
-def check_run_data(run_dir: Path, cfg, dataset, allow_data_change: bool = False) -> str:
+def check_run_data(run_dir: Path, cfg: RunConfig | FitConfig, dataset: Dataset, allow_data_change: bool = False) -> str:
     """The digest of ``dataset`` ([`airvae.data.dataset_digest`][]), after checking that it is the
     data the run was trained on (its marker's record) unless ``allow_data_change``, and that its
     examples fit the run's model."""
@@ -389,8 +400,9 @@ def check_run_data(run_dir: Path, cfg, dataset, allow_data_change: bool = False)
     return digest
 
 
-def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estimates: dict[str, Estimate], *, n: int,
-                     n_split: int, device, digest: str, seconds: float, data_digest: str | None = None) -> dict:
+def store_evaluation(run_dir: Path, settings: EvaluationSettings, cfg: RunConfig | FitConfig, dataset: Dataset,
+                     estimates: dict[str, Estimate], *, n: int, n_split: int, device: torch.device, digest: str,
+                     seconds: float, data_digest: str | None = None) -> dict[str, Any]:
     """Write (and return) a run's evaluation record, keyed by the settings and by ``digest``, the
     sha256 of the checkpoint bytes that were evaluated (even if best.pt changed meanwhile)."""
     result = {
@@ -421,8 +433,10 @@ def store_evaluation(run_dir, settings: EvaluationSettings, cfg, dataset, estima
     return result
 
 
-def _load_best(run_dir, split: str, max_examples: int | None, device: torch.device, progress: bool,
-               settings: EvaluationSettings | None = None, dataset=None, model=None):
+def _load_best(run_dir: str | os.PathLike[str], split: str, max_examples: int | None, device: torch.device,
+               progress: bool, settings: EvaluationSettings | None = None, dataset: Dataset | None = None,
+               model: LatentVariableModel | None = None,
+               ) -> tuple[RunConfig | FitConfig, LatentVariableModel, str, Dataset, torch.Tensor, int]:
     """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
     (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
     the memory they need is checked before the model is loaded."""
@@ -444,11 +458,11 @@ def _load_best(run_dir, split: str, max_examples: int | None, device: torch.devi
 # Printing
 
 
-def _as_summary(est) -> dict:
+def _as_summary(est: Estimate | dict[str, Any]) -> dict[str, Any]:
     return est.to_dict(per_example=False) if isinstance(est, Estimate) else est
 
 
-def _label(name: str, est: dict) -> tuple[str, float]:
+def _label(name: str, est: dict[str, Any]) -> tuple[str, float]:
     """Row label and sign: the paper reports positive nats (-ln p(x), Delta_inf, -L_k)."""
     s = est.get("settings", {})
     if name == "iwsvi":
@@ -469,7 +483,7 @@ def _label(name: str, est: dict) -> tuple[str, float]:
     return name, 1.0
 
 
-def format_table(result: dict) -> str:
+def format_table(result: Mapping[str, Any]) -> str:
     """A text table, estimator | mean | ± stderr | bits/dim | n | seconds, in the paper's sign
     convention; bits/dim is the mean over (data dimensions x ln 2), exact for discrete likelihoods.
 
@@ -487,8 +501,10 @@ def format_table(result: dict) -> str:
                      bits, str(est.get("n", "")), f"{est.get('seconds', 0.0):.1f}"))
     header = ("estimator", "mean (nats)", "± stderr", "bits/dim", "n", "seconds")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
     title = []
     if "dataset" in result:
         title.append(f"{result['dataset']} / {result.get('split')} ({result.get('n')} of {result.get('n_split')} "
@@ -503,12 +519,14 @@ def format_table(result: dict) -> str:
 # Figure 3: IW-SVI versus IWAE-k
 
 
-def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0, 10, 30, 100, 300, 1000),
+def iwsvi_vs_iwae_study(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], *,
+                        ks: Iterable[int] = (1, 10, 100, 1000, 5000),
+                        steps_list: Iterable[int] = (0, 10, 30, 100, 300, 1000),
                         fixed_steps: int = 1000, svi_k: int = 5000, l: int = 8,  # noqa: E741
                         lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
                         chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
-                        chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, out_dir=None,
-                        progress: bool = False) -> dict:
+                        chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
+                        out_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """Appendix C's Figure 3 for one model on examples ``x``:
     (a) mean estimate vs wall time, IWAE-k over ``ks`` and IW-SVI(k=``svi_k``) over ``steps_list``;
     (b) IWAE-k vs IW-SVI(T=``fixed_steps``) over ``ks``; (c) IW-SVI(k=``svi_k``) over ``steps_list``.
@@ -542,9 +560,10 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     """
     x = torch.as_tensor(x)
     ks, steps_list = sorted(set(int(k) for k in ks)), sorted(set(int(t) for t in steps_list))
-    svi_kw = dict(l=l, lr=lr, lr_decay=lr_decay, seed=seed, chunk_examples=chunk_examples, progress=progress)
+    svi_kw: dict[str, Any] = dict(l=l, lr=lr, lr_decay=lr_decay, seed=seed, chunk_examples=chunk_examples,
+                                  progress=progress)
 
-    def point(est: Estimate, **extra) -> dict:
+    def point(est: Estimate, **extra: int) -> dict[str, Any]:
         return {**extra, "mean": est.mean, "stderr": est.stderr, "seconds": est.seconds}
 
     iwae = [point(iwae_log_likelihood(model, x, k, seed=seed, chunk_samples=chunk_samples, progress=progress), k=k)
@@ -569,16 +588,16 @@ def iwsvi_vs_iwae_study(model, x, *, ks=(1, 10, 100, 1000, 5000), steps_list=(0,
     return data
 
 
-def _write_figure3(data: dict, out_dir: Path) -> None:
+def _write_figure3(data: dict[str, Any], out_dir: Path) -> None:
     """figure3.json in ``out_dir`` (drawn by [`draw_figure3`][airvae.figures.draw_figure3]); its path is added
     to ``data["files"]``."""
     write_json(out_dir / "figure3.json", data, out_dir)
     data["files"] = [str(out_dir / "figure3.json")]
 
 
-def run_study(run_dir: str | os.PathLike, *, split: str = "test", max_examples: int | None = 100,
-              device: str = "auto", out_dir: str | os.PathLike | None = None, progress: bool = True,
-              **study_kwargs) -> dict:
+def run_study(run_dir: str | os.PathLike[str], *, split: str = "test", max_examples: int | None = 100,
+              device: str = "auto", out_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+              **study_kwargs: Any) -> dict[str, Any]:
     """[`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study] on a run's best checkpoint.
 
     Args:

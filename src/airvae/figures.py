@@ -123,8 +123,8 @@ def _robustness_claims(manifest, rows, datasets, grid):
                 chosen = by_seed(_runs(rows, dataset, family, k, _selected_strength(manifest, rows, dataset, family, k)),
                                  _log_likelihood)
                 high = by_seed(_runs(rows, dataset, family, k, strongest), _log_likelihood)
-                losses[k] = {s: chosen[s] - high[s] for s in set(chosen) & set(high)
-                             if chosen[s] is not None and high[s] is not None}
+                losses[k] = {s: c - h for s in set(chosen) & set(high)
+                             if (c := chosen[s]) is not None and (h := high[s]) is not None}
             interval = compare(losses[ks[0]], losses[ks[-1]])
             lines += claim(f"{dataset}, {model_label(family, 8).replace('IWAE', 'IWAE-k')}: at the strongest "
                            f"strength ({strongest:g}) k={ks[-1]} loses less test log-likelihood than k={ks[0]}, "

@@ -12,11 +12,21 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import IO, Protocol, TypeVar
 
 # A temporary file of atomic_write_bytes: "." + the target's name + TEMPORARY_TAG + mkstemp's 8 random
 # characters; a name no user picks, removed only inside folders that airvae's marker proves are runs.
 TEMPORARY_TAG = ".airvae-tmp-"
 TEMPORARY = re.compile(r"\.(?P<target>.+)" + re.escape(TEMPORARY_TAG) + r"[a-z0-9_]{8}")
+
+
+class _Hasher(Protocol):
+    """What hashed() needs of a hashlib object."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
+H = TypeVar("H", bound=_Hasher)
 
 
 class RunError(RuntimeError):
@@ -239,7 +249,7 @@ def write_metrics(path: Path, records: list[dict]) -> None:
     atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def hashed(h, f):
+def hashed(h: H, f: IO[bytes]) -> H:
     """``h`` (a hashlib object) updated with what is left to read of the binary file ``f``, in 1 MiB blocks."""
     for chunk in iter(lambda: f.read(1 << 20), b""):
         h.update(chunk)

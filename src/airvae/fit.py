@@ -18,14 +18,14 @@ import torch
 from .config import ConfigError, FitConfig
 from .data import Dataset, dataset_digest, load_dataset
 from .devices import resolve_device
-from .driver import Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator
+from .driver import Batches, Objective, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator
 from .estimators import latent_dim
-from .model import air_objective, protocol_objective
+from .model import LatentVariableModel, air_objective, protocol_objective
 from .runs import SUMMARY, RunLock, check_run_dir_use, open_run_dir, read_json
 from .tracking import TrackingSettings, choose_sinks
 
 
-def fit(model: torch.nn.Module, data: str | Dataset, run_dir: str | Path, *, k: int = 1, m: int = 1,
+def fit(model: LatentVariableModel, data: str | Dataset, run_dir: str | Path, *, k: int = 1, m: int = 1,
         alpha: float = 1.0, lr: float = 1e-3, iterations: int = 10_000, batch_size: int = 100,
         val_every: int | None = None, val_k: int = 100, val_examples: int | None = 1000,
         patience: int | None = None, checkpoint_every: int | None = None, seed: int = 0, device: str = "auto",
@@ -88,7 +88,7 @@ def fit(model: torch.nn.Module, data: str | Dataset, run_dir: str | Path, *, k: 
     if batch_size > len(dataset.train):
         raise ConfigError(f"invalid batch_size = {batch_size}: allowed at most the {len(dataset.train)} training "
                           f"examples of {dataset.name!r}")
-    objective = air_objective if all(hasattr(model, a) for a in ("encoder", "z_dim")) else protocol_objective
+    objective: Objective = air_objective if all(hasattr(model, a) for a in ("encoder", "z_dim")) else protocol_objective
     with RunLock(run_dir):
         cfg = open_run_dir(cfg, run_dir, dataset_digest(dataset), resume=resume, overwrite=overwrite,
                            allow_data_change=allow_data_change)

@@ -25,6 +25,7 @@ DiscretizedLogistic) give probabilities, so ``-ln p(x)`` converts exactly to bit
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -32,13 +33,19 @@ from torch.nn import functional as F
 
 from .bounds import bernoulli_log_prob, gaussian_log_prob
 
+if TYPE_CHECKING:
+    import numpy as np
+
 LN2 = math.log(2.0)
+
+# What bits_per_dim converts: a number, or numbers in an array or a tensor (returned as the same kind).
+Values = TypeVar("Values", float, "np.ndarray[Any, Any]", torch.Tensor)
 
 __all__ = ["Bernoulli", "DiscretizedLogistic", "Gaussian", "Likelihood", "bits_per_dim",
            "discretized_logistic_log_prob", "log_likelihood_from_bits_per_dim"]
 
 
-def bits_per_dim(log_likelihood, dims: int):
+def bits_per_dim(log_likelihood: Values, dims: int) -> Values:
     """A log-likelihood in nats as bits per data dimension, ``-ln p(x) / (dims * ln 2)``; exact for
     discrete likelihoods (a density's bits/dim mean nothing).
 
@@ -49,7 +56,7 @@ def bits_per_dim(log_likelihood, dims: int):
     return -log_likelihood / (dims * LN2)
 
 
-def log_likelihood_from_bits_per_dim(bits, dims: int):
+def log_likelihood_from_bits_per_dim(bits: Values, dims: int) -> Values:
     """Inverse of [`bits_per_dim`][airvae.likelihoods.bits_per_dim]: ``-bits * dims * ln 2`` nats.
 
     Args:
@@ -134,7 +141,7 @@ class Bernoulli(Likelihood):
     """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logit_d)); the decoder emits logits (P = 1).
     airvae's default: the paper's likelihood for binary data."""
 
-    def log_prob(self, x, params):
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log p(x|z) for binary x and logits;
         see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
         """
@@ -142,7 +149,7 @@ class Bernoulli(Likelihood):
         event_dims = x.dim() - 1
         return bernoulli_log_prob(_flat(x, event_dims), _flat(logits, event_dims))
 
-    def sample(self, params, generator=None):
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Binary x ~ p(x|z);
         see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
         """
@@ -150,14 +157,14 @@ class Bernoulli(Likelihood):
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
         return (u < torch.sigmoid(logits)).to(logits.dtype)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         """``sigmoid(logits)``;
         see [`Likelihood.mean`][airvae.likelihoods.Likelihood.mean].
         """
         (logits,) = self._sample_split(params)
         return torch.sigmoid(logits)
 
-    def validate(self, x):
+    def validate(self, x: torch.Tensor) -> None:
         """Also refuses x that is not binary (0 or 1)."""
         super().validate(x)
         if x.numel() and not bool(((x == 0) | (x == 1)).all()):
@@ -190,9 +197,11 @@ class Gaussian(Likelihood):
 
     STD_MODES = ("fixed", "global", "per-dimension", "decoder")
     discrete = False
+    std: torch.Tensor  # std_mode "fixed": a buffer
+    log_std: nn.Parameter  # "global" and "per-dimension": l of min_std + exp(l)
 
     def __init__(self, std: float = 1.0, std_mode: str = "fixed", event_shape: tuple[int, ...] | None = None,
-                 min_std: float = 1e-3):
+                 min_std: float = 1e-3) -> None:
         super().__init__()
         if std_mode not in self.STD_MODES:
             raise ValueError(f"invalid std_mode = {std_mode!r}: allowed {', '.join(self.STD_MODES)}")
@@ -211,7 +220,7 @@ class Gaussian(Likelihood):
         if std_mode == "fixed":
             self.register_buffer("std", torch.tensor(float(std)))
         elif std_mode in ("global", "per-dimension"):
-            shape = () if std_mode == "global" else tuple(event_shape)
+            shape = () if std_mode == "global" or event_shape is None else tuple(event_shape)
             self.log_std = nn.Parameter(torch.full(shape, math.log(std - min_std)))  # starts at std
 
     def _mean_and_std(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +229,7 @@ class Gaussian(Likelihood):
         log_std = parts[1] if self.std_mode == "decoder" else self.log_std
         return parts[0], self.min_std + log_std.exp()
 
-    def log_prob(self, x, params):
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """The Gaussian log density of x;
         see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
         """
@@ -231,14 +240,14 @@ class Gaussian(Likelihood):
         return gaussian_log_prob(_flat(x, event_dims), _flat(mean, event_dims),
                                  _flat(std, event_dims) if std.dim() else std)
 
-    def sample(self, params, generator=None):
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x ~ N(mean, std^2);
         see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
         """
         mean, std = self._mean_and_std(self._sample_split(params))
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         """The decoder's mean;
         see [`Likelihood.mean`][airvae.likelihoods.Likelihood.mean].
         """
@@ -300,7 +309,7 @@ class DiscretizedLogistic(Likelihood):
         components: K, the logistics mixed per dimension (>= 1).
     """
 
-    def __init__(self, num_bins: int = 256, components: int = 1):
+    def __init__(self, num_bins: int = 256, components: int = 1) -> None:
         super().__init__()
         if not (isinstance(num_bins, int) and num_bins >= 2):
             raise ValueError(f"invalid num_bins = {num_bins!r}: allowed an integer >= 2")
@@ -309,14 +318,15 @@ class DiscretizedLogistic(Likelihood):
         self.num_bins, self.components = num_bins, components
         self.params_per_dim = 2 if components == 1 else 3 * components
 
-    def _components(self, parts: tuple[torch.Tensor, ...], axis: int):
+    def _components(self, parts: tuple[torch.Tensor, ...],
+                    axis: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(mixture logits or None, means, log scales), components stacked on ``axis``."""
         if self.components == 1:
             return None, parts[0], parts[1]
         k = self.components
         return (torch.stack(parts[:k], axis), torch.stack(parts[k:2 * k], axis), torch.stack(parts[2 * k:], axis))
 
-    def log_prob(self, x, params):
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(x) summed over the bins of every dimension;
         see [`Likelihood.log_prob`][airvae.likelihoods.Likelihood.log_prob].
         """
@@ -330,13 +340,13 @@ class DiscretizedLogistic(Likelihood):
             per_dim = torch.logsumexp(F.log_softmax(logits, dim=axis) + per_component, dim=axis)
         return _flat(per_dim, event_dims).sum(-1)
 
-    def sample(self, params, generator=None):
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x on the grid, drawn with exactly the bins' probabilities;
         see [`Likelihood.sample`][airvae.likelihoods.Likelihood.sample].
         """
         logits, mean, log_scale = self._components(self._sample_split(params), axis=1)
 
-        def uniform(shape):  # in (0, 1): finite logs
+        def uniform(shape: torch.Size) -> torch.Tensor:  # in (0, 1): finite logs
             u = torch.rand(shape, generator=generator, device=params.device, dtype=params.dtype)
             return u.clamp(torch.finfo(params.dtype).tiny, 1 - torch.finfo(params.dtype).eps)
 
@@ -348,7 +358,7 @@ class DiscretizedLogistic(Likelihood):
         top = self.num_bins - 1
         return torch.round(continuous * top).clamp(0, top) / top  # its bin: exactly the bin probabilities
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         # The logistics' locations, weighted by the mixture, clamped to the data's range: the mean of each
         # continuous logistic before discretization (the edge bins pile its tails at 0 and 1).
         """The logistics' locations, weighted by the mixture and clamped to [0, 1] (the continuous mean
@@ -359,7 +369,7 @@ class DiscretizedLogistic(Likelihood):
             mean = (torch.softmax(logits, 1) * mean).sum(1)
         return mean.clamp(0, 1)
 
-    def validate(self, x):
+    def validate(self, x: torch.Tensor) -> None:
         """Also refuses x off the grid ``i / (num_bins - 1)`` in [0, 1]."""
         super().validate(x)
         top = self.num_bins - 1

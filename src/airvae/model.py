@@ -5,7 +5,8 @@ share, and the protocol that lets the estimators work on any model."""
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +29,11 @@ from .networks import (
 )
 from .objectives import Denoising, draw_step, mix_bounds, seen_input
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .config import RunConfig
+
 
 class LatentVariableModel(Protocol):
     """What every estimator of [`airvae.estimators`][] needs from a model: any ``nn.Module`` with
@@ -44,10 +50,29 @@ class LatentVariableModel(Protocol):
     The prior is N(0, I). [`VAE`][airvae.model.VAE] follows the protocol; nothing needs to subclass it.
     """
 
-    decoder: nn.Module
-    likelihood: Likelihood
+    @property
+    def decoder(self) -> nn.Module: ...
+
+    @property
+    def likelihood(self) -> Likelihood: ...
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    # What airvae uses of the nn.Module (every nn.Module has them): its parameters, its mode (the
+    # estimators freeze it), its device, and its weights (training, checkpoints, loading a run).
+    training: bool
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Self: ...
+
+    def eval(self) -> Self: ...
+
+    def to(self, device: torch.device | str) -> Self: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
 
 
 _BERNOULLI = Bernoulli()
@@ -149,14 +174,15 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood | None = None,
-                 z_dim: int | None = None):
+                 z_dim: int | None = None) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
-        self.likelihood = Bernoulli() if likelihood is None else likelihood
-        self.z_dim = z_dim if z_dim is not None else getattr(decoder, "z_dim", None)
-        if not (isinstance(self.z_dim, int) and self.z_dim >= 1):
+        self.likelihood: Likelihood = Bernoulli() if likelihood is None else likelihood
+        z_dim = z_dim if z_dim is not None else getattr(decoder, "z_dim", None)
+        if not (isinstance(z_dim, int) and z_dim >= 1):
             raise ValueError(f"VAE: the latent size is unknown (decoder has no z_dim attribute); pass z_dim, "
-                             f"got {self.z_dim!r}")
+                             f"got {z_dim!r}")
+        self.z_dim: int = z_dim
 
     def _encoder_and_input(self, x: torch.Tensor, noisy: bool | None,
                            generator: torch.Generator | None = None) -> tuple[nn.Module, torch.Tensor]:
@@ -201,7 +227,7 @@ class VAE(nn.Module):
         return run_kernel(encode_log_weights, encoder, self.decoder, self.likelihood, x, x_seen, eps)
 
 
-def denoising_parts(model: nn.Module, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
+def denoising_parts(model: VAE, alpha: float = 1.0) -> tuple[nn.Module, Denoising]:
     """The deterministic encoder of ``model`` (a [`DenoisingEncoder`][airvae.networks.DenoisingEncoder]'s inner
     one) and what its denoising asks of a training step: the model owns sigma, the caller alpha."""
     if isinstance(model.encoder, DenoisingEncoder):
@@ -245,7 +271,7 @@ def air_objective(model: VAE, x: torch.Tensor, k: int = 1, m: int = 1, alpha: fl
     return mix_bounds(bound, clean, alpha)
 
 
-def protocol_objective(model: nn.Module, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
+def protocol_objective(model: LatentVariableModel, x: torch.Tensor, k: int = 1, m: int = 1, alpha: float = 1.0,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """[`air_objective`][airvae.model.air_objective] for a model that offers only
     [`LatentVariableModel`][airvae.model.LatentVariableModel]'s ``encode``: the IWAE-k bound averaged
@@ -263,7 +289,7 @@ def mean_bound(log_w: torch.Tensor) -> torch.Tensor:
     return bound[0] if bound.shape[0] == 1 else bound.mean(0)  # m = 1: the mean is the value itself
 
 
-def model_from_config(cfg) -> VAE:
+def model_from_config(cfg: RunConfig) -> VAE:
     """The untrained model a [`RunConfig`][airvae.config.RunConfig] describes (Table 6 specs, its
     regularizer and likelihood); the same every time for the same seed set before the call."""
     arch, reg = cfg.architecture, cfg.regularizer
@@ -295,14 +321,22 @@ def cap_weight_norms(module: nn.Module, max_norm: float) -> nn.Module:
     if isinstance(module, nn.Linear):
         return _capped_linear(module, max_norm)
     if isinstance(module, CONV_TYPES):
-        if not (parametrize.is_parametrized(module, "weight")
-                and any(isinstance(p, CappedFilterNorm) for p in module.parametrizations.weight)):
+        if not _has_capped_filters(module):
             cap = CappedFilterNorm(module.out_channels, max_norm, module.groups, module.transposed)
             parametrize.register_parametrization(module, "weight", cap.to(module.weight.device, module.weight.dtype))
         return module
     for name, child in list(module.named_children()):
         setattr(module, name, cap_weight_norms(child, max_norm))
     return module
+
+
+def _has_capped_filters(conv: nn.Module) -> bool:
+    """Whether ``conv``'s weight already has a CappedFilterNorm parametrization (converting twice changes nothing)."""
+    if not parametrize.is_parametrized(conv, "weight"):
+        return False
+    parametrizations = conv.parametrizations  # a ModuleDict: one ParametrizationList per parametrized tensor
+    return isinstance(parametrizations, nn.ModuleDict) and any(
+        isinstance(p, CappedFilterNorm) for p in parametrizations["weight"].children())
 
 
 def _capped_linear(linear: nn.Linear, max_norm: float) -> CappedWeightNormLinear:
@@ -345,24 +379,25 @@ def build_vae(x_dim: int, z_dim: int, encoder_hidden: str, decoder_hidden: str,
     Raises:
         ValueError: a spec is invalid, or has convolutions without a matching ``image_shape``.
     """
-    def conv(spec: str, role: str) -> bool:
+    def conv(spec: str, role: str) -> tuple[int, int, int] | None:
+        """The image shape for a spec with convolutions, None for a dense one."""
         if not parse_spec(spec, role)[0]:
-            return False
+            return None
         if image_shape is None or math.prod(image_shape) != x_dim:
             raise ValueError(f"{role} {spec!r} has convolution layers: they need image data, image_shape (C, H, W) "
                              f"with C*H*W = x_dim = {x_dim}, got {image_shape!r}")
-        return True
+        return image_shape
 
     params_per_dim = 1 if likelihood is None else likelihood.params_per_dim
-    if conv(encoder_hidden, "encoder"):
-        encoder: nn.Module = ConvEncoder(image_shape, z_dim, encoder_hidden)
+    if (shape := conv(encoder_hidden, "encoder")) is not None:
+        encoder: nn.Module = ConvEncoder(shape, z_dim, encoder_hidden)
     else:
         encoder = GaussianEncoder(x_dim, z_dim, encoder_hidden)
     encoder = cap_weight_norms(encoder, max_norm)
     if sigma > 0:
         encoder = DenoisingEncoder(encoder, sigma)
-    if conv(decoder_hidden, "decoder"):
-        decoder: nn.Module = ConvDecoder(z_dim, image_shape, decoder_hidden, params_per_dim, flatten=True)
+    if (shape := conv(decoder_hidden, "decoder")) is not None:
+        decoder: nn.Module = ConvDecoder(z_dim, shape, decoder_hidden, params_per_dim, flatten=True)
     elif likelihood is None or isinstance(likelihood, Bernoulli):
         decoder = BernoulliDecoder(z_dim, x_dim, decoder_hidden)
     else:

@@ -100,7 +100,8 @@ def parse_hidden_spec(spec: str) -> tuple[int, ...]:
 def conv_map_shapes(image_shape: tuple[int, int, int], convs: tuple[Conv, ...]) -> list[tuple[int, int, int]]:
     """The feature maps ``[C, H, W]`` an encoder's convolutions make from an image, the image first.
     Raises ValueError when a layer would shrink the map below 1x1."""
-    shapes = [tuple(image_shape)]
+    channels, height, width = image_shape
+    shapes = [(channels, height, width)]
     for conv in convs:
         _, height, width = shapes[-1]
         shape = (conv.channels, conv.output_size(height), conv.output_size(width))
@@ -111,7 +112,7 @@ def conv_map_shapes(image_shape: tuple[int, int, int], convs: tuple[Conv, ...]) 
     return shapes
 
 
-def capped_rows(v: torch.Tensor, u: torch.Tensor, max_norm: float) -> torch.Tensor:
+def capped_rows(v: torch.Tensor, u: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
     """Eq. 17/18 for the rows of ``v`` [units, fan_in]: row i becomes ``v_i / ||v_i|| * s_i`` with
     ``s_i = min(||v_i||, H * sigmoid(u_i))``, so its norm never exceeds H and its direction is kept."""
     v_norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -136,7 +137,9 @@ class CappedWeightNormLinear(nn.Module):
         max_norm: the cap H (> 0).
     """
 
-    def __init__(self, in_features: int, out_features: int, max_norm: float):
+    h: torch.Tensor  # H, a buffer
+
+    def __init__(self, in_features: int, out_features: int, max_norm: float) -> None:
         super().__init__()
         if not max_norm > 0:
             raise ValueError(f"max_norm (H) must be > 0, got {max_norm}")
@@ -195,7 +198,9 @@ class CappedFilterNorm(nn.Module):
         transposed: whether the layer is a ``ConvTranspose*d``.
     """
 
-    def __init__(self, out_channels: int, max_norm: float, groups: int = 1, transposed: bool = False):
+    h: torch.Tensor  # H, a buffer
+
+    def __init__(self, out_channels: int, max_norm: float, groups: int = 1, transposed: bool = False) -> None:
         super().__init__()
         if not max_norm > 0:
             raise ValueError(f"max_norm (H) must be > 0, got {max_norm}")
@@ -255,7 +260,7 @@ class GaussianEncoder(nn.Module):
         hidden: the dense layers' widths, or their spec (``"d300-d300"``; ``""``: none, a linear map).
     """
 
-    def __init__(self, x_dim: int, z_dim: int, hidden: tuple[int, ...] | str = ()):
+    def __init__(self, x_dim: int, z_dim: int, hidden: tuple[int, ...] | str = ()) -> None:
         super().__init__()
         hidden = parse_hidden_spec(hidden) if isinstance(hidden, str) else tuple(hidden)
         self.x_dim, self.z_dim = x_dim, z_dim
@@ -284,7 +289,7 @@ class DenoisingEncoder(nn.Module):
             [`sigma_from_sqrt_d`][airvae.config.sigma_from_sqrt_d] converts.
     """
 
-    def __init__(self, encoder: nn.Module, sigma: float):
+    def __init__(self, encoder: nn.Module, sigma: float) -> None:
         super().__init__()
         if not sigma >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
@@ -304,7 +309,7 @@ class DenoisingEncoder(nn.Module):
             return x + self.sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
-    def forward(self, x: torch.Tensor, noisy: bool | None = None):
+    def forward(self, x: torch.Tensor, noisy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped encoder's ``(mean, std)`` for the perturbed (or clean) x; ``noisy`` as in
         [`perturb`][airvae.networks.DenoisingEncoder.perturb].
         """
@@ -324,7 +329,7 @@ class BernoulliDecoder(nn.Module):
         hidden: the dense layers' widths, or their spec (``"d300-d300"``).
     """
 
-    def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = ()):
+    def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = ()) -> None:
         super().__init__()
         hidden = parse_hidden_spec(hidden) if isinstance(hidden, str) else tuple(hidden)
         self.z_dim, self.x_dim = z_dim, x_dim
@@ -347,10 +352,11 @@ class ConvEncoder(nn.Module):
         spec: convolutions then dense layers, e.g. ``"c32k4s2-c64k4s2-d256"``.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], z_dim: int, spec: str):
+    def __init__(self, image_shape: tuple[int, int, int], z_dim: int, spec: str) -> None:
         super().__init__()
         convs, dense = parse_spec(spec, "encoder")
-        self.image_shape, self.z_dim = tuple(image_shape), z_dim
+        channels, height, width = image_shape
+        self.image_shape, self.z_dim = (channels, height, width), z_dim
         shapes = conv_map_shapes(self.image_shape, convs)
         layers: list[nn.Module] = []
         for conv, (in_channels, _, _) in zip(convs, shapes[:-1], strict=True):
@@ -382,12 +388,13 @@ class ConvDecoder(nn.Module):
     """
 
     def __init__(self, z_dim: int, image_shape: tuple[int, int, int], spec: str, params_per_dim: int = 1,
-                 flatten: bool = False):
+                 flatten: bool = False) -> None:
         super().__init__()
         convs, dense = parse_spec(spec, "decoder")
         if not convs:
             raise ValueError(f"ConvDecoder: spec {spec!r} has no convolution layer; use MLPDecoder")
-        self.z_dim, self.image_shape, self.flatten = z_dim, tuple(image_shape), flatten
+        channels, height, width = image_shape
+        self.z_dim, self.image_shape, self.flatten = z_dim, (channels, height, width), flatten
         # The maps of the encoder this decoder mirrors, image first; the decoder walks them backwards.
         shapes = conv_map_shapes(self.image_shape, convs[::-1])[::-1]
         self.trunk, width = mlp(z_dim, dense)
@@ -398,8 +405,10 @@ class ConvDecoder(nn.Module):
             out_channels = params_per_dim * self.image_shape[0] if last else convs[i + 1].channels
             (_, h_in, w_in), (_, h_out, w_out) = shapes[i], shapes[i + 1]
             # the sizes a transposed convolution can make from h_in are h_full .. h_full + stride - 1
-            padding = tuple(out - ((size - 1) * conv.stride - 2 * conv.padding + conv.kernel)
-                            for out, size in ((h_out, h_in), (w_out, w_in)))
+            def extra(out: int, size: int, conv: Conv = conv) -> int:
+                return out - ((size - 1) * conv.stride - 2 * conv.padding + conv.kernel)
+
+            padding = (extra(h_out, h_in), extra(w_out, w_in))
             layers.append(nn.ConvTranspose2d(conv.channels, out_channels, conv.kernel, conv.stride, conv.padding,
                                              output_padding=padding))
             if not last:
@@ -427,7 +436,7 @@ class MLPDecoder(nn.Module):
         params_per_dim: P, the likelihood's parameters per data dimension.
     """
 
-    def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = (), params_per_dim: int = 1):
+    def __init__(self, z_dim: int, x_dim: int, hidden: tuple[int, ...] | str = (), params_per_dim: int = 1) -> None:
         super().__init__()
         hidden = parse_hidden_spec(hidden) if isinstance(hidden, str) else tuple(hidden)
         self.z_dim, self.x_dim = z_dim, x_dim

@@ -50,7 +50,8 @@ class StepDraws:
 
 
 def draw_step(denoising: Denoising, x_shape: tuple[int, ...], eps_shape: tuple[int, ...], *,
-              generator: torch.Generator | None, device, dtype) -> StepDraws:
+              generator: torch.Generator | None, device: torch.device | str | None,
+              dtype: torch.dtype | None) -> StepDraws:
     """One step's draws, in the order of the module docstring (input noise, then eps, then eps_clean).
 
     Args:
@@ -64,7 +65,7 @@ def draw_step(denoising: Denoising, x_shape: tuple[int, ...], eps_shape: tuple[i
     Returns:
         The step's [`StepDraws`][airvae.objectives.StepDraws].
     """
-    def normal(shape):
+    def normal(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
     noise = normal(x_shape) if denoising.draws_noise else None
@@ -72,12 +73,12 @@ def draw_step(denoising: Denoising, x_shape: tuple[int, ...], eps_shape: tuple[i
     return StepDraws(noise, eps, normal(eps_shape) if denoising.two_bounds else None)
 
 
-def seen_input(x: torch.Tensor, sigma, noise: torch.Tensor | None) -> torch.Tensor:
+def seen_input(x: torch.Tensor, sigma: float | torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     """What the encoder sees: ``x + sigma * noise`` (eq. 13), or ``x`` without noise."""
     return x if noise is None else x + sigma * noise
 
 
-def mix_bounds(noisy: torch.Tensor, clean: torch.Tensor | None, alpha) -> torch.Tensor:
+def mix_bounds(noisy: torch.Tensor, clean: torch.Tensor | None, alpha: float | torch.Tensor) -> torch.Tensor:
     """Eq. 16: ``alpha * L(noisy encoder) + (1 - alpha) * L(clean encoder)``; the noisy bound alone
     when only one was computed."""
     return noisy if clean is None else alpha * noisy + (1 - alpha) * clean

@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from .runs import (
     save_figure,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from .model import LatentVariableModel
 
 FIGURES = ("curves", "samples", "reconstructions", "posterior", "weight_norms")
 PLOTS_DIR = "plots"
@@ -71,9 +75,9 @@ class RunPlots:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, which: str = "best",
+def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *, which: str = "best",
              examples: int = 1000, seed: int = 0, data_dir: str | None = None, device: str = "auto",
-             model: torch.nn.Module | None = None) -> RunPlots:
+             model: LatentVariableModel | None = None) -> RunPlots:
     """Every figure of a run (module docstring), as ``airvae plot RUN`` draws them.
 
     Samples and reconstructions show the likelihood's mean E[x|z] (any likelihood), as images when
@@ -97,7 +101,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     run_dir = Path(run_dir)
     if not (isinstance(examples, int) and examples >= 1):
         raise ValueError(f"invalid examples = {examples!r}: allowed an integer >= 1")
-    device = resolve_device(device)
+    on = resolve_device(device)
     cfg = load_config(run_dir)  # a clear error for a folder that is not a run
     out = RunPlots(Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR)
     check_writable(out.directory, run_dir if out_dir is None else None)  # no link on the way, before any work
@@ -109,7 +113,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         out.skipped["curves"] = f"{run_dir / METRICS} has no validation yet"
 
     try:
-        _, model = load_trained_model(run_dir, which=which, device=device, model=model)
+        _, model = load_trained_model(run_dir, which=which, device=on, model=model)
     except RunError as error:
         out.skipped.update({name: str(error) for name in FIGURES[1:]})
         return out
@@ -121,12 +125,12 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             raise ValueError(f"dataset {cfg.dataset!r} now has {dataset.dim} values per example, the run's model "
                              f"takes {cfg.x_dim}")
         test_x = torch.as_tensor(dataset.test[evenly_spaced(len(dataset.test), examples)], dtype=torch.float32,
-                                 device=device)
+                                 device=on)
         transpose = "chardata" in dataset.source  # Burda's OMNIGLOT keeps column-major pixels (data.py)
     except (ValueError, OSError) as error:  # DatasetError is a ValueError
         no_data = f"test data unavailable ({error}); pass data_dir / --data-dir"
     shape = image_shape(cfg)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=on).manual_seed(seed)
 
     with torch.no_grad():
         if shape is None:
@@ -135,15 +139,18 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         else:
             _save(_samples_figure(model, generator, shape, transpose, cfg.z_dim), out, "samples")
             if test_x is None:
+                assert no_data is not None  # why the test data could not be loaded
                 out.skipped["reconstructions"] = no_data
             else:
                 shown = test_x[evenly_spaced(len(test_x), 10)]
                 _save(_reconstructions_figure(model, shown, seed, shape, transpose), out, "reconstructions")
         if test_x is None:
+            assert no_data is not None
             out.skipped["posterior"] = no_data
         else:
             _save(_posterior_figure(model, test_x, out.directory / "posterior.json"), out, "posterior")
-        capped = _capped_layers(getattr(model, "encoder", model))
+        encoder = getattr(model, "encoder", model)
+        capped = _capped_layers(encoder) if isinstance(encoder, torch.nn.Module) else []
         if capped:
             _save(_weight_norms_figure(capped, out.directory / "weight_norms.json"), out, "weight_norms")
         else:

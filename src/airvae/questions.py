@@ -13,6 +13,8 @@ comparison is paired by seed and judged by [`airvae.verdicts`][]' rule, like the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows
@@ -20,7 +22,7 @@ from .drawing import pyplot
 from .likelihoods import bits_per_dim
 from .runs import save_figure
 from .targets import model_label
-from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, decide, paired_interval
+from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, Interval, decide, paired_interval
 
 FAMILIES = ("plain", "denoise-1.0", "wni")
 WORDS = {SUPPORTS: "improves", CONTRADICTS: "worsens", INCONCLUSIVE: "no detectable difference (interval contains 0)"}
@@ -34,7 +36,7 @@ def bits_per_dim_of(evaluation: dict | None, estimator: str) -> float | None:
     return float(bits_per_dim(estimate["mean"], estimate["dims"]))
 
 
-def question_verdict(differences: list[float], budget: str | None) -> tuple[object, str]:
+def question_verdict(differences: list[float], budget: str | None) -> tuple[Interval | None, str]:
     """The paired interval of per-seed differences (positive = the regularizer helps) and the rule's
     answer in this question's words."""
     interval = paired_interval(differences)
@@ -100,7 +102,8 @@ def _dataset_section(manifest, rows, selected, dataset, estimators, labels, ax) 
                      + f" | {len(runs)} |")
     lines += ["", "Paired differences, baseline − regularized (positive = the regularized model is better: "
               "fewer bits/dim, or a smaller inference gap):", ""]
-    measures = [(f"test bits/dim, {labels[e]}", lambda ev, e=e: bits_per_dim_of(ev, e), 4) for e in estimators]
+    measures: list[tuple[str, Callable[[dict | None], float | None], int]]
+    measures = [(f"test bits/dim, {labels[e]}", partial(bits_per_dim_of, estimator=e), 4) for e in estimators]
     measures += [(f"test bits/dim, {labels['iwae']} (the encoder's estimate, not p(x)'s)",
                   lambda ev: bits_per_dim_of(ev, "iwae"), 4),
                  ("Δinf in nats (the inference gap AIR aims to shrink)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from .claims import (
     METRICS,
@@ -217,6 +218,7 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
                            hurt, labels, budget)
             for family in ("plain",) + REGULARIZED:
                 loss = paper_improvement(target, family, "large-encoder", pcol, "neg_log_likelihood")
+                assert loss is not None  # Table 4 prints every row the large encoder is compared with
                 over = {}
                 for e in estimators:
                     a = seeds("large-encoder", "neg_log_likelihood", e)
@@ -313,7 +315,8 @@ def _evaluation_lines(manifest: dict, rows: list[dict]) -> list[str]:
     if manifest["evaluation"]:
         ev = manifest["evaluation"]
         iwae = f" and IWAE-{ev['k_iwae']} with the encoder" if "iwae" in ev["estimators"] else ""
-        done = next((r["evaluation"] for r in rows if r["evaluation"]), {})  # how many examples there really were
+        # how many examples there really were
+        done: dict[str, Any] = next((r["evaluation"] for r in rows if r["evaluation"]), {})
         n, n_split = done.get("n"), done.get("n_split")
         if n is not None and n == n_split:
             examples = f"all {n} test examples"

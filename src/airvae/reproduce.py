@@ -84,6 +84,7 @@ def plan(target: str, datasets: list[str], budget: str, seeds: int, grid: tuple[
         for k in spec.ks:
             for m in spec.ms:
                 for family in spec.families:
+                    chosen: tuple[float, ...]
                     if family not in REGULARIZED:
                         chosen = (0.0,)
                     elif target == "figure4":  # the paper's validated strength, not a sweep

@@ -106,6 +106,7 @@ def _conv_sizes(cfg: RunConfig, role: str) -> tuple[int, int, int]:
         return 0, 0, 0
     if role == "decoder":
         convs = convs[::-1]  # the encoder it mirrors: its maps are the decoder's, walked backwards
+    assert cfg.image_shape is not None  # convolutions need images: RunConfig refuses them otherwise
     shapes = conv_map_shapes(cfg.image_shape, convs)
     channels = [shape[0] for shape in shapes]  # layer i maps channels[i] <-> channels[i + 1]
     if role == "decoder":
@@ -163,7 +164,7 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
     group = f"{runs} runs' " if runs > 1 else ""
     work = {f"{group}a step decoding batch_size x m x k = {latents:,} latents": step,
             f"validation with val_k = {cfg.val_k:,}": validation, "tracking the test bound": tracked}
-    largest = max(work, key=work.get)  # steps and validations take turns: only the larger counts
+    largest = max(work, key=work.__getitem__)  # steps and validations take turns: only the larger counts
     return MemoryEstimate("training", {f"{group}parameters, gradients and Adam moments": runs * model_bytes(cfg),
                                        "data on the device": FLOAT * cfg.x_dim * rows_on_device,
                                        largest: work[largest]})
@@ -180,7 +181,7 @@ def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) ->
     parts: dict[str, int] = {}
     for name in settings.estimators:
         parts.update(REGISTRY[name].memory(footprint, settings, examples))
-    largest = max(parts, key=parts.get)
+    largest = max(parts, key=parts.__getitem__)
     return MemoryEstimate("evaluation", {"parameters": runs * model_bytes(cfg, optimizer=False),
                                          "data on the device": FLOAT * cfg.x_dim * examples,
                                          largest: runs * parts[largest]})

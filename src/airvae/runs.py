@@ -41,6 +41,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, NoReturn, TypeVar
 
 import torch
 
@@ -67,10 +68,17 @@ from .files import (  # noqa: F401
 )
 from .model import model_from_config
 
+if TYPE_CHECKING:
+    from .model import LatentVariableModel
+
+Config = TypeVar("Config", RunConfig, FitConfig)  # a run's configuration: airvae's model, or a researcher's
+
 try:
     import fcntl
+
+    _HAS_FLOCK = True
 except ImportError:  # Windows: no flock; runs are then not protected against a second writer (README)
-    fcntl = None
+    _HAS_FLOCK = False
 
 CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json", ".lock"
 CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
@@ -162,8 +170,9 @@ def _corrupt(path: Path, error: Exception) -> str:
     return f"checkpoint {path} is truncated or corrupt ({first_line}); {how}"
 
 
-_LOOP_STATE = {"step": int, "best_val": (int, float), "best_step": (int, type(None)), "bad_validations": int,
-               "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
+_LOOP_STATE: dict[str, type | tuple[type, ...]] = {
+    "step": int, "best_val": (int, float), "best_step": (int, type(None)), "bad_validations": int,
+    "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
 
 
 def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
@@ -172,7 +181,7 @@ def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tu
     ``iterations``), and the model's tensor names and ``shapes``. Anything else is a
     [`RunError`][airvae.files.RunError] that names the file and the way out, so a bad checkpoint never leaves a run
     marked "running"."""
-    def refuse(problem: str):
+    def refuse(problem: str) -> NoReturn:
         raise RunError(f"checkpoint {path} cannot resume this run: {problem}; delete it to restart the run from the "
                        "beginning, or restore it from a copy")
 
@@ -238,7 +247,7 @@ def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[d
     return {name: tensor.to(device) for name, tensor in tensors.items()}, header
 
 
-def best_checkpoint_digest(run_dir: Path) -> str | None:
+def best_checkpoint_digest(run_dir: str | os.PathLike[str]) -> str | None:
     """The identity of a run's best checkpoint: the sha256 of ``best.pt``, or, in a run that holds
     ``best.safetensors`` instead (from a bundle), that of the best.pt it was written from; None
     when the run has neither."""
@@ -261,7 +270,7 @@ def _file_digest(path: Path) -> str:
         return stream_digest(f)
 
 
-def stream_digest(f) -> str:
+def stream_digest(f: IO[bytes]) -> str:
     """The sha256 of what is left to read of a binary file object."""
     return hashed(hashlib.sha256(), f).hexdigest()
 
@@ -270,7 +279,7 @@ def stream_digest(f) -> str:
 # Configs and models
 
 
-def load_config(run_dir: str | os.PathLike) -> RunConfig:
+def load_config(run_dir: str | os.PathLike[str]) -> RunConfig | FitConfig:
     """The configuration of a run: a [`RunConfig`][airvae.config.RunConfig] for airvae's own models, a
     [`FitConfig`][airvae.config.FitConfig] for a researcher's own model ([`airvae.fit.fit`][]).
 
@@ -294,8 +303,8 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
         raise RunError(f"{path}: {error}; restore the file from a copy") from error
 
 
-def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str | None = None,
-                       model: torch.nn.Module | None = None):
+def load_trained_model(run_dir: str | os.PathLike[str], which: str = "best", device: torch.device | str | None = None,
+                       model: LatentVariableModel | None = None) -> tuple[RunConfig | FitConfig, LatentVariableModel]:
     """The trained model of a run, in eval mode. [`airvae.load`][airvae.bundle.load] does the same for
     bundles too.
 
@@ -311,7 +320,7 @@ def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: 
             load the weights into (airvae does not build it); None for airvae's own models.
 
     Returns:
-        (tuple[RunConfig | FitConfig, torch.nn.Module]): ``(config, model)``.
+        (tuple[RunConfig | FitConfig, LatentVariableModel]): ``(config, model)``.
 
     Raises:
         RunError: not a run, no such checkpoint yet, weights that do not fit the model, or a model of
@@ -321,7 +330,7 @@ def load_trained_model(run_dir: str | os.PathLike, which: str = "best", device: 
     return cfg, model
 
 
-def build_model(cfg, model: torch.nn.Module | None, run_dir: Path) -> torch.nn.Module:
+def build_model(cfg: RunConfig | FitConfig, model: LatentVariableModel | None, run_dir: Path) -> LatentVariableModel:
     """The untrained model of a run: built from its configuration, or for a run of a researcher's own
     model the one the caller passes (refused, saying how, when there is none).
     """
@@ -337,13 +346,14 @@ def build_model(cfg, model: torch.nn.Module | None, run_dir: Path) -> torch.nn.M
     return model_from_config(cfg)
 
 
-def load_trained_model_with_digest(run_dir: str | os.PathLike, which: str = "best",
-                                   device: torch.device | str | None = None, model: torch.nn.Module | None = None):
+def load_trained_model_with_digest(run_dir: str | os.PathLike[str], which: str = "best",
+                                   device: torch.device | str | None = None, model: LatentVariableModel | None = None,
+                                   ) -> tuple[RunConfig | FitConfig, LatentVariableModel, str]:
     """[`load_trained_model`][airvae.runs.load_trained_model], with the sha256 of the checkpoint file the
     weights came from (the identity evaluations are cached against).
 
     Returns:
-        (tuple[RunConfig | FitConfig, torch.nn.Module, str]): ``(config, model, sha256)``.
+        (tuple[RunConfig | FitConfig, LatentVariableModel, str]): ``(config, model, sha256)``.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -437,7 +447,7 @@ def _open_lock(path: Path, write: bool):
 
 
 def _flock(f, directory: Path) -> None:
-    if fcntl is None:
+    if not _HAS_FLOCK:
         return
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -551,8 +561,8 @@ def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
     return state
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
-                 allow_data_change: bool = False) -> RunConfig:
+def open_run_dir(cfg: Config, run_dir: Path, data_digest: str, *, resume: bool, overwrite: bool,
+                 allow_data_change: bool = False) -> Config:
     """Create the run directory, or check that resuming it is consistent; the caller holds its
     lock. ``data_digest``: ``airvae.data.dataset_digest`` of the data it trains on. Returns the
     config to train with (the stored one when resuming)."""
@@ -576,6 +586,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, data_digest: str, *, resume: boo
             if marker is None or recorded != data_digest:  # a run from before markers, or an allowed change
                 write_marker(run_dir, data_digest)
             clean_temporaries(run_dir)
+            assert isinstance(stored, type(cfg))  # the same kind of config: their "kind" would differ above
             return stored.replace(device=cfg.device, data_dir=cfg.data_dir)
     write_marker(run_dir, data_digest)  # first: only a marked folder is cleaned
     clean_temporaries(run_dir)
@@ -629,7 +640,7 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     """Remove leftovers of writes interrupted by a kill (``.last.pt.airvae-tmp-*`` and the like) from
     a folder airvae's marker proves is a run; only call while holding the run's lock, when no write
     can be in flight."""
-    removed = []
+    removed: list[Path] = []
     if read_marker(run_dir) is None:
         return removed
     for folder, targets in ((Path(run_dir), _RUN_FILES), (Path(run_dir) / CHECKPOINTS, RUN_FOLDERS[CHECKPOINTS])):

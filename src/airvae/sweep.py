@@ -23,13 +23,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .compiling import COMPILE_ENV
 from .config import Regularizer, RunConfig, check_int, is_real, resolve_run_config
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .devices import resolve_device
 from .evaluation import EvaluationSettings, evaluate_run, stored_evaluation
 from .files import append_line, real_folder
@@ -168,7 +169,7 @@ def execute(task: Task) -> dict:
 
     started = time.perf_counter()
     run_dir = task.run_dir
-    out = {"job": asdict(task.job), "name": task.job.name, "run_dir": str(run_dir)}
+    out: dict[str, Any] = {"job": asdict(task.job), "name": task.job.name, "run_dir": str(run_dir)}
     try:
         summary = finished_summary(run_dir)
         out["trained"] = summary is None
@@ -301,7 +302,8 @@ class RayExecutor:
             raise RuntimeError("the Ray executor needs Ray: pip install 'airvae[ray]' (or pip install ray)") from error
         self.ray, self.cpus, self.gpus = ray, cpus_per_task, gpus_per_task
         if not ray.is_initialized():
-            kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            kwargs: dict[str, Any] = (
+                {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False})
             if os.environ.get(COMPILE_ENV):  # workers, possibly on other machines, compile too
                 kwargs["runtime_env"] = {"env_vars": {COMPILE_ENV: os.environ[COMPILE_ENV]}}
             ray.init(ignore_reinit_error=True, log_to_driver=False, **kwargs)
@@ -338,7 +340,8 @@ class StackedExecutor:
     one by one from whatever checkpoints the group wrote (the formats are the same)."""
 
     def __init__(self):
-        self._datasets = {}  # (dataset, data_dir) -> Dataset, loaded once for grouping and training
+        # (dataset, data_dir) -> Dataset, loaded once for grouping and training
+        self._datasets: dict[tuple[str, str | None], Dataset] = {}
 
     def map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterable[dict]:
         """Train the groups, evaluate the trained runs as groups, then run ``fn`` on every task (which skips
@@ -355,7 +358,8 @@ class StackedExecutor:
     def groups(self, tasks: list[Task]) -> list[list[tuple[Task, RunConfig]]]:
         """The unfinished, unlocked tasks, grouped as they will train."""
 
-        datasets, pending = self._datasets, {}
+        datasets = self._datasets
+        pending: dict[tuple[tuple[str, str | None], str], list[tuple[Task, RunConfig]]] = {}
         for task in tasks:
             if finished_summary(task.run_dir) is not None:
                 continue
@@ -405,7 +409,7 @@ class StackedExecutor:
         ([`airvae.stacked.evaluate_group`][]), caching each run's result where ``fn`` (through
         evaluate_run) finds it. A group that cannot be batched is left to ``fn``."""
 
-        pending = {}
+        pending: dict[tuple[str, str], tuple[EvaluationSettings, list[Path]]] = {}
         for task in tasks:
             if task.evaluation is None or finished_summary(task.run_dir) is None:
                 continue
@@ -417,10 +421,13 @@ class StackedExecutor:
                 cfg = load_config(task.run_dir)
             except Exception:  # noqa: BLE001 - a damaged run is fn's to report
                 continue
+            if not isinstance(cfg, RunConfig):  # a model of a researcher's own (no sweep job): never stacked
+                continue
             key = (json.dumps(settings.to_dict(), sort_keys=True), evaluation_key(cfg, settings))
             pending.setdefault(key, (settings, []))[1].append(task.run_dir)
         for settings, run_dirs in pending.values():
             cfg = load_config(run_dirs[0])
+            assert isinstance(cfg, RunConfig)  # as it was when grouped
             size = largest_group(partial(evaluation_memory, cfg, settings, settings.max_examples or 10**5),
                                  resolve_device(settings.device), len(run_dirs))
             for i in range(0, len(run_dirs), size):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .sweep import PAPER_GRID
 
@@ -68,7 +69,7 @@ TARGETS = {
 }
 
 # Evaluation effort per budget (EvaluationSettings fields). "paper" is appendix C exactly.
-EVALUATION_BUDGETS = {
+EVALUATION_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": dict(k_iwae=16, svi_k=16, svi_l=2, svi_steps=5, max_examples=32),
     "quick": dict(k_iwae=500, svi_k=500, svi_l=8, svi_steps=200, max_examples=500),
     "paper": dict(k_iwae=5000, svi_k=5000, svi_l=8, svi_steps=3000, max_examples=None),
@@ -76,7 +77,7 @@ EVALUATION_BUDGETS = {
 # Figure 3 (appendix C) per budget: evaluation.iwsvi_vs_iwae_study's arguments on the dataset's VAE.
 # "paper": k up to 100000, T up to 3000, IW-SVI(T = 3000) over k and IW-SVI(k = 5000) over T, as the
 # figure's caption; it does not say how many test examples were used: the whole test set.
-FIGURE3_STUDIES = {
+FIGURE3_STUDIES: dict[str, dict[str, Any]] = {
     "smoke": dict(ks=(1, 16), steps_list=(0, 5), fixed_steps=5, svi_k=16, l=2, max_examples=16),
     "quick": dict(ks=(1, 10, 100, 1000, 5000), steps_list=(0, 10, 30, 100, 300, 1000), fixed_steps=1000,
                   svi_k=5000, l=8, max_examples=100),
@@ -91,7 +92,7 @@ GRIDS = {"smoke": (5.0,), "quick": (5.0, 10.0), "paper": PAPER_GRID}
 # IW-SVI's at the quick settings); both stayed 0.7-0.8 nats below IW-SVI (measured).
 # "paper": AIS on 200 test examples spread evenly over the split (IW-SVI and the bound cover all of it): at
 # these settings AIS costs ~2.4 s per Caltech test example on one CPU core (measured), 1.5 h for all 2307.
-AIS_BUDGETS = {"smoke": dict(ais_intermediate=10, ais_chains=2, bdmc_examples=4),
+AIS_BUDGETS: dict[str, dict[str, Any]] = {"smoke": dict(ais_intermediate=10, ais_chains=2, bdmc_examples=4),
                "quick": dict(ais_intermediate=200, ais_chains=4, bdmc_examples=50), "paper": dict(max_examples=200)}
 TRACKED_TEST_EXAMPLES = {"smoke": 32, "quick": 500, "paper": 2000}
 

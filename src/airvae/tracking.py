@@ -106,6 +106,7 @@ class TrackingSettings:
         if "mlflow" in self.sinks:
             self._default("mlflow_uri", os.environ.get("MLFLOW_TRACKING_URI") or _default_mlflow_uri())
             self._default("mlflow_experiment", os.environ.get("MLFLOW_EXPERIMENT_NAME") or "airvae")
+            assert self.mlflow_uri is not None  # resolved just above
             _check_database_packages(self.mlflow_uri)
         if "wandb" in self.sinks:
             self._default("wandb_project", os.environ.get("WANDB_PROJECT") or "airvae")
@@ -252,8 +253,10 @@ class _TensorBoard:
     def params(self, params: dict) -> None:
         from torch.utils.tensorboard.summary import hparams
 
+        file_writer = self.writer.file_writer
+        assert file_writer is not None  # made by SummaryWriter's __init__
         for summary in hparams(params, {"val_log_likelihood": 0.0, "train_loss": 0.0}):
-            self.writer.file_writer.add_summary(summary)
+            file_writer.add_summary(summary)
 
     def notes(self, notes: dict, step: int) -> None:
         for tag, note in notes.items():
@@ -297,6 +300,7 @@ class _Mlflow:
 
         self.client = MlflowClient(tracking_uri=self.uri)
         if not replace:
+            assert run_id is not None  # a run is added to only when it has one (_open_sink)
             self.run_id = run_id
             return
         found = self._experiment(experiment)
@@ -328,10 +332,10 @@ class _Mlflow:
     def params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in params.items()]
+        batch = [Param(key, str(value)) for key, value in params.items()]
         with _file_store_allowed(self.uri):
-            for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+            for start in range(0, len(batch), 100):  # MLflow takes at most 100 parameters per call
+                self.client.log_batch(self.run_id, params=batch[start:start + 100])
 
     def notes(self, notes: dict, step: int) -> None:
         from mlflow.entities import RunTag

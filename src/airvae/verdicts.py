@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -88,9 +88,9 @@ def paired_interval(differences: Sequence[float | None], level: float = LEVEL) -
     return Interval(mean, se, mean - half, mean + half, len(values), values)
 
 
-def paired_differences(a: dict, b: dict) -> list[float]:
+def paired_differences(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> list[float]:
     """``a[seed] - b[seed]`` for every seed both hold a number for (``{seed: value or None}``)."""
-    return [a[s] - b[s] for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None]
+    return [va - vb for s in sorted(set(a) & set(b)) if (va := a[s]) is not None and (vb := b[s]) is not None]
 
 
 def budget_judges(budget: str | None) -> bool:

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import zipfile
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..config import ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, check_int, is_real, require
 from ..evaluation import EvaluationSettings
@@ -20,7 +22,7 @@ from .limits import MANIFEST, MAX_COUNT, MAX_MANIFEST_BYTES, PLAIN_NAME, refuse
 # Manifests: every field checked before it names a path
 
 
-def manifest_jobs(manifest, where: Path | str, fix: str) -> list:
+def manifest_jobs(manifest: object, where: Path | str, fix: str) -> list[Job]:
     """The runs ([`airvae.sweep.Job`][]) of a reproduction's parsed ``manifest.json``, after
     every field is checked by type and range (``check_manifest``): its fields name the folders
     that ``report``, ``evaluate`` and ``bundle`` read and write. A bad one is a RunError naming
@@ -69,7 +71,7 @@ def check_extracted_manifest(folder: Path, archive: Path, name: str) -> None:
             raise RunError(f"{where}: {path.relative_to(folder)} leads outside the bundle's folder {folder}; {fix}")
 
 
-def check_manifest(manifest) -> list:
+def check_manifest(manifest: Any) -> list[Job]:
     """Every field a reproduction's manifest holds (airvae.reproduce), by type and range; the jobs
     as [`airvae.sweep.Job`][]. Raises [`airvae.config.ConfigError`][] saying which field."""
 
@@ -79,7 +81,7 @@ def check_manifest(manifest) -> list:
             raise ConfigError(f"{key!r} is missing")
     _check_choice("target", manifest["target"], TARGETS)
     datasets = manifest["datasets"]
-    require(isinstance(datasets, list) and datasets, "datasets", datasets, "a non-empty list of dataset names")
+    require(isinstance(datasets, list) and bool(datasets), "datasets", datasets, "a non-empty list of dataset names")
     for dataset in datasets:
         _check_dataset(dataset)
     _check_choice("budget", manifest["budget"], BUDGETS)
@@ -93,7 +95,7 @@ def check_manifest(manifest) -> list:
         _check_evaluation(key, manifest.get(key))
     _check_study(manifest.get("study"))
     jobs = manifest["jobs"]
-    require(isinstance(jobs, list) and jobs, "jobs", jobs, "a non-empty list of runs")
+    require(isinstance(jobs, list) and bool(jobs), "jobs", jobs, "a non-empty list of runs")
     checked = []
     for number, fields in enumerate(jobs):
         try:
@@ -103,7 +105,7 @@ def check_manifest(manifest) -> list:
     return checked
 
 
-def _check_job(fields) -> object:
+def _check_job(fields: Any) -> Job:
     """One job of a manifest as a [`airvae.sweep.Job`][]: each field checked here, before
     Job's own checks (family, and its strength) and before [`name`][airvae.sweep.Job.name] makes a path of them."""
 
@@ -131,12 +133,12 @@ def _check_job(fields) -> object:
     return Job(**fields)
 
 
-def _check_choice(name: str, value, allowed) -> None:
+def _check_choice(name: str, value: object, allowed: Collection[str]) -> None:
 
     require(isinstance(value, str) and value in allowed, name, value, ", ".join(allowed))
 
 
-def _check_dataset(value) -> None:
+def _check_dataset(value: object) -> None:
     """A dataset's name, or the path of its .npz file: what names the runs' folders (the name, or
     the file's stem) must be one plain path component."""
 
@@ -146,12 +148,12 @@ def _check_dataset(value) -> None:
             "a dataset name (letters, digits, _ . + -), or the path of a .npz file with such a name")
 
 
-def _is_finite(value) -> bool:
+def _is_finite(value: object) -> bool:
 
     return is_real(value) and math.isfinite(value)
 
 
-def _check_evaluation(key: str, settings) -> None:
+def _check_evaluation(key: str, settings: object) -> None:
     """None, or the fields of [`airvae.evaluation.EvaluationSettings`][], checked by it."""
 
     if settings is None:
@@ -168,7 +170,7 @@ _STUDY_COUNTS = {"ks": 1, "steps_list": 0}  # Figure 3's study (targets.FIGURE3_
 _STUDY_INTS = {"fixed_steps": 0, "svi_k": 1, "l": 1}
 
 
-def _check_study(study) -> None:
+def _check_study(study: Any) -> None:
     """None, or Figure 3's settings ([`airvae.targets.FIGURE3_STUDIES`][]), by type and range."""
 
     if study is None:
@@ -178,7 +180,7 @@ def _check_study(study) -> None:
             f"null or a JSON object of {', '.join(sorted(fields))}")
     try:
         for key, minimum in _STUDY_COUNTS.items():
-            require(isinstance(study[key], list) and study[key], key, study[key], "a non-empty list of integers")
+            require(isinstance(study[key], list) and bool(study[key]), key, study[key], "a non-empty list of integers")
             for value in study[key]:
                 check_int(key, value, minimum, MAX_COUNT)
         for key, minimum in _STUDY_INTS.items():

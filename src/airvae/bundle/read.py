@@ -10,12 +10,16 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..data import cache_root
 from ..files import TEMPORARY_TAG, LinkRefused, real_folder
 from ..runs import BEST_WEIGHTS, CONFIG, LAST, RunError, load_trained_model, stream_digest
 from .limits import BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, RATIO_FLOOR, SUFFIXES, refuse
 from .manifest import check_archived_manifest, check_extracted_manifest
+
+if TYPE_CHECKING:
+    from ..model import LatentVariableModel
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -30,7 +34,7 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def resolve(path: str | os.PathLike) -> Path:
+def resolve(path: str | os.PathLike[str]) -> Path:
     """The folder a command works on: an existing folder as it is; a bundle, or a path inside one
     (``results.zip/runs/caltech/k1-m1/plain/seed0``), as that folder of the bundle's extraction
     ([`extract`][airvae.bundle.extract]); anything else unchanged, for the caller to report."""
@@ -63,7 +67,7 @@ def runs_in(folder: Path) -> list[str]:
     return sorted(path.parent.relative_to(folder).as_posix() for path in folder.rglob(CONFIG))
 
 
-def extract(archive: str | os.PathLike) -> Path:
+def extract(archive: str | os.PathLike[str]) -> Path:
     """The folder holding a bundle's files: ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/``,
     extracted on first use after every member is checked (module docstring); a refused archive
     extracts nothing and raises [`airvae.runs.RunError`][airvae.files.RunError] saying why. Its manifest is checked
@@ -211,7 +215,8 @@ def _sync(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | os.PathLike, which: str = "best", device: str = "cpu", model=None):
+def load(path: str | os.PathLike[str], which: str = "best", device: str = "cpu",
+         model: LatentVariableModel | None = None) -> LatentVariableModel:
     """The trained model of a run directory, of a run inside a bundle (``BUNDLE/RUN``), or of a bundle
     of one run: ``model = airvae.load("runs/caltech/VAE-seed0")``. In eval mode, on ``device``.
 
@@ -223,11 +228,11 @@ def load(path: str | os.PathLike, which: str = "best", device: str = "cpu", mode
         which: ``"best"`` (early stopping's model) or ``"last"`` (``last.pt`` of a run directory; a
             bundle holds no ``last.pt``).
         device: where the model is loaded.
-        model (torch.nn.Module | None): an untrained instance of your own model to load the weights
+        model (LatentVariableModel | None): an untrained instance of your own model to load the weights
             into; None for airvae's own models.
 
     Returns:
-        (torch.nn.Module): The model.
+        (LatentVariableModel): The model (a torch ``nn.Module``).
 
     Raises:
         RunError: no run there, a refused bundle, a missing checkpoint, or weights that do not fit.

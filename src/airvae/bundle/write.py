@@ -11,8 +11,10 @@ import stat
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .._version import __version__
 from ..files import TEMPORARY_TAG, RunIOError, real_folder
@@ -37,7 +39,7 @@ from .manifest import manifest_jobs
 # Writing
 
 
-def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def write_bundle(results_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """Pack a reproduction's folder (``manifest.json``; its report is rebuilt first, as
     ``airvae report`` does) or a single run directory into one zip archive (``airvae bundle DIR``).
 
@@ -91,8 +93,12 @@ def write_bundle(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     return out
 
 
+# A file of the archive: its name, its bytes (or a function giving them, called when it is written), its mtime.
+_Entry = tuple[str, bytes | Callable[[], bytes], float]
+
+
 @contextlib.contextmanager
-def _reading(folder: Path):
+def _reading(folder: Path) -> Iterator[bool]:
     """Hold ``folder``'s lock while it is read; yields whether it is held. Reading needs no
     writable source: where the lock file cannot be created (a read-only file system, no
     permission), the folder is read if no other process holds its lock (yields False)."""
@@ -132,8 +138,9 @@ class _NewFile:
     never overwritten, never torn. Never through a symbolic link: neither ``out`` (the link fails
     on any entry there) nor its folder, nor any folder created for it, may be one."""
 
-    def __init__(self, out: Path):
-        self.out, self.tmp = out, None
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.tmp: str | None = None  # the temporary file, made by __enter__
 
     def __enter__(self) -> _NewFile:
         folder = self.out.parent
@@ -145,8 +152,9 @@ class _NewFile:
             raise write_error(self.out, error) from error
         return self
 
-    def write(self, files: list) -> None:
+    def write(self, files: list[_Entry]) -> None:
         """``files``: (archive name, bytes or a function giving them, modification time)."""
+        assert self.tmp is not None, "write inside `with _NewFile(out)`"
         try:
             with open(self.tmp, "wb") as f:
                 with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -164,7 +172,7 @@ class _NewFile:
         except OSError as error:
             raise write_error(self.out, error) from error
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.tmp is not None:
             Path(self.tmp).unlink(missing_ok=True)
 
@@ -190,9 +198,9 @@ def _shared_config(run_dir: Path) -> bytes | None:
     return (json.dumps(load_config(run_dir).replace(data_dir=None).to_json(), indent=2) + "\n").encode()
 
 
-def _results_files(results_dir: Path) -> list:
+def _results_files(results_dir: Path) -> list[_Entry]:
     """A reproduction's own files (tables, REPORT.md, figures, studies), runs/ aside."""
-    files = []
+    files: list[_Entry] = []
     for path in sorted(results_dir.rglob("*")):
         relative = path.relative_to(results_dir)
         if relative.parts[0] == "runs" or any(part.startswith(".") for part in relative.parts):
@@ -202,13 +210,13 @@ def _results_files(results_dir: Path) -> list:
     return files
 
 
-def _run_files(run_dir: Path, prefix: str, config: bytes | None, out: Path) -> list:
+def _run_files(run_dir: Path, prefix: str, config: bytes | None, out: Path) -> list[_Entry]:
     """A run's shareable files as (archive name, bytes or a function giving them, mtime): ``config``
     (``_shared_config``) and the best checkpoint as safetensors (a run from a bundle: its
     safetensors as they are). Links are never followed; files airvae does not write are left out."""
-    files = []
+    files: list[_Entry] = []
 
-    def add(name: str, path: Path, data=None):
+    def add(name: str, path: Path, data: bytes | Callable[[], bytes] | None = None) -> None:
         if path.is_file() and not path.is_symlink():
             files.append((prefix + name, partial(_read, path) if data is None else data, path.stat().st_mtime))
 

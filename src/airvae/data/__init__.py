@@ -106,6 +106,7 @@ from .sources import (  # noqa: F401
     Arrays,
     Spec,
     Variant,
+    as_splits,
     check_splits,
     load_digits,
     verify,
@@ -136,8 +137,8 @@ _HOW_TO_PROVIDE = (
 )
 
 
-def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None, download: bool = True,
+def load_dataset(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, download: bool = True,
                  progress: bool = True) -> Dataset:
     """Load a named dataset (``"mnist"``, ``"omniglot"``, ``"caltech"``, the bundled ``"digits"``) or a
     user's ``.npz``.
@@ -171,7 +172,7 @@ def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | 
     raise _not_a_dataset(text, path)
 
 
-def check_dataset_name(name_or_path: str | os.PathLike) -> None:
+def check_dataset_name(name_or_path: str | os.PathLike[str]) -> None:
     """Refuse, without reading any data, what [`load_dataset`][airvae.data.load_dataset] would refuse from
     the name alone: an unknown name, or an ``.npz`` path that does not exist or is not a regular
     file. Commands call it before long work starts.
@@ -197,8 +198,9 @@ def _not_a_dataset(text: str, path: Path) -> DatasetError:
 
 # --------------------------------------------------------------------------- named datasets
 
-def _load_named(spec: Spec, data_dir, cache_dir, download: bool, progress: bool) -> Dataset:
-    cache_dir = cache_root(cache_dir)
+def _load_named(spec: Spec, data_dir: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None,
+                download: bool, progress: bool) -> Dataset:
+    cache = cache_root(cache_dir)
     dirs: list[Path] = []
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if data_dir is not None:
@@ -209,34 +211,37 @@ def _load_named(spec: Spec, data_dir, cache_dir, download: bool, progress: bool)
                 f"exist or is not a directory."
             )
         dirs += [d, d / "originals"]
-    dirs.append(cache_dir / "raw")  # earlier downloads whose conversion did not finish
+    dirs.append(cache / "raw")  # earlier downloads whose conversion did not finish
 
     # (1) cache, (2) local files: variant by variant, so a preferred variant wins.
     partial = []
     for v in spec.variants:
-        cache = cache_dir / f"{v.key}.npz"
-        if cache.is_file():
-            arrays, origin = read_cache(cache, v)
-            return Dataset(spec.name, *arrays, source=f"{cache} (cache of {origin})", deviation=v.deviation)
+        cache_file = cache / f"{v.key}.npz"
+        if cache_file.is_file():
+            arrays, origin = read_cache(cache_file, v)
+            return Dataset(spec.name, *arrays, source=f"{cache_file} (cache of {origin})", deviation=v.deviation)
         found = {n: next((d / n for d in dirs if (d / n).is_file()), None) for n in v.files}
-        if all(found.values()):
-            return _convert(spec, v, list(found.values()), cache)
-        if any(found.values()):
+        paths = [p for p in found.values() if p is not None]
+        if len(paths) == len(found):
+            return _convert(spec, v, paths, cache_file)
+        if paths:
             missing = [n for n, p in found.items() if p is None]
             partial.append(f"Found only part of a set; missing: {', '.join(missing)}.")
 
     # (3) download the variants that have a public URL.
     failures = []
     if download:
-        for v in (v for v in spec.variants if v.url):
+        for v in spec.variants:
+            if not v.url:
+                continue
             try:
-                raw = raw_dir(cache_dir)
+                raw = raw_dir(cache)
                 paths = [download_file(v.url + n, raw / n, h, progress) for n, h in v.files.items()]
             except DatasetError as e:
                 failures.append(str(e))
                 continue
-            return _convert(spec, v, paths, cache_dir / f"{v.key}.npz")
-    raise DatasetError(_missing_message(spec, cache_dir, dirs, partial, download, failures))
+            return _convert(spec, v, paths, cache / f"{v.key}.npz")
+    raise DatasetError(_missing_message(spec, cache, dirs, partial, download, failures))
 
 
 def _convert(spec: Spec, v: Variant, paths: list[Path], cache: Path) -> Dataset:
@@ -252,7 +257,7 @@ def _convert(spec: Spec, v: Variant, paths: list[Path], cache: Path) -> Dataset:
         raise DatasetError(f"could not read {where} ({type(e).__name__}: {e})") from e
     arrays = check_splits(arrays, v.sizes, PIXELS, where)
     if v.transform is not None:
-        arrays = tuple(v.transform(x) for x in arrays)
+        arrays = as_splits(v.transform(x) for x in arrays)
     origin = f"{where}: {v.provenance}"
     write_cache(cache, arrays, origin)
     return Dataset(spec.name, *arrays, source=origin, deviation=v.deviation)

@@ -10,18 +10,19 @@ import tempfile
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..files import TEMPORARY_TAG, RunError, atomic_write_bytes, real_folder
 from .dataset import SPLITS, DatasetError
 from .npz import READ_ERRORS, read_npz
-from .sources import PIXELS, Arrays, Variant, verify
+from .sources import PIXELS, Arrays, Variant, as_splits, verify
 
 CACHE_DIR_ENV = "AIRVAE_CACHE_DIR"
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """airvae's cache folder (datasets, extracted bundles): ``cache_dir``, else ``$AIRVAE_CACHE_DIR``,
     else ``~/.cache/airvae``."""
     return Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "airvae").expanduser()
@@ -46,7 +47,7 @@ def read_cache(path: Path, v: Variant) -> tuple[Arrays, str]:
             f"cache file {path} is corrupt or incompatible ({type(e).__name__}: {e}). "
             f"Delete it and load again; it will be rebuilt from the source files."
         ) from e
-    return tuple(arrays), origin
+    return as_splits(arrays), origin
 
 
 def write_cache(path: Path, arrays: Arrays, origin: str) -> None:
@@ -55,9 +56,10 @@ def write_cache(path: Path, arrays: Arrays, origin: str) -> None:
     # airvae's one write path: atomic (a crash or a concurrent reader never sees a partial cache) and
     # never through a symbolic link, neither at the file nor at the cache folder.
     buffer = io.BytesIO()
+    # (the ignore: numpy's stubs read **splits as possibly filling the keyword allow_pickle: bool)
     np.savez_compressed(
         buffer, dim=np.int64(PIXELS), origin=np.str_(origin),
-        **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays, strict=True)},
+        **{s: np.packbits(x, axis=-1) for s, x in zip(SPLITS, arrays, strict=True)},  # type: ignore[arg-type]
     )
     try:
         atomic_write_bytes(path, buffer.getvalue(), root=path.parent)
@@ -101,7 +103,7 @@ def download_file(url: str, dest: Path, expected: str, progress: bool) -> Path:
     return dest
 
 
-def _fetch(url: str, f, desc: str, progress: bool) -> None:
+def _fetch(url: str, f: BinaryIO, desc: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     with urllib.request.urlopen(url, timeout=60) as r:

@@ -82,14 +82,14 @@ def evenly_spaced(total: int, n: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
 
 
-def dataset_digest(dataset) -> str:
+def dataset_digest(dataset: object) -> str:
     """sha256 of the three splits' contents (not of the files they came from), for any object with
     ``train``, ``valid`` and ``test`` arrays: runs record it so that resuming on other data is caught."""
     h = hashlib.sha256()
     for s in SPLITS:
         x = np.ascontiguousarray(getattr(dataset, s))
         h.update(f"{s}:{x.shape}:{x.dtype};".encode())
-        h.update(memoryview(x).cast("B"))
+        h.update(x.data.cast("B"))
     return h.hexdigest()
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from collections.abc import Collection
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -30,7 +32,8 @@ MAX_COMPRESSION_RATIO = 400
 RATIO_CHECKED_ABOVE = 64 << 20
 
 
-def read_npz(path: Path, names, optional=(), *, file=None, advice: str = "") -> dict[str, np.ndarray]:
+def read_npz(path: Path, names: Collection[str], optional: Collection[str] = (), *, file: IO[bytes] | None = None,
+             advice: str = "") -> dict[str, np.ndarray]:
     """The arrays ``names`` (all required) and those of ``optional`` present in the .npz at ``path``
     (or the open ``file``), like ``np.load`` without pickles; every member is checked against the
     limits above from its zip entry and .npy header before any member's data is read. A problem of
@@ -72,7 +75,7 @@ def _check_member(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None
             f"{_size(info.file_size)}; the file is truncated or corrupt: save it again")
 
 
-def _npy_header(where: str, fp) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(where: str, fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from the header of the .npy file ``fp``, reading nothing of its data."""
     try:
         version = npy_format.read_magic(fp)
@@ -91,8 +94,9 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
         return npy_format.read_array(fp, allow_pickle=False)
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
+    return f"{n:.1f} TiB"

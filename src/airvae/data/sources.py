@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +21,12 @@ DATASETS: tuple[str, ...] = ("mnist", "omniglot", "caltech", "digits")
 PIXELS = 784  # all three datasets are 28x28
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def as_splits(arrays: Iterable[np.ndarray]) -> Arrays:
+    """Three arrays, those of train, valid and test, as one ``Arrays``."""
+    train, valid, test = arrays
+    return train, valid, test
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class Spec:
 
 def _read_packed_npz(paths: list[Path], v: Variant) -> Arrays:
     d = read_npz(paths[0], SPLITS)
-    return tuple(np.unpackbits(d[s], axis=-1, count=PIXELS) for s in SPLITS)
+    return as_splits(np.unpackbits(d[s], axis=-1, count=PIXELS) for s in SPLITS)
 
 
 def _read_mat(paths: list[Path], v: Variant, names: tuple[str, str, str]) -> Arrays:
@@ -54,7 +60,7 @@ def _read_mat(paths: list[Path], v: Variant, names: tuple[str, str, str]) -> Arr
     # (Caltech); `i % len(paths)` covers both.
     from scipy.io import loadmat
 
-    return tuple(
+    return as_splits(
         loadmat(paths[i % len(paths)], variable_names=[n])[n] for i, n in enumerate(names)
     )
 
@@ -69,7 +75,7 @@ def _read_amat(paths: list[Path], v: Variant) -> Arrays:
         if digits.size % PIXELS:
             raise DatasetError(f"{p}: {digits.size} digits is not a whole number of 784-pixel rows")
         out.append(digits.reshape(-1, PIXELS))
-    return tuple(out)
+    return as_splits(out)
 
 
 def _read_chardata(paths: list[Path], v: Variant) -> Arrays:
@@ -202,7 +208,7 @@ DIGITS_PROVENANCE = (
 
 def load_digits() -> Dataset:
     """The bundled grey-level dataset ([`airvae.data`][]'s docstring): verified by sha256, split as documented."""
-    with resources.as_file(resources.files("airvae").joinpath("bundled", DIGITS_FILE)) as path:
+    with resources.as_file(resources.files("airvae") / "bundled" / DIGITS_FILE) as path:
         verify(path, f"sha256:{DIGITS_SHA256}")
         with gzip.open(path, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # 64 pixels, then the label (unused)
@@ -239,7 +245,7 @@ def verify(path: Path, expected: str) -> None:
         )
 
 
-def check_splits(arrays, sizes, dim: int, where: str) -> Arrays:
+def check_splits(arrays: Iterable[np.ndarray], sizes: Sequence[int | None], dim: int, where: str) -> Arrays:
     """The three converted splits as uint8 0/1, refused unless numeric, ``(n, dim)`` with the
     expected ``sizes`` (None: any number of rows) and binary; ``where`` names the source files."""
     out = []
@@ -259,4 +265,4 @@ def check_splits(arrays, sizes, dim: int, where: str) -> Arrays:
                 f"data first (and unpack np.packbits output with np.unpackbits)."
             )
         out.append(x.astype(np.uint8, copy=False))
-    return tuple(out)
+    return as_splits(out)

@@ -7,7 +7,7 @@ import torch
 from .dataset import Dataset, DatasetError
 
 
-class TorchSplit(torch.utils.data.Dataset):
+class TorchSplit(torch.utils.data.Dataset[torch.Tensor]):
     """The examples of one split as float tensors, exactly the values airvae's models see: 0/1 for
     binary data, grey levels on ``i / (levels - 1)``, real values as stored.
 
@@ -18,14 +18,14 @@ class TorchSplit(torch.utils.data.Dataset):
     in a DataLoader over a CUDA ``device``."""
 
     def __init__(self, dataset: Dataset, split: str = "train", *, device: torch.device | str = "cpu",
-                 image: bool | None = None, dtype: torch.dtype = torch.float32):
+                 image: bool | None = None, dtype: torch.dtype = torch.float32) -> None:
         rows = dataset.split(split)  # a DatasetError naming the splits for an unknown one
         if image is None:
             image = dataset.image_shape is not None
         if image and dataset.image_shape is None:
             raise DatasetError(f"{dataset.name} holds flat vectors (no image_shape): pass image=False, or give "
                                "the .npz its arrays as (N, C, H, W) images")
-        shape = (len(rows), *dataset.image_shape) if image else rows.shape
+        shape = (len(rows), *dataset.image_shape) if image and dataset.image_shape is not None else rows.shape
         # torch.tensor copies: the view never shares memory with the (immutable by intent) Dataset
         self.tensor = torch.tensor(rows, dtype=dtype, device=device).reshape(shape)
         self.name, self.split = dataset.name, split
@@ -33,7 +33,7 @@ class TorchSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.tensor.shape[0]
 
-    def __getitem__(self, index) -> torch.Tensor:
+    def __getitem__(self, index: int | slice | list[int] | torch.Tensor) -> torch.Tensor:
         return self.tensor[index]
 
     def __repr__(self) -> str:

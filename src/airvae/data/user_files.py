@@ -9,6 +9,7 @@ import os
 import stat
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def load_user_npz(path: Path) -> Dataset:
     except (*READ_ERRORS, RuntimeError) as e:  # RuntimeError: zipfile's encrypted or unsupported members
         raise DatasetError(f"could not read {path} as .npz ({type(e).__name__}: {e}); "
                            f"it needs {_NEED}") from e
-    arrays, levels = [d[s] for s in SPLITS], d.get("levels")
+    arrays, declared = [d[s] for s in SPLITS], d.get("levels")
     event = arrays[0].shape[1:]
     if len(event) not in (1, 3):
         raise DatasetError(f"{path}: split 'train' has shape {arrays[0].shape}; need {_NEED} "
@@ -45,8 +46,8 @@ def load_user_npz(path: Path) -> Dataset:
             raise DatasetError(f"{path}: split {s!r} has shape {x.shape}, expected (N, {', '.join(map(str, event))}) "
                                "like 'train'")
     rows = [x.reshape(len(x), math.prod(event)) for x in arrays]
-    image_shape = tuple(int(n) for n in event) if len(event) == 3 else None
-    levels = _levels(path, rows, levels)
+    image_shape = (int(event[0]), int(event[1]), int(event[2])) if len(event) == 3 else None
+    levels = _levels(path, rows, declared)
     if levels == 2:
         rows = [x.astype(np.uint8, copy=False) for x in rows]
     elif levels:  # grey levels 0..levels-1 scaled into [0, 1]
@@ -58,10 +59,12 @@ def load_user_npz(path: Path) -> Dataset:
             if not np.isfinite(x).all():  # finite as float64, beyond float32's range (|x| > 3.4e38)
                 raise DatasetError(f"{path}: split {s!r} has values too large for float32 (above 3.4e38); "
                                    "rescale the data")
-    return Dataset(path.stem, *rows, source=f"{path}: user-supplied dataset", levels=levels, image_shape=image_shape)
+    train, valid, test = rows
+    return Dataset(path.stem, train, valid, test, source=f"{path}: user-supplied dataset", levels=levels,
+                   image_shape=image_shape)
 
 
-def _levels(path: Path, rows: list[np.ndarray], declared) -> int | None:
+def _levels(path: Path, rows: list[np.ndarray], declared: np.ndarray | None) -> int | None:
     """The kind of values of a user's splits ([`airvae.data`][]'s docstring): 2 (binary), the number of grey
     levels, or None (real-valued); raises DatasetError for values that are none of these."""
     if declared is not None:
@@ -118,7 +121,7 @@ def _not_regular(path: Path, mode: int) -> DatasetError:
                         f"file with {_NEED}")
 
 
-def _open_regular_file(path: Path):
+def _open_regular_file(path: Path) -> BinaryIO:
     """``path`` opened for binary reading, refused unless it is a regular file (links followed): a FIFO
     would block the read forever, /dev/zero never ends, a folder has nothing to read. The check is
     on the opened file itself, so nothing can be swapped in between check and read."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -63,7 +65,8 @@ def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float =
     return betas
 
 
-def _log_densities(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor):
+def _log_densities(model: LatentVariableModel, x: torch.Tensor,
+                   z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """log p(x|z), its z-gradient, log p(z), its z-gradient (all detached)."""
     z = z.detach().requires_grad_(True)
     log_lik = conditional_log_prob(model.decoder, model.likelihood, x, z)
@@ -73,8 +76,8 @@ def _log_densities(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor)
     return log_lik.detach(), grad_lik, log_prior.detach(), grad_prior
 
 
-def _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_chains, step_size, target_accept,
-               adapt_rate) -> None:
+def _check_ais(num_intermediate: int, chains: int, leapfrog_steps: int, chunk_examples: int, tuning_chains: int,
+               step_size: float, target_accept: float, adapt_rate: float) -> None:
     for name, value in (("num_intermediate", num_intermediate), ("chains", chains),
                         ("leapfrog_steps", leapfrog_steps), ("chunk_examples", chunk_examples)):
         check_k(name, value)
@@ -88,18 +91,18 @@ def _check_ais(num_intermediate, chains, leapfrog_steps, chunk_examples, tuning_
         raise ValueError(f"invalid adapt_rate = {adapt_rate!r}: allowed a finite number >= 0")
 
 
-def _ais_settings(num_intermediate, chains, leapfrog_steps, step_size, schedule, tuning_chains, target_accept,
-                  adapt_rate, seed) -> dict:
+def _ais_settings(num_intermediate: int, chains: int, leapfrog_steps: int, step_size: float, schedule: str,
+                  tuning_chains: int, target_accept: float, adapt_rate: float, seed: int) -> dict[str, Any]:
     return {"num_intermediate": num_intermediate, "chains": chains, "leapfrog_steps": leapfrog_steps,
             "step_size": step_size, "schedule": schedule, "tuning_chains": tuning_chains,
             "target_accept": target_accept, "adapt_rate": adapt_rate, "seed": seed}
 
 
-def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_intermediate: int = 500, chains: int = 16,
-                       leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
-                       tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
-                       seed: int = 0, chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES,
-                       progress: bool = False) -> Estimate:
+def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], *,
+                       num_intermediate: int = 500, chains: int = 16, leapfrog_steps: int = 10,
+                       step_size: float = 0.1, schedule: str = "sigmoid", tuning_chains: int = 4,
+                       target_accept: float = 0.65, adapt_rate: float = 0.2, seed: int = 0,
+                       chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> Estimate:
     """Annealed importance sampling (Neal 2001) of ln p(x) with HMC transitions: not in the paper, an
     independent check of IW-SVI that never uses the encoder.
 
@@ -168,8 +171,9 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, num_inter
     return Estimate("ais", values, settings, time.perf_counter() - start_time, data_dims(model, x))
 
 
-def _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps, step_size, adaptation, seed,
-                 first_index, bar):
+def _forward_ais(model: LatentVariableModel, xb: torch.Tensor, z_dim: int, betas: list[float], chains: int,
+                 tuning_chains: int, leapfrog_steps: int, step_size: float, adaptation: tuple[float, float], seed: int,
+                 first_index: int, bar: tqdm) -> tuple[torch.Tensor, float, torch.Tensor]:
     """AIS from the prior for one chunk of examples: (ln p(x) estimates [b], sum over examples of the
     mean acceptance rate, step sizes used [T, b])."""
     b, device = xb.shape[0], xb.device
@@ -181,7 +185,9 @@ def _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps,
     return _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adaptation, bar)
 
 
-def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adaptation, bar):
+def _anneal(model: LatentVariableModel, xb: torch.Tensor, betas: list[float], z: torch.Tensor,
+            gens: list[torch.Generator], chains: int, leapfrog_steps: int, step_size: float | torch.Tensor,
+            adaptation: tuple[float, float] | None, bar: tqdm) -> tuple[torch.Tensor, float, torch.Tensor]:
     """AIS chains for a chunk of b examples along ``betas`` (increasing from the prior or, for
     BDMC's reverse chains, decreasing from the posterior), from states ``z`` [c, b, z_dim] that
     are exact samples of the first distribution. Chains ``[:chains]`` estimate; the others, if
@@ -197,17 +203,21 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
     noise = StepNoise(gens, (c, z_dim), (c,), device, dtype)  # momenta, Metropolis uniforms
     log_lik, g_lik, log_prior, g_prior = _log_densities(model, xb, z)
     log_w = torch.zeros(c, b, dtype=accumulator_dtype(device), device=device)
-    fixed = isinstance(step_size, torch.Tensor)
-    eps = torch.full((1, b, 1), step_size, dtype=dtype, device=device) if not fixed else None
+    if isinstance(step_size, torch.Tensor):  # fixed: one per transition and example, [T, b]
+        fixed: torch.Tensor | None = step_size.to(dtype)[:, None, :, None]
+        eps = torch.empty(0)  # set at each transition
+    else:
+        fixed, eps = None, torch.full((1, b, 1), step_size, dtype=dtype, device=device)
     used = torch.empty(len(betas) - 1, b, dtype=dtype, device=device)
     accept_total = torch.zeros(b, dtype=log_w.dtype, device=device)
     for t in range(1, len(betas)):
         beta = betas[t]
-        if fixed:
-            eps = step_size[t - 1].to(dtype)[None, :, None]
+        if fixed is not None:
+            eps = fixed[t - 1]  # [1, b, 1]
         used[t - 1] = eps[0, :, 0]
         log_w += (beta - betas[t - 1]) * log_lik.to(log_w.dtype)  # ln f_t(z_{t-1}) - ln f_{t-1}(z_{t-1})
         momentum, uniform = noise.next()
+        assert uniform is not None  # noise draws uniforms: it was given their shape
         # Leapfrog on U(z) = -(ln p(z) + beta ln p(x|z)) with kinetic energy |p|^2 / 2.
         p = momentum + 0.5 * eps * (g_prior + beta * g_lik)
         z_new = z
@@ -225,7 +235,8 @@ def _anneal(model, xb, betas, z, gens, chains, leapfrog_steps, step_size, adapta
         log_lik, log_prior = torch.where(accept, ll_new, log_lik), torch.where(accept, lp_new, log_prior)
         accept_prob = log_accept.exp()
         accept_total += accept_prob[:chains].to(log_w.dtype).mean(0)
-        if tuning_chains and not fixed:  # the tuning chains' acceptance only: see ais_log_likelihood
+        # The tuning chains' acceptance only (see ais_log_likelihood); step sizes not fixed come with adaptation.
+        if tuning_chains and fixed is None and adaptation is not None:
             target_accept, adapt_rate = adaptation
             rate = accept_prob[chains:].mean(0)  # [b]
             eps = (eps * torch.exp(adapt_rate * (rate - target_accept))[None, :, None]).clamp(1e-4, 10.0)
@@ -272,10 +283,11 @@ def simulate(model: LatentVariableModel, num_examples: int, *, seed: int = 0, z_
     return torch.cat(xs).to(torch.float32), z
 
 
-def bdmc(model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, *, num_intermediate: int = 500,
-         chains: int = 16, leapfrog_steps: int = 10, step_size: float = 0.1, schedule: str = "sigmoid",
-         tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2, seed: int = 0,
-         chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> tuple[Estimate, Estimate]:
+def bdmc(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], z: torch.Tensor | np.ndarray[Any, Any], *,
+         num_intermediate: int = 500, chains: int = 16, leapfrog_steps: int = 10, step_size: float = 0.1,
+         schedule: str = "sigmoid", tuning_chains: int = 4, target_accept: float = 0.65, adapt_rate: float = 0.2,
+         seed: int = 0, chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES,
+         progress: bool = False) -> tuple[Estimate, Estimate]:
     """Bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015): a sandwich
     ``lower <= ln p(x) <= upper`` per example, for data ``(x, z)`` simulated from the model
     ([`simulate`][airvae.estimators.simulate]), so that each z is an exact sample of p(z|x). In

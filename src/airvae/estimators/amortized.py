@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,8 +42,8 @@ def log_weights_from_noise(model: LatentVariableModel, x: torch.Tensor, mean: to
     return log_weights_given_q(model.decoder, x, mean, std, k=eps.shape[0], noise=eps, likelihood=model.likelihood)[0]
 
 
-def chunked_iwae(log_weights, draw, k: int, k_chunk: int, repeats: int, shape: tuple[int, ...],
-                 device: torch.device) -> torch.Tensor:
+def chunked_iwae(log_weights: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[], torch.Tensor], k: int,
+                 k_chunk: int, repeats: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """IWAE-k of a batch of examples ``shape`` (``[b]``, or ``[S, b]`` for a stacked group's runs),
     averaged over ``repeats`` sets of k samples. ``draw()`` gives one set's standard-normal draws
     ``[..., k, b, z]`` (each example from its own stream), ``log_weights(eps)`` the log weights
@@ -49,10 +52,10 @@ def chunked_iwae(log_weights, draw, k: int, k_chunk: int, repeats: int, shape: t
     total = torch.zeros(shape, dtype=accumulator_dtype(device), device=device)
     for _ in range(repeats):
         eps = draw()
-        running = None
-        for k0 in range(0, k, k_chunk):
+        running = torch.logsumexp(log_weights(eps[..., :k_chunk, :, :]).to(total.dtype), dim=-2)
+        for k0 in range(k_chunk, k, k_chunk):
             chunk = torch.logsumexp(log_weights(eps[..., k0:k0 + k_chunk, :, :]).to(total.dtype), dim=-2)
-            running = chunk if running is None else torch.logaddexp(running, chunk)
+            running = torch.logaddexp(running, chunk)
         total += running - math.log(k)
     return total / repeats
 
@@ -99,11 +102,12 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
         b = xb.shape[0]
         gens = [example_generator(seed, first_index + start + i, mb.device) for i in range(b)]
 
-        def draw(gens=gens, mb=mb):  # [k, b, z]
+        def draw(gens: list[torch.Generator] = gens, mb: torch.Tensor = mb) -> torch.Tensor:  # [k, b, z]
             return torch.stack([torch.randn(k, mb.shape[-1], generator=g, device=mb.device, dtype=mb.dtype)
                                 for g in gens], dim=1)
 
-        def log_weights(eps, xb=xb, mb=mb, sb=sb):  # [kc, b]
+        def log_weights(eps: torch.Tensor, xb: torch.Tensor = xb, mb: torch.Tensor = mb,
+                        sb: torch.Tensor = sb) -> torch.Tensor:  # [kc, b]
             return log_weights_from_noise(model, xb, mb, sb, eps)
 
         values[start:start + b] = chunked_iwae(log_weights, draw, k, k_chunk, repeats, (b,), mb.device).cpu().double()
@@ -112,8 +116,8 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
     return values
 
 
-def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 5000, *, seed: int = 0,
-                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
+def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int = 5000, *,
+                        seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
                         name: str | None = None) -> Estimate:
     """IWAE-k with the amortized (clean) encoder (eq. 40): per example,
     ``log (1/k) sum_i p(x, z_i) / q(z_i|x)`` with exactly ``k`` samples. A lower bound on ln p(x) that
@@ -137,8 +141,8 @@ def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor, k: int = 50
                     data_dims(model, x))
 
 
-def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repeats: int = 1, seed: int = 0,
-                    chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
+def amortized_bound(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int, *, repeats: int = 1,
+                    seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
     """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5) for
     k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent draws of k
     samples (a lower-variance estimate of the same expectation). ``repeats=1`` equals
@@ -162,13 +166,13 @@ def amortized_bound(model: LatentVariableModel, x: torch.Tensor, k: int, *, repe
                     time.perf_counter() - start_time, data_dims(model, x))
 
 
-def _amortized_iwae(model: LatentVariableModel, x, k: int, repeats: int, seed: int, chunk_samples: int, progress: bool,
-                    desc: str) -> torch.Tensor:
+def _amortized_iwae(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int, repeats: int,
+                    seed: int, chunk_samples: int, progress: bool, desc: str) -> torch.Tensor:
     """[`iwae_given_q`][airvae.estimators.iwae_given_q] with the clean encoder's q, the model frozen."""
     check_k("k", k)
-    x = as_input(model, x)
+    examples = as_input(model, x)
     with frozen(model):
-        mean, std = encode_all(model, x)
-        with tqdm(total=x.shape[0], desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-            return iwae_given_q(model, x, mean, std, k, repeats=repeats, seed=seed,
+        mean, std = encode_all(model, examples)
+        with tqdm(total=examples.shape[0], desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+            return iwae_given_q(model, examples, mean, std, k, repeats=repeats, seed=seed,
                                 chunk_samples=chunk_samples, bar=bar)

@@ -12,9 +12,10 @@ and the simulation of data from the model use their own streams.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ DEFAULT_CHUNK_SAMPLES = 8192
 # Random streams per example (see the module docstring).
 STREAM_SCORE, STREAM_SVI, STREAM_AIS, STREAM_BDMC_REVERSE, STREAM_SIMULATE = 0, 1, 2, 3, 4
 NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per example (bounded memory)
+
+# A model, or any other module: what frozen() holds.
+M = TypeVar("M", bound="torch.nn.Module | LatentVariableModel")
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Estimate:
 
     name: str
     values: torch.Tensor  # [n] float64, on CPU
-    settings: dict = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     dims: int | None = None  # data dimensions per example, for bits/dim
     # True for a difference of log-likelihoods (the inference gap): its bits/dim keep its sign
@@ -71,11 +75,11 @@ class Estimate:
         n = self.values.numel()
         return float(self.values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
-    def to_dict(self, per_example: bool = True) -> dict:
+    def to_dict(self, per_example: bool = True) -> dict[str, Any]:
         """A JSON-ready summary: name, settings, mean, stderr, n, seconds and dims, with the per-example
         ``values`` unless ``per_example`` is False.
         """
-        out = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
+        out: dict[str, Any] = {"name": self.name, "settings": self.settings, "mean": self.mean, "stderr": self.stderr,
                "n": self.values.numel(), "seconds": self.seconds, "dims": self.dims}
         if self.difference:  # only then: the records of the other estimates keep their keys
             out["difference"] = True
@@ -84,7 +88,7 @@ class Estimate:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> Estimate:
+    def from_dict(cls, d: dict[str, Any]) -> Estimate:
         """Inverse of [`to_dict`][airvae.estimators.Estimate.to_dict] (needs the per-example values). A
         ``gap`` stored before records said ``difference`` is read as the difference it is."""
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
@@ -133,11 +137,12 @@ class StepNoise:
     """
 
     def __init__(self, generators: list[torch.Generator], normal_shape: tuple[int, ...],
-                 uniform_shape: tuple[int, ...] | None, device, dtype):
+                 uniform_shape: tuple[int, ...] | None, device: torch.device, dtype: torch.dtype) -> None:
         self.gens, self.normal_shape, self.uniform_shape = generators, normal_shape, uniform_shape
         self.device, self.dtype = device, dtype
-        self._normal = self._uniform = None
-        self._pos = NOISE_BLOCK
+        self._normal: torch.Tensor = torch.empty(0)  # [block, n0, b, ...], drawn by the first next()
+        self._uniform: torch.Tensor | None = None
+        self._pos = NOISE_BLOCK  # the block is used up
 
     def _refill(self) -> None:
         normals, uniforms = [], []
@@ -163,13 +168,13 @@ class StepNoise:
 # The model: checks, inputs, latent size, freezing, encoding
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module | LatentVariableModel) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def check_model(model) -> None:
+def check_model(model: object) -> None:
     """A clear error for a model that does not follow [`airvae.model.LatentVariableModel`][]."""
     missing = [name for name in ("encode", "decoder", "likelihood") if not hasattr(model, name)]
     if not isinstance(model, torch.nn.Module) or missing or not isinstance(model.likelihood, Likelihood):
@@ -181,16 +186,16 @@ def check_model(model) -> None:
                         "likelihood attribute (e.g. airvae.Bernoulli()); see airvae.model.LatentVariableModel")
 
 
-def as_input(model: torch.nn.Module, x) -> torch.Tensor:
+def as_input(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any]) -> torch.Tensor:
     """``x`` (tensor or array of any dtype) as float32 on the model's device, after checking that the
     model follows the protocol and that its likelihood can score x."""
     check_model(model)
-    x = torch.as_tensor(x).to(device=model_device(model), dtype=torch.float32)
-    model.likelihood.validate(x)
-    return x
+    examples = torch.as_tensor(x).to(device=model_device(model), dtype=torch.float32)
+    model.likelihood.validate(examples)
+    return examples
 
 
-def data_dims(model: LatentVariableModel, x) -> int | None:
+def data_dims(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any] | Sequence[Any]) -> int | None:
     """Data dimensions per example of ``x``, for bits/dim; None where bits/dim mean nothing (a density
     over real values, not a probability of discrete data).
 
@@ -201,7 +206,7 @@ def data_dims(model: LatentVariableModel, x) -> int | None:
     return math.prod(np.shape(x)[1:]) if getattr(model.likelihood, "discrete", True) else None
 
 
-def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int:
+def latent_dim(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any] | None = None) -> int:
     """The latent size: ``model.z_dim``, else ``model.decoder.z_dim``, else the width of the
     encoder's mean for the first example of ``x``."""
     for owner in (model, model.decoder):
@@ -216,7 +221,7 @@ def latent_dim(model: LatentVariableModel, x: torch.Tensor | None = None) -> int
 
 
 @contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def frozen(model: M) -> Iterator[M]:
     """Eval mode and ``requires_grad=False`` on every parameter, restored on exit.
 
     Per-example optimization (IW-SVI) and HMC (AIS) differentiate with respect to q's parameters

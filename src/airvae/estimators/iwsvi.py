@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -42,8 +45,9 @@ DEFAULT_SVI_LR = 1e-2
 DEFAULT_SVI_LR_DECAY = 1.0
 
 
-def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor, *, l: int = 8, steps: int = 3000,  # noqa: E741
-               lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
+def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], *,
+               l: int = 8, steps: int = 3000, lr: float = DEFAULT_SVI_LR,  # noqa: E741
+               lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
                chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES, first_index: int = 0,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q*_{x,l} of eq. 42 for every example: a Gaussian q fitted to each example on its IWAE-l bound.
@@ -77,16 +81,16 @@ def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor, *, l: int = 8, steps
         raise ValueError(f"invalid lr = {lr!r}: allowed a finite number > 0")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"invalid lr_decay = {lr_decay!r}: allowed (0, 1]")
-    x = as_input(model, x)
-    n = x.shape[0]
+    examples = as_input(model, x)
+    n = examples.shape[0]
     means, stds = [], []
     bar = tqdm(total=n * steps, desc=f"IW-SVI fit (l={l}, T={steps})", unit="ex-step", unit_scale=True,
                disable=not progress or steps == 0, leave=False)
     try:
         with frozen(model):
-            mean0, std0 = encode_all(model, x)
+            mean0, std0 = encode_all(model, examples)
             for start in range(0, n, chunk_examples):
-                xb = x[start:start + chunk_examples]
+                xb = examples[start:start + chunk_examples]
                 m0, s0 = mean0[start:start + chunk_examples], std0[start:start + chunk_examples]
                 m, s = _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index + start, bar)
                 means.append(m)
@@ -96,7 +100,9 @@ def fit_iw_svi(model: LatentVariableModel, x: torch.Tensor, *, l: int = 8, steps
     return torch.cat(means), torch.cat(stds)
 
 
-def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar):  # noqa: E741
+def _fit_chunk(model: LatentVariableModel, xb: torch.Tensor, m0: torch.Tensor, s0: torch.Tensor, l: int,  # noqa: E741
+               steps: int, lr: float, lr_decay: float, seed: int, first_index: int,
+               bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
     if steps == 0:
         return m0, s0
     b = xb.shape[0]
@@ -106,8 +112,10 @@ def _fit_chunk(model, xb, m0, s0, l, steps, lr, lr_decay, seed, first_index, bar
                           steps=steps, lr=lr, lr_decay=lr_decay, on_step=lambda: bar.update(b))
 
 
-def fit_gaussian_q(m0: torch.Tensor, s0: torch.Tensor, log_weights, noise: StepNoise, *, steps: int, lr: float,
-                   lr_decay: float, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_gaussian_q(m0: torch.Tensor, s0: torch.Tensor,
+                   log_weights: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], noise: StepNoise,
+                   *, steps: int, lr: float, lr_decay: float,
+                   on_step: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """IW-SVI's optimization (eq. 42) for a batch of examples: Adam on each example's (mean, log std),
     from the encoder's q, maximizing the sum of their IWAE-l bounds, with the learning rate decayed
     geometrically from ``lr`` to ``lr * lr_decay``. A diverged example falls back to its encoder q.
@@ -149,9 +157,10 @@ def fit_gaussian_q(m0: torch.Tensor, s0: torch.Tensor, log_weights, noise: StepN
     return torch.where(bad[..., None], m0, mu), torch.where(bad[..., None], s0, std)
 
 
-def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int = 5000, l: int = 8,  # noqa: E741
-                          steps: int = 3000, lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY,
-                          seed: int = 0, chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
+def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], *, k: int = 5000,
+                          l: int = 8, steps: int = 3000, lr: float = DEFAULT_SVI_LR,  # noqa: E741
+                          lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
+                          chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
                           chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
     """IW-SVI (appendix C, eq. 41-42), the paper's estimator of ln p(x): fit a Gaussian q per example
     on IWAE-l for ``steps`` Adam steps ([`fit_iw_svi`][airvae.estimators.fit_iw_svi]), then score it
@@ -180,11 +189,11 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor, *, k: int
     """
     check_k("k", k)
     start_time = time.perf_counter()
-    x = as_input(model, x)
-    mean, std = fit_iw_svi(model, x, l=l, steps=steps, lr=lr, lr_decay=lr_decay, seed=seed,
+    examples = as_input(model, x)
+    mean, std = fit_iw_svi(model, examples, l=l, steps=steps, lr=lr, lr_decay=lr_decay, seed=seed,
                            chunk_examples=chunk_examples, progress=progress)
-    with frozen(model), tqdm(total=x.shape[0], desc=f"IW-SVI score (k={k})", unit="ex",
+    with frozen(model), tqdm(total=examples.shape[0], desc=f"IW-SVI score (k={k})", unit="ex",
                              disable=not progress, leave=False) as bar:
-        values = iwae_given_q(model, x, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
+        values = iwae_given_q(model, examples, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
     settings = {"k": k, "l": l, "steps": steps, "lr": lr, "lr_decay": lr_decay, "seed": seed}
-    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, data_dims(model, x))
+    return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, data_dims(model, examples))

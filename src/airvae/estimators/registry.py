@@ -9,7 +9,8 @@ instead of choosing by name. This module depends on the estimator functions only
 sizes ([`Footprint`][airvae.estimators.registry.Footprint]) and of a stacked group
 ([`StackedRuns`][airvae.estimators.registry.StackedRuns]) those callers pass in, so it imports none of them.
 
-``settings`` is an [`airvae.evaluation.EvaluationSettings`][] throughout.
+``settings`` is an [`airvae.evaluation.EvaluationSettings`][] throughout (what the estimators read of it:
+[`EstimatorSettings`][airvae.estimators.registry.EstimatorSettings]).
 """
 
 from __future__ import annotations
@@ -19,14 +20,43 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from ..model import LatentVariableModel
 from .ais import ais_log_likelihood, bdmc, simulate
 from .amortized import amortized_bound, iwae_log_likelihood
 from .common import NOISE_BLOCK, Estimate, latent_dim
 from .gap import inference_gap
 from .iwsvi import iw_svi_log_likelihood
+
+
+class EstimatorSettings(Protocol):
+    """What the estimators read of an evaluation's settings: the fields of
+    [`EvaluationSettings`][airvae.evaluation.EvaluationSettings], which follows this protocol."""
+
+    estimators: tuple[str, ...]
+    bound_k: int | None
+    bound_repeats: int
+    k_iwae: int
+    svi_k: int
+    svi_l: int
+    svi_steps: int
+    svi_lr: float
+    svi_lr_decay: float
+    ais_intermediate: int
+    ais_chains: int
+    ais_leapfrog: int
+    ais_step_size: float
+    ais_schedule: str
+    ais_tuning_chains: int
+    bdmc_examples: int
+    seed: int
+    chunk_samples: int
+    svi_chunk_examples: int
+    ais_chunk_examples: int
 
 
 @dataclass(frozen=True)
@@ -76,57 +106,58 @@ class Estimator(ABC):
     stacked: Callable[..., list[Estimate]] | None = None
 
     @abstractmethod
-    def cost(self, settings, examples: int, bound_k: int | None) -> int:
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         """Latents the decoder sees when this estimator evaluates ``examples`` examples: the size
         of the work (``bound_k``: the training k, unless ``settings.bound_k``)."""
 
     @abstractmethod
-    def memory(self, footprint: Footprint, settings, examples: int) -> dict[str, int]:
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         """Bytes at this estimator's peak on ``examples`` examples, by named part (estimators run one
         after the other, so an evaluation needs the largest part of any)."""
 
     @abstractmethod
-    def single(self, model, x: torch.Tensor, settings, *, bound_k: int | None, progress: bool,
-               done: dict[str, Estimate]) -> dict[str, Estimate]:
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         """The estimates it adds for ``model`` on the examples ``x``, by name (``done``: those
         computed so far, which include its ``needs``)."""
 
 
-def _training_k(settings, bound_k: int | None) -> int | None:
+def _training_k(settings: EstimatorSettings, bound_k: int | None) -> int | None:
     return settings.bound_k or bound_k
 
 
-def _svi_latents(settings) -> int:
+def _svi_latents(settings: EstimatorSettings) -> int:
     """Latents IW-SVI decodes per example: the fit's l per step, forward and backward, then k."""
     return settings.svi_k + 2 * settings.svi_steps * settings.svi_l
 
 
-def _ais_latents(settings) -> int:
+def _ais_latents(settings: EstimatorSettings) -> int:
     """Latents one AIS run decodes per example: every leapfrog step of every chain, with its gradient."""
     return 2 * settings.ais_intermediate * settings.ais_chains * settings.ais_leapfrog
 
 
-def _ais_floats(footprint: Footprint, settings, examples: int) -> int:
+def _ais_floats(footprint: Footprint, settings: EstimatorSettings, examples: int) -> int:
     """Floats of one AIS chunk: each chain's state with its gradients, and blocks of per-step draws."""
     chains = settings.ais_chains + settings.ais_tuning_chains
     per_example = chains * (2 * footprint.row + NOISE_BLOCK * (footprint.z_dim + 1))
     return 2 * min(examples, settings.ais_chunk_examples) * per_example
 
 
-def _svi_kwargs(settings, progress: bool) -> dict:
+def _svi_kwargs(settings: EstimatorSettings, progress: bool) -> dict[str, Any]:
     return dict(k=settings.svi_k, l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
                 lr_decay=settings.svi_lr_decay, seed=settings.seed, chunk_examples=settings.svi_chunk_examples,
                 chunk_samples=settings.chunk_samples, progress=progress)
 
 
-def _ais_kwargs(settings, progress: bool) -> dict:
+def _ais_kwargs(settings: EstimatorSettings, progress: bool) -> dict[str, Any]:
     return dict(num_intermediate=settings.ais_intermediate, chains=settings.ais_chains,
                 leapfrog_steps=settings.ais_leapfrog, step_size=settings.ais_step_size,
                 schedule=settings.ais_schedule, tuning_chains=settings.ais_tuning_chains, seed=settings.seed,
                 chunk_examples=settings.ais_chunk_examples, progress=progress)
 
 
-def _per_run(runs: StackedRuns, compute: Callable[[], torch.Tensor], name: str, settings: dict) -> list[Estimate]:
+def _per_run(runs: StackedRuns, compute: Callable[[], torch.Tensor], name: str,
+             settings: dict[str, Any]) -> list[Estimate]:
     """``compute()``'s values ``[size, n]`` as one Estimate per run, each charged its share of the time;
     ``name`` and ``settings`` are those the single-model estimator records."""
     started = time.perf_counter()
@@ -143,21 +174,23 @@ class Bound(Estimator):
     name = "bound"
     meaning = "L_k(x), the model's own training bound with the clean encoder (eq. 5 for k = 1, eq. 20)"
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         return examples * (_training_k(settings, bound_k) or 1) * settings.bound_repeats
 
-    def memory(self, footprint, settings, examples):
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         k = settings.bound_k or footprint.training_k
         return {"the amortized bound": footprint.iwae(k, examples, settings.chunk_samples)}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         k = _training_k(settings, bound_k)
         if k is None:
             raise ValueError("estimator 'bound' needs the training k: pass bound_k or set settings.bound_k")
         return {"bound": amortized_bound(model, x, k, repeats=settings.bound_repeats, seed=settings.seed,
                                          chunk_samples=settings.chunk_samples, progress=progress)}
 
-    def stacked(self, runs, settings, bound_k, done):
+    def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
+                done: list[dict[str, Estimate]]) -> list[Estimate]:
         k = _training_k(settings, bound_k)
         return _per_run(runs, lambda: runs.iwae(k, repeats=settings.bound_repeats), f"bound-{k}",
                         {"k": k, "repeats": settings.bound_repeats, "seed": settings.seed})
@@ -170,17 +203,19 @@ class Iwae(Estimator):
     name = "iwae"
     meaning = "IWAE-k with the amortized encoder's q (eq. 40): scores encoder and decoder together"
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         return examples * settings.k_iwae
 
-    def memory(self, footprint, settings, examples):
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         return {f"IWAE-{settings.k_iwae:,}": footprint.iwae(settings.k_iwae, examples, settings.chunk_samples)}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         return {"iwae": iwae_log_likelihood(model, x, settings.k_iwae, seed=settings.seed,
                                             chunk_samples=settings.chunk_samples, progress=progress)}
 
-    def stacked(self, runs, settings, bound_k, done):
+    def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
+                done: list[dict[str, Estimate]]) -> list[Estimate]:
         return _per_run(runs, lambda: runs.iwae(settings.k_iwae), f"iwae-{settings.k_iwae}",
                         {"k": settings.k_iwae, "seed": settings.seed})
 
@@ -192,19 +227,21 @@ class IwSvi(Estimator):
     name = "iwsvi"
     meaning = "ln p(x) by IW-SVI (eq. 41-42): a Gaussian q fitted to each example, scored with IWAE-k"
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         return examples * _svi_latents(settings)
 
-    def memory(self, footprint, settings, examples):
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         fit = footprint.float_bytes * 2 * min(examples, settings.svi_chunk_examples) * settings.svi_l * footprint.row
         score = footprint.iwae(settings.svi_k, examples, settings.chunk_samples)
         return {f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})": max(fit, score)}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         return {"iwsvi": iw_svi_log_likelihood(model, x, **_svi_kwargs(settings, progress))}
 
-    def stacked(self, runs, settings, bound_k, done):
-        def compute():
+    def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
+                done: list[dict[str, Estimate]]) -> list[Estimate]:
+        def compute() -> torch.Tensor:
             q = runs.fit_iw_svi(l=settings.svi_l, steps=settings.svi_steps, lr=settings.svi_lr,
                                 lr_decay=settings.svi_lr_decay, seed=settings.seed,
                                 chunk_examples=settings.svi_chunk_examples)
@@ -222,14 +259,15 @@ class Ais(Estimator):
     name = "ais"
     meaning = "ln p(x) by annealed importance sampling with HMC, from the prior, without the encoder"
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         return examples * _ais_latents(settings)
 
-    def memory(self, footprint, settings, examples):
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         chains = settings.ais_chains + settings.ais_tuning_chains
         return {f"AIS with {chains:,} chains": footprint.float_bytes * _ais_floats(footprint, settings, examples)}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         return {"ais": ais_log_likelihood(model, x, **_ais_kwargs(settings, progress))}
 
 
@@ -242,16 +280,18 @@ class Gap(Estimator):
     meaning = "Delta_inf = ln p(x) [IW-SVI] - L_k"
     needs = ("bound", "iwsvi")
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         return 0
 
-    def memory(self, footprint, settings, examples):
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         return {}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         return {"gap": self._compose(done)}
 
-    def stacked(self, runs, settings, bound_k, done):
+    def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
+                done: list[dict[str, Estimate]]) -> list[Estimate]:
         return [self._compose(estimates) for estimates in done]
 
     @staticmethod
@@ -269,18 +309,20 @@ class Bdmc(Estimator):
     name = "bdmc"
     meaning = "the sandwich lower <= ln p(x) <= upper, by forward and reverse AIS on data simulated from the model"
 
-    def cost(self, settings, examples, bound_k):
+    def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         """On ``settings.bdmc_examples`` simulated examples whatever ``examples``: forward and reverse
         AIS, and IW-SVI when it is chosen too."""
         per_example = 2 * _ais_latents(settings) + (_svi_latents(settings) if "iwsvi" in settings.estimators else 0)
         return settings.bdmc_examples * per_example
 
-    def memory(self, footprint, settings, examples):  # forward and reverse AIS, one after the other
+    def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
+        # forward and reverse AIS, one after the other
         chains = settings.ais_chains + settings.ais_tuning_chains
         return {f"BDMC with {chains:,} chains":
                 footprint.float_bytes * _ais_floats(footprint, settings, settings.bdmc_examples)}
 
-    def single(self, model, x, settings, *, bound_k, progress, done):
+    def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
         """``bdmc_lower`` and ``bdmc_upper`` on ``settings.bdmc_examples`` examples simulated from the
         model (the AIS settings); with ``iwsvi`` chosen, ``bdmc_iwsvi`` on them too, so that IW-SVI's
         slack there is known."""

@@ -183,7 +183,12 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
         raise ValueError(f"evaluate_group batches {', '.join(STACKED_ESTIMATORS)} only, not {settings.estimators}")
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    cfgs = [load_config(run_dir) for run_dir in run_dirs]  # everything checked before models are loaded
+    cfgs: list[RunConfig] = []  # everything checked before models are loaded
+    for run_dir in run_dirs:
+        cfg = load_config(run_dir)
+        if not isinstance(cfg, RunConfig):  # a FitConfig: a researcher's own model, which no group stacks
+            raise ValueError(f"evaluate_group: {run_dir} trained a model of your own; evaluate it with evaluate_run")
+        cfgs.append(cfg)
     if len({evaluation_key(cfg, settings) for cfg in cfgs}) != 1:
         raise ValueError("evaluate_group: the runs do not share a dataset, an architecture and a training k")
     dataset = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, progress=progress)
@@ -202,7 +207,9 @@ def evaluate_group(run_dirs: list[Path], settings, *, progress: bool = False) ->
                        fit_iw_svi=partial(stacked_fit_iw_svi, group, rows, x))
     done: list[dict] = [{} for _ in rows]  # each run's estimates, in canonical order
     for name in settings.estimators:
-        for estimates, estimate in zip(done, REGISTRY[name].stacked(runs, settings, cfgs[0].k, done), strict=True):
+        stacked = REGISTRY[name].stacked
+        assert stacked is not None  # settings.estimators are among the STACKED_ESTIMATORS (checked above)
+        for estimates, estimate in zip(done, stacked(runs, settings, cfgs[0].k, done), strict=True):
             estimates[name] = estimate
     return [store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=len(split),
                              device=device, digest=digest, data_digest=data_digest,

@@ -57,8 +57,10 @@ class StackedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * params[0].shape[0]
         self.fused = bool(fast_adam_options(params[0].device))
-        self._counts, self._counted = None, None  # the kernel's step tensors (kept on the device)
-        self._idle, self._idle_index = None, None  # the runs sitting out, as a device index tensor
+        self._counts: list[torch.Tensor] | None = None  # the kernel's step tensors (kept on the device)
+        self._counted: int | None = None  # the step they count
+        self._idle: list[int] | None = None  # the runs sitting out,
+        self._idle_index: torch.Tensor | None = None  # as a device index tensor
 
     def step(self, lr: float, active: list[bool]) -> None:
         """One Adam step at learning rate ``lr`` for the runs whose ``active`` flag is set.
@@ -70,23 +72,29 @@ class StackedAdam:
         if len(steps) != 1:
             raise ValueError(f"StackedAdam: the active runs must be at one step, not {sorted(steps)}")
         (step,) = steps
-        if self._counted != step:  # the kernel increments these itself
+        if self._counts is None or self._counted != step:  # the kernel increments these itself
             device = self.params[0].device if self.fused else "cpu"
             self._counts = [torch.tensor(float(step), device=device) for _ in self.params]
         idle = [r for r, a in enumerate(active) if not a]
         if idle and idle != self._idle:  # an index tensor on the device: no host sync per step
             self._idle, self._idle_index = idle, torch.tensor(idle, device=self.params[0].device)
+        idle_index = self._idle_index if idle else None  # this step's runs sitting out
         tensors = [t for trio in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True) for t in trio]
         with torch.no_grad():
-            kept = [t.index_select(0, self._idle_index) for t in tensors] if idle else None
-            torch_adam(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
+            kept = [t.index_select(0, idle_index) for t in tensors] if idle_index is not None else []
+            torch_adam(self.params, [_grad(p) for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._counts,
                        fused=self.fused, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr, weight_decay=0.0,
                        eps=ADAM_EPS, maximize=False)
-            if kept is not None:  # the runs sitting out get back exactly what they had
+            if idle_index is not None:  # the runs sitting out get back exactly what they had
                 for t, old in zip(tensors, kept, strict=True):
-                    t.index_copy_(0, self._idle_index, old)
+                    t.index_copy_(0, idle_index, old)
         self._counted = step + 1
         self.steps = [s + 1 if a else s for s, a in zip(self.steps, active, strict=True)]
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    assert leaf.grad is not None, "backward sets the gradient of every stacked leaf"
+    return leaf.grad
 
 
 # ----------------------------------------------------------------------------------------------

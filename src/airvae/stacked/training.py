@@ -19,7 +19,7 @@ from ..estimators import DEFAULT_CHUNK_SAMPLES
 from ..model import denoising_parts, model_from_config
 from ..objectives import Denoising, draw_step, seen_input
 from ..runs import LAST, RunError, RunLock, check_run_dir_use, check_unlocked, load_checkpoint, open_run_dir
-from ..tracking import choose_sinks
+from ..tracking import TrackingSettings, choose_sinks
 from ..train import check_training_inputs
 from .evaluation import stacked_iwae
 from .group import StackedAdam, StackedModel, adam_state_dict, group_key, load_adam_state, stacked_objectives
@@ -41,7 +41,7 @@ class Member:
 
     cfg: RunConfig
     run_dir: Path
-    tracking: object = None
+    tracking: TrackingSettings | None = None
 
 
 def train_group(members: list[Member], dataset, *, progress: bool = True,
@@ -239,7 +239,7 @@ class _GroupDraws:
             source = drawn.setdefault(key, r)
             if source != r:  # the same stream at the same position: the same numbers
                 noise[r], eps[r] = noise[source], eps[source]
-                if self.two:
+                if eps_clean is not None:  # self.two
                     eps_clean[r] = eps_clean[source]
                 g.set_state(self.generators[source].get_state())
                 continue
@@ -248,7 +248,8 @@ class _GroupDraws:
             if d.noise is not None:
                 noise[r] = d.noise
             eps[r] = d.eps
-            if self.two:
+            if eps_clean is not None:  # self.two: every run of the group draws eps_clean
+                assert d.eps_clean is not None
                 eps_clean[r] = d.eps_clean
         return seen_input(x, self.sigma, noise), eps, eps_clean
 
