@@ -24,7 +24,9 @@ import airvae.sweep
 from airvae import bundle
 from airvae.bundle import limits, read, write
 from airvae.cli import main
-from airvae.runs import BEST_WEIGHTS, RunLock, RunLocked, check_clearable, load_trained_model
+from airvae.files import RunLocked
+from airvae.locks import RunLock
+from airvae.runs import BEST_WEIGHTS, check_clearable, load_trained_model
 
 RUN = "runs/tiny/k1-m1/denoise-0.5-5/seed0"
 # The reproduction's own test evaluation (EVALUATION_BUDGETS["smoke"]).
@@ -97,7 +99,7 @@ def test_a_bundle_of_one_run_loads_in_one_line(reproduction, bundled, tmp_path, 
     assert all(torch.equal(model.state_dict()[n], t) for n, t in reference.state_dict().items())
     assert main(["bundle", str(reproduction / RUN), "--out", str(archive)]) == 2  # never overwritten
     assert "already exists" in one_error_line(capsys)
-    with pytest.raises(airvae.runs.RunError, match="holds 4 runs; load one of them"):
+    with pytest.raises(airvae.files.RunError, match="holds 4 runs; load one of them"):
         airvae.load(bundled)
 
 
@@ -275,7 +277,7 @@ def test_a_hostile_bundle_is_refused_in_one_line_and_nothing_is_extracted(tmp_pa
         assert main(argv) == 2
         err = one_error_line(capsys)
         assert "refused" in err and why in err and str(archive) in err
-    with pytest.raises(airvae.runs.RunError, match=why):
+    with pytest.raises(airvae.files.RunError, match=why):
         airvae.load(archive)
     # Extracted as named, an escaping entry would land in the cache's folders, at an absolute path under
     # tmp_path, or (backslashes) as one odd file name: nowhere is there such a file.
@@ -287,7 +289,7 @@ def test_a_zip_archive_without_the_marker_is_no_bundle(tmp_path, monkeypatch, ca
     archive = hostile(tmp_path, "runs/x/config.json", marker=False)
     assert main(["evaluate", f"{archive}/runs/x", "--no-progress"]) == 2
     assert "is a zip archive but not an airvae bundle (airvae-bundle.json is missing)" in one_error_line(capsys)
-    with pytest.raises(airvae.runs.RunError, match="refused: it has no airvae-bundle.json"):
+    with pytest.raises(airvae.files.RunError, match="refused: it has no airvae-bundle.json"):
         bundle.extract(archive)  # called directly, the same check
     assert not list((tmp_path / "cache").rglob("*"))
 
@@ -342,7 +344,7 @@ def test_a_manifest_naming_a_run_outside_the_bundle_is_refused(reproduction, bun
     err = one_error_line(capsys)
     assert str(archive) in err and "invalid seed" in err and "manifest.json" in err
     assert not (victim / "plots").exists()  # nothing was drawn into it
-    with pytest.raises(airvae.runs.RunError, match="invalid seed"):
+    with pytest.raises(airvae.files.RunError, match="invalid seed"):
         bundle.extract(archive)
 
 
@@ -565,7 +567,7 @@ def _read_only(patch: pytest.MonkeyPatch) -> None:
 
     from airvae.files import write_error
 
-    open_lock = airvae.runs._open_lock
+    open_lock = airvae.locks._open_lock
 
     def refused(path, write):
         if write:
@@ -573,7 +575,7 @@ def _read_only(patch: pytest.MonkeyPatch) -> None:
             raise write_error(Path(path), error) from error
         return open_lock(path, write)
 
-    patch.setattr(airvae.runs, "_open_lock", refused)
+    patch.setattr(airvae.locks, "_open_lock", refused)
 
 
 def test_a_read_only_source_is_bundled_without_its_lock(reproduction, tmp_path, monkeypatch, capsys):
@@ -600,7 +602,7 @@ def test_a_read_only_source_is_bundled_without_its_lock(reproduction, tmp_path, 
     def full(path, write):
         raise airvae.files.write_error(Path(path), OSError(errno.ENOSPC, "No space left on device"))
 
-    monkeypatch.setattr(airvae.runs, "_open_lock", full)
+    monkeypatch.setattr(airvae.locks, "_open_lock", full)
     assert main(["bundle", str(results / RUN), "--out", str(tmp_path / "full.zip")]) == 2
     assert "No space left on device" in one_error_line(capsys)
 

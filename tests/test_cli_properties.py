@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import airvae.evaluation
+import airvae.iwsvi_study
 import airvae.reproduce
 import airvae.sweep
 import airvae.train
@@ -78,8 +79,8 @@ def stubs(monkeypatch):
     monkeypatch.setattr(airvae.train, "_train_locked",
                         lambda cfg, run_dir, *args: TrainResult(run_dir, "completed", 0, None, None, 0.0))
     monkeypatch.setattr(airvae.evaluation, "evaluate_model", lambda *args, **kwargs: {})
-    monkeypatch.setattr(airvae.evaluation, "iwsvi_vs_iwae_study", lambda *args, **kwargs: {})
-    monkeypatch.setattr(airvae.evaluation, "_write_figure3", lambda data, out_dir: None)
+    monkeypatch.setattr(airvae.iwsvi_study, "iwsvi_vs_iwae_study", lambda *args, **kwargs: {})
+    monkeypatch.setattr(airvae.iwsvi_study, "_write_figure3", lambda data, out_dir: None)
 
     def fake_run_tasks(tasks, executor, log_path=None, progress=True, desc="runs"):
         return [{"job": airvae.sweep.asdict(t.job), "name": t.job.name, "status": "ok", "trained": False,

@@ -5,9 +5,10 @@ and evaluation keeps fp32 products (TF32 stays off)."""
 import pytest
 import torch
 
+from airvae.checkpoints import load_checkpoint
 from airvae.estimators import iwae_log_likelihood
 from airvae.model import build_vae
-from airvae.runs import LAST, load_checkpoint
+from airvae.runs import LAST
 from airvae.stacked import StackedModel, stacked_objectives
 from airvae.stacked.training import _compiled
 from airvae.train import train

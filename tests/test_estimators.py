@@ -27,14 +27,8 @@ from airvae.estimators import (
     resolve_device,
     simulate,
 )
-from airvae.evaluation import (
-    EvaluationSettings,
-    evaluate_model,
-    evaluate_run,
-    format_table,
-    iwsvi_vs_iwae_study,
-    stored_evaluation,
-)
+from airvae.evaluation import EvaluationSettings, evaluate_model, evaluate_run, format_table, stored_evaluation
+from airvae.iwsvi_study import iwsvi_vs_iwae_study
 
 
 @pytest.fixture(scope="module")

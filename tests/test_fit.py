@@ -13,9 +13,12 @@ from test_safety import Killed, one_error_line
 
 import airvae
 import airvae.driver as driver
+from airvae.checkpoints import load_checkpoint
 from airvae.cli import main
 from airvae.data import Dataset
-from airvae.runs import LAST, RunError, RunLock, RunLocked, load_checkpoint
+from airvae.files import RunError, RunLocked
+from airvae.locks import RunLock
+from airvae.runs import LAST
 from airvae.tracking import TrackingSettings
 
 MODULE = textwrap.dedent('''

@@ -12,13 +12,13 @@ import pytest
 import torch
 from test_safety import one_error_line, train_args, write_npz
 
-from airvae import runs
+from airvae import checkpoints, files, locks, runs
 from airvae._torch_floor import check_torch
 from airvae.cli import main
 from airvae.config import MAX_LR, MAX_NORM, MAX_SIGMA, ConfigError, Regularizer, h_from_ten_over_h
 from airvae.evaluation import EvaluationSettings
-from airvae.files import atomic_write_bytes, real_folder
-from airvae.runs import LAST, LinkRefused, RunError
+from airvae.files import LinkRefused, RunError, atomic_write_bytes, real_folder
+from airvae.runs import LAST
 
 FAST_EVAL = ["--estimators", "bound,iwsvi,gap", "--k", "8", "--svi-k", "8", "--svi-l", "2", "--svi-steps", "2",
              "--max-examples", "8", "--no-progress", "--device", "cpu"]
@@ -93,7 +93,7 @@ def test_report_refuses_a_linked_report_and_waits_for_no_reproduction(tmp_path, 
     assert main(["report", str(out)]) == 2
     assert "REPORT.md" in one_error_line(capsys)
     (out / "REPORT.md").unlink()
-    with runs.RunLock(out):  # a reproduction is writing the folder
+    with locks.RunLock(out):  # a reproduction is writing the folder
         assert main(["report", str(out)]) == 2
     assert "being written by another airvae process" in one_error_line(capsys)
     assert not (out / "REPORT.md").exists()
@@ -149,7 +149,7 @@ def test_evaluate_refuses_data_that_changed_since_training_cached_or_not(trained
 def test_resuming_from_a_malformed_checkpoint_is_refused_and_leaves_a_true_status(trained, capsys, damage):
     data, run = trained
     summary = json.loads((run / "summary.json").read_text())
-    saved = runs.load_checkpoint(run / LAST)
+    saved = checkpoints.load_checkpoint(run / LAST)
     if damage == "shapes":
         saved["model"] = {name: torch.zeros(3) for name in saved["model"]}
     elif damage == "optimizer":
@@ -158,7 +158,7 @@ def test_resuming_from_a_malformed_checkpoint_is_refused_and_leaves_a_true_statu
         del saved["state"]
     else:
         saved["state"]["step"] = 10**9
-    runs.save_checkpoint(run / LAST, saved)
+    checkpoints.save_checkpoint(run / LAST, saved)
     capsys.readouterr()
     assert main(train_args(data, run, "--resume")) == 2
     err = one_error_line(capsys)
@@ -187,7 +187,7 @@ def test_evaluate_checks_that_it_can_write_before_it_computes(trained, capsys, m
     import airvae.evaluation as evaluation
 
     def unwritable(folder, root=None):
-        raise runs.RunIOError(f"could not write {folder}: Read-only file system; make the folder writable")
+        raise files.RunIOError(f"could not write {folder}: Read-only file system; make the folder writable")
 
     computed = []
     monkeypatch.setattr(evaluation, "check_writable", unwritable)
@@ -317,7 +317,7 @@ def test_a_dataset_path_that_is_not_a_regular_file_is_named_so(tmp_path, capsys)
 
 
 def test_write_errors_of_evaluate_do_not_advise_resuming_training(tmp_path):
-    error = runs.write_error(tmp_path / "x.json", OSError(28, "No space left on device"))
+    error = files.write_error(tmp_path / "x.json", OSError(28, "No space left on device"))
     assert "free some disk space" in str(error) and "--resume" not in str(error)
 
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from airvae import runs
+from airvae import files, locks, runs
+from airvae.checkpoints import load_checkpoint
 from airvae.cli import main
-from airvae.runs import BEST, BEST_NEXT, LAST, load_checkpoint
+from airvae.runs import BEST, BEST_NEXT, LAST
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -167,7 +168,7 @@ def test_run_dir_that_is_a_file_or_a_foreign_folder_is_refused(trained, tmp_path
 _HOLD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {src!r})
-    from airvae.runs import RunLock
+    from airvae.locks import RunLock
     lock = RunLock({path!r}).acquire()
     print("locked", flush=True)
     time.sleep(120)
@@ -265,7 +266,7 @@ def small_disk(tmp_path, monkeypatch):
     mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode == 0
     if not mounted:
-        monkeypatch.setattr(runs.os, "fdopen", _FullDisk(os.fdopen, 64 * 1024))
+        monkeypatch.setattr(os, "fdopen", _FullDisk(os.fdopen, 64 * 1024))
     yield mount
     if mounted:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -317,8 +318,8 @@ def test_torn_metrics_and_summary_are_recovered_on_resume(tmp_path, monkeypatch)
     assert steps == [10, 20, 30, 40]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     metrics.write_text(lines[0][:10] + "\n" + lines[1] + "\n")  # damage in the middle: not a torn append
-    with pytest.raises(runs.RunError, match="metrics.jsonl, line 1"):
-        runs.read_metrics(metrics)
+    with pytest.raises(files.RunError, match="metrics.jsonl, line 1"):
+        files.read_metrics(metrics)
 
 
 def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(trained):
@@ -407,8 +408,8 @@ def test_a_lock_file_that_is_a_link_is_never_written_through(trained, tmp_path, 
     (run / ".lock").symlink_to(victim)
     assert main(train_args(data, run, "--resume")) == 2
     assert "link" in one_error_line(capsys)
-    with pytest.raises(runs.RunError, match="link"):
-        runs.check_unlocked(run)
+    with pytest.raises(files.RunError, match="link"):
+        locks.check_unlocked(run)
     assert victim.read_text() == "years of work"
 
 
@@ -457,11 +458,11 @@ def test_a_finished_run_reports_its_status_from_the_checkpoint_when_the_summary_
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path, holder):
     child = holder(tmp_path)
-    with pytest.raises(runs.RunLocked, match=f"PID {child.pid}"):
-        runs.check_unlocked(tmp_path)
+    with pytest.raises(files.RunLocked, match=f"PID {child.pid}"):
+        locks.check_unlocked(tmp_path)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    with runs.RunLock(tmp_path):
+    with locks.RunLock(tmp_path):
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
 
 

@@ -18,9 +18,11 @@ import torch
 from test_safety import Killed
 from test_train import SRC, tiny_config, tiny_dataset
 
+from airvae.checkpoints import load_checkpoint
 from airvae.cli import main
 from airvae.config import Architecture, Regularizer
-from airvae.runs import LAST, load_checkpoint, read_json, read_metrics
+from airvae.files import read_json, read_metrics
+from airvae.runs import LAST
 from airvae.stacked import Member, StackedAdam, group_key, train_group
 from airvae.sweep import select_strengths
 from airvae.train import train

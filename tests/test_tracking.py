@@ -234,7 +234,8 @@ def test_tensorboard_never_writes_through_a_link(tmp_path, monkeypatch, capsys):
 
 def test_a_run_without_weights_logs_its_stored_evaluations_as_airvae_evaluate_reads_them(tmp_path, capsys):
     from airvae.evaluation import EvaluationSettings, current_evaluations, stored_evaluation
-    from airvae.runs import load_config, read_metrics
+    from airvae.files import read_metrics
+    from airvae.runs import load_config
     from airvae.tracking import Tracker
 
     data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from airvae.checkpoints import load_checkpoint
 from airvae.config import Architecture, ConfigError, RunConfig
 from airvae.driver import MinibatchSchedule
-from airvae.runs import LAST, RunError, load_checkpoint, load_trained_model, read_json
+from airvae.files import RunError, read_json
+from airvae.runs import LAST, load_trained_model
 from airvae.train import TrainingDiverged, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

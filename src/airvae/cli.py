@@ -377,7 +377,8 @@ def _run_model(run_dir: Path, text: str | None):
 
 def cmd_evaluate(args) -> int:
     from .bundle import resolve
-    from .evaluation import EvaluationSettings, evaluate_run, format_table, parse_estimators, run_study
+    from .evaluation import EvaluationSettings, evaluate_run, format_table, parse_estimators
+    from .iwsvi_study import run_study
 
     estimators = parse_estimators(args.estimators) if args.estimators is not None else ("bound", "iwsvi", "gap")
     _refuse_duplicates("--estimators", estimators)
@@ -535,8 +536,8 @@ def cmd_reproduce(args) -> int:
 
 def cmd_report(args) -> int:
     from .bundle import resolve
+    from .locks import RunLock
     from .report import check_reproduction, render
-    from .runs import RunLock
 
     folder = check_reproduction(resolve(args.results_dir))
     with RunLock(folder):  # refused while a reproduction writes the folder
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .data import DatasetError
-    from .runs import RunError
+    from .files import RunError
     from .train import TrainingDiverged
 
     if getattr(args, "compile", None) is not None:

@@ -31,27 +31,13 @@ from typing import TYPE_CHECKING, Protocol, TypedDict, cast
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import check_training_checkpoint, load_checkpoint, save_checkpoint
 from .devices import accumulator_dtype
 from .estimators import iwae_log_likelihood
 from .evaluation import current_evaluations
+from .files import RunError, RunIOError, append_line, read_metrics, write_error, write_json, write_metrics
 from .model import air_objective
-from .runs import (
-    BEST,
-    BEST_NEXT,
-    LAST,
-    METRICS,
-    SUMMARY,
-    RunError,
-    RunIOError,
-    append_line,
-    check_training_checkpoint,
-    load_checkpoint,
-    read_metrics,
-    save_checkpoint,
-    write_error,
-    write_json,
-    write_metrics,
-)
+from .runs import BEST, BEST_NEXT, LAST, METRICS, SUMMARY
 from .tracking import Tracker
 
 if TYPE_CHECKING:

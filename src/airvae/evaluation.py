@@ -8,12 +8,9 @@
   ``best.safetensors``), evaluates a split and caches the result as
   ``RUN/evaluations/<split>-<hash>.json`` ([`stored_evaluation`][airvae.evaluation.stored_evaluation] reads it
   back), and sends it to the run's tracking sinks, if any ([`airvae.tracking`][]);
-* [`format_table`][airvae.evaluation.format_table] -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1);
-* [`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study] / [`run_study`][airvae.evaluation.run_study]
-  -- appendix C's Figure 3 (IW-SVI vs IWAE-k).
+* [`format_table`][airvae.evaluation.format_table] -- the paper's sign convention: -ln p(x), Delta_inf, -L_k (Table 1).
 
-``airvae.runs`` and ``airvae.data`` are imported inside the functions that need them, so this
-module and the model-level functions work without them.
+Appendix C's Figure 3 (IW-SVI against IWAE-k) is [`airvae.iwsvi_study`][].
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,25 +39,12 @@ from .estimators import (
     DEFAULT_SVI_LR_DECAY,
     REGISTRY,
     Estimate,
-    fit_iw_svi,
-    frozen,
-    iw_svi_log_likelihood,
-    iwae_given_q,
-    iwae_log_likelihood,
     resolve_device,
 )
+from .files import RunError, check_writable, write_json
 from .likelihoods import bits_per_dim
 from .resources import check_fits, evaluation_memory
-from .runs import (
-    EVALUATIONS,
-    RunError,
-    best_checkpoint_digest,
-    check_writable,
-    load_config,
-    load_trained_model_with_digest,
-    read_marker,
-    write_json,
-)
+from .runs import EVALUATIONS, best_checkpoint_digest, load_config, load_trained_model_with_digest, read_marker
 from .tracking import log_evaluation
 
 if TYPE_CHECKING:
@@ -376,7 +360,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], settings: EvaluationSettings, 
     started = time.perf_counter()
     device = resolve_device(settings.device)
     check_writable(run_dir / EVALUATIONS, run_dir)
-    cfg, model, digest, dataset, x, n_split = _load_best(run_dir, settings.split, settings.max_examples, device,
+    cfg, model, digest, dataset, x, n_split = load_best_examples(run_dir, settings.split, settings.max_examples, device,
                                                          progress, settings, dataset, model)
     estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
     return store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split, device=device,
@@ -433,13 +417,14 @@ def store_evaluation(run_dir: Path, settings: EvaluationSettings, cfg: RunConfig
     return result
 
 
-def _load_best(run_dir: str | os.PathLike[str], split: str, max_examples: int | None, device: torch.device,
+def load_best_examples(run_dir: str | os.PathLike[str], split: str, max_examples: int | None, device: torch.device,
                progress: bool, settings: EvaluationSettings | None = None, dataset: Dataset | None = None,
                model: LatentVariableModel | None = None,
                ) -> tuple[RunConfig | FitConfig, LatentVariableModel, str, Dataset, torch.Tensor, int]:
     """The run's best checkpoint and ``max_examples`` examples of ``split`` (evenly spread) on ``device``:
-    (config, model, checkpoint sha256, dataset, x, size of the whole split). With ``settings``,
-    the memory they need is checked before the model is loaded."""
+    (config, model, checkpoint sha256, dataset, x, size of the whole split), for
+    [`evaluate_run`][airvae.evaluation.evaluate_run] and [`airvae.iwsvi_study.run_study`][]. With
+    ``settings``, the memory they need is checked before the model is loaded."""
 
     cfg = load_config(run_dir)
     if dataset is None:
@@ -513,111 +498,3 @@ def format_table(result: Mapping[str, Any]) -> str:
         title.append(f"data deviation: {result['deviation']}")
     out = title + [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figure 3: IW-SVI versus IWAE-k
-
-
-def iwsvi_vs_iwae_study(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], *,
-                        ks: Iterable[int] = (1, 10, 100, 1000, 5000),
-                        steps_list: Iterable[int] = (0, 10, 30, 100, 300, 1000),
-                        fixed_steps: int = 1000, svi_k: int = 5000, l: int = 8,  # noqa: E741
-                        lr: float = DEFAULT_SVI_LR, lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
-                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
-                        chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
-                        out_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
-    """Appendix C's Figure 3 for one model on examples ``x``:
-    (a) mean estimate vs wall time, IWAE-k over ``ks`` and IW-SVI(k=``svi_k``) over ``steps_list``;
-    (b) IWAE-k vs IW-SVI(T=``fixed_steps``) over ``ks``; (c) IW-SVI(k=``svi_k``) over ``steps_list``.
-
-    Defaults take minutes on a laptop for ~100 examples; the paper's are ks up to 100000,
-    T up to 3000 and fixed_steps=3000. Each IW-SVI point over T is its own optimization (the
-    learning-rate decay depends on T); for (b) the q fitted with ``fixed_steps`` is scored with
-    every k, which is exactly what separate runs would give (the optimization's random stream
-    does not depend on k).
-
-    Args:
-        model (LatentVariableModel): the model.
-        x (torch.Tensor | numpy.ndarray): the examples.
-        ks (Iterable[int]): the IWAE sample sizes k.
-        steps_list (Iterable[int]): the IW-SVI step counts T.
-        fixed_steps: T of panel (b).
-        svi_k: IW-SVI's scoring k in panels (a) and (c).
-        l: IW-SVI's optimized bound's samples.
-        lr: IW-SVI's Adam step size.
-        lr_decay: its final learning rate as a fraction of ``lr``.
-        seed: the seed of the examples' random streams.
-        chunk_samples: latents decoded at once.
-        chunk_examples: examples IW-SVI optimizes at once.
-        out_dir (str | os.PathLike | None): where to write ``figure3.json`` (None: nowhere; draw it
-            with [`draw_figure3`][airvae.figures.draw_figure3]).
-        progress: show progress bars.
-
-    Returns:
-        The study's numbers: ``iwae``, ``iwsvi_over_steps`` and ``iwsvi_over_k``, lists of points
-        (``mean``, ``stderr``, ``seconds`` and k or T), with the settings.
-    """
-    x = torch.as_tensor(x)
-    ks, steps_list = sorted(set(int(k) for k in ks)), sorted(set(int(t) for t in steps_list))
-    svi_kw: dict[str, Any] = dict(l=l, lr=lr, lr_decay=lr_decay, seed=seed, chunk_examples=chunk_examples,
-                                  progress=progress)
-
-    def point(est: Estimate, **extra: int) -> dict[str, Any]:
-        return {**extra, "mean": est.mean, "stderr": est.stderr, "seconds": est.seconds}
-
-    iwae = [point(iwae_log_likelihood(model, x, k, seed=seed, chunk_samples=chunk_samples, progress=progress), k=k)
-            for k in ks]
-    svi_over_t = [point(iw_svi_log_likelihood(model, x, k=svi_k, steps=t, chunk_samples=chunk_samples, **svi_kw),
-                        steps=t, k=svi_k) for t in steps_list]
-    started = time.perf_counter()
-    mean, std = fit_iw_svi(model, x, steps=fixed_steps, **svi_kw)
-    fit_seconds = time.perf_counter() - started
-    svi_over_k = []
-    with frozen(model):
-        xd = x.to(device=mean.device, dtype=torch.float32)
-        for k in ks:
-            started = time.perf_counter()
-            values = iwae_given_q(model, xd, mean, std, k, seed=seed, chunk_samples=chunk_samples)
-            est = Estimate(f"iwsvi-{k}", values, seconds=fit_seconds + time.perf_counter() - started)
-            svi_over_k.append(point(est, k=k, steps=fixed_steps))
-    data = {"n": int(x.shape[0]), "l": l, "lr": lr, "lr_decay": lr_decay, "seed": seed, "svi_k": svi_k,
-            "fixed_steps": fixed_steps, "iwae": iwae, "iwsvi_over_steps": svi_over_t, "iwsvi_over_k": svi_over_k}
-    if out_dir is not None:
-        _write_figure3(data, Path(out_dir))
-    return data
-
-
-def _write_figure3(data: dict[str, Any], out_dir: Path) -> None:
-    """figure3.json in ``out_dir`` (drawn by [`draw_figure3`][airvae.figures.draw_figure3]); its path is added
-    to ``data["files"]``."""
-    write_json(out_dir / "figure3.json", data, out_dir)
-    data["files"] = [str(out_dir / "figure3.json")]
-
-
-def run_study(run_dir: str | os.PathLike[str], *, split: str = "test", max_examples: int | None = 100,
-              device: str = "auto", out_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-              **study_kwargs: Any) -> dict[str, Any]:
-    """[`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study] on a run's best checkpoint.
-
-    Args:
-        run_dir: the run directory.
-        split: the split the examples come from.
-        max_examples: examples, spread evenly over the split (None: all of it).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        out_dir: where ``figure3.png`` and ``figure3.json`` go (default ``RUN/evaluations/``).
-        progress: show progress bars.
-        **study_kwargs (Any): passed on to the study (``ks``, ``steps_list``, ``fixed_steps``, ...).
-
-    Returns:
-        The study's numbers, with the dataset, split and run directory.
-    """
-    require(split in SPLITS, "split", split, " | ".join(SPLITS))
-    require(max_examples is None or (is_int(max_examples) and max_examples >= 1), "max_examples", max_examples,
-           "an integer >= 1, or None for the whole split")
-    cfg, model, _, _, x, _ = _load_best(run_dir, split, max_examples, resolve_device(device), progress)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EVALUATIONS
-    data = iwsvi_vs_iwae_study(model, x, progress=progress, **study_kwargs)
-    data.update(dataset=cfg.dataset, split=split, run_dir=str(run_dir))
-    _write_figure3(data, out_dir)
-    return data

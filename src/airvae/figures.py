@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric, selected_rows
 from .drawing import pyplot
-from .runs import read_json, save_figure
+from .files import read_json, save_figure
 from .targets import figure3_dir, model_label, paper_tables
 
 COLORS = {"plain": "black", "denoise-0.5": "tab:blue", "denoise-1.0": "tab:orange", "wni": "tab:green"}
@@ -184,7 +184,7 @@ def figure4(manifest, rows, out_dir: Path):
 
 def figure3(manifest, rows, out_dir: Path):
     """IW-SVI vs IWAE-k on each dataset's VAE (appendix C), drawn from the ``figure3.json`` that
-    [`run_study`][airvae.evaluation.run_study] writes into ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
+    [`run_study`][airvae.iwsvi_study.run_study] writes into ``figure3-DATASET/``. One model per dataset: its comparisons have no noise estimate across
     models, so they are described, not judged."""
     quotes = paper_tables()["quotes"]
     paths = []
@@ -225,7 +225,7 @@ def figure3_claims(dataset: str, data: dict) -> list[str]:
 
 
 def draw_figure3(data: dict, path: Path) -> Path:
-    """The paper's Figure 3 from [`iwsvi_vs_iwae_study`][airvae.evaluation.iwsvi_vs_iwae_study]'s data, as a PNG at ``path``:
+    """The paper's Figure 3 from [`iwsvi_vs_iwae_study`][airvae.iwsvi_study.iwsvi_vs_iwae_study]'s data, as a PNG at ``path``:
     (a) estimate against wall time, (b) IWAE-k and IW-SVI over k, (c) IW-SVI over T."""
     plt = pyplot()
     # No error bars: the stderr over examples (kept in figure3.json) is dominated by how much

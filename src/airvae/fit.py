@@ -20,8 +20,10 @@ from .data import Dataset, dataset_digest, load_dataset
 from .devices import resolve_device
 from .driver import Batches, Objective, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator
 from .estimators import latent_dim
+from .files import read_json
+from .locks import RunLock
 from .model import LatentVariableModel, air_objective, protocol_objective
-from .runs import SUMMARY, RunLock, check_run_dir_use, open_run_dir, read_json
+from .runs import SUMMARY, check_run_dir_use, open_run_dir
 from .tracking import TrackingSettings, choose_sinks
 
 

@@ -31,17 +31,9 @@ from torch.nn.utils import parametrize
 from .data import evenly_spaced, load_dataset
 from .devices import resolve_device
 from .drawing import pyplot
+from .files import RunError, check_writable, read_metrics, save_figure, write_json
 from .networks import CappedFilterNorm, CappedWeightNormLinear, DenoisingEncoder
-from .runs import (
-    METRICS,
-    RunError,
-    check_writable,
-    load_config,
-    load_trained_model,
-    read_metrics,
-    save_figure,
-    write_json,
-)
+from .runs import METRICS, load_config, load_trained_model
 
 if TYPE_CHECKING:
     from .model import LatentVariableModel

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .claims import ESTIMATOR_MEANINGS, estimator_labels, estimators_present, fmt, mean_se, selected_rows
 from .drawing import pyplot
+from .files import save_figure
 from .likelihoods import bits_per_dim
-from .runs import save_figure
 from .targets import model_label
 from .verdicts import CONTRADICTS, INCONCLUSIVE, SUPPORTS, Interval, decide, paired_interval
 

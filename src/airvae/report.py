@@ -33,11 +33,11 @@ from .claims import (
 )
 from .evaluation import EvaluationSettings, current_evaluations, evaluation_path
 from .figures import FIGURES as PAPER_FIGURES
-from .files import refuse_links_under
+from .files import read_json, read_metrics, refuse_links_under, write_text
 from .plots import FIGURES as RUN_FIGURES
 from .plots import PLOTS_DIR, plot_run
 from .questions import QUESTIONS
-from .runs import BEST, FINISHED, read_json, read_metrics, write_text
+from .runs import BEST, FINISHED
 from .runs import METRICS as METRICS_FILE
 from .sweep import REGULARIZED, Job
 from .targets import TARGETS, model_label, paper_tables

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data import load_dataset
-from .evaluation import EvaluationSettings, run_study
-from .files import check_writable, refuse_links_under
+from .evaluation import EvaluationSettings
+from .files import RunError, check_writable, read_json, refuse_links_under, write_json
+from .iwsvi_study import run_study
+from .locks import LOCK, RunLock, check_unlocked
 from .report import render
-from .runs import LOCK, RunError, RunLock, check_unlocked, read_json, write_json
 from .sweep import REGULARIZED, Job, Task, finished_summary, run_tasks, select_strengths
 from .targets import (
     AIS_BUDGETS,

@@ -19,9 +19,9 @@ and the rules that keep it safe.
 
 Safety rules, each enforced here:
 
-* Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors and plain containers only,
-  so a checkpoint received from someone else can never run code.
-* One writer per run: [`RunLock`][airvae.runs.RunLock] takes an exclusive ``flock`` on ``RUN/.lock``; a second
+* Checkpoints are loaded with ``torch.load(weights_only=True)`` ([`airvae.checkpoints`][]): tensors
+  and plain containers only, so a checkpoint received from someone else can never run code.
+* One writer per run: [`RunLock`][airvae.locks.RunLock] takes an exclusive ``flock`` on ``RUN/.lock``; a second
   writer is refused at once with the holder's PID, and the kernel releases the lock when the holder
   dies (even by SIGKILL).
 * airvae deletes only what it provably wrote ([`clear_run_dir`][airvae.runs.clear_run_dir]): the marker must
@@ -31,41 +31,20 @@ Safety rules, each enforced here:
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import io
 import os
-import pickle
 import re
 import shutil
 import time
-import zipfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from ._version import __version__
+from .checkpoints import file_digest, read_best_weights, read_checkpoint
 from .config import CUSTOM, ConfigError, FitConfig, RunConfig
-from .files import (  # noqa: F401
-    TEMPORARY,
-    LinkRefused,
-    RunError,
-    RunIOError,
-    RunLocked,
-    append_line,
-    atomic_write_bytes,
-    check_writable,
-    hashed,
-    read_json,
-    read_metrics,
-    real_folder,
-    save_figure,
-    write_error,
-    write_json,
-    write_metrics,
-    write_text,
-)
+from .files import TEMPORARY, RunError, read_json, write_json
+from .locks import LOCK
 from .model import model_from_config
 
 if TYPE_CHECKING:
@@ -73,14 +52,7 @@ if TYPE_CHECKING:
 
 Config = TypeVar("Config", RunConfig, FitConfig)  # a run's configuration: airvae's model, or a researcher's
 
-try:
-    import fcntl
-
-    _HAS_FLOCK = True
-except ImportError:  # Windows: no flock; runs are then not protected against a second writer (README)
-    _HAS_FLOCK = False
-
-CONFIG, METRICS, SUMMARY, MARKER, LOCK = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json", ".lock"
+CONFIG, METRICS, SUMMARY, MARKER = "config.json", "metrics.jsonl", "summary.json", "airvae-run.json"
 CHECKPOINTS, EVALUATIONS, ERROR = "checkpoints", "evaluations", "error.json"
 TRACKING, TENSORBOARD = "tracking.json", "tensorboard"
 LAST, BEST = f"{CHECKPOINTS}/last.pt", f"{CHECKPOINTS}/best.pt"
@@ -109,106 +81,7 @@ def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` (a dict of tensors and plain values) as a checkpoint, ``RUN/checkpoints/NAME``, by
-    [`atomic_write_bytes`][airvae.files.atomic_write_bytes]: neither the run folder nor its
-    checkpoints folder may be a link.
-    """
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue(), Path(path).parent.parent)
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, str]:
-    """A checkpoint and the sha256 of the very bytes it was loaded from.
-
-    Loaded with ``weights_only=True``: tensors, numbers, strings and plain containers only. A file
-    that needs more (a pickle carrying code, or anything not written by airvae) is refused and
-    nothing in it runs.
-
-    Args:
-        path: the checkpoint file (``RUN/checkpoints/best.pt`` or ``last.pt``).
-        device: where its tensors are loaded.
-
-    Returns:
-        ``(state, sha256)``.
-
-    Raises:
-        RunError: the file is missing, unreadable, corrupt or holds more than weights.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as error:
-        raise RunError(f"checkpoint {path} does not exist: the run has not reached its first checkpoint") from error
-    except OSError as error:
-        raise RunError(f"could not read checkpoint {path}: {error.strerror or error}") from error
-    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; anything else is damage
-        raise RunError(_corrupt(path, ValueError("not a zip archive")))
-    try:
-        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only" in str(error):
-            raise RunError(f"checkpoint {path} holds Python objects besides weights; airvae refuses to load it "
-                           "because unpickling them could run code. Only use checkpoints written by airvae; "
-                           "delete this one") from error
-        raise RunError(_corrupt(path, error)) from error
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as error:
-        raise RunError(_corrupt(path, error)) from error
-    if not isinstance(state, dict):
-        raise RunError(_corrupt(path, TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")))
-    return state, hashlib.sha256(data).hexdigest()
-
-
-def _corrupt(path: Path, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    how = ("delete it and resume with --resume (training restarts from the beginning if no checkpoint is left)"
-           if path.name == "last.pt" else "delete it and train or resume the run again")
-    return f"checkpoint {path} is truncated or corrupt ({first_line}); {how}"
-
-
-_LOOP_STATE: dict[str, type | tuple[type, ...]] = {
-    "step": int, "best_val": (int, float), "best_step": (int, type(None)), "bad_validations": int,
-    "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
-
-
-def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """A ``last.pt`` checked against the run it should resume, before anything uses it: its parts
-    (model, optimizer, loop state, random state), the loop state's fields (a step within the run's
-    ``iterations``), and the model's tensor names and ``shapes``. Anything else is a
-    [`RunError`][airvae.files.RunError] that names the file and the way out, so a bad checkpoint never leaves a run
-    marked "running"."""
-    def refuse(problem: str) -> NoReturn:
-        raise RunError(f"checkpoint {path} cannot resume this run: {problem}; delete it to restart the run from the "
-                       "beginning, or restore it from a copy")
-
-    missing = [part for part in ("model", "optimizer", "state", "rng") if part not in saved]
-    if missing:
-        refuse(f"it lacks {', '.join(missing)}")
-    state, optimizer = saved["state"], saved["optimizer"]
-    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool)
-                                          for k, t in _LOOP_STATE.items()):
-        refuse(f"its loop state is not {', '.join(_LOOP_STATE)}")
-    if not 0 <= state["step"] <= iterations:
-        refuse(f"its step {state['step']} is outside the run's 0..{iterations}")
-    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
-        refuse("its optimizer state is not Adam's")
-    expected = dict(shapes)
-    model = saved["model"]
-    if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
-        refuse("its model is not a dict of tensors")
-    found = {name: tuple(t.shape) for name, t in model.items()}
-    if found != expected:
-        wrong = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        refuse(f"its model does not match {CONFIG} ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """[`read_checkpoint`][airvae.runs.read_checkpoint] without the digest."""
-    return read_checkpoint(path, device)[0]
+# The best weights
 
 
 def best_weights_safetensors(run_dir: Path) -> bytes:
@@ -230,30 +103,13 @@ def best_weights_safetensors(run_dir: Path) -> bytes:
     return save(tensors, metadata=metadata)
 
 
-def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """The tensors and header of a ``best.safetensors``
-    ([`best_weights_safetensors`][airvae.runs.best_weights_safetensors]), tensors on ``device``.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as weights:  # on the CPU, then moved: any torch device works
-            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
-            header = dict(weights.metadata() or {})
-    except FileNotFoundError as error:
-        raise RunError(f"weights {path} do not exist") from error
-    except Exception as error:  # noqa: BLE001 - the safetensors parser's own errors: damage
-        raise RunError(_corrupt(Path(path), error)) from error
-    return {name: tensor.to(device) for name, tensor in tensors.items()}, header
-
-
 def best_checkpoint_digest(run_dir: str | os.PathLike[str]) -> str | None:
     """The identity of a run's best checkpoint: the sha256 of ``best.pt``, or, in a run that holds
     ``best.safetensors`` instead (from a bundle), that of the best.pt it was written from; None
     when the run has neither."""
     run_dir = Path(run_dir)
     if (run_dir / BEST).exists():
-        return _file_digest(run_dir / BEST)
+        return file_digest(run_dir / BEST)
     if not (run_dir / BEST_WEIGHTS).exists():
         return None
     from safetensors import safe_open
@@ -263,16 +119,6 @@ def best_checkpoint_digest(run_dir: str | os.PathLike[str]) -> str | None:
             return (weights.metadata() or {}).get("checkpoint_sha256")
     except Exception:  # noqa: BLE001 - damaged: no cached result can match; loading it names the damage
         return None
-
-
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return stream_digest(f)
-
-
-def stream_digest(f: IO[bytes]) -> str:
-    """The sha256 of what is left to read of a binary file object."""
-    return hashed(hashlib.sha256(), f).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +209,7 @@ def load_trained_model_with_digest(run_dir: str | os.PathLike[str], which: str =
     if which == "best" and not path.exists() and (Path(run_dir) / BEST_WEIGHTS).exists():
         path = Path(run_dir) / BEST_WEIGHTS
         weights, header = read_best_weights(path, device)
-        state, digest = {"model": weights}, header.get("checkpoint_sha256") or _file_digest(path)
+        state, digest = {"model": weights}, header.get("checkpoint_sha256") or file_digest(path)
     else:
         state, digest = read_checkpoint(path, device)
     model = build_model(cfg, model, Path(run_dir)).to(device)
@@ -373,100 +219,6 @@ def load_trained_model_with_digest(run_dir: str | os.PathLike[str], which: str =
         raise RunError(f"checkpoint {path} does not match the model of {Path(run_dir) / CONFIG} "
                        f"({str(error).splitlines()[0]}); was it copied from another run?") from error
     return cfg, model.eval(), digest
-
-
-# ----------------------------------------------------------------------------------------------
-# The lock
-
-
-class RunLock:
-    """An exclusive lock on a directory for the whole life of a writer: ``flock`` on ``DIR/.lock``;
-    use it as a context manager.
-
-    ``acquire`` never waits: when another process holds the lock,
-    [`RunLocked`][airvae.files.RunLocked] names its PID. The kernel drops the lock when the holding
-    process exits or dies, so a crash never leaves a directory locked. (Two opens of the file, even
-    in one process, exclude each other.)
-
-    Args:
-        directory: the directory to lock (created if missing, never through a link).
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.path = self.directory / LOCK
-        self._file = None
-
-    def acquire(self) -> RunLock:
-        """Take the lock and write this process's PID into the lock file.
-
-        Raises:
-            RunLocked: another process holds it.
-        """
-        real_folder(self.directory)
-        f = _open_lock(self.path, write=True)  # names its own failures
-        try:
-            _flock(f, self.directory)
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        except OSError as error:  # not "locked" (that is RunLocked): a file system that refuses flock or the write
-            f.close()
-            raise write_error(self.path, error) from error
-        except BaseException:
-            f.close()
-            raise
-        self._file = f
-        return self
-
-    def release(self) -> None:
-        """Release the lock (closing the file releases the ``flock``)."""
-        if self._file is not None:
-            self._file.close()  # closing the descriptor releases the flock
-            self._file = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _open_lock(path: Path, write: bool):
-    """The lock file, never through a link (a ``.lock`` that is a link to someone's file must not
-    have a PID written into it)."""
-    flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
-    try:
-        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise RunError(f"{path} is a symbolic link; airvae never writes through links: remove it") from error
-        raise write_error(path, error) from error
-    return os.fdopen(fd, "r+" if write else "r")
-
-
-def _flock(f, directory: Path) -> None:
-    if not _HAS_FLOCK:
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        raise RunLocked(f"{directory} is being written by another airvae process (PID {holder}); "
-                        "wait for it to finish or stop it, then try again") from error
-
-
-def check_unlocked(directory: Path) -> None:
-    """Raise [`RunLocked`][airvae.files.RunLocked] (naming the PID) if another process is writing ``directory``;
-    creates and writes nothing."""
-    path = Path(directory) / LOCK
-    if path.exists() or path.is_symlink():
-        with _open_lock(path, write=False) as f:
-            _flock(f, Path(directory))
 
 
 # ----------------------------------------------------------------------------------------------

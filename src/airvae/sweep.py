@@ -33,22 +33,10 @@ from .config import Regularizer, RunConfig, check_int, is_real, resolve_run_conf
 from .data import Dataset, load_dataset
 from .devices import resolve_device
 from .evaluation import EvaluationSettings, evaluate_run, stored_evaluation
-from .files import append_line, real_folder
+from .files import RunError, RunLocked, append_line, read_json, real_folder, write_json
+from .locks import check_unlocked
 from .resources import evaluation_memory, largest_group, training_memory
-from .runs import (
-    ERROR,
-    FINISHED,
-    MARKER,
-    SUMMARY,
-    RunError,
-    RunLocked,
-    check_unlocked,
-    load_config,
-    read_json,
-    run_dir_state,
-    write_json,
-    write_marker,
-)
+from .runs import ERROR, FINISHED, MARKER, SUMMARY, load_config, run_dir_state, write_marker
 from .stacked import STACKED_ESTIMATORS, Member, evaluate_group, evaluation_key, group_key, step_rates, train_group
 from .tracking import TrackingSettings
 from .train import train

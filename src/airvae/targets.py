@@ -74,7 +74,7 @@ EVALUATION_BUDGETS: dict[str, dict[str, Any]] = {
     "quick": dict(k_iwae=500, svi_k=500, svi_l=8, svi_steps=200, max_examples=500),
     "paper": dict(k_iwae=5000, svi_k=5000, svi_l=8, svi_steps=3000, max_examples=None),
 }
-# Figure 3 (appendix C) per budget: evaluation.iwsvi_vs_iwae_study's arguments on the dataset's VAE.
+# Figure 3 (appendix C) per budget: iwsvi_study.iwsvi_vs_iwae_study's arguments on the dataset's VAE.
 # "paper": k up to 100000, T up to 3000, IW-SVI(T = 3000) over k and IW-SVI(k = 5000) over T, as the
 # figure's caption; it does not say how many test examples were used: the whole test set.
 FIGURE3_STUDIES: dict[str, dict[str, Any]] = {

@@ -33,19 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .runs import (
-    EVENT_FILE,
-    METRICS,
-    TENSORBOARD,
-    TRACKING,
-    RunError,
-    RunLocked,
-    check_unlocked,
-    load_config,
-    read_json,
-    read_metrics,
-    write_json,
-)
+from .files import RunError, RunLocked, read_json, read_metrics, write_json
+from .locks import check_unlocked
+from .runs import EVENT_FILE, METRICS, TENSORBOARD, TRACKING, load_config
 
 SINKS = ("tensorboard", "mlflow", "wandb")
 TRACKING_FORMAT = 1

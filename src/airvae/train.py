@@ -11,14 +11,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import load_checkpoint
 from .compiling import LONG_TRAINING_STEPS, compile_for
 from .config import ConfigError, RunConfig
 from .data import dataset_digest, load_dataset
 from .devices import resolve_device
 from .driver import Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator  # noqa: F401
+from .files import RunError, read_json
+from .locks import RunLock
 from .model import model_from_config
 from .resources import check_fits, training_memory
-from .runs import LAST, SUMMARY, RunError, RunLock, check_run_dir_use, load_checkpoint, open_run_dir, read_json
+from .runs import LAST, SUMMARY, check_run_dir_use, open_run_dir
 from .tracking import TrackingSettings, choose_sinks
 
 
@@ -49,7 +52,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
 
     Nothing is written before every check has passed (the data fit the config, the device exists,
     the memory is there, the run directory may be used as asked); the run directory is then locked
-    for the whole call ([`airvae.runs.RunLock`][]). The schedule is appendix E's: Adam, the
+    for the whole call ([`airvae.locks.RunLock`][]). The schedule is appendix E's: Adam, the
     learning-rate decay of eq. 43, early stopping on a validation IWAE-k estimate.
 
     Args:

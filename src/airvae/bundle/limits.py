@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..runs import CHECKPOINTS, ERROR, MARKER, METRICS, RUN_FOLDERS, SUMMARY, TENSORBOARD, RunError
+from ..files import RunError
+from ..runs import CHECKPOINTS, ERROR, MARKER, METRICS, RUN_FOLDERS, SUMMARY, TENSORBOARD
 
 BUNDLE_MARKER = "airvae-bundle.json"
 BUNDLE_FORMAT = 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ARCHITECTURES, BUDGETS, MAX_SEED, ConfigError, check_int, is_real, require
 from ..evaluation import EvaluationSettings
-from ..runs import RunError, read_json
+from ..files import RunError, read_json
 from ..sweep import FAMILIES, Job
 from ..targets import STRENGTHS, TARGETS, figure3_dir
 from .limits import MANIFEST, MAX_COUNT, MAX_MANIFEST_BYTES, PLAIN_NAME, refuse

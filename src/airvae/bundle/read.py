@@ -12,9 +12,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from ..checkpoints import stream_digest
 from ..data import cache_root
-from ..files import TEMPORARY_TAG, LinkRefused, real_folder
-from ..runs import BEST_WEIGHTS, CONFIG, LAST, RunError, load_trained_model, stream_digest
+from ..files import TEMPORARY_TAG, LinkRefused, RunError, real_folder
+from ..runs import BEST_WEIGHTS, CONFIG, LAST, load_trained_model
 from .limits import BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, RATIO_FLOOR, SUFFIXES, refuse
 from .manifest import check_archived_manifest, check_extracted_manifest
 
@@ -70,7 +71,7 @@ def runs_in(folder: Path) -> list[str]:
 def extract(archive: str | os.PathLike[str]) -> Path:
     """The folder holding a bundle's files: ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/``,
     extracted on first use after every member is checked (module docstring); a refused archive
-    extracts nothing and raises [`airvae.runs.RunError`][airvae.files.RunError] saying why. Its manifest is checked
+    extracts nothing and raises [`airvae.files.RunError`][] saying why. Its manifest is checked
     on every use, so an extraction by an older airvae is checked as well."""
 
     archive = Path(archive)

@@ -17,21 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..files import TEMPORARY_TAG, RunIOError, real_folder
+from ..files import TEMPORARY_TAG, RunError, RunIOError, read_json, real_folder, write_error
+from ..locks import LOCK, RunLock, check_unlocked
 from ..report import render
-from ..runs import (
-    BEST,
-    BEST_WEIGHTS,
-    CONFIG,
-    LOCK,
-    RunError,
-    RunLock,
-    best_weights_safetensors,
-    check_unlocked,
-    load_config,
-    read_json,
-    write_error,
-)
+from ..runs import BEST, BEST_WEIGHTS, CONFIG, best_weights_safetensors, load_config
 from .limits import BUNDLE_FORMAT, BUNDLE_MARKER, MANIFEST, RESULTS_SUFFIXES, SHARED_FILES, SHARED_FOLDERS
 from .manifest import manifest_jobs
 

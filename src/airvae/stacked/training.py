@@ -11,14 +11,17 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_checkpoint
 from ..compiling import LONG_TRAINING_STEPS, call_compiled, compile_for, torch_compile
 from ..config import RunConfig
 from ..data import dataset_digest
 from ..driver import Batches, RunLog, SingleEngine, TrainResult, drive, restore_generator, training_generator
 from ..estimators import DEFAULT_CHUNK_SAMPLES
+from ..files import RunError
+from ..locks import RunLock, check_unlocked
 from ..model import denoising_parts, model_from_config
 from ..objectives import Denoising, draw_step, seen_input
-from ..runs import LAST, RunError, RunLock, check_run_dir_use, check_unlocked, load_checkpoint, open_run_dir
+from ..runs import LAST, check_run_dir_use, open_run_dir
 from ..tracking import TrackingSettings, choose_sinks
 from ..train import check_training_inputs
 from .evaluation import stacked_iwae
