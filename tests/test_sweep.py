@@ -35,6 +35,20 @@ def test_selection_uses_validation_only_and_averages_seeds():
     assert select_strengths(results)[("caltech", "wni", 1, 1)] == 5.0
 
 
+def test_selection_does_not_depend_on_the_order_runs_finish_in():
+    """Runs of a sweep finish in any order; the sweep (choosing which runs to evaluate) and the report
+    (choosing which to show) must pick the same strength. A tie (a cap that never binds trains the
+    same model) goes to the weaker strength, and seeds' means are summed exactly: 0.1 + 0.2 + 0.3
+    and 0.3 + 0.2 + 0.1 differ in floating point."""
+    import itertools
+
+    tied = [result(2.5, -100.0, 0), result(5.0, -100.0, 0), result(7.5, -100.0, 0)]
+    assert {select_strengths(list(order))[("caltech", "wni", 1, 1)] for order in itertools.permutations(tied)} == {2.5}
+    vals = {2.5: (0.1, 0.2, 0.3), 5.0: (0.3, 0.2, 0.1)}  # equal means, unequal float sums in one order
+    runs = [result(s, v, 0, seed=i) for s, values in vals.items() for i, v in enumerate(values)]
+    assert {select_strengths(order)[("caltech", "wni", 1, 1)] for order in (runs, runs[::-1])} == {2.5}
+
+
 def test_failed_runs_never_win_selection():
     ok, failed = result(2.5, -100.0, 0), result(5.0, -1.0, 0)
     failed["status"] = "failed"

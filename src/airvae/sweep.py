@@ -552,11 +552,15 @@ def validation_score(result: dict) -> float:
 def select_strengths(results: list[dict]) -> dict[tuple, float]:
     """Regularization strength per (dataset, family, k, m) maximizing the validation estimate
     averaged over seeds, as the paper tunes sigma and H (Table 7). Only validation numbers are
-    read: the test split plays no part in selection."""
+    read: the test split plays no part in selection.
+
+    The choice does not depend on the order of ``results`` (runs finish in any order): the mean is
+    summed exactly (``math.fsum``), and a tie, as when a cap H never binds, goes to the weaker
+    strength."""
     by_strength: dict[tuple, dict[float, list[float]]] = {}
     for result in results:
         job = result["job"]
         group = (job["dataset"], job["family"], job["k"], job["m"])
         by_strength.setdefault(group, {}).setdefault(job["strength"], []).append(validation_score(result))
-    return {group: max(scores, key=lambda s: sum(scores[s]) / len(scores[s]))
+    return {group: max(sorted(scores), key=lambda s: math.fsum(scores[s]) / len(scores[s]))
             for group, scores in by_strength.items()}
