@@ -139,13 +139,15 @@ def test_smoke_figures(target, tmp_path, data_dir):
         assert (out / "figure3-caltech" / "figure3.json").stat().st_mtime_ns == stamp
 
 
-def test_report_rebuilds_a_committed_results_folder_exactly(tmp_path):
+@pytest.mark.parametrize("folder", ["grey-conv-digits-quick", "table1-caltech-paper"])
+def test_report_rebuilds_a_committed_results_folder_exactly(tmp_path, folder):
     """results/ holds reproductions without weights: their stored evaluations still count, and
-    `airvae report` rebuilds the committed REPORT.md from the files alone."""
+    `airvae report` rebuilds the committed REPORT.md from the files alone (so every number in it comes
+    from the committed files and today's code)."""
     import shutil
     from pathlib import Path
 
-    committed = Path(__file__).resolve().parents[1] / "results" / "grey-conv-digits-quick"
+    committed = Path(__file__).resolve().parents[1] / "results" / folder
     if not committed.exists():
         pytest.skip("no committed results folder")
     copy = tmp_path / committed.name
