@@ -303,7 +303,7 @@ _RUN_FILES = "run-directory plumbing of the trainers (marker, lock checks, lefto
 _REPORT = "a piece of REPORT.md that render() assembles"
 INTERNAL = {
     "airvae.config": {"require": _CHECKS, "is_int": _CHECKS, "is_real": _CHECKS, "check_int": _CHECKS,
-                      "check_device_name": _CHECKS, "check_hidden_spec": _CHECKS},
+                      "check_device_name": _CHECKS, "check_hidden_spec": _CHECKS, "check_training_fields": _CHECKS},
     "airvae.model": {"log_weights_from_eps": _KERNEL, "encode_log_weights": _KERNEL,
                      "denoising_parts": "how air_objective and a stacked group split a model's denoising encoder"},
     "airvae.compiling": {"torch_compile": _COMPILE, "call_compiled": _COMPILE, "run_kernel": _COMPILE},

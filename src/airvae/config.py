@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
 from .likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, Likelihood
 from .networks import conv_map_shapes, parse_spec
+from .objectives import Denoising
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -284,14 +285,20 @@ class Regularizer:
         return cls(sigma=sigma_from_sqrt_d(sigma_sqrt_d, x_dim), alpha=alpha, max_norm=h_from_ten_over_h(ten_over_h))
 
     @property
+    def denoising(self) -> Denoising:
+        """What this regularizer asks of a training step ([`airvae.objectives.Denoising`][]: the one
+        place that decides the step's draws)."""
+        return Denoising(self.sigma, self.alpha)
+
+    @property
     def draws_noise(self) -> bool:
         """Does a training step draw denoising noise (eq. 13)? Exactly when air_objective does."""
-        return self.sigma > 0 and self.alpha > 0
+        return self.denoising.draws_noise
 
     @property
     def two_bounds(self) -> bool:
         """Does a training step evaluate two bounds (eq. 16 with 0 < alpha < 1)?"""
-        return self.sigma > 0 and 0 < self.alpha < 1
+        return self.denoising.two_bounds
 
     @property
     def name(self) -> str:
@@ -366,24 +373,8 @@ class RunConfig:
         require(isinstance(self.architecture, Architecture), "architecture", self.architecture, "an Architecture")
         require(isinstance(self.regularizer, Regularizer), "regularizer", self.regularizer, "a Regularizer")
         require(isinstance(self.likelihood, LikelihoodConfig), "likelihood", self.likelihood, "a LikelihoodConfig")
-        for name in ("k", "m", "val_k"):
-            check_int(name, getattr(self, name), 1, MAX_SAMPLES)
-        for name in ("iterations", "val_every", "checkpoint_every"):
-            check_int(name, getattr(self, name), 1, MAX_ITERATIONS)
-        for name in ("batch_size", "x_dim"):
-            check_int(name, getattr(self, name), 1, 10**9)
+        check_training_fields(self)
         self._check_image_shape()
-        check_int("seed", self.seed, 0, MAX_SEED)
-        require(is_real(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"a number > 0 and <= {MAX_LR:g}")
-        require(is_real(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1, "lr_final_fraction",
-               self.lr_final_fraction, "(0, 1]")
-        require(self.val_examples is None or (is_int(self.val_examples) and self.val_examples >= 1), "val_examples",
-               self.val_examples, "an integer >= 1, or None for the whole split")
-        require(self.patience is None or (is_int(self.patience) and 1 <= self.patience <= MAX_ITERATIONS), "patience",
-               self.patience, f"an integer >= 1 and <= {MAX_ITERATIONS}, or None")
-        check_int("track_test_examples", self.track_test_examples, 0, 10**9)
-        require(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
-        check_device_name(self.device)
         require(isinstance(self.budget, str), "budget", self.budget, "a budget name")
 
     def _check_image_shape(self) -> None:
@@ -520,24 +511,9 @@ class FitConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset", self.dataset, "a dataset's name")
         require(isinstance(self.model, str) and self.model != "", "model", self.model, "what built the model")
-        for name in ("k", "m", "val_k"):
-            check_int(name, getattr(self, name), 1, MAX_SAMPLES)
-        for name in ("iterations", "val_every", "checkpoint_every"):
-            check_int(name, getattr(self, name), 1, MAX_ITERATIONS)
-        for name in ("batch_size", "x_dim", "z_dim"):
-            check_int(name, getattr(self, name), 1, 10**9)
-        check_int("seed", self.seed, 0, MAX_SEED)
-        check_int("track_test_examples", self.track_test_examples, 0, 10**9)
+        check_training_fields(self)
+        check_int("z_dim", self.z_dim, 1, 10**9)
         require(is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "[0, 1]")
-        require(is_real(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"a number > 0 and <= {MAX_LR:g}")
-        require(is_real(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1, "lr_final_fraction",
-               self.lr_final_fraction, "(0, 1]")
-        require(self.val_examples is None or (is_int(self.val_examples) and self.val_examples >= 1), "val_examples",
-               self.val_examples, "an integer >= 1, or None for the whole split")
-        require(self.patience is None or (is_int(self.patience) and 1 <= self.patience <= MAX_ITERATIONS), "patience",
-               self.patience, f"an integer >= 1 and <= {MAX_ITERATIONS}, or None")
-        require(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
-        check_device_name(self.device)
 
     @property
     def model_name(self) -> str:
@@ -559,6 +535,29 @@ class FitConfig:
         """Inverse of [`to_json`][airvae.config.FitConfig.to_json]; every field is validated."""
         data = {key: value for key, value in data.items() if key != "kind"}
         return _from_fields(cls, data, "config")
+
+
+def check_training_fields(cfg: RunConfig | FitConfig) -> None:
+    """The settings [`RunConfig`][airvae.config.RunConfig] and [`FitConfig`][airvae.config.FitConfig] share
+    (sampling, schedule, validation, data folder, device), each within its bounds; a
+    [`ConfigError`][airvae.config.ConfigError] names the first one that is not."""
+    for name in ("k", "m", "val_k"):
+        check_int(name, getattr(cfg, name), 1, MAX_SAMPLES)
+    for name in ("iterations", "val_every", "checkpoint_every"):
+        check_int(name, getattr(cfg, name), 1, MAX_ITERATIONS)
+    for name in ("batch_size", "x_dim"):
+        check_int(name, getattr(cfg, name), 1, 10**9)
+    check_int("seed", cfg.seed, 0, MAX_SEED)
+    check_int("track_test_examples", cfg.track_test_examples, 0, 10**9)
+    require(is_real(cfg.lr) and 0 < cfg.lr <= MAX_LR, "lr", cfg.lr, f"a number > 0 and <= {MAX_LR:g}")
+    require(is_real(cfg.lr_final_fraction) and 0 < cfg.lr_final_fraction <= 1, "lr_final_fraction",
+            cfg.lr_final_fraction, "(0, 1]")
+    require(cfg.val_examples is None or (is_int(cfg.val_examples) and cfg.val_examples >= 1), "val_examples",
+            cfg.val_examples, "an integer >= 1, or None for the whole split")
+    require(cfg.patience is None or (is_int(cfg.patience) and 1 <= cfg.patience <= MAX_ITERATIONS), "patience",
+            cfg.patience, f"an integer >= 1 and <= {MAX_ITERATIONS}, or None")
+    require(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir", cfg.data_dir, "a path or None")
+    check_device_name(cfg.device)
 
 
 def sigma_from_sqrt_d(sigma_sqrt_d: float, x_dim: int) -> float:
