@@ -9,14 +9,14 @@ import io
 import pickle
 import zipfile
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 import torch
 
 from .files import RunError, atomic_write_bytes, hashed
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (a dict of tensors and plain values) as a checkpoint, ``RUN/checkpoints/NAME``, by
     [`atomic_write_bytes`][airvae.files.atomic_write_bytes]: neither the run folder nor its
     checkpoints folder may be a link.
@@ -26,7 +26,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue(), Path(path).parent.parent)
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, str]:
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], str]:
     """A checkpoint and the sha256 of the very bytes it was loaded from.
 
     Loaded with ``weights_only=True``: tensors, numbers, strings and plain containers only. A file
@@ -79,7 +79,7 @@ _LOOP_STATE: dict[str, type | tuple[type, ...]] = {
     "seconds": (int, float), "loss_sum": (int, float), "loss_count": int}
 
 
-def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+def check_training_checkpoint(saved: dict[str, Any], iterations: int, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """A ``last.pt`` checked against the run it should resume, before anything uses it: its parts
     (model, optimizer, loop state, random state), the loop state's fields (a step within the run's
     ``iterations``), and the model's tensor names and ``shapes``. Anything else is a
@@ -110,12 +110,13 @@ def check_training_checkpoint(saved: dict, iterations: int, shapes: dict[str, tu
         refuse(f"its model does not match the run's config.json ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """[`read_checkpoint`][airvae.checkpoints.read_checkpoint] without the digest."""
     return read_checkpoint(path, device)[0]
 
 
-def read_best_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+def read_best_weights(path: Path, device: torch.device | str = "cpu",
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header of a ``best.safetensors``
     ([`airvae.runs.best_weights_safetensors`][]), tensors on ``device``.
     """

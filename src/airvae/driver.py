@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict, cast
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -105,11 +106,11 @@ class StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a run stops at a consistent
     state and saves it instead of dying mid-update."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal: int | None = None
-        self._previous = {}
+        self._previous: dict[int, Any] = {}  # signal -> the handler it had
 
-    def __enter__(self):
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -117,14 +118,14 @@ class StopFlag:
                 pass
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is not None and signum == signal.SIGINT:  # second Ctrl-C: give up immediately
             raise KeyboardInterrupt
         # A repeated SIGTERM must not abort the checkpoint it asked for: a sweep worker whose parent
         # died was measured to receive two within milliseconds (see sweep._stop_with_parent).
         self.signal = self.signal or signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -170,7 +171,7 @@ class RunLog:
         """Training steps taken so far."""
         return self.state["step"]
 
-    def resume(self, device: torch.device, shapes: dict[str, tuple[int, ...]]) -> tuple[dict | None, TrainResult | None]:
+    def resume(self, device: torch.device, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any] | None, TrainResult | None]:
         """Where the run stands: its last checkpoint (None for a fresh start; its loop state is
         restored here), checked against the model's tensor ``shapes``, and, for a run that is
         already over, its result (summary rewritten). An unfinished run is then started: what a
@@ -217,7 +218,7 @@ class RunLog:
         """Whether the current step writes ``last.pt`` (after a validation, and every ``checkpoint_every`` steps)."""
         return validated or self.step % self.cfg.checkpoint_every == 0
 
-    def record_validation(self, val: float, model_state: dict, test_bound: float | None = None) -> None:
+    def record_validation(self, val: float, model_state: dict[str, Any], test_bound: float | None = None) -> None:
         """Log a validation estimate; a new best saves best.pt (early stopping keeps that model)."""
         state, step = self.state, self.step
         record = {"step": step, "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
@@ -238,7 +239,7 @@ class RunLog:
         self.tracker.validation(record)
         state.update({"loss_sum": 0.0, "loss_count": 0})
 
-    def checkpoint(self, model_state: dict, optimizer_state: dict, rng_state: torch.Tensor) -> None:
+    def checkpoint(self, model_state: dict[str, Any], optimizer_state: dict[str, Any], rng_state: torch.Tensor) -> None:
         """Write ``last.pt`` (model, optimizer, loop state, the training generator's state), then promote a
         staged new best to ``best.pt``.
         """
@@ -299,15 +300,15 @@ class Engine(Protocol):
 
     def shapes(self, r: int) -> dict[str, tuple[int, ...]]: ...
 
-    def restore(self, r: int, saved: dict) -> None: ...
+    def restore(self, r: int, saved: dict[str, Any]) -> None: ...
 
     def step(self, x: torch.Tensor, active: list[bool], lr: float) -> torch.Tensor: ...
 
     def validate(self, rows: list[int], x: torch.Tensor, k: int, seeds: list[int]) -> list[float]: ...
 
-    def model_state(self, r: int) -> dict: ...
+    def model_state(self, r: int) -> dict[str, Any]: ...
 
-    def optimizer_state(self, r: int, lr: float) -> dict: ...
+    def optimizer_state(self, r: int, lr: float) -> dict[str, Any]: ...
 
     def rng_state(self, r: int) -> torch.Tensor: ...
 
@@ -344,7 +345,7 @@ class SingleEngine:
         """Its model's tensor shapes (one run: ``r`` is 0)."""
         return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
 
-    def restore(self, r: int, saved: dict) -> None:
+    def restore(self, r: int, saved: dict[str, Any]) -> None:
         """Load the model, Adam state and training generator from a checkpoint."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -364,11 +365,11 @@ class SingleEngine:
         """The mean IWAE-``k`` estimate on ``x``, from the streams of ``seeds[0]``."""
         return [iwae_log_likelihood(self.model, x, k, seed=seeds[0]).mean]
 
-    def model_state(self, r: int) -> dict:
+    def model_state(self, r: int) -> dict[str, Any]:
         """The model's ``state_dict``."""
         return self.model.state_dict()
 
-    def optimizer_state(self, r: int, lr: float) -> dict:
+    def optimizer_state(self, r: int, lr: float) -> dict[str, Any]:
         """Adam's ``state_dict``."""
         return self.optimizer.state_dict()
 
@@ -484,7 +485,7 @@ def drive(engine: Engine, cfgs: Sequence[RunConfig | FitConfig], logs: list[RunL
                             checkpoint(r)
                         if r in validate and logs[r].finished_status() == "early-stopped":
                             results[r] = logs[r].finish("early-stopped", EARLY_STOP_MESSAGE.format(cfgs[r].patience))
-                        elif interrupted:
+                        elif stop.signal is not None:  # interrupted
                             results[r] = logs[r].interrupted(stop.signal)
                 for r in unfinished():
                     if logs[r].step >= cfgs[r].iterations:
@@ -512,7 +513,7 @@ def training_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def restore_generator(generator: torch.Generator, saved: dict) -> None:
+def restore_generator(generator: torch.Generator, saved: dict[str, Any]) -> None:
     """Continue a checkpoint's training stream. A checkpoint written on another kind of device
     (CPU vs CUDA states differ) restarts the stream from a seed derived from (seed, step):
     still a valid run, no longer bit-for-bit the uninterrupted one."""
@@ -525,7 +526,7 @@ def restore_generator(generator: torch.Generator, saved: dict) -> None:
         generator.manual_seed(int(saved["state"]["step"]) * 1_000_003 + generator.initial_seed())
 
 
-def _forget_after(run_dir: Path, step: int, device: torch.device) -> list[dict]:
+def _forget_after(run_dir: Path, step: int, device: torch.device) -> list[dict[str, Any]]:
     """Undo what a killed process wrote after the checkpoint we resume from (step 0: none): its
     metrics lines and a staged best from a later step (both are produced again). A staged best
     that the checkpoint already knows (the kill fell between last.pt and its promotion) becomes
@@ -550,7 +551,7 @@ def _promote_best(run_dir: Path) -> None:
             raise write_error(run_dir / BEST, error) from error
 
 
-def fast_adam_options(device: torch.device) -> dict:
+def fast_adam_options(device: torch.device) -> dict[str, Any]:
     # The fused kernel updates all parameters in one call: 1.2-2x faster than the default
     # per-tensor loop on CPU, and it makes optimizer.step() atomic with respect to signals.
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -562,7 +563,7 @@ def diverged_message(what: str, run_dir: Path) -> str:
             f"{_checkpoint_step(run_dir)}. Try a lower learning rate (--lr) or a different seed.")
 
 
-def _checkpoint_step(run_dir: Path):
+def _checkpoint_step(run_dir: Path) -> int | str:
     try:
         return load_checkpoint(run_dir / LAST)["state"]["step"]
     except RunError:

@@ -12,7 +12,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # A temporary file of atomic_write_bytes: "." + the target's name + TEMPORARY_TAG + mkstemp's 8 random
 # characters; a name no user picks, removed only inside folders that airvae's marker proves are runs.
@@ -197,12 +200,12 @@ def append_line(path: Path, line: str) -> None:
         raise write_error(Path(path), error) from error
 
 
-def write_json(path: Path, obj, root: Path | None = None) -> None:
+def write_json(path: Path, obj: Any, root: Path | None = None) -> None:
     """``obj`` as indented JSON, by [`atomic_write_bytes`][airvae.files.atomic_write_bytes]."""
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode(), root)
 
 
-def save_figure(fig, path: Path, root: Path | None = None, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: Path, root: Path | None = None, dpi: int = 120) -> Path:
     """A matplotlib figure as PNG, written by [`atomic_write_bytes`][airvae.files.atomic_write_bytes]."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -210,7 +213,7 @@ def save_figure(fig, path: Path, root: Path | None = None, dpi: int = 120) -> Pa
     return Path(path)
 
 
-def read_json(path: Path):
+def read_json(path: Path) -> Any:
     """Parse a JSON file; a missing, torn or garbage file is a RunError naming it."""
     path = Path(path)
     try:
@@ -222,7 +225,7 @@ def read_json(path: Path):
                        "(airvae writes it atomically): restore it from a copy") from error
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl. A torn *last* line (a crash in the middle of an append) is
     dropped; damage anywhere else is an error naming the file and line."""
     path = Path(path)
@@ -244,7 +247,7 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def write_metrics(path: Path, records: list[dict]) -> None:
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite a metrics.jsonl with ``records``, one JSON line each, atomically."""
     atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import TextIO
 
 from .files import RunError, RunLocked, real_folder, write_error
 
@@ -36,7 +37,7 @@ class RunLock:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.path = self.directory / LOCK
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> RunLock:
         """Take the lock and write this process's PID into the lock file.
@@ -70,11 +71,11 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _open_lock(path: Path, write: bool):
+def _open_lock(path: Path, write: bool) -> TextIO:
     """The lock file, never through a link (a ``.lock`` that is a link to someone's file must not
     have a PID written into it)."""
     flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
@@ -87,7 +88,7 @@ def _open_lock(path: Path, write: bool):
     return os.fdopen(fd, "r+" if write else "r")
 
 
-def _flock(f, directory: Path) -> None:
+def _flock(f: TextIO, directory: Path) -> None:
     if not _HAS_FLOCK:
         return
     try:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError, RunConfig
 from .estimators import DEFAULT_CHUNK_SAMPLES
-from .estimators.registry import REGISTRY, Footprint
+from .estimators.registry import REGISTRY, EstimatorSettings, Footprint
 from .networks import conv_map_shapes, parse_spec
 
 FLOAT = 4  # bytes per float32
@@ -29,7 +30,7 @@ class MemoryEstimate:
     """Bytes needed by a piece of work, as the sum of named parts."""
 
     what: str  # the work, e.g. "training"
-    parts: dict  # name -> bytes
+    parts: dict[str, int]  # name -> bytes
 
     @property
     def bytes(self) -> int:
@@ -74,7 +75,7 @@ def check_fits(need: MemoryEstimate, device: torch.device, advice: str) -> None:
         raise ConfigError(f"{need}, but {device} has {format_bytes(have)} available; {advice}")
 
 
-def largest_group(need, device: torch.device, runs: int, share: float = 0.8) -> int:
+def largest_group(need: Callable[[int], MemoryEstimate], device: torch.device, runs: int, share: float = 0.8) -> int:
     """The most runs, up to ``runs``, that ``need(n)`` (a MemoryEstimate for n stacked runs) fits
     in ``share`` of the memory ``device`` has available; at least 1 (one run alone is checked again
     where it trains)."""
@@ -170,7 +171,7 @@ def training_memory(cfg: RunConfig, rows_on_device: int, runs: int = 1) -> Memor
                                        largest: work[largest]})
 
 
-def evaluation_memory(cfg: RunConfig, settings, examples: int, runs: int = 1) -> MemoryEstimate:
+def evaluation_memory(cfg: RunConfig, settings: EstimatorSettings, examples: int, runs: int = 1) -> MemoryEstimate:
     """Peak memory of [`airvae.evaluation.evaluate_model`][] on ``examples`` examples of a run
     (or of ``runs`` such runs evaluated together, [`airvae.stacked.evaluate_group`][]): the
     largest part any chosen estimator needs

@@ -35,8 +35,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -73,7 +74,7 @@ RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safete
 _MARKER_FILE = re.compile(re.escape(MARKER))
 
 
-def _temporary(name: str, targets: re.Pattern = _RUN_FILES) -> bool:
+def _temporary(name: str, targets: re.Pattern[str] = _RUN_FILES) -> bool:
     """Is ``name`` a leftover of [`airvae.files.atomic_write_bytes`][] writing one of ``targets``
     (a kill during the write)?"""
     match = TEMPORARY.fullmatch(name)
@@ -231,7 +232,7 @@ def write_marker(run_dir: Path, data_digest: str | None) -> None:
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_sha256": data_digest})
 
 
-def read_marker(run_dir: Path) -> dict | None:
+def read_marker(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / MARKER
     if not path.exists():
         return None
@@ -346,7 +347,7 @@ def open_run_dir(cfg: Config, run_dir: Path, data_digest: str, *, resume: bool, 
     return cfg
 
 
-def _diff(a: dict, b: dict, prefix: str = ""):
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_checkpoint
 from .compiling import LONG_TRAINING_STEPS, compile_for
 from .config import ConfigError, RunConfig
-from .data import dataset_digest, load_dataset
+from .data import Dataset, dataset_digest, load_dataset
 from .devices import resolve_device
 from .driver import Batches, RunLog, SingleEngine, TrainingDiverged, TrainResult, drive, training_generator  # noqa: F401
 from .files import RunError, read_json
@@ -25,7 +25,7 @@ from .runs import LAST, SUMMARY, check_run_dir_use, open_run_dir
 from .tracking import TrackingSettings, choose_sinks
 
 
-def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.device:
+def check_training_inputs(cfg: RunConfig, dataset: Dataset, runs: int = 1) -> torch.device:
     """Everything about a run that can be checked before its directory is touched: the data fits
     the config, the device exists, and the memory the run needs (with ``runs`` - 1 others in a
     stacked group, [`airvae.stacked`][]) is there. Returns the device."""
@@ -46,7 +46,7 @@ def check_training_inputs(cfg: RunConfig, dataset, runs: int = 1) -> torch.devic
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, dataset=None, allow_data_change: bool = False,
+          progress: bool = True, dataset: Dataset | None = None, allow_data_change: bool = False,
           tracking: TrackingSettings | None = None) -> TrainResult:
     """Train (or resume) one of airvae's models, as ``airvae train`` does, and write its run directory.
 
@@ -92,7 +92,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         return _train_locked(cfg, run_dir, dataset, device, progress)
 
 
-def _train_locked(cfg: RunConfig, run_dir: Path, dataset, device: torch.device, progress: bool) -> TrainResult:
+def _train_locked(cfg: RunConfig, run_dir: Path, dataset: Dataset, device: torch.device, progress: bool,
+                  ) -> TrainResult:
     # The whole (small) dataset lives on the device: no per-step host-to-device copies.
     data = Batches(torch.as_tensor(dataset.train, device=device).float(),
                    torch.as_tensor(dataset.valid[:cfg.val_examples], device=device).float(),
