@@ -414,8 +414,8 @@ def compute_line(rows: list[dict]) -> list[str]:
     done = [r for r in rows if (r["summary"] or {}).get("status") in FINISHED]
     if not done:
         return []
-    training, evaluation = compute_spent(done)
     per_run = [compute_spent([r]) for r in done]
+    training, evaluation = sum(t for t, _ in per_run), sum(e for _, e in per_run)
     devices = sorted({str(d) for r in done for d in r.get("devices", ())}) or ["not recorded"]
 
     def spread(values: list[float]) -> str:

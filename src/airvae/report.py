@@ -68,23 +68,27 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
                "config": read_json(config_path) if config_path.exists() else {},
                "failed": (run_dir / "error.json").exists()}
         if summary.get("status") in FINISHED:
-            current = [record for _, record in current_evaluations(run_dir)]
-            row["evaluation_seconds"] = sum(record.get("seconds") or 0.0 for record in current)
-            row["devices"] = {record["device"] for record in current if record.get("device")}
+            current = current_evaluations(run_dir)  # read once: for the run's cost and its merged evaluation
+            row["evaluation_seconds"] = sum(record.get("seconds") or 0.0 for _, record in current)
+            row["devices"] = {record["device"] for _, record in current if record.get("device")}
             if manifest["evaluation"]:
-                row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]))
+                row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]), current)
         row["metrics"] = read_metrics(run_dir / METRICS_FILE)
         rows.append(row)
     return manifest, rows
 
 
-def merged_evaluation(run_dir: Path, settings) -> dict | None:
+def merged_evaluation(run_dir: Path, settings: EvaluationSettings,
+                      current: list[tuple[Path, dict[str, Any]]] | None = None) -> dict | None:
     """The reproduction's evaluation of a run, plus the estimators of every other current evaluation of
     the same split (e.g. AIS on 200 of the test examples that IW-SVI covers whole, or AIS added later
     with ``airvae evaluate``). Each estimate carries ``examples`` = (size of the split, max_examples),
-    which lines up per-example values where two estimates are compared ([`airvae.claims.metric`][])."""
+    which lines up per-example values where two estimates are compared ([`airvae.claims.metric`][]).
+    ``current``: the run's [`current_evaluations`][airvae.evaluation.current_evaluations], when the
+    caller has read them already."""
 
-    current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
+    if current is None:
+        current = current_evaluations(run_dir)  # the reproduction's own among them, if it is current
     own = evaluation_path(run_dir, settings)
     merged = next((stored for path, stored in current if path == own and stored["identity"] == settings.identity()),
                   None)
