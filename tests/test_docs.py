@@ -425,3 +425,34 @@ def test_package_ships_py_typed():
     from importlib import resources
 
     assert resources.files("airvae").joinpath("py.typed").is_file()  # PEP 561: the package is typed
+
+
+# A decimal number in prose or a table ("107.79", "0.0228"); signs and units are left off.
+DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.]*\d)")
+
+
+def result_sections():
+    """(page, section title, committed results folders it cites, its text without code blocks) for each
+    ``## `` section of the docs that cites a folder of results/."""
+    for page in PAGES:
+        for section in re.split(r"(?m)^## ", (ROOT / page).read_text()):
+            folders = sorted({ROOT / "results" / name for name in re.findall(r"results/([\w.-]+)/", section)})
+            folders = [folder for folder in folders if folder.is_dir()]
+            if folders:
+                yield page, section.splitlines()[0], folders, re.sub(r"```.*?```", "", section, flags=re.S)
+
+
+@pytest.mark.parametrize("page, title, folders, text",
+                         [pytest.param(*section, id=f"{section[0]}: {section[1]}") for section in result_sections()])
+def test_every_number_a_results_section_quotes_is_in_its_committed_report(page, title, folders, text):
+    """A section that reports a committed result quotes its decimals verbatim from that result's
+    REPORT.md or tables (or from the paper's own tables), so a number cannot drift from the files
+    behind it, be rounded differently, or come from a run that was never committed."""
+    files = [file for folder in folders for file in sorted(folder.rglob("*")) if file.suffix in {".md", ".csv"}]
+    files.append(ROOT / "src/airvae/paper_results/paper_tables.json")
+    committed = {number for file in files for number in DECIMAL.findall(file.read_text())}
+    quoted = DECIMAL.findall(text)
+    assert quoted, f"{page} '{title}': cites results but quotes no number; drop the check or the citation"
+    missing = sorted(set(quoted) - committed)
+    assert not missing, (f"{page} '{title}' quotes {missing}, found in no REPORT.md or CSV of "
+                         f"{[str(f.relative_to(ROOT)) for f in folders]}: quote the committed figure")
