@@ -1,0 +1,7 @@
+"""``python -m airvae.cli``: the ``airvae`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
