@@ -310,17 +310,10 @@ def bdmc(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], z: 
         model: any [`LatentVariableModel`][airvae.model.LatentVariableModel].
         x: simulated examples, ``[n, ...]``.
         z: the latents that generated them, ``[n, z_dim]``.
-        num_intermediate: annealing steps T after the prior (more: tighter, slower).
-        chains: independent estimating chains per example.
-        leapfrog_steps: leapfrog steps per HMC transition.
-        step_size: the leapfrog step size (the starting one when adapted).
-        schedule: ``"sigmoid"`` or ``"linear"`` ([`annealing_schedule`][airvae.estimators.annealing_schedule]).
-        tuning_chains: extra chains per example that only adapt the step size (0: fixed step size).
-        target_accept: the acceptance probability the adaptation aims at, in (0, 1).
-        adapt_rate: how fast the step size adapts (>= 0).
-        seed: the seed of the examples' random streams.
-        chunk_examples: examples annealed at once (no effect on the result).
-        progress: show a progress bar.
+        num_intermediate: as in [`ais_log_likelihood`][airvae.estimators.ais_log_likelihood], which
+            runs the forward half; so are ``chains``, ``leapfrog_steps``, ``step_size``, ``schedule``,
+            ``tuning_chains``, ``target_accept``, ``adapt_rate``, ``seed``, ``chunk_examples`` and
+            ``progress``: one set of settings for both directions.
 
     Returns:
         ``(lower, upper)``, per-example [`Estimate`][airvae.estimators.Estimate]s named ``bdmc-lower``
