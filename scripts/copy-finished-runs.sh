@@ -30,5 +30,5 @@ done
 airvae report "$STAGE" > /dev/null
 rm -rf "$DEST"
 mkdir -p "$DEST"
-(cd "$STAGE" && tar --exclude=checkpoints --exclude=.lock -cf - .) | (cd "$DEST" && tar -xf -)
+(cd "$STAGE" && tar --exclude=checkpoints --exclude=.lock --exclude='*.partial' -cf - .) | (cd "$DEST" && tar -xf -)
 echo "copied $(find "$DEST/runs" -mindepth 4 -maxdepth 4 -type d -name 'seed*' | wc -l) finished runs to $DEST"

@@ -78,7 +78,7 @@ def stubs(monkeypatch):
     """The work itself never runs here: only what happens before it is under test."""
     monkeypatch.setattr(airvae.train, "_train_locked",
                         lambda cfg, run_dir, *args: TrainResult(run_dir, "completed", 0, None, None, 0.0))
-    monkeypatch.setattr(airvae.evaluation, "evaluate_model", lambda *args, **kwargs: {})
+    monkeypatch.setattr(airvae.evaluation, "_evaluate_in_parts", lambda *args, **kwargs: {})
     monkeypatch.setattr(airvae.iwsvi_study, "iwsvi_vs_iwae_study", lambda *args, **kwargs: {})
     monkeypatch.setattr(airvae.iwsvi_study, "_write_figure3", lambda data, out_dir: None)
 

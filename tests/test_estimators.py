@@ -341,6 +341,67 @@ def test_evaluate_run_writes_and_reuses_its_result(monkeypatch, tmp_path, case):
     assert "synthetic stand-in" in format_table(stored)
 
 
+
+def test_an_interrupted_evaluation_resumes_after_its_last_saved_part_with_the_values_of_one_pass(
+        monkeypatch, tmp_path, case):
+    """evaluate_run saves every part_examples examples; stopped in the middle, it computes only the parts
+    not saved, and the joined record equals one pass over all the examples (each example has its own
+    random streams), AIS's averaged acceptance rate included. Stale parts (another checkpoint) are not used."""
+    import airvae.evaluation as evaluation
+
+    model, x, _ = case
+    run_dir, calls = fake_run(monkeypatch, tmp_path, model, x)
+    settings = small_settings(estimators=("bound", "iwsvi", "iwae", "ais"), ais_intermediate=8, ais_chains=2,
+                              part_examples=2)
+    one_pass = evaluate_model(model, x, settings, bound_k=2)
+    real_estimate, started, stops = evaluation._estimate, [], []
+
+    def estimate(model, x, settings, names, bound_k, progress, first_index=0, done=None):
+        if names and first_index == 4 and not stops:
+            stops.append(first_index)
+            raise KeyboardInterrupt  # as Ctrl-C, or the machine going away, in the third part
+        if names:
+            started.append(first_index)
+        return real_estimate(model, x, settings, names, bound_k, progress, first_index, done)
+
+    monkeypatch.setattr(evaluation, "_estimate", estimate)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run_dir, settings, progress=False)
+    saved = json.loads(evaluation.partial_path(run_dir, settings).read_text())
+    assert [(part["start"], part["stop"]) for part in saved["parts"]] == [(0, 2), (2, 4)]
+    assert not evaluation.evaluation_path(run_dir, settings).exists()
+    started.clear()
+    result = evaluate_run(run_dir, settings, progress=False)
+    assert started[0] == 4 and 0 not in started and 2 not in started  # only the part not saved
+    assert not evaluation.partial_path(run_dir, settings).exists()
+    for name, whole in one_pass.items():
+        joined = result["estimates"][name]
+        assert torch.allclose(torch.tensor(joined["values"], dtype=torch.float64), whole.values, atol=1e-5, rtol=0)
+        assert joined["name"] == whole.name and joined["n"] == len(x)
+    assert result["estimates"]["ais"]["settings"]["mean_acceptance"] == pytest.approx(
+        one_pass["ais"].settings["mean_acceptance"], abs=1e-6)
+    assert result["seconds"] >= sum(part["seconds"] for part in saved["parts"])
+    # Parts saved from another checkpoint are computed again, not joined.
+    evaluation.partial_path(run_dir, settings).write_text(json.dumps(saved))
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v2")
+    started.clear()
+    evaluate_run(run_dir, settings, progress=False)
+    assert started[:3] == [0, 2, 4]
+
+
+def test_joined_estimates_keep_their_settings_and_refuse_parts_of_another_estimator():
+    a = Estimate("ais", torch.tensor([1.0, 2.0], dtype=torch.float64), {"chains": 2, "mean_acceptance": 0.5}, 1.0)
+    b = Estimate("ais", torch.tensor([3.0], dtype=torch.float64), {"chains": 2, "mean_acceptance": 0.8}, 2.0)
+    joined = Estimate.concat([a, b])
+    assert joined.values.tolist() == [1.0, 2.0, 3.0] and joined.seconds == 3.0
+    assert joined.settings == {"chains": 2, "mean_acceptance": pytest.approx(0.6)}  # over the 3 examples
+    with pytest.raises(ValueError, match="share their estimator and settings"):
+        Estimate.concat([a, Estimate("ais", b.values, {"chains": 4, "mean_acceptance": 0.8})])
+    with pytest.raises(ValueError, match="no parts"):
+        Estimate.concat([])
+    with pytest.raises(ValueError, match="first_index must not be negative"):
+        iwae_log_likelihood(tiny_model(), torch.zeros(1, 12), 4, first_index=-1)
+
 def test_study_writes_figure_and_data(tmp_path, case):
     model, x, _ = case
     from airvae.figures import draw_figure3

@@ -191,7 +191,7 @@ def test_evaluate_checks_that_it_can_write_before_it_computes(trained, capsys, m
 
     computed = []
     monkeypatch.setattr(evaluation, "check_writable", unwritable)
-    monkeypatch.setattr(evaluation, "evaluate_model", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(evaluation, "_evaluate_in_parts", lambda *a, **k: computed.append(1))
     capsys.readouterr()
     assert main(["evaluate", str(run), *FAST_EVAL]) == 2
     assert "Read-only" in one_error_line(capsys) and not computed

@@ -160,7 +160,7 @@ def test_report_rebuilds_a_committed_results_folder_exactly(tmp_path, folder):
 def test_paper_strengths_stopped_mid_evaluation_resume_and_a_copy_without_weights_counts_as_finished(
         tmp_path, data_dir, monkeypatch):
     """`--strengths paper` trains Table 7's strength only and evaluates each run in its own task; a stop in
-    the middle of an evaluation (Ctrl-C, SIGTERM) loses only that evaluation, and a results folder
+    the middle of an evaluation (Ctrl-C, SIGTERM) loses at most its part in progress, and a results folder
     committed without its checkpoints is finished work: nothing is trained or evaluated again."""
     import shutil
 
@@ -171,7 +171,7 @@ def test_paper_strengths_stopped_mid_evaluation_resume_and_a_copy_without_weight
     out = tmp_path / "out"
     args = ["reproduce", "table1", "--dataset", "caltech", "--budget", "smoke", "--strengths", "paper", "--seeds", "1",
             "--estimators", "ais", "--data-dir", data_dir, "--no-progress", "--device", "cpu", "--executor", "local"]
-    real, calls = evaluation.evaluate_model, []
+    real, calls = evaluation._evaluate_in_parts, []
 
     def stopped(*a, **k):
         calls.append(1)
@@ -180,7 +180,7 @@ def test_paper_strengths_stopped_mid_evaluation_resume_and_a_copy_without_weight
         return real(*a, **k)
 
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation, "evaluate_model", stopped)
+        patch.setattr(evaluation, "_evaluate_in_parts", stopped)
         assert main(args + ["--out", str(out)]) == 130
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["strengths"] == "paper" and manifest["grid"] == []
@@ -200,7 +200,7 @@ def test_paper_strengths_stopped_mid_evaluation_resume_and_a_copy_without_weight
     committed = tmp_path / "committed"
     shutil.copytree(out, committed, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation, "evaluate_model", lambda *a, **k: pytest.fail("evaluated again"))
+        patch.setattr(evaluation, "_evaluate_in_parts", lambda *a, **k: pytest.fail("evaluated again"))
         patch.setattr(training, "train", lambda *a, **k: pytest.fail("trained again"))
         assert main(args + ["--out", str(committed)]) == 0
     assert (committed / "REPORT.md").read_text() == (out / "REPORT.md").read_text()

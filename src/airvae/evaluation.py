@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .compiling import LONG_EVALUATION_LATENTS, compile_for
 from .config import MAX_SAMPLES, MAX_SEED, FitConfig, RunConfig, check_device_name, check_int, is_int, is_real, require
@@ -57,7 +58,8 @@ FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 too
 # Fields that change how the work is done, not what is estimated: left out of the cache key.
 # (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
 # equally valid stream, so a result computed on one device is reused on another.)
-_EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples")
+_EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples", "part_examples")
+DEFAULT_PART_EXAMPLES = 256  # a few minutes of appendix C's IW-SVI on one CPU core for Caltech's model
 
 
 def _is_pos_float(value: object) -> bool:
@@ -101,6 +103,9 @@ class EvaluationSettings:
         chunk_samples: latents decoded at once (no effect on the result).
         svi_chunk_examples: examples IW-SVI optimizes at once (no effect on the result).
         ais_chunk_examples: examples AIS anneals at once (no effect on the result).
+        part_examples: [`evaluate_run`][airvae.evaluation.evaluate_run] saves its progress after every
+            this many examples, and an interrupted evaluation resumes after the last part saved (no
+            effect on the result: every example draws from its own random streams).
     """
 
     estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
@@ -126,6 +131,7 @@ class EvaluationSettings:
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES
     svi_chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES
     ais_chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES
+    part_examples: int = DEFAULT_PART_EXAMPLES
 
     def __post_init__(self) -> None:
         if isinstance(self.estimators, str):
@@ -151,7 +157,7 @@ class EvaluationSettings:
         for name in ("k_iwae", "svi_k", "svi_l", "chunk_samples"):
             check_int(name, getattr(self, name), 1, MAX_SAMPLES)
         for name in ("bound_repeats", "ais_intermediate", "ais_chains", "bdmc_examples", "svi_chunk_examples",
-                     "ais_chunk_examples"):
+                     "ais_chunk_examples", "part_examples"):
             check_int(name, getattr(self, name), 1, MAX_STEPS)
         check_int("ais_leapfrog", self.ais_leapfrog, 1, 10**4)
         require(is_int(self.svi_steps) and 0 <= self.svi_steps <= MAX_STEPS, "svi_steps", self.svi_steps,
@@ -232,10 +238,17 @@ def evaluate_model(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any,
     if settings.max_examples is not None and settings.max_examples < len(x):  # else all of x: no copy
         x = x[torch.as_tensor(evenly_spaced(len(x), settings.max_examples))]
     compile_for(_latents_decoded(settings, x.shape[0], bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode
-    estimates: dict[str, Estimate] = {}
-    for name in settings.estimators:
+    return _estimate(model, x, settings, settings.estimators, bound_k, progress)
+
+
+def _estimate(model: LatentVariableModel, x: torch.Tensor, settings: EvaluationSettings, names: Sequence[str],
+              bound_k: int | None, progress: bool, first_index: int = 0,
+              done: Mapping[str, Estimate] | None = None) -> dict[str, Estimate]:
+    """The estimators ``names`` on ``x``, in order, each given those computed so far (after ``done``)."""
+    estimates = dict(done or {})
+    for name in names:
         estimates.update(REGISTRY[name].single(model, x, settings, bound_k=bound_k, progress=progress,
-                                               done=estimates))
+                                               done=estimates, first_index=first_index))
     return estimates
 
 
@@ -362,9 +375,68 @@ def evaluate_run(run_dir: str | os.PathLike[str], settings: EvaluationSettings, 
     check_writable(run_dir / EVALUATIONS, run_dir)
     cfg, model, digest, dataset, x, n_split = load_best_examples(run_dir, settings.split, settings.max_examples, device,
                                                          progress, settings, dataset, model)
-    estimates = evaluate_model(model, x, settings, bound_k=cfg.k, progress=progress)
-    return store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split, device=device,
-                            digest=digest, seconds=time.perf_counter() - started, data_digest=data_digest)
+    progress_file = partial_path(run_dir, settings)
+    saved = _Progress(progress_file, run_dir, {"identity": settings.identity(), "checkpoint_sha256": digest,
+                                               "data_sha256": data_digest, "n": x.shape[0]}, resume=not recompute)
+    estimates = _evaluate_in_parts(model, x, settings, cfg.k, progress, saved)
+    result = store_evaluation(run_dir, settings, cfg, dataset, estimates, n=x.shape[0], n_split=n_split,
+                              device=device, digest=digest, data_digest=data_digest,
+                              seconds=saved.earlier_seconds + time.perf_counter() - started)
+    progress_file.unlink(missing_ok=True)  # (a link there is removed, never followed)
+    return result
+
+
+def partial_path(run_dir: str | os.PathLike[str], settings: EvaluationSettings) -> Path:
+    """Where [`evaluate_run`][airvae.evaluation.evaluate_run] keeps the parts of an unfinished evaluation:
+    beside its record, ``RUN/evaluations/<split>-<hash>.partial`` (removed once the record is written)."""
+    return evaluation_path(run_dir, settings).with_suffix(".partial")
+
+
+class _Progress:
+    """The saved parts of one run's evaluation: read back when they were computed from the same
+    settings, checkpoint and data (``key``), else started afresh; saved atomically after each part."""
+
+    def __init__(self, path: Path, root: Path, key: dict[str, Any], resume: bool) -> None:
+        self.path, self.root, self.key = path, root, key
+        stored = _read_record(path) if resume else None
+        parts = stored.get("parts") if stored is not None and stored.get("key") == key else None
+        self.parts: list[dict[str, Any]] = parts if isinstance(parts, list) else []
+        try:  # anything unreadable in them: start afresh
+            self.done = [{name: Estimate.from_dict(d) for name, d in part["estimates"].items()} for part in self.parts]
+            self.stop = int(self.parts[-1]["stop"]) if self.parts else 0
+            self.earlier_seconds = math.fsum(float(part["seconds"]) for part in self.parts)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.parts, self.done, self.stop, self.earlier_seconds = [], [], 0, 0.0
+
+    def add(self, start: int, stop: int, estimates: dict[str, Estimate], seconds: float) -> None:
+        self.parts.append({"start": start, "stop": stop, "seconds": seconds,
+                           "estimates": {name: est.to_dict() for name, est in estimates.items()}})
+        self.done.append(estimates)
+        self.stop = stop
+        write_json(self.path, {"key": self.key, "parts": self.parts}, self.root)
+
+
+def _evaluate_in_parts(model: LatentVariableModel, x: torch.Tensor, settings: EvaluationSettings,
+                       bound_k: int | None, progress: bool, saved: _Progress) -> dict[str, Estimate]:
+    """[`evaluate_model`][airvae.evaluation.evaluate_model]'s estimates, computed ``settings.part_examples``
+    examples at a time from where ``saved`` stopped and saved after each part. The per-example
+    estimators' parts are joined ([`Estimate.concat`][airvae.estimators.Estimate.concat]); the others
+    (``bdmc``, on data of its own) run once, at the end."""
+    n = x.shape[0]
+    compile_for(_latents_decoded(settings, n, bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode, on the whole
+    per_example = [name for name in settings.estimators if REGISTRY[name].per_example]
+    if per_example:
+        with tqdm(total=n, initial=saved.stop, desc="evaluation", unit="ex", leave=False,
+                  disable=not progress or n <= settings.part_examples) as bar:
+            for start in range(saved.stop, n, settings.part_examples):
+                stop = min(start + settings.part_examples, n)
+                began = time.perf_counter()
+                part = _estimate(model, x[start:stop], settings, per_example, bound_k, progress, first_index=start)
+                saved.add(start, stop, part, time.perf_counter() - began)
+                bar.update(stop - start)
+    joined = {name: Estimate.concat([part[name] for part in saved.done]) for name in saved.done[0]} if per_example else {}
+    rest = [name for name in settings.estimators if not REGISTRY[name].per_example]
+    return _estimate(model, x, settings, rest, bound_k, progress, done=joined)
 
 
 def check_run_data(run_dir: Path, cfg: RunConfig | FitConfig, dataset: Dataset, allow_data_change: bool = False) -> str:

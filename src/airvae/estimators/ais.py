@@ -102,7 +102,8 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[
                        num_intermediate: int = 500, chains: int = 16, leapfrog_steps: int = 10,
                        step_size: float = 0.1, schedule: str = "sigmoid", tuning_chains: int = 4,
                        target_accept: float = 0.65, adapt_rate: float = 0.2, seed: int = 0,
-                       chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, progress: bool = False) -> Estimate:
+                       chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES, first_index: int = 0,
+                       progress: bool = False) -> Estimate:
     """Annealed importance sampling (Neal 2001) of ln p(x) with HMC transitions: not in the paper, an
     independent check of IW-SVI that never uses the encoder.
 
@@ -138,6 +139,8 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[
         adapt_rate: how fast the step size adapts (>= 0).
         seed: the seed of the examples' random streams.
         chunk_examples: examples annealed at once (no effect on the result).
+        first_index: the index of ``x[0]`` among the examples evaluated: example ``i`` draws from the
+            random streams of example ``first_index + i``, so a slice of the examples gets their values.
         progress: show a progress bar.
 
     Returns:
@@ -160,7 +163,8 @@ def ais_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[
             for start in range(0, n, chunk_examples):
                 xb = x[start:start + chunk_examples]
                 estimate, accept, _ = _forward_ais(model, xb, z_dim, betas, chains, tuning_chains, leapfrog_steps,
-                                                   step_size, (target_accept, adapt_rate), seed, start, bar)
+                                                   step_size, (target_accept, adapt_rate), seed, first_index + start,
+                                                   bar)
                 values[start:start + xb.shape[0]] = estimate.cpu()
                 accept_sum += accept
     finally:

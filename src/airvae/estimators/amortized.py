@@ -117,8 +117,8 @@ def iwae_given_q(model: LatentVariableModel, x: torch.Tensor, mean: torch.Tensor
 
 
 def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int = 5000, *,
-                        seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False,
-                        name: str | None = None) -> Estimate:
+                        seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, first_index: int = 0,
+                        progress: bool = False, name: str | None = None) -> Estimate:
     """IWAE-k with the amortized (clean) encoder (eq. 40): per example,
     ``log (1/k) sum_i p(x, z_i) / q(z_i|x)`` with exactly ``k`` samples. A lower bound on ln p(x) that
     scores encoder and decoder together; IW-SVI scores the decoder alone.
@@ -129,6 +129,8 @@ def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray
         k: importance samples per example.
         seed: the seed of the examples' random streams.
         chunk_samples: latents decoded at once (memory against speed; no effect on the result).
+        first_index: the index of ``x[0]`` among the examples evaluated: example ``i`` draws from the
+            random streams of example ``first_index + i``, so a slice of the examples gets their values.
         progress: show a progress bar.
         name: the estimate's name (default ``iwae-<k>``).
 
@@ -136,13 +138,14 @@ def iwae_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarray
         The per-example [`Estimate`][airvae.estimators.Estimate].
     """
     start_time = time.perf_counter()
-    values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, progress, name or f"IWAE-{k}")
+    values = _amortized_iwae(model, x, k, 1, seed, chunk_samples, first_index, progress, name or f"IWAE-{k}")
     return Estimate(name or f"iwae-{k}", values, {"k": k, "seed": seed}, time.perf_counter() - start_time,
                     data_dims(model, x))
 
 
 def amortized_bound(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int, *, repeats: int = 1,
-                    seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
+                    seed: int = 0, chunk_samples: int = DEFAULT_CHUNK_SAMPLES, first_index: int = 0,
+                    progress: bool = False) -> Estimate:
     """The model's own training bound L_k(x) with the clean encoder: the amortized ELBO (eq. 5) for
     k = 1, IWAE-k (eq. 20) otherwise; per example, averaged over ``repeats`` independent draws of k
     samples (a lower-variance estimate of the same expectation). ``repeats=1`` equals
@@ -155,24 +158,26 @@ def amortized_bound(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any
         repeats: independent draws of k samples, averaged.
         seed: the seed of the examples' random streams.
         chunk_samples: latents decoded at once (no effect on the result).
+        first_index: the index of ``x[0]`` among the examples evaluated: example ``i`` draws from the
+            random streams of example ``first_index + i``, so a slice of the examples gets their values.
         progress: show a progress bar.
 
     Returns:
         The per-example [`Estimate`][airvae.estimators.Estimate], named ``bound-<k>``.
     """
     start_time = time.perf_counter()
-    values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, progress, f"L_{k} x{repeats}")
+    values = _amortized_iwae(model, x, k, repeats, seed, chunk_samples, first_index, progress, f"L_{k} x{repeats}")
     return Estimate(f"bound-{k}", values, {"k": k, "repeats": repeats, "seed": seed},
                     time.perf_counter() - start_time, data_dims(model, x))
 
 
 def _amortized_iwae(model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], k: int, repeats: int,
-                    seed: int, chunk_samples: int, progress: bool, desc: str) -> torch.Tensor:
+                    seed: int, chunk_samples: int, first_index: int, progress: bool, desc: str) -> torch.Tensor:
     """[`iwae_given_q`][airvae.estimators.iwae_given_q] with the clean encoder's q, the model frozen."""
     check_k("k", k)
     examples = as_input(model, x)
     with frozen(model):
         mean, std = encode_all(model, examples)
         with tqdm(total=examples.shape[0], desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-            return iwae_given_q(model, examples, mean, std, k, repeats=repeats, seed=seed,
+            return iwae_given_q(model, examples, mean, std, k, repeats=repeats, seed=seed, first_index=first_index,
                                 chunk_samples=chunk_samples, bar=bar)

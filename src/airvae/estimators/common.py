@@ -33,6 +33,9 @@ NOISE_BLOCK = 16  # per-step noise is drawn in blocks of this many steps per exa
 
 # A model, or any other module: what frozen() holds.
 M = TypeVar("M", bound="torch.nn.Module | LatentVariableModel")
+# Entries of an estimate's settings that describe the run rather than set it: averages over the examples,
+# which differ between parts of one evaluation (Estimate.concat averages them).
+AVERAGED_DIAGNOSTICS = ("mean_acceptance",)
 
 
 @dataclass
@@ -94,6 +97,33 @@ class Estimate:
         return cls(d["name"], torch.tensor(d["values"], dtype=torch.float64), dict(d.get("settings", {})),
                    float(d.get("seconds", 0.0)), d.get("dims"), bool(d.get("difference", d["name"] == "gap")))
 
+    @classmethod
+    def concat(cls, parts: Sequence[Estimate]) -> Estimate:
+        """One estimate of examples evaluated in consecutive parts, each computed with its
+        ``first_index`` (so its values are the ones a single call gives): the values joined in order,
+        the seconds summed. The parts must agree on everything else, except the diagnostics in
+        ``AVERAGED_DIAGNOSTICS`` (AIS's ``mean_acceptance``), averaged over the examples.
+
+        Raises:
+            ValueError: no parts, or parts of different estimators or settings.
+        """
+        if not parts:
+            raise ValueError("no parts to join")
+        first = parts[0]
+        settings = {key: value for key, value in first.settings.items() if key not in AVERAGED_DIAGNOSTICS}
+        for part in parts[1:]:
+            other = {key: value for key, value in part.settings.items() if key not in AVERAGED_DIAGNOSTICS}
+            if (part.name, other, part.dims, part.difference) != (first.name, settings, first.dims, first.difference):
+                raise ValueError(f"cannot join estimates {first.name} {settings} and {part.name} {other}: "
+                                 "parts of one evaluation share their estimator and settings")
+        sizes = [part.values.numel() for part in parts]
+        for key in AVERAGED_DIAGNOSTICS:
+            if key in first.settings:
+                weighted = (part.settings[key] * size for part, size in zip(parts, sizes, strict=True))
+                settings[key] = math.fsum(weighted) / max(sum(sizes), 1)
+        return cls(first.name, torch.cat([part.values for part in parts]), settings,
+                   math.fsum(part.seconds for part in parts), first.dims, first.difference)
+
 
 # ----------------------------------------------------------------------------------------------
 # Random streams
@@ -112,7 +142,12 @@ def example_generator(seed: int, index: int, device: torch.device, stream: int =
 
     Returns:
         A seeded ``torch.Generator``.
+
+    Raises:
+        ValueError: a negative ``index`` (its stream would be another seed's).
     """
+    if index < 0:
+        raise ValueError(f"invalid example index {index}: allowed >= 0 (first_index must not be negative)")
     if stream == STREAM_SCORE:
         state = (seed * 1_000_003 + index) % (2**63)
     else:  # other streams: a well-mixed seed, so they never coincide with stream 0 of another example

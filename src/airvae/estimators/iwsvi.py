@@ -161,7 +161,8 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarr
                           l: int = 8, steps: int = 3000, lr: float = DEFAULT_SVI_LR,  # noqa: E741
                           lr_decay: float = DEFAULT_SVI_LR_DECAY, seed: int = 0,
                           chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES,
-                          chunk_samples: int = DEFAULT_CHUNK_SAMPLES, progress: bool = False) -> Estimate:
+                          chunk_samples: int = DEFAULT_CHUNK_SAMPLES, first_index: int = 0,
+                          progress: bool = False) -> Estimate:
     """IW-SVI (appendix C, eq. 41-42), the paper's estimator of ln p(x): fit a Gaussian q per example
     on IWAE-l for ``steps`` Adam steps ([`fit_iw_svi`][airvae.estimators.fit_iw_svi]), then score it
     with exactly ``k`` samples ([`iwae_given_q`][airvae.estimators.iwae_given_q]).
@@ -182,6 +183,8 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarr
         seed: the seed of the examples' random streams.
         chunk_examples: examples optimized at once (no effect on the result).
         chunk_samples: latents decoded at once when scoring (no effect on the result).
+        first_index: the index of ``x[0]`` among the examples evaluated: example ``i`` draws from the
+            random streams of example ``first_index + i``, so a slice of the examples gets their values.
         progress: show progress bars.
 
     Returns:
@@ -191,9 +194,10 @@ def iw_svi_log_likelihood(model: LatentVariableModel, x: torch.Tensor | np.ndarr
     start_time = time.perf_counter()
     examples = as_input(model, x)
     mean, std = fit_iw_svi(model, examples, l=l, steps=steps, lr=lr, lr_decay=lr_decay, seed=seed,
-                           chunk_examples=chunk_examples, progress=progress)
+                           chunk_examples=chunk_examples, first_index=first_index, progress=progress)
     with frozen(model), tqdm(total=examples.shape[0], desc=f"IW-SVI score (k={k})", unit="ex",
                              disable=not progress, leave=False) as bar:
-        values = iwae_given_q(model, examples, mean, std, k, seed=seed, chunk_samples=chunk_samples, bar=bar)
+        values = iwae_given_q(model, examples, mean, std, k, seed=seed, first_index=first_index,
+                              chunk_samples=chunk_samples, bar=bar)
     settings = {"k": k, "l": l, "steps": steps, "lr": lr, "lr_decay": lr_decay, "seed": seed}
     return Estimate(f"iwsvi-{k}", values, settings, time.perf_counter() - start_time, data_dims(model, examples))

@@ -98,11 +98,16 @@ class Estimator(ABC):
         stacked: ``(runs, settings, bound_k, done) -> one Estimate per run`` for a group of runs
             ([`StackedRuns`][airvae.estimators.registry.StackedRuns]; ``done``: each run's estimates so
             far), or None where a group does not batch it (its runs are then evaluated one by one).
+        per_example: whether its values are per example of ``x``, each from that example's own random
+            streams, so that ``x`` can be evaluated in parts (``first_index``) and the parts joined
+            ([`Estimate.concat`][airvae.estimators.Estimate.concat]); False for ``bdmc``, which scores
+            data of its own.
     """
 
     name: str
     meaning: str  # one line: what it measures
     needs: tuple[str, ...] = ()
+    per_example: bool = True
     stacked: Callable[..., list[Estimate]] | None = None
 
     @abstractmethod
@@ -117,9 +122,11 @@ class Estimator(ABC):
 
     @abstractmethod
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
         """The estimates it adds for ``model`` on the examples ``x``, by name (``done``: those
-        computed so far, which include its ``needs``)."""
+        computed so far, which include its ``needs``; ``first_index``: the index of ``x[0]`` among the
+        examples evaluated, for an estimator that is ``per_example``)."""
 
 
 def _training_k(settings: EstimatorSettings, bound_k: int | None) -> int | None:
@@ -182,12 +189,14 @@ class Bound(Estimator):
         return {"the amortized bound": footprint.iwae(k, examples, settings.chunk_samples)}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
         k = _training_k(settings, bound_k)
         if k is None:
             raise ValueError("estimator 'bound' needs the training k: pass bound_k or set settings.bound_k")
         return {"bound": amortized_bound(model, x, k, repeats=settings.bound_repeats, seed=settings.seed,
-                                         chunk_samples=settings.chunk_samples, progress=progress)}
+                                         chunk_samples=settings.chunk_samples, first_index=first_index,
+                                         progress=progress)}
 
     def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
                 done: list[dict[str, Estimate]]) -> list[Estimate]:
@@ -210,9 +219,11 @@ class Iwae(Estimator):
         return {f"IWAE-{settings.k_iwae:,}": footprint.iwae(settings.k_iwae, examples, settings.chunk_samples)}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
         return {"iwae": iwae_log_likelihood(model, x, settings.k_iwae, seed=settings.seed,
-                                            chunk_samples=settings.chunk_samples, progress=progress)}
+                                            chunk_samples=settings.chunk_samples, first_index=first_index,
+                                            progress=progress)}
 
     def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
                 done: list[dict[str, Estimate]]) -> list[Estimate]:
@@ -236,8 +247,9 @@ class IwSvi(Estimator):
         return {f"IW-SVI (l = {settings.svi_l:,}, k = {settings.svi_k:,})": max(fit, score)}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
-        return {"iwsvi": iw_svi_log_likelihood(model, x, **_svi_kwargs(settings, progress))}
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
+        return {"iwsvi": iw_svi_log_likelihood(model, x, first_index=first_index, **_svi_kwargs(settings, progress))}
 
     def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
                 done: list[dict[str, Estimate]]) -> list[Estimate]:
@@ -267,8 +279,9 @@ class Ais(Estimator):
         return {f"AIS with {chains:,} chains": footprint.float_bytes * _ais_floats(footprint, settings, examples)}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
-        return {"ais": ais_log_likelihood(model, x, **_ais_kwargs(settings, progress))}
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
+        return {"ais": ais_log_likelihood(model, x, first_index=first_index, **_ais_kwargs(settings, progress))}
 
 
 class Gap(Estimator):
@@ -287,7 +300,8 @@ class Gap(Estimator):
         return {}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
         return {"gap": self._compose(done)}
 
     def stacked(self, runs: StackedRuns, settings: EstimatorSettings, bound_k: int | None,
@@ -308,12 +322,13 @@ class Bdmc(Estimator):
     """
     name = "bdmc"
     meaning = "the sandwich lower <= ln p(x) <= upper, by forward and reverse AIS on data simulated from the model"
+    per_example = False  # its examples are simulated, not x's
 
     def cost(self, settings: EstimatorSettings, examples: int, bound_k: int | None) -> int:
         """On ``settings.bdmc_examples`` simulated examples whatever ``examples``: forward and reverse
         AIS, and IW-SVI when it is chosen too."""
-        per_example = 2 * _ais_latents(settings) + (_svi_latents(settings) if "iwsvi" in settings.estimators else 0)
-        return settings.bdmc_examples * per_example
+        latents_each = 2 * _ais_latents(settings) + (_svi_latents(settings) if "iwsvi" in settings.estimators else 0)
+        return settings.bdmc_examples * latents_each
 
     def memory(self, footprint: Footprint, settings: EstimatorSettings, examples: int) -> dict[str, int]:
         # forward and reverse AIS, one after the other
@@ -322,7 +337,8 @@ class Bdmc(Estimator):
                 footprint.float_bytes * _ais_floats(footprint, settings, settings.bdmc_examples)}
 
     def single(self, model: LatentVariableModel, x: torch.Tensor | np.ndarray[Any, Any], settings: EstimatorSettings,
-               *, bound_k: int | None, progress: bool, done: dict[str, Estimate]) -> dict[str, Estimate]:
+               *, bound_k: int | None, progress: bool, done: dict[str, Estimate],
+               first_index: int = 0) -> dict[str, Estimate]:
         """``bdmc_lower`` and ``bdmc_upper`` on ``settings.bdmc_examples`` examples simulated from the
         model (the AIS settings); with ``iwsvi`` chosen, ``bdmc_iwsvi`` on them too, so that IW-SVI's
         slack there is known."""
