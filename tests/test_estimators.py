@@ -381,6 +381,12 @@ def test_an_interrupted_evaluation_resumes_after_its_last_saved_part_with_the_va
     assert result["estimates"]["ais"]["settings"]["mean_acceptance"] == pytest.approx(
         one_pass["ais"].settings["mean_acceptance"], abs=1e-6)
     assert result["seconds"] >= sum(part["seconds"] for part in saved["parts"])
+    # Parts that do not follow one another from the first example are computed again, not joined.
+    evaluation.partial_path(run_dir, settings).write_text(json.dumps({**saved, "parts": saved["parts"][1:]}))
+    started.clear()
+    evaluation.evaluation_path(run_dir, settings).unlink()
+    evaluate_run(run_dir, settings, progress=False)
+    assert started[:3] == [0, 2, 4]
     # Parts saved from another checkpoint are computed again, not joined.
     evaluation.partial_path(run_dir, settings).write_text(json.dumps(saved))
     (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights v2")

@@ -59,7 +59,9 @@ FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 too
 # (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
 # equally valid stream, so a result computed on one device is reused on another.)
 _EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples", "part_examples")
-DEFAULT_PART_EXAMPLES = 256  # a few minutes of appendix C's IW-SVI on one CPU core for Caltech's model
+# evaluate_run's parts on a CPU: a few minutes of appendix C's IW-SVI on one core for Caltech's model, and
+# no slower than larger batches there (measured); on a GPU a part is one IW-SVI chunk, so batches stay as large.
+DEFAULT_PART_EXAMPLES = 256
 
 
 def _is_pos_float(value: object) -> bool:
@@ -105,7 +107,8 @@ class EvaluationSettings:
         ais_chunk_examples: examples AIS anneals at once (no effect on the result).
         part_examples: [`evaluate_run`][airvae.evaluation.evaluate_run] saves its progress after every
             this many examples, and an interrupted evaluation resumes after the last part saved (no
-            effect on the result: every example draws from its own random streams).
+            effect on the result: every example draws from its own random streams). None: 256 on a
+            CPU, ``svi_chunk_examples`` on a GPU.
     """
 
     estimators: tuple[str, ...] = ("bound", "iwsvi", "gap")
@@ -131,7 +134,7 @@ class EvaluationSettings:
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES
     svi_chunk_examples: int = DEFAULT_SVI_CHUNK_EXAMPLES
     ais_chunk_examples: int = DEFAULT_AIS_CHUNK_EXAMPLES
-    part_examples: int = DEFAULT_PART_EXAMPLES
+    part_examples: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.estimators, str):
@@ -157,8 +160,10 @@ class EvaluationSettings:
         for name in ("k_iwae", "svi_k", "svi_l", "chunk_samples"):
             check_int(name, getattr(self, name), 1, MAX_SAMPLES)
         for name in ("bound_repeats", "ais_intermediate", "ais_chains", "bdmc_examples", "svi_chunk_examples",
-                     "ais_chunk_examples", "part_examples"):
+                     "ais_chunk_examples"):
             check_int(name, getattr(self, name), 1, MAX_STEPS)
+        if self.part_examples is not None:
+            check_int("part_examples", self.part_examples, 1, MAX_STEPS)
         check_int("ais_leapfrog", self.ais_leapfrog, 1, 10**4)
         require(is_int(self.svi_steps) and 0 <= self.svi_steps <= MAX_STEPS, "svi_steps", self.svi_steps,
                f"an integer >= 0 (0 scores the encoder's q) and <= {MAX_STEPS}")
@@ -401,9 +406,15 @@ class _Progress:
         stored = _read_record(path) if resume else None
         parts = stored.get("parts") if stored is not None and stored.get("key") == key else None
         self.parts: list[dict[str, Any]] = parts if isinstance(parts, list) else []
-        try:  # anything unreadable in them: start afresh
+        try:  # anything unreadable or inconsistent in them: start afresh
             self.done = [{name: Estimate.from_dict(d) for name, d in part["estimates"].items()} for part in self.parts]
-            self.stop = int(self.parts[-1]["stop"]) if self.parts else 0
+            bounds = [(int(part["start"]), int(part["stop"])) for part in self.parts]
+            if bounds and (bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+                           or any(est.values.numel() != stop - start for (start, stop), estimates
+                                  in zip(bounds, self.done, strict=True) for est in estimates.values())
+                           or len({tuple(estimates) for estimates in self.done}) != 1):
+                raise ValueError("parts that do not follow one another")
+            self.stop = bounds[-1][1] if bounds else 0
             self.earlier_seconds = math.fsum(float(part["seconds"]) for part in self.parts)
         except (KeyError, TypeError, ValueError, AttributeError):
             self.parts, self.done, self.stop, self.earlier_seconds = [], [], 0, 0.0
@@ -425,11 +436,12 @@ def _evaluate_in_parts(model: LatentVariableModel, x: torch.Tensor, settings: Ev
     n = x.shape[0]
     compile_for(_latents_decoded(settings, n, bound_k) >= LONG_EVALUATION_LATENTS)  # auto mode, on the whole
     per_example = [name for name in settings.estimators if REGISTRY[name].per_example]
+    size = settings.part_examples or (settings.svi_chunk_examples if x.device.type == "cuda" else DEFAULT_PART_EXAMPLES)
     if per_example:
         with tqdm(total=n, initial=saved.stop, desc="evaluation", unit="ex", leave=False,
-                  disable=not progress or n <= settings.part_examples) as bar:
-            for start in range(saved.stop, n, settings.part_examples):
-                stop = min(start + settings.part_examples, n)
+                  disable=not progress or n <= size) as bar:
+            for start in range(saved.stop, n, size):
+                stop = min(start + size, n)
                 began = time.perf_counter()
                 part = _estimate(model, x[start:stop], settings, per_example, bound_k, progress, first_index=start)
                 saved.add(start, stop, part, time.perf_counter() - began)
