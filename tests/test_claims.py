@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from airvae.claims import deviations, estimator_labels, estimators_present, paper_improvement, suspect_estimates
+from airvae.claims import (
+    deviations,
+    estimator_labels,
+    estimators_present,
+    paper_improvement,
+    seeds_note,
+    suspect_estimates,
+)
 from airvae.report import table_claims
 from airvae.sweep import Job
 from airvae.targets import paper_tables
@@ -152,3 +159,11 @@ def test_the_compute_line_sums_the_finished_runs_own_seconds():
     assert "the 2 finished runs took 3.0 h of training and 2.0 h of evaluation" in line
     assert "training 60-120 min, evaluation 30-90 min; evaluated on cpu, cuda:0" in line
     assert compute_line([row("running", 10.0, 0.0)]) == []
+
+
+def test_a_cell_of_a_reproduction_partway_says_how_many_of_its_seeds_it_holds():
+    assert seeds_note(1, 3) == " [1 of 3 seeds]" and seeds_note(2, 3) == " [2 of 3 seeds]"
+    assert seeds_note(3, 3) == "" and seeds_note(1, 1) == ""
+    committed = (Path(__file__).resolve().parents[1] / "results" / "table1-caltech-paper" / "REPORT.md").read_text()
+    finished = int(re.search(r"runs: 12 \((\d+) finished", committed)[1])
+    assert (finished < 12) == ("of 3 seeds]" in committed)  # the committed table says so while it is partway

@@ -326,7 +326,8 @@ INTERNAL = {
     "airvae.sweep": {"finished_summary": "a step of execute()"},
     "airvae.report": {"check_reproduction": "a step of render()", "columns": _REPORT, "column_of": _REPORT,
                       "paper_column": _REPORT, "bdmc_section": _REPORT, "plots_section": _REPORT},
-    "airvae.claims": {"fmt": "number formatting of the claims", "sign": "the sign of a number"},
+    "airvae.claims": {"fmt": "number formatting of the claims", "sign": "the sign of a number",
+                      "seeds_note": "a table cell's seed count, formatting"},
     "airvae.resources": {"format_bytes": "the numbers of check_fits' message"},
 }
 # Modules of airvae not rendered on the API page, and why; a package's modules are rendered through the

@@ -304,9 +304,16 @@ def ais_beside_iwsvi(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def baseline_against_paper(target: str, values: dict, columns: list[str], k: int) -> list[str]:
+def seeds_note(n: int, seeds: int) -> str:
+    """`` [2 of 3 seeds]`` beside a cell that holds fewer seeds than its reproduction asks for (one that
+    is partway); nothing once it holds them all."""
+    return f" [{n} of {seeds} seeds]" if n < seeds else ""
+
+
+def baseline_against_paper(target: str, values: dict, columns: list[str], k: int, counts: dict | None = None,
+                           seeds: int = 0) -> list[str]:
     """REPORT.md lines: our unregularized model against the paper's, cell by cell (ours: mean ± SE over
-    seeds; the paper's ± as printed)."""
+    seeds, with ``counts[(family, column, metric)]`` of ``seeds`` where fewer; the paper's ± as printed)."""
     lines = []
     names = {"neg_log_likelihood": "−ln p(x)", "inference_gap": "Δinf", "neg_bound": "−L_k"}
     for column in columns:
@@ -314,7 +321,8 @@ def baseline_against_paper(target: str, values: dict, columns: list[str], k: int
         for name, label in names.items():
             ours, theirs = values.get(("plain", column, name, "iwsvi")), paper_cell(target, "plain", column, name)
             if ours and theirs:
-                cells.append(f"{label} {fmt(ours)} against the paper's {theirs[0]:.2f} ± {theirs[1]:.2f} "
+                note = seeds_note((counts or {}).get(("plain", column, name), seeds), seeds)
+                cells.append(f"{label} {fmt(ours)}{note} against the paper's {theirs[0]:.2f} ± {theirs[1]:.2f} "
                              f"({_nats(theirs[0] - ours[0])})")
         if cells:
             lines.append(f"- {column}, {model_label('plain', k)}: " + "; ".join(cells) + ".")

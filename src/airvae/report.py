@@ -26,6 +26,7 @@ from .claims import (
     metric,
     paper_improvement,
     paper_text,
+    seeds_note,
     selected_rows,
     sign,
     suspect_estimates,
@@ -141,6 +142,18 @@ def cell_values(manifest: dict, rows: list[dict], estimators: list[str]) -> dict
     return {key: mean_se(values) for key, values in per_seed.items()}
 
 
+def seed_counts(manifest: dict, rows: list[dict]) -> dict:
+    """``(family, column, metric) -> seeds`` whose selected run has the metric (by IW-SVI): a cell's
+    count while a reproduction is partway."""
+    counts: dict = {}
+    for r in selected_rows(manifest, rows):
+        for name in METRICS:
+            if metric(r["evaluation"], name) is not None:
+                key = (r["job"].family, column_of(manifest["target"], r["job"]), name)
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
     """Markdown and CSV rows of the table, by IW-SVI (the paper's estimator): ours (mean ± standard error
     over seeds) beside the paper's (value ± as printed)."""
@@ -148,6 +161,7 @@ def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
     paper = paper_tables()[target]
     selected = selected_rows(manifest, rows)
     values = cell_values(manifest, rows, ["iwsvi"])
+    counts = seed_counts(manifest, rows)
     cols = columns(manifest)
     header = ["model", "strength"] + [f"{c}: {name}" for c in cols for name in ("-ln p(x)", "Δinf", "-L_k")]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -162,9 +176,9 @@ def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
             for name in METRICS:
                 ours = values.get((family, column, name, "iwsvi"))
                 theirs = paper_cell.get(name)
-                line.append(f"{fmt(ours)} (paper {theirs[0]:.2f} ± {theirs[1]:.2f})" if theirs else fmt(ours))
-                n = sum(r["job"].family == family and column_of(target, r["job"]) == column
-                        and metric(r["evaluation"], name) is not None for r in selected)
+                n = counts.get((family, column, name), 0)
+                ours_text = fmt(ours) + (seeds_note(n, manifest["seeds"]) if ours else "")
+                line.append(f"{ours_text} (paper {theirs[0]:.2f} ± {theirs[1]:.2f})" if theirs else ours_text)
                 csv_rows.append([family, ";".join(f"{s:g}" for s in strengths), column, name,
                                  *(ours if ours else ("", "")), *(theirs if theirs else ("", "")), n])
         md.append("| " + " | ".join(line) + " |")
@@ -292,7 +306,7 @@ def render(out_dir: str | Path) -> Path:
                    "printed (the paper does not say what its ± values are).", "", md, ""]
         report += baseline_against_paper(target, cell_values(manifest, rows, ["iwsvi"]),
                                          [paper_column(c) for c in columns(manifest)] if target != "table4" else [],
-                                         TARGETS[target].ks[0])
+                                         TARGETS[target].ks[0], seed_counts(manifest, rows), manifest["seeds"])
         report += ais_beside_iwsvi(selected_rows(manifest, rows))
         report += ["## Claims", ""]
         report += claims_preamble(labels, estimators, manifest["budget"])
