@@ -167,3 +167,18 @@ def test_a_cell_of_a_reproduction_partway_says_how_many_of_its_seeds_it_holds():
     committed = (Path(__file__).resolve().parents[1] / "results" / "table1-caltech-paper" / "REPORT.md").read_text()
     finished = int(re.search(r"runs: 12 \((\d+) finished", committed)[1])
     assert (finished < 12) == ("of 3 seeds]" in committed)  # the committed table says so while it is partway
+
+
+def test_a_claim_says_whether_the_papers_size_lies_inside_our_interval_by_the_papers_estimators():
+    from airvae.claims import claim, size_against
+    from airvae.verdicts import paired_interval
+
+    interval = paired_interval([-0.2, -0.5, -0.4])  # about -0.37 [-0.75, +0.01]
+    assert size_against(interval, 0.50) == ", the paper's +0.50 above it"
+    assert size_against(interval, -0.30) == ", the paper's -0.30 inside it"
+    assert size_against(interval, -2.00) == ", the paper's -2.00 below it"
+    assert size_against(paired_interval([0.3]), 0.5) == "" and size_against(None, 0.5) == ""  # no interval
+    lines = claim("DVAE improves", "+0.50 nats", 1, {"iwsvi": interval, "iwae": interval},
+                  {"iwsvi": "IW-SVI", "iwae": "IWAE"}, "paper", paper_size=0.5)
+    assert "IW-SVI: -0.37 [" in lines[1] and lines[1].endswith("(3 seeds), the paper's +0.50 above it: **inconclusive**")
+    assert "paper's" not in lines[2]  # IWAE-k scores the encoder too: not what the paper's number measures

@@ -168,7 +168,11 @@ def claims_preamble(labels: dict[str, str], estimators: list[str], budget: str |
               "interval lies on the side of zero the paper's own difference lies on, **contradicts** = on the "
               "other side, **inconclusive** = it contains zero; where the paper has no number, the statement "
               "itself is judged (**holds here** / **does not hold here**). A verdict needs 3 or more seeds and a "
-              "budget that can test the claim; under no true effect it errs 5% of the time per claim. Δinf = "
+              "budget that can test the claim; under no true effect it errs 5% of the time per claim. Beside "
+              "the intervals by the paper's own estimators (IW-SVI, and the encoder's L_k), the report also says "
+              "where the paper's difference lies: **inside** the interval (our seeds are compatible with its "
+              "size) or **above**/**below** it (they exclude that size, with the same 5% error if it is the true "
+              "one; the paper's own uncertainty, which it does not define, is left out). Δinf = "
               "ln p(x) − L_k takes ln p(x) from each estimator and L_k from the encoder. Where estimators "
               "disagree, the report says so and picks none: they answer different questions.", ""]
     return lines
@@ -196,15 +200,19 @@ def judged(interval: Interval | None, paper_sign: int, budget: str | None) -> st
 
 
 def claim(statement: str, paper_text: str, paper_sign: int, intervals: dict, labels: dict[str, str],
-          budget: str | None, details: dict[str, str] | None = None) -> list[str]:
+          budget: str | None, details: dict[str, str] | None = None, paper_size: float | None = None) -> list[str]:
     """One claim: the statement with the paper's finding for the cell (``paper_text``, its sign
     ``paper_sign``: see [`judged`][airvae.claims.judged]), then per estimator our paired interval and the verdict, and a
-    flag when one estimator supports the paper where another contradicts it."""
+    flag when one estimator supports the paper where another contradicts it. With ``paper_size`` (the
+    paper's difference, oriented as the intervals), the intervals of the estimators the paper used
+    (``PAPERS_ESTIMATORS``) also say whether the paper's size lies inside them ([`size_against`][airvae.claims.size_against])."""
     lines = [f"- {statement}: paper: {paper_text}"]
     verdicts = {}
     for estimator, interval in intervals.items():
         verdicts[estimator] = judged(interval, paper_sign, budget)
         text = "n/a" if interval is None else interval.text()
+        if paper_size is not None and estimator in PAPERS_ESTIMATORS:
+            text += size_against(interval, paper_size)
         extra = f" ({details[estimator]})" if details and estimator in details else ""
         lines.append(f"  - {labels[estimator]}: {text}{extra}: **{verdicts[estimator]}**")
     words = set(verdicts.values())
@@ -213,6 +221,21 @@ def claim(statement: str, paper_text: str, paper_sign: int, intervals: dict, lab
         lines.append(f"  - ⚠ **estimators disagree** ({split}): they measure different things (above); "
                      "the report does not pick one.")
     return lines
+
+
+# The estimators behind the paper's numbers: IW-SVI for ln p(x) and the gap, the encoder's bound for L_k.
+PAPERS_ESTIMATORS = ("iwsvi", "bound")
+
+
+def size_against(interval: Interval | None, paper_size: float) -> str:
+    """``, the paper's +0.50 above it``: where the paper's difference lies against our interval (from two
+    seeds). Outside it, our seeds exclude the paper's size at the interval's level (the same 5% error
+    under a true difference of that size as the verdict's under none, ignoring the paper's own
+    uncertainty, which it does not define); inside it, they are compatible with it."""
+    if interval is None or math.isnan(interval.se):
+        return ""
+    where = "above" if paper_size > interval.high else "below" if paper_size < interval.low else "inside"
+    return f", the paper's {paper_size:+.2f} {where} it"
 
 
 def sign(value: float | None) -> int:

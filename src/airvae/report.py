@@ -223,9 +223,9 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
                 per = ["bound"] if name == "neg_bound" else estimators
                 intervals = {e: compare(seeds("plain", name, e if e != "bound" else "iwsvi"),
                                         seeds(family, name, e if e != "bound" else "iwsvi")) for e in per}
-                lines += claim(statement, paper_text(target, family, "plain", pcol, name, k),
-                               sign(paper_improvement(target, family, "plain", pcol, name)), intervals,
-                               {**labels, **bound_label}, budget)
+                size = paper_improvement(target, family, "plain", pcol, name)
+                lines += claim(statement, paper_text(target, family, "plain", pcol, name, k), sign(size), intervals,
+                               {**labels, **bound_label}, budget, paper_size=size)
         if target == "table4":
             large = model_label("large-encoder", k)
             hurt = {e: compare(seeds("large-encoder", "neg_log_likelihood", e), seeds("plain", "neg_log_likelihood", e))
