@@ -76,6 +76,23 @@ def test_an_effect_of_known_size_is_found_at_the_promised_rate(n_seeds, effect):
     assert rates[CONTRADICTS] < 0.002
 
 
+
+def test_when_the_papers_size_is_the_true_one_the_report_excludes_it_at_the_nominal_rate():
+    """The report's second reading of an interval: where the paper's difference lies against it. The paper
+    has DVAE (alpha 0.5) 0.50 nats better on Caltech; simulated with exactly that effect, the report must
+    put the paper's size outside our interval 5% of the time, half of it on each side."""
+    replications, where = 3000, []
+    rng = np.random.default_rng(7)
+    manifest = {"target": "table1", "datasets": ["caltech"], "budget": "paper"}
+    for _ in range(replications):
+        lines = table_claims(manifest, _rows(rng, 3, 0.50), ["iwsvi"], estimator_labels(_rows(rng, 1, 0.0)))
+        start = next(i for i, line in enumerate(lines) if "DVAE (alpha=0.5) improves test log-likelihood" in line)
+        where.append(re.search(r"the paper's \+0\.50 (above|inside|below) it", lines[start + 1]).group(1))
+    mc = 3 * math.sqrt(0.05 * 0.95 / replications)
+    outside = 1 - where.count("inside") / replications
+    assert 0.05 - mc <= outside <= 0.05 + mc, outside
+    assert abs(where.count("above") - where.count("below")) / replications <= 2 * mc
+
 def test_an_unpaired_rule_would_fail_the_power_test():
     """The seed effect is ten times the model noise: comparing seed means unpaired, a 0.6-nat effect
     with 3 seeds is all but invisible; the paired rule finds it most of the time (previous test)."""
