@@ -70,6 +70,8 @@ def _check_outputs(out):
     assert "paper: +0.50 nats (−ln p(x) 108.64 ± 0.19 for DVAE (alpha=0.5) vs 109.14 ± 0.28; ± as printed)" in report
     assert "Larochelle" not in report
     assert "IW-SVI (k=16, l=2, T=5)" in report and "IWAE-16 (encoder q)" in report  # both estimators judged
+    assert "![claims](claims.png)" in report and (out / "claims.png").stat().st_size > 10_000  # the claims, drawn
+    assert "), the paper's +0.50 " in report  # where the paper's size lies against our IW-SVI interval
     links = re.findall(r"\[png\]\(([^)]+)\)", report)
     assert len(links) == 4 * 4 + 1  # curves, samples, reconstructions, posterior; weight norms for WNI only
     assert all((out / link).exists() for link in links)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from .config import BUDGETS, PAPER_SCHEDULES
 from .data import evenly_spaced
@@ -199,20 +199,37 @@ def judged(interval: Interval | None, paper_sign: int, budget: str | None) -> st
     return word
 
 
+@dataclass(frozen=True)
+class ClaimLine:
+    """One estimator's line of a claim, as [`claim`][airvae.claims.claim] writes it: what the claims'
+    figure draws ([`airvae.figures.draw_claims`][])."""
+
+    statement: str
+    estimator: str  # its label in the report
+    interval: Interval | None
+    paper_size: float | None  # the paper's difference, where this estimator is the paper's; else None
+    verdict: str
+
+
 def claim(statement: str, paper_text: str, paper_sign: int, intervals: dict, labels: dict[str, str],
-          budget: str | None, details: dict[str, str] | None = None, paper_size: float | None = None) -> list[str]:
+          budget: str | None, details: dict[str, str] | None = None, paper_size: float | None = None,
+          into: list[ClaimLine] | None = None) -> list[str]:
     """One claim: the statement with the paper's finding for the cell (``paper_text``, its sign
     ``paper_sign``: see [`judged`][airvae.claims.judged]), then per estimator our paired interval and the verdict, and a
     flag when one estimator supports the paper where another contradicts it. With ``paper_size`` (the
     paper's difference, oriented as the intervals), the intervals of the estimators the paper used
-    (``PAPERS_ESTIMATORS``) also say whether the paper's size lies inside them ([`size_against`][airvae.claims.size_against])."""
+    (``PAPERS_ESTIMATORS``) also say whether the paper's size lies inside them ([`size_against`][airvae.claims.size_against]).
+    Each estimator's line is also appended to ``into``, if given."""
     lines = [f"- {statement}: paper: {paper_text}"]
     verdicts = {}
     for estimator, interval in intervals.items():
         verdicts[estimator] = judged(interval, paper_sign, budget)
         text = "n/a" if interval is None else interval.text()
-        if paper_size is not None and estimator in PAPERS_ESTIMATORS:
-            text += size_against(interval, paper_size)
+        papers = paper_size if estimator in PAPERS_ESTIMATORS else None
+        if papers is not None:
+            text += size_against(interval, papers)
+        if into is not None:
+            into.append(ClaimLine(statement, labels[estimator], interval, papers, verdicts[estimator]))
         extra = f" ({details[estimator]})" if details and estimator in details else ""
         lines.append(f"  - {labels[estimator]}: {text}{extra}: **{verdicts[estimator]}**")
     words = set(verdicts.values())

@@ -5,9 +5,20 @@ strengths are selected on validation, as for the tables, and compared by seed.""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
-from .claims import by_seed, claim, compare, estimator_labels, estimators_present, mean_se, metric, selected_rows
+from .claims import (
+    ClaimLine,
+    by_seed,
+    claim,
+    compare,
+    estimator_labels,
+    estimators_present,
+    mean_se,
+    metric,
+    selected_rows,
+)
 from .drawing import pyplot
 from .files import read_json, save_figure
 from .targets import figure3_dir, model_label, paper_tables
@@ -257,6 +268,50 @@ def draw_figure3(data: dict, path: Path) -> Path:
     plt.close(fig)
     return path
 
+
+
+VERDICT_COLORS = {"supports": "tab:green", "holds here": "tab:green", "contradicts": "tab:red",
+                  "does not hold here": "tab:red", "inconclusive": "tab:grey"}
+
+
+def draw_claims(lines: list[ClaimLine], path: Path) -> Path:
+    """A table's claims as a PNG at ``path``, one panel per claim: each estimator's mean difference over
+    seeds (positive = the claim's direction) with its 95% t interval, coloured by verdict (black: no
+    verdict yet), zero as a line, and the paper's difference as a red diamond on the row of its own
+    estimator. Each panel has its own scale: the gap moves by nats where ln p(x) moves by tenths."""
+    plt = pyplot()
+    statements = list(dict.fromkeys(line.statement for line in lines))
+    columns = min(3, len(statements))
+    rows = math.ceil(len(statements) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.5 + 1.9 * rows), squeeze=False)
+    for ax, statement in zip(axes.flat, statements, strict=False):
+        mine = [line for line in lines if line.statement == statement]
+        for y, line in enumerate(reversed(mine)):
+            color = VERDICT_COLORS.get(line.verdict, "black")
+            if line.interval is not None:
+                interval = line.interval
+                if not math.isnan(interval.se):
+                    ax.plot([interval.low, interval.high], [y, y], color=color, linewidth=2)
+                ax.plot([interval.mean], [y], "o", color=color, markersize=5)
+                ax.plot(list(interval.differences), [y] * len(interval.differences), "|", color=color, markersize=8)
+            if line.paper_size is not None:
+                ax.plot([line.paper_size], [y], "D", color="tab:red", markerfacecolor="none", markersize=7)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(mine)), [line.estimator.split(" (")[0] for line in reversed(mine)], fontsize=8)
+        ax.set_ylim(-0.7, len(mine) - 0.3)
+        ax.set_title("\n".join(textwrap.wrap(statement, 52)), fontsize=8)
+        ax.set_xlabel("difference (nats; > 0: the claim's direction)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(statements):]:
+        ax.axis("off")
+    fig.suptitle("Claims: mean over seeds (dot), 95% t interval (bar), each seed (ticks), the paper's "
+                 "difference (red diamond); green supports, red contradicts, grey inconclusive, black no "
+                 "verdict yet", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, path.parent)
+    plt.close(fig)
+    return path
 
 
 FIGURES = {"figure1": figure1, "figure2": figure2, "figure3": figure3, "figure4": figure4}

@@ -11,6 +11,7 @@ from typing import Any
 
 from .claims import (
     METRICS,
+    ClaimLine,
     ais_beside_iwsvi,
     baseline_against_paper,
     by_seed,
@@ -34,6 +35,7 @@ from .claims import (
 )
 from .evaluation import EvaluationSettings, current_evaluations, evaluation_path
 from .figures import FIGURES as PAPER_FIGURES
+from .figures import draw_claims
 from .files import read_json, read_metrics, refuse_links_under, write_text
 from .plots import FIGURES as RUN_FIGURES
 from .plots import PLOTS_DIR, plot_run
@@ -185,7 +187,8 @@ def render_table(manifest: dict, rows: list[dict]) -> tuple[str, list[list]]:
     return "\n".join(md), csv_rows
 
 
-def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels: dict[str, str]) -> list[str]:
+def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels: dict[str, str],
+                 into: list[ClaimLine] | None = None) -> list[str]:
     """Every claim of a table: each AIR row against the unregularized row of its column on test
     log-likelihood, the inference gap and the amortized bound (Table 4: also the large encoder, and
     its caption's "by over 1 nat" per k), paired by seed, judged under each estimator.
@@ -197,6 +200,7 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
             ([`airvae.claims.estimators_present`][]).
         labels: estimator -> its label in the report
             ([`airvae.claims.estimator_labels`][]).
+        into: if given, each claim's lines are appended to it, for the claims' figure.
 
     Returns:
         REPORT.md lines.
@@ -225,7 +229,7 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
                                         seeds(family, name, e if e != "bound" else "iwsvi")) for e in per}
                 size = paper_improvement(target, family, "plain", pcol, name)
                 lines += claim(statement, paper_text(target, family, "plain", pcol, name, k), sign(size), intervals,
-                               {**labels, **bound_label}, budget, paper_size=size)
+                               {**labels, **bound_label}, budget, paper_size=size, into=into)
         if target == "table4":
             large = model_label("large-encoder", k)
             hurt = {e: compare(seeds("large-encoder", "neg_log_likelihood", e), seeds("plain", "neg_log_likelihood", e))
@@ -233,7 +237,7 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
             lines += claim(f"{column}, a larger encoder ({large}) hurts test log-likelihood against {base}",
                            paper_text(target, "plain", "large-encoder", pcol, "neg_log_likelihood", k),
                            sign(paper_improvement(target, "plain", "large-encoder", pcol, "neg_log_likelihood")),
-                           hurt, labels, budget)
+                           hurt, labels, budget, into=into)
             for family in ("plain",) + REGULARIZED:
                 loss = paper_improvement(target, family, "large-encoder", pcol, "neg_log_likelihood")
                 assert loss is not None  # Table 4 prints every row the large encoder is compared with
@@ -246,7 +250,7 @@ def table_claims(manifest: dict, rows: list[dict], estimators: list[str], labels
                                "caption's words, judged per row)",
                                f"{loss:.2f} nats worse, {'over' if loss > 1 else 'not over'} 1 nat",
                                sign(loss - 1.0), over, labels, budget,
-                               {e: "difference − 1 nat" for e in estimators})
+                               {e: "difference − 1 nat" for e in estimators}, into=into)
     return lines
 
 
@@ -310,7 +314,12 @@ def render(out_dir: str | Path) -> Path:
         report += ais_beside_iwsvi(selected_rows(manifest, rows))
         report += ["## Claims", ""]
         report += claims_preamble(labels, estimators, manifest["budget"])
-        report += table_claims(manifest, rows, estimators, labels)
+        drawn: list[ClaimLine] = []
+        report += table_claims(manifest, rows, estimators, labels, into=drawn)
+        if any(line.interval is not None for line in drawn):
+            draw_claims(drawn, out_dir / "claims.png")
+            report += ["", "Each claim's intervals, drawn (the paper's difference as a diamond beside its own "
+                       "estimator's interval):", "", "![claims](claims.png)", ""]
     else:
 
         paths, claims = PAPER_FIGURES[target](manifest, rows, out_dir)
