@@ -59,8 +59,9 @@ FORMAT_VERSION = 2  # 2: max_examples spreads the examples over the split (1 too
 # (Chunking does not change results; a CUDA run draws from CUDA generators, a different but
 # equally valid stream, so a result computed on one device is reused on another.)
 _EXECUTION_FIELDS = ("device", "chunk_samples", "svi_chunk_examples", "ais_chunk_examples", "part_examples")
-# evaluate_run's parts on a CPU: a few minutes of appendix C's IW-SVI on one core for Caltech's model, and
-# no slower than larger batches there (measured); on a GPU a part is one IW-SVI chunk, so batches stay as large.
+# evaluate_run's parts on a CPU: a few minutes of appendix C's IW-SVI on one core for Caltech's model, and per
+# example no slower than IW-SVI's chunks of 1000 there (`benchmarks/bench.py --sections iw-svi --svi-examples N`
+# for N = 256 and 1000, steps/s times N); on a GPU a part is one IW-SVI chunk, so its batches stay as large.
 DEFAULT_PART_EXAMPLES = 256
 
 
