@@ -339,11 +339,13 @@ def evaluate_run(run_dir: str | os.PathLike[str], settings: EvaluationSettings, 
 
     The device, the memory the settings need and that the result can be written are checked before
     any work. A new result is also sent to the run's tracking sinks, if any ([`airvae.tracking`][]).
+    The work is saved every ``settings.part_examples`` examples ([`partial_path`][airvae.evaluation.partial_path]),
+    so an interrupted evaluation resumes after its last saved part.
 
     Args:
         run_dir: the run directory (a run inside an extracted bundle works too).
         settings: what to estimate and how hard.
-        recompute: compute even when a cached result exists.
+        recompute: compute even when a cached result (or saved parts of one) exists.
         progress: show progress bars.
         allow_data_change: score data that changed since the run was trained (its marker records the
             digest), recording the new digest; refused otherwise.
