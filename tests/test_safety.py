@@ -150,6 +150,16 @@ def test_overwrite_refuses_a_run_holding_foreign_files_and_links(trained, tmp_pa
     assert (outside / "precious").read_text() == "keep"
 
 
+def test_overwrite_deletes_the_saved_parts_of_an_interrupted_evaluation(trained, capsys):
+    """``evaluations/<split>-<hash>.partial`` is airvae's own file (an evaluation killed partway):
+    --overwrite clears it like the run's other files instead of calling it foreign."""
+    data, run = trained
+    (run / "evaluations").mkdir(exist_ok=True)
+    (run / "evaluations" / "test-0123456789.partial").write_bytes(b"parts")
+    assert main(train_args(data, run, "--overwrite")) == 0, capsys.readouterr().err
+    assert not (run / "evaluations" / "test-0123456789.partial").exists()
+
+
 def test_run_dir_that_is_a_file_or_a_foreign_folder_is_refused(trained, tmp_path, capsys):
     data, _ = trained
     assert main(train_args(data, data)) == 2  # the .npz file itself
@@ -160,6 +170,19 @@ def test_run_dir_that_is_a_file_or_a_foreign_folder_is_refused(trained, tmp_path
     assert main(train_args(data, foreign)) == 2
     assert "not an airvae run" in one_error_line(capsys)
     assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+
+
+def test_a_foreign_folder_is_refused_without_being_walked(tmp_path):
+    """airvae looks for links only where it writes (the run's entries and its folders): a folder it
+    does not own is refused for what it holds at the top, not searched through. ``--run-dir /``
+    once walked the whole disk and died on a process's folder vanishing under /proc."""
+    album = tmp_path / "album"
+    (album / "2019" / "june").mkdir(parents=True)
+    (album / "2019" / "june" / "beach.jpg").symlink_to(tmp_path)
+    with pytest.raises(runs.RunError, match=r"not an airvae run \(it holds 2019\)"):
+        runs.run_dir_state(album)
+    with pytest.raises(runs.RunError, match="is not empty and is not an airvae run"):
+        runs.run_dir_state(Path("/"))
 
 
 # ----------------------------------------------------------------------------------------------

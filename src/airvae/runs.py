@@ -67,7 +67,7 @@ EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")  # the files of TensorBoar
 # airvae refuses to delete it.
 _RUN_FILES = re.compile("|".join(re.escape(n) for n in (MARKER, LOCK, CONFIG, METRICS, SUMMARY, ERROR, TRACKING)))
 RUN_FOLDERS = {CHECKPOINTS: re.compile(r"(last|best|best\.next)\.pt|best\.safetensors"),
-                EVALUATIONS: re.compile(r"[\w.-]+\.json"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
+                EVALUATIONS: re.compile(r"[\w.-]+\.(json|partial)"), "plots": re.compile(r"[\w.-]+\.(png|json)"),
                 TENSORBOARD: EVENT_FILE}
 
 
@@ -263,6 +263,27 @@ def _foreign_entries(run_dir: Path) -> list[str]:
     return sorted(foreign)
 
 
+def _links_where_airvae_writes(run_dir: Path) -> list[str]:
+    """Links among ``run_dir``'s entries and inside its folders, the only places airvae writes. It
+    looks no deeper: a folder airvae does not own (``--run-dir /``) is refused, not walked."""
+    links = []
+    for entry in run_dir.iterdir():
+        if entry.is_symlink():
+            links.append(entry.name)
+        elif entry.name in RUN_FOLDERS and entry.is_dir():
+            links += [f"{entry.name}/{inner.name}" for inner in entry.iterdir() if inner.is_symlink()]
+    return sorted(links)
+
+
+def _without_links(run_dir: Path, state: str) -> str:
+    """``state``, for a folder airvae would write into, once it holds no link where airvae writes."""
+    links = _links_where_airvae_writes(run_dir)
+    if links:  # airvae writes its files in place (metrics.jsonl is appended to): never through a link
+        raise RunError(f"{run_dir} holds symbolic links ({', '.join(links[:3])}); airvae never writes "
+                       "through links: replace them with the files, or choose another --run-dir")
+    return state
+
+
 def run_dir_state(run_dir: Path) -> str:
     """``"new"`` (absent, empty, or only airvae's traces of an unfinished creation), ``"run"``
     (holds an airvae run), or raises RunError for a path airvae must not write into."""
@@ -274,10 +295,6 @@ def run_dir_state(run_dir: Path) -> str:
         return "new"
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
-    links = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_symlink()]
-    if links:  # airvae writes its files in place (metrics.jsonl is appended to): never through a link
-        raise RunError(f"{run_dir} holds symbolic links ({', '.join(sorted(links)[:3])}); airvae never writes "
-                       "through links: replace them with the files, or choose another --run-dir")
     if (run_dir / CONFIG).exists():
         if read_marker(run_dir) is None:  # no marker: only a valid airvae config makes it a run (airvae < 0.2)
             try:
@@ -285,12 +302,13 @@ def run_dir_state(run_dir: Path) -> str:
             except RunError as error:
                 raise RunError(f"{run_dir} is not an airvae run ({error}); airvae will not write into it: "
                                "choose another --run-dir") from None
-        return "run"
+        return _without_links(run_dir, "run")
     names = {entry.name for entry in run_dir.iterdir()}
     if all(n == LOCK or _temporary(n, _MARKER_FILE) for n in names):
-        return "new"  # empty, or a creation killed while it wrote its marker
+        return _without_links(run_dir, "new")  # empty, or a creation killed while it wrote its marker
     if MARKER in names and all(n in (LOCK, MARKER, ERROR) or _temporary(n) for n in names):
-        return "new"  # marked as airvae's: a creation that stopped before writing the config, or a recorded failure
+        # marked as airvae's: a creation that stopped before writing the config, or a recorded failure
+        return _without_links(run_dir, "new")
     foreign = _foreign_entries(run_dir) if MARKER in names else sorted(names - {LOCK})  # unmarked: not airvae's
     if not foreign:
         raise RunError(f"{run_dir} holds an airvae run without its {CONFIG}; restore that file, or delete the "
