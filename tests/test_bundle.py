@@ -493,6 +493,36 @@ def test_an_out_folder_that_is_a_link_is_refused(reproduction, tmp_path, capsys)
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.zip"]
 
 
+def test_a_source_holding_a_link_is_refused_before_any_lock_is_written(reproduction, tmp_path, capsys):
+    """A reproduction whose runs/ folder leads elsewhere through a link: refused at once, with no
+    lock file written into (and no file packed from) the folder it leads to."""
+    source = tmp_path / "results"
+    shutil.copytree(reproduction, source, ignore=shutil.ignore_patterns(".lock"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(source / "runs", elsewhere)
+    (source / "runs").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    assert main(["bundle", str(source), "--out", str(tmp_path / "all.zip")]) == 2
+    assert "runs" in (err := one_error_line(capsys)) and "symbolic link" in err, err
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before, "written through the link"
+    assert not (tmp_path / "all.zip").exists()
+
+
+@pytest.mark.parametrize("dataset", ["/", "..", "", "../.npz"])
+def test_report_refuses_a_manifest_whose_runs_would_lie_elsewhere(reproduction, tmp_path, capsys, dataset):
+    """``airvae report`` checks a folder's manifest field by field, as bundles are checked, before
+    its jobs name the run folders it reads and draws plots into."""
+    source = tmp_path / "results"
+    shutil.copytree(reproduction, source, ignore=shutil.ignore_patterns(".lock"))
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["jobs"][0]["dataset"] = dataset
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    report = (source / "REPORT.md").read_bytes()
+    assert main(["report", str(source)]) == 2
+    assert "jobs[0]" in (err := one_error_line(capsys)) and "dataset" in err, err
+    assert (source / "REPORT.md").read_bytes() == report
+
+
 def test_an_extraction_never_goes_through_a_link(bundled, tmp_path, monkeypatch, capsys):
     cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
     monkeypatch.setenv("AIRVAE_CACHE_DIR", str(cache))

@@ -60,10 +60,13 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
         and devices of its current evaluations: the rows [`airvae.claims`][] reads.
     """
 
+    from .bundle.manifest import manifest_jobs  # here, not at the top: bundle's writer imports this module
+
     manifest = read_json(out_dir / "manifest.json")
+    jobs = manifest_jobs(manifest, out_dir / "manifest.json",  # its fields name the folders read and written below
+                         "restore the manifest airvae reproduce wrote, or rerun that command")
     rows = []
-    for job_fields in manifest["jobs"]:
-        job = Job(**job_fields)
+    for job in jobs:
         run_dir = job.run_dir(out_dir)
         summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
         summary = read_json(summary_path) if summary_path.exists() else {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..files import TEMPORARY_TAG, RunError, RunIOError, read_json, real_folder, write_error
+from ..files import TEMPORARY_TAG, RunError, RunIOError, read_json, real_folder, refuse_links_under, write_error
 from ..locks import LOCK, RunLock, check_unlocked
 from ..report import render
 from ..runs import BEST, BEST_WEIGHTS, CONFIG, best_weights_safetensors, load_config
@@ -61,6 +61,7 @@ def write_bundle(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
         kind, runs = "run", {"": results_dir}
     else:
         raise RunError(f"{results_dir} is neither a reproduction (manifest.json) nor an airvae run directory")
+    refuse_links_under(results_dir)  # before the locks are written: no lock file, and no file packed, through a link
     with contextlib.ExitStack() as held:
         # render draws plots into the runs: lock them too
         locked = [held.enter_context(_reading(folder)) for folder in dict.fromkeys([results_dir, *runs.values()])]
