@@ -329,6 +329,7 @@ INTERNAL = {
     "airvae.claims": {"fmt": "number formatting of the claims", "sign": "the sign of a number",
                       "seeds_note": "a table cell's seed count, formatting"},
     "airvae.resources": {"format_bytes": "the numbers of check_fits' message"},
+    "airvae.manifest": {"said": "an error's message, cut short for manifest_jobs' one line"},
 }
 # Modules of airvae not rendered on the API page, and why; a package's modules are rendered through the
 # package, whose names they define.

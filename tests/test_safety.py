@@ -436,6 +436,34 @@ def test_a_lock_file_that_is_a_link_is_never_written_through(trained, tmp_path, 
     assert victim.read_text() == "years of work"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_where_airvae_writes_is_refused_at_once_not_waited_on(trained, capsys):
+    """A pipe at the lock file or at metrics.jsonl blocks an ordinary open until someone reads it:
+    airvae refuses it in one line instead of hanging (the alarm fails the test if it hangs)."""
+    data, run = trained
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("airvae waited on a named pipe"))
+    signal.alarm(30)
+    try:
+        (run / ".lock").unlink()
+        os.mkfifo(run / ".lock")
+        with pytest.raises(files.RunError, match="not a regular file"):
+            locks.check_unlocked(run)
+        assert main(train_args(data, run, "--resume")) == 2
+        assert "not a regular file" in one_error_line(capsys)
+        (run / ".lock").unlink()
+        with pytest.raises(files.RunError, match="not a regular file"):
+            files.append_line(_fifo(run / "metrics.jsonl"), "{}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. The exit status tells the truth
 

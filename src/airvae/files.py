@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
@@ -187,12 +188,18 @@ def write_error(path: Path, error: OSError) -> RunIOError:
 
 def append_line(path: Path, line: str) -> None:
     """Append one line (metrics.jsonl), never through a link; an OS error names the file."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:  # O_NONBLOCK: a named pipe there fails or opens at once (and is refused) instead of hanging
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0), 0o644)
     except OSError as error:
         if error.errno == errno.ELOOP:
             _refuse_link(Path(path))
+        if error.errno == errno.ENXIO:  # a named pipe nobody reads
+            raise RunError(f"{path} is not a regular file (a pipe); remove it") from None
         raise write_error(Path(path), error) from error
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunError(f"{path} is not a regular file (a pipe, a device or a folder); remove it")
     try:
         with os.fdopen(fd, "a") as f:
             f.write(line + "\n")

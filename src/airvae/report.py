@@ -37,6 +37,7 @@ from .evaluation import EvaluationSettings, current_evaluations, evaluation_path
 from .figures import FIGURES as PAPER_FIGURES
 from .figures import draw_claims
 from .files import read_json, read_metrics, refuse_links_under, write_text
+from .manifest import manifest_jobs
 from .plots import FIGURES as RUN_FIGURES
 from .plots import PLOTS_DIR, plot_run
 from .questions import QUESTIONS
@@ -59,8 +60,6 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
         finished and evaluated), and for a finished run ``evaluation_seconds`` and ``devices``, the time
         and devices of its current evaluations: the rows [`airvae.claims`][] reads.
     """
-
-    from .bundle.manifest import manifest_jobs  # here, not at the top: bundle's writer imports this module
 
     manifest = read_json(out_dir / "manifest.json")
     jobs = manifest_jobs(manifest, out_dir / "manifest.json",  # its fields name the folders read and written below

@@ -14,7 +14,7 @@ duplicate, only the kinds of file above, at most ``MAX_FILES`` files and ``MAX_B
 by the headers' sizes, which no entry decompresses beyond: a header that understates a size fails
 the entry's checksum; no entry, nor the whole, expanding more than ``MAX_RATIO`` times, and no
 compressed data overlapping another entry's: a zip bomb), and so is every ``manifest.json``: each of
-its fields by type and range before it names a path ([`manifest_jobs`][airvae.bundle.manifest_jobs]), and
+its fields by type and range before it names a path ([`manifest_jobs`][airvae.manifest.manifest_jobs]), and
 every run folder it names must lie inside the extraction. The extraction lives in
 ``$AIRVAE_CACHE_DIR/bundles/<sha256 of the archive>/`` (default ``~/.cache/airvae``), written into a temporary
 folder, synced, then renamed there, never through a symbolic link; the archive is only ever read, and what
@@ -25,9 +25,8 @@ checking that no other process holds its lock, and its report is packed as it is
 """
 
 from .limits import BUNDLE_FORMAT, BUNDLE_MARKER, MAX_BYTES, MAX_FILES, MAX_RATIO
-from .manifest import manifest_jobs
 from .read import extract, is_bundle, load, resolve
 from .write import write_bundle
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_MARKER", "MAX_BYTES", "MAX_FILES", "MAX_RATIO", "extract", "is_bundle", "load",
-           "manifest_jobs", "resolve", "write_bundle"]
+           "resolve", "write_bundle"]

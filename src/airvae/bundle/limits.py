@@ -3,7 +3,6 @@ before anything is extracted, and the run entries a bundle shares."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..files import RunError
@@ -18,8 +17,6 @@ MAX_RATIO = 100  # uncompressed/compressed: deflate packs airvae's files (weight
 RATIO_FLOOR = 1 << 20  # files (and totals) below 1 MiB may compress further (a JSON of blanks) but fill no disk
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # parsed in memory: a paper-budget reproduction's manifest is well under 1 MB
-MAX_COUNT = 2**32 - 1  # k, m, examples: far beyond any machine's memory; bounded so that run names stay short
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # one path component: never "", "." or ".."
 # A run's entries that a bundle shares, by the run directory's own layout (airvae.runs); config.json
 # and the best weights are added apart, the lock, tracking files and last.pt never.
 SHARED_FILES = (MARKER, METRICS, SUMMARY, ERROR)

@@ -19,10 +19,10 @@ from typing import Any
 from .._version import __version__
 from ..files import TEMPORARY_TAG, RunError, RunIOError, read_json, real_folder, refuse_links_under, write_error
 from ..locks import LOCK, RunLock, check_unlocked
+from ..manifest import manifest_jobs
 from ..report import render
 from ..runs import BEST, BEST_WEIGHTS, CONFIG, best_weights_safetensors, load_config
 from .limits import BUNDLE_FORMAT, BUNDLE_MARKER, MANIFEST, RESULTS_SUFFIXES, SHARED_FILES, SHARED_FOLDERS
-from .manifest import manifest_jobs
 
 # ----------------------------------------------------------------------------------------------
 # Writing
