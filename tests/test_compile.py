@@ -72,3 +72,37 @@ def test_paper_evaluations_count_as_long_and_quick_ones_do_not():
 
     assert size("paper", 10_000) >= LONG_EVALUATION_LATENTS  # MNIST's test set, T = 3000
     assert size("quick", 500) < LONG_EVALUATION_LATENTS and size("smoke", 32) < LONG_EVALUATION_LATENTS
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX owners and modes")
+def test_the_compile_cache_is_used_only_when_it_is_private(tmp_path, monkeypatch):
+    """Inductor runs the code it finds in its cache: airvae points it at ~/.cache/airvae/torchinductor
+    only when that folder (created 0700) and its parent are real folders no one else can write."""
+    import os
+
+    from airvae.compiling import torch_compile
+
+    def chosen(home):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        torch_compile(torch.sin)  # compiling itself is lazy: nothing runs here
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+    fresh = tmp_path / "fresh"
+    assert chosen(fresh) == str(fresh / "airvae" / "torchinductor")
+    assert (fresh / "airvae" / "torchinductor").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    (shared / "airvae" / "torchinductor").mkdir(parents=True)
+    (shared / "airvae" / "torchinductor").chmod(0o777)
+    ours = str(shared / "airvae" / "torchinductor")
+    assert chosen(shared) != ours  # Inductor keeps its own default
+    linked = tmp_path / "linked"
+    (linked / "airvae").mkdir(parents=True)
+    (linked / "airvae" / "torchinductor").symlink_to(shared / "airvae" / "torchinductor")
+    assert chosen(linked) != str(linked / "airvae" / "torchinductor")
+    (shared / "airvae").chmod(0o777)
+    (shared / "airvae" / "torchinductor").chmod(0o700)
+    assert chosen(shared) != ours  # its parent writable by anyone: the folder could be swapped
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    torch_compile(torch.sin)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"  # the user's choice stands

@@ -57,6 +57,8 @@ def test_no_private_name_is_imported_across_modules():
 _ATOMIC = "airvae.files' one write path: a fresh mkstemp file renamed over the entry, never through it"
 REVIEWED_WRITES = {
     ("files.py", "real_folder", ".mkdir"): "creates the folder, then refuses it (and its parents up to root) if a link",
+    ("compiling.py", "_private_folder", ".mkdir"): "creates Inductor's cache folder (0700), used only if lstat "
+                                                   "finds it, and its parent, a real folder of this user's alone",
     ("files.py", "atomic_write_bytes", ".mkstemp"): _ATOMIC,
     ("files.py", "atomic_write_bytes", ".fdopen"): _ATOMIC,
     ("files.py", "atomic_write_bytes", "os.replace"): _ATOMIC,

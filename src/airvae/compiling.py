@@ -6,6 +6,7 @@ model ([`airvae.model`][airvae.model]), training and the estimators; nothing her
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -61,9 +62,11 @@ def compile_for(long_work: bool) -> bool:
 def torch_compile(fn: Callable[..., T], mode: str | None = None) -> Callable[..., T]:
     """``torch.compile(fn)`` with airvae's settings: a persistent cache, static shapes, and room for
     the graphs of many runs (and stacked groups) in one process."""
-    # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp).
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_home / "airvae" / "torchinductor"))
+    # A persistent compile cache unless the user chose one (Inductor's default lives in /tmp), and
+    # only a private one: Inductor runs the code it finds there.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "airvae" / "torchinductor"
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and _private_folder(cache):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     # Static shapes: one specialised graph per (architecture, grad mode, shape); a run sees a
     # handful (training, evaluation chunks, the last partial chunk, IW-SVI). Dynamic-shape kernels
     # were measurably slower for the small training shapes. Several runs or groups in one process
@@ -72,6 +75,19 @@ def torch_compile(fn: Callable[..., T], mode: str | None = None) -> Callable[...
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def _private_folder(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700) if missing; is it, and the folder holding it, a real folder
+    that only this user owns and can write? Where it is not (a link, someone else's, writable by
+    others), airvae keeps Inductor's own default cache."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = [os.lstat(f) for f in (folder.parent, folder)]
+    except OSError:
+        return False
+    owner = os.getuid() if hasattr(os, "getuid") else None
+    return all(stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022 and owner in (None, st.st_uid) for st in found)
 
 
 def call_compiled(compiled: Callable[..., T], eager: Callable[..., T], args: tuple[Any, ...],
