@@ -311,6 +311,17 @@ def test_size_limits_are_enforced_before_and_while_extracting(tmp_path, monkeypa
     assert not list((tmp_path / "cache" / "bundles").iterdir())  # the partial extraction was removed
 
 
+def test_a_text_entry_larger_than_any_airvae_writes_is_refused(tmp_path, monkeypatch, capsys):
+    """JSON, JSON lines, Markdown and CSV are read whole into memory: each is capped on its own, not
+    only by the bundle's total (an 80 MB archive could otherwise hold an 8 GB metrics.jsonl)."""
+    monkeypatch.setenv("AIRVAE_CACHE_DIR", str(tmp_path / "cache"))
+    archive = hostile(tmp_path, "runs/x/metrics.jsonl", b"{}\n" * 400)
+    monkeypatch.setattr(read, "MAX_TEXT_BYTES", 1000)
+    assert main(["report", str(archive)]) == 2
+    assert "bytes of text, more than 1,000" in one_error_line(capsys)
+    assert not list((tmp_path / "cache").rglob("*"))
+
+
 # ----------------------------------------------------------------------------------------------
 # A bundle's manifest is checked before it names a path
 

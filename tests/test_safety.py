@@ -327,6 +327,12 @@ def test_damaged_files_give_one_line_naming_the_file(trained, capsys):
     (run / "config.json").write_text('{"dataset": "tiny.npz", "archi')
     assert main(eval_args) == 2
     assert "config.json" in one_error_line(capsys)
+    (run / "config.json").write_text("[" * 100_000)  # nested past Python's recursion limit
+    assert main(eval_args) == 2
+    assert "config.json" in one_error_line(capsys)
+    (run / "metrics.jsonl").write_text("[" * 100_000 + "\n" + '{"step": 1}\n')
+    with pytest.raises(files.RunError, match="line 1 is damaged"):
+        files.read_metrics(run / "metrics.jsonl")
 
 
 def test_torn_metrics_and_summary_are_recovered_on_resume(tmp_path, monkeypatch):

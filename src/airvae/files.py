@@ -227,7 +227,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError as error:
         raise RunError(f"{path} does not exist") from error
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise RunError(f"{path} is unreadable or not valid JSON ({error}); it was damaged outside airvae "
                        "(airvae writes it atomically): restore it from a copy") from error
 
@@ -245,7 +245,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not a metrics record")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             if number == len(lines):
                 break  # torn by a crash during the append: the step will be logged again
             raise RunError(f"{path}, line {number} is damaged ({error}); delete that line or restore the "

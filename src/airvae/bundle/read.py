@@ -16,7 +16,8 @@ from ..checkpoints import stream_digest
 from ..data import cache_root
 from ..files import TEMPORARY_TAG, LinkRefused, RunError, real_folder
 from ..runs import BEST_WEIGHTS, CONFIG, LAST, load_trained_model
-from .limits import BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, RATIO_FLOOR, SUFFIXES, refuse
+from .limits import (BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, MAX_TEXT_BYTES, RATIO_FLOOR, SUFFIXES,
+                     TEXT_SUFFIXES, refuse)
 from .manifest import check_archived_manifest, check_extracted_manifest
 
 if TYPE_CHECKING:
@@ -148,6 +149,8 @@ def _checked_members(bundle: zipfile.ZipFile, archive: Path, size: int) -> list[
             raise refuse(archive, f"entry {name!r} is compressed with method {info.compress_type}, not deflate")
         if PurePosixPath(name).suffix not in SUFFIXES:
             raise refuse(archive, f"entry {name!r} is not a kind of file a bundle holds ({', '.join(SUFFIXES)})")
+        if PurePosixPath(name).suffix in TEXT_SUFFIXES and info.file_size > MAX_TEXT_BYTES:
+            raise refuse(archive, f"entry {name!r} holds {info.file_size:,} bytes of text, more than {MAX_TEXT_BYTES:,}")
         if name in seen:
             raise refuse(archive, f"entry {name!r} appears twice")
         seen.add(name)
