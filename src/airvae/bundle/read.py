@@ -16,8 +16,18 @@ from ..checkpoints import stream_digest
 from ..data import cache_root
 from ..files import TEMPORARY_TAG, LinkRefused, RunError, real_folder
 from ..runs import BEST_WEIGHTS, CONFIG, LAST, load_trained_model
-from .limits import (BUNDLE_MARKER, MANIFEST, MAX_BYTES, MAX_FILES, MAX_RATIO, MAX_TEXT_BYTES, RATIO_FLOOR, SUFFIXES,
-                     TEXT_SUFFIXES, refuse)
+from .limits import (
+    BUNDLE_MARKER,
+    MANIFEST,
+    MAX_BYTES,
+    MAX_FILES,
+    MAX_RATIO,
+    MAX_TEXT_BYTES,
+    RATIO_FLOOR,
+    SUFFIXES,
+    TEXT_SUFFIXES,
+    refuse,
+)
 from .manifest import check_archived_manifest, check_extracted_manifest
 
 if TYPE_CHECKING:
