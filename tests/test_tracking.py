@@ -2,6 +2,7 @@
 config as hyperparameters and the run's evaluations, read back with TensorBoard's, MLflow's and W&B's
 own readers (or files); a killed and resumed run logs no step twice in any."""
 
+import importlib.util
 import json
 import os
 import struct
@@ -369,3 +370,29 @@ def test_wandb_mode_is_the_users_when_set_and_a_bad_one_is_refused(wandb_offline
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match="invalid WANDB_MODE = 'sometimes'"):
         TrackingSettings.parse("wandb")
+
+
+def test_a_default_store_or_wandb_folder_that_is_a_link_is_refused_naming_the_setting_to_use(
+        tmp_path, monkeypatch):
+    """./mlflow.db and ./wandb are where MLflow's SQLite and W&B write (and airvae deletes a replaced
+    W&B run): a link there is refused before anything is written, and the message says how to
+    point the sink at the link's target on purpose."""
+    pytest.importorskip("mlflow", reason="pip install 'airvae[mlflow]' (in the dev extra)")
+    from airvae.config import ConfigError
+    from airvae.tracking import TrackingSettings
+
+    for name in [name for name in os.environ if name.startswith(("WANDB_", "MLFLOW_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "mlflow.db").symlink_to(elsewhere / "store.db")
+    with pytest.raises(ConfigError, match=r"mlflow.db is a symbolic link.*MLFLOW_TRACKING_URI=sqlite:///"):
+        TrackingSettings.parse("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere / 'store.db'}")
+    assert TrackingSettings.parse("mlflow").mlflow_uri.endswith("elsewhere/store.db")  # chosen on purpose
+    if importlib.util.find_spec("wandb") is not None:
+        (tmp_path / "wandb").symlink_to(elsewhere, target_is_directory=True)
+        with pytest.raises(ConfigError, match="wandb is a symbolic link.*WANDB_DIR"):
+            TrackingSettings.parse("wandb")
+    assert not list(elsewhere.iterdir())

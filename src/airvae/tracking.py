@@ -101,6 +101,10 @@ class TrackingSettings:
         if "wandb" in self.sinks:
             self._default("wandb_project", os.environ.get("WANDB_PROJECT") or "airvae")
             self._default("wandb_dir", str(Path(os.environ.get("WANDB_DIR") or Path.cwd()).resolve()))
+            assert self.wandb_dir is not None  # resolved just above
+            if (Path(self.wandb_dir) / "wandb").is_symlink():  # W&B writes (and airvae deletes) in there
+                raise ConfigError(f"{Path(self.wandb_dir) / 'wandb'} is a symbolic link; airvae never writes through "
+                                  "links: set WANDB_DIR to the folder it leads to")
             # offline by default: no account, no network, nothing that can hang; `wandb sync` uploads later
             self._default("wandb_mode", os.environ.get("WANDB_MODE") or "offline")
             if self.wandb_mode not in _WANDB_MODES:
@@ -133,7 +137,11 @@ def _installed(module: str) -> bool:
 def _default_mlflow_uri() -> str:
     """``./mlflow.db`` as an absolute SQLite URI: MLflow's own default store (MLflow >= 3.7), so
     ``mlflow runs list`` or ``MlflowClient()`` in this folder read it with no settings."""
-    return "sqlite:///" + (Path.cwd() / "mlflow.db").resolve().as_posix()
+    store = Path.cwd() / "mlflow.db"
+    if store.is_symlink():  # SQLite would write through it
+        raise ConfigError(f"{store} is a symbolic link; airvae never writes through links: set "
+                          f"MLFLOW_TRACKING_URI=sqlite:///{store.resolve().as_posix()} to use the store it leads to")
+    return "sqlite:///" + store.resolve().as_posix()
 
 
 def _check_database_packages(uri: str) -> None:
@@ -372,7 +380,7 @@ class _Wandb:
         """Delete the W&B run ``run_id`` that this one replaces: its folders under ``folder/wandb/``
         (only those W&B names after it, never through a link) and, online, the run on the server."""
         pattern = re.compile(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}")
-        if (folder / "wandb").is_dir():
+        if (folder / "wandb").is_dir() and not (folder / "wandb").is_symlink():
             for entry in (folder / "wandb").iterdir():
                 if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
