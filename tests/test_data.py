@@ -504,6 +504,30 @@ def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch):
     assert not any((tmp_path / "raw").iterdir())
 
 
+def test_a_download_longer_than_any_source_file_is_cut_and_deleted(tmp_path, monkeypatch):
+    """A server (or a man in the middle of plain http) streaming without end never fills the disk:
+    the download stops at MAX_DOWNLOAD_BYTES, whatever Content-Length claims, and leaves nothing."""
+    import airvae.data.cache as cache
+
+    monkeypatch.setattr(cache, "MAX_DOWNLOAD_BYTES", 100_000)
+    served = []
+
+    class Endless(_FakeResponse):
+        def read(self, size=-1):
+            served.append(size)
+            return b"x" * size
+
+    for claimed in (None, "10", "200000"):
+        response = Endless(b"")
+        response.headers = {} if claimed is None else {"Content-Length": claimed}
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None, r=response: r)
+        served.clear()
+        with pytest.raises(DatasetError, match="longer than 100,000 bytes"):
+            load_dataset("caltech", cache_dir=tmp_path, progress=False)
+        assert not any((tmp_path / "raw").iterdir())
+        assert sum(served) <= 100_000 + (1 << 16)  # stopped within one chunk of the limit
+
+
 def test_download_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     # A link at the name the download used to stream into must not redirect the download's bytes.
     victim = tmp_path / "victim"

@@ -103,14 +103,26 @@ def download_file(url: str, dest: Path, expected: str, progress: bool) -> Path:
     return dest
 
 
+# The largest source file is MNIST's training split as text, about 80 MB: a download this long is
+# not one of them, and is cut before it can fill the disk (its checksum would fail at the end anyway).
+MAX_DOWNLOAD_BYTES = 1 << 30
+
+
 def _fetch(url: str, f: BinaryIO, desc: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    too_long = f"it is longer than {MAX_DOWNLOAD_BYTES:,} bytes, which none of the datasets' files is"
     with urllib.request.urlopen(url, timeout=60) as r:
         total = int(r.headers.get("Content-Length") or 0) or None
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            raise ValueError(too_long)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=desc, disable=not progress) as bar:
+            fetched = 0
             for chunk in iter(lambda: r.read(1 << 16), b""):
+                fetched += len(chunk)
+                if fetched > MAX_DOWNLOAD_BYTES:
+                    raise ValueError(too_long)
                 f.write(chunk)
                 bar.update(len(chunk))
 
