@@ -85,30 +85,60 @@ REVIEWED_WRITES = {
     ("bundle/write.py", "_NewFile.__enter__", ".mkstemp"): "a new file beside the bundle",
     ("bundle/write.py", "_NewFile.write", "open(..., 'wb')"): "the file mkstemp just created",
     ("bundle/write.py", "_NewFile.write", "os.link"): "links the new file to the bundle's name: fails if taken",
+    ("bundle/write.py", "_NewFile.write", "os.chmod"): "the file mkstemp just created, before it is published",
+    ("locks.py", "RunLock.acquire", ".truncate"): "the lock file _open_lock opened with O_NOFOLLOW, a regular file",
 }
 _WRITE_ATTRIBUTES = {"write_text", "write_bytes", "touch", "mkdir", "symlink_to", "hardlink_to", "savefig", "mkdtemp",
-                     "mkstemp", "makedirs", "copyfile", "copy", "copy2", "copytree", "move", "fdopen"}
+                     "mkstemp", "makedirs", "copyfile", "copy", "copy2", "copytree", "move", "fdopen", "rename",
+                     "truncate", "chmod", "tofile", "savetxt", "save_file", "NamedTemporaryFile"}
 _WRITE_FUNCTIONS = {("os", "replace"), ("os", "rename"), ("os", "open"), ("os", "link"), ("os", "symlink"),
-                    ("torch", "save"), ("np", "save"), ("np", "savez"), ("np", "savez_compressed"),
+                    ("os", "chmod"), ("torch", "save"), ("np", "save"), ("np", "savez"), ("np", "savez_compressed"),
                     ("shutil", "copyfileobj")}
+_MODULES = {"os": "os", "torch": "torch", "numpy": "np", "np": "np", "shutil": "shutil"}
+
+
+def _opens_for_writing(call) -> str | None:
+    """``open(...)``/``x.open(...)`` whose mode may write: the mode as written, ``?`` when it is not a
+    constant (then it needs review too)."""
+    import ast
+
+    mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+    first = call.args[0] if call.args else None
+    if isinstance(call.func, ast.Attribute) and mode is None and isinstance(first, ast.Constant) \
+            and isinstance(first.value, str) and set(first.value) <= set("rwabxt+"):
+        mode = first  # path.open("w"): a Path's mode comes first
+    if mode is None:
+        return None
+    if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
+        return mode.value if any(c in mode.value for c in "wax+") else None
+    return "?"
 
 
 def _write_calls(tree) -> set[tuple[str, str]]:
-    """(enclosing function, call) of every call in ``tree`` that can create or write a file."""
+    """(enclosing function, call) of every call in ``tree`` that can create or write a file,
+    whether called through its module (``torch.save``) or imported by name (``from torch import save``)."""
     import ast
 
     found = set()
+    imported = {}  # local name -> "module.function" for write functions imported by name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in _MODULES:
+            for alias in node.names:
+                if (_MODULES[node.module], alias.name) in _WRITE_FUNCTIONS:
+                    imported[alias.asname or alias.name] = f"{_MODULES[node.module]}.{alias.name}"
 
     def visit(node, where: list[str]) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             where = [*where, node.name]
         if isinstance(node, ast.Call):
             f, what = node.func, None
-            if isinstance(f, ast.Name) and f.id == "open":
-                mode = node.args[1] if len(node.args) > 1 else next(
-                    (k.value for k in node.keywords if k.arg == "mode"), None)
-                if isinstance(mode, ast.Constant) and any(c in mode.value for c in "wax+"):
-                    what = f"open(..., {mode.value!r})"
+            if isinstance(f, ast.Name) and f.id == "open" or isinstance(f, ast.Attribute) and f.attr == "open" \
+                    and not (isinstance(f.value, ast.Name) and f.value.id == "os"):
+                mode = _opens_for_writing(node)
+                if mode is not None:
+                    what = f"{'open' if isinstance(f, ast.Name) else '.open'}(..., {mode!r})"
+            elif isinstance(f, ast.Name) and f.id in imported:
+                what = imported[f.id]
             elif isinstance(f, ast.Attribute):
                 if isinstance(f.value, ast.Name) and (f.value.id, f.attr) in _WRITE_FUNCTIONS:
                     what = f"{f.value.id}.{f.attr}"
@@ -137,3 +167,7 @@ def test_every_file_write_is_one_reviewed_for_links():
     # the scan itself finds what it must: a write through a path, in a nested function
     probe = _write_calls(ast.parse("def f(p):\n    def g():\n        p.write_text('x')\n        open(p, 'a')\n"))
     assert probe == {("f.g", ".write_text"), ("f.g", "open(..., 'a')")}
+    probe = _write_calls(ast.parse("from torch import save as keep\ndef f(p, m):\n    keep(m, p)\n    p.open('w')\n"
+                                   "    open(p, m)\n    p.open()\n    open(p)\n    gzip.open(p, 'wb')\n"))
+    assert probe == {("f", "torch.save"), ("f", ".open(..., 'w')"), ("f", "open(..., '?')"),
+                     ("f", ".open(..., 'wb')")}
