@@ -17,8 +17,10 @@ MAX_RATIO = 100  # uncompressed/compressed: deflate packs airvae's files (weight
 RATIO_FLOOR = 1 << 20  # files (and totals) below 1 MiB may compress further (a JSON of blanks) but fill no disk
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # parsed in memory: a paper-budget reproduction's manifest is well under 1 MB
-TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv")  # read whole into memory; the largest airvae writes, a
-MAX_TEXT_BYTES = 64 << 20  # run's per-example evaluation of 10,000 test images, is about 1 MB
+# Text entries are read whole into memory: each is capped (the largest airvae writes, a run's
+# per-example evaluation of 10,000 test images, is about 1 MB).
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv")
+MAX_TEXT_BYTES = 64 << 20
 # A run's entries that a bundle shares, by the run directory's own layout (airvae.runs); config.json
 # and the best weights are added apart, the lock, tracking files and last.pt never.
 SHARED_FILES = (MARKER, METRICS, SUMMARY, ERROR)
