@@ -13,6 +13,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 from .config import BUDGETS, PAPER_SCHEDULES
 from .data import evenly_spaced
@@ -473,7 +474,25 @@ def compute_line(rows: list[dict]) -> list[str]:
     return [f"Compute: the {len(done)} finished run{'s' if len(done) != 1 else ''} took {training / 3600:.1f} h of "
             f"training and {evaluation / 3600:.1f} h of evaluation, summed over runs (a run: training "
             f"{spread([t for t, _ in per_run])}, evaluation {spread([e for _, e in per_run])}; evaluated on "
-            f"{', '.join(devices)}), from the `seconds` of each run's summary.json and evaluation records.", ""]
+            f"{', '.join(devices)}), from the `seconds` of each run's summary.json and evaluation records."
+            + _clock_time([r.get("span") for r in done]), ""]
+
+
+def _clock_time(spans: list) -> str:
+    """The sentence giving the wall-clock time from the first run's creation (its marker) to the
+    last evaluation written, when every finished run records both; else nothing."""
+    try:
+        began = min(datetime.strptime(span[0], _STAMP) for span in spans)
+        ended = max(datetime.strptime(span[1], _STAMP) for span in spans)
+    except (TypeError, ValueError, IndexError):  # a run without a marker's or an evaluation's time
+        return ""
+    utc = timezone.utc
+    return (f" On the clock: {(ended - began).total_seconds() / 3600:.1f} h from the first run's creation "
+            f"({began.astimezone(utc):%Y-%m-%d %H:%M} UTC) to the last evaluation written "
+            f"({ended.astimezone(utc):%Y-%m-%d %H:%M} UTC), stops and restarts included.")
+
+
+_STAMP = "%Y-%m-%dT%H:%M:%S%z"  # airvae-run.json's and the evaluation records' "created"
 
 
 def verdict_scope(manifest: dict, rows: list[dict]) -> list[str]:

@@ -41,7 +41,7 @@ from .manifest import manifest_jobs
 from .plots import FIGURES as RUN_FIGURES
 from .plots import PLOTS_DIR, plot_run
 from .questions import QUESTIONS
-from .runs import BEST, FINISHED
+from .runs import BEST, FINISHED, read_marker
 from .runs import METRICS as METRICS_FILE
 from .sweep import REGULARIZED, Job
 from .targets import TARGETS, model_label, paper_tables
@@ -76,6 +76,9 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
             current = current_evaluations(run_dir)  # read once: for the run's cost and its merged evaluation
             row["evaluation_seconds"] = sum(record.get("seconds") or 0.0 for _, record in current)
             row["devices"] = {record["device"] for _, record in current if record.get("device")}
+            # when the run was created and when its last evaluation was written: the reproduction's clock time
+            row["span"] = ((read_marker(run_dir) or {}).get("created"),
+                           max((str(record.get("created") or "") for _, record in current), default=None))
             if manifest["evaluation"]:
                 row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]), current)
         row["metrics"] = read_metrics(run_dir / METRICS_FILE)
