@@ -186,20 +186,31 @@ def write_error(path: Path, error: OSError) -> RunIOError:
     return RunIOError(f"could not write {path}: {error.strerror or error}; {fix}, then run the command again")
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line (metrics.jsonl), never through a link; an OS error names the file."""
-    try:  # O_NONBLOCK: a named pipe there fails or opens at once (and is refused) instead of hanging
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_NONBLOCK", 0), 0o644)
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags)``, refused (a RunError) unless it opened a regular file: opened
+    non-blocking, so that a named pipe put there opens at once (or fails) instead of hanging, and
+    checked on the opened file itself, then made blocking again. The open's own OSError propagates."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), mode)
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            _refuse_link(Path(path))
-        if error.errno == errno.ENXIO:  # a named pipe nobody reads
+        if error.errno == errno.ENXIO:  # a named pipe nobody reads, opened for writing
             raise RunError(f"{path} is not a regular file (a pipe); remove it") from None
-        raise write_error(Path(path), error) from error
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise RunError(f"{path} is not a regular file (a pipe, a device or a folder); remove it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (metrics.jsonl), never through a link; an OS error names the file."""
+    try:
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            _refuse_link(Path(path))
+        raise write_error(Path(path), error) from error
     try:
         with os.fdopen(fd, "a") as f:
             f.write(line + "\n")

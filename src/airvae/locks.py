@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from pathlib import Path
 from typing import TextIO
 
-from .files import RunError, RunLocked, real_folder, write_error
+from .files import RunError, RunLocked, open_regular, real_folder, write_error
 
 try:
     import fcntl
@@ -80,15 +79,12 @@ def _open_lock(path: Path, write: bool) -> TextIO:
     """The lock file, never through a link (a ``.lock`` that is a link to someone's file must not
     have a PID written into it)."""
     flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
-    try:  # O_NONBLOCK: a named pipe put there opens at once (to be refused below) instead of hanging
-        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+    try:
+        fd = open_regular(path, flags | getattr(os, "O_NOFOLLOW", 0))
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise RunError(f"{path} is a symbolic link; airvae never writes through links: remove it") from error
         raise write_error(path, error) from error
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RunError(f"{path} is not a regular file (a pipe, a device or a folder); remove it")
     return os.fdopen(fd, "r+" if write else "r")
 
 
