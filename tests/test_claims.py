@@ -161,15 +161,17 @@ def test_the_compute_line_sums_the_finished_runs_own_seconds():
     assert compute_line([row("running", 10.0, 0.0)]) == []
     assert "On the clock" not in line  # no run records when it was created: no clock time is made up
 
-    def timed(created, evaluated):
-        return {**row("completed", 60.0, 60.0), "span": (created, evaluated)}
+    def timed(created, *evaluated):
+        return {**row("completed", 60.0, 60.0), "span": (created, list(evaluated))}
 
-    # two runs, one stamped in another time zone: 06:00 UTC to 18:30 UTC (20:30+0200)
+    # two runs, one's evaluations stamped in two time zones: 06:00 UTC to 18:30 UTC (16:30-0200), which a
+    # comparison of the stamps as text would take for earlier than 18:20+0000
     line = compute_line([timed("2026-12-05T06:00:00+0000", "2026-12-05T09:00:00+0000"),
-                         timed("2026-12-05T08:00:00+0000", "2026-12-05T20:30:00+0200")])[0]
+                         timed("2026-12-05T08:00:00+0000", "2026-12-05T18:20:00+0000", "2026-12-05T16:30:00-0200")])[0]
     assert "On the clock: 12.5 h from the first run's creation (2026-12-05 06:00 UTC) to the last evaluation " \
            "written (2026-12-05 18:30 UTC)" in line
     assert "On the clock" not in compute_line([timed("2026-12-05T06:00:00+0000", None)])[0]
+    assert "On the clock" not in compute_line([timed("2026-12-05T06:00:00+0000")])[0]  # no evaluation yet
 
 
 def test_a_cell_of_a_reproduction_partway_says_how_many_of_its_seeds_it_holds():

@@ -480,11 +480,14 @@ def compute_line(rows: list[dict]) -> list[str]:
 
 def _clock_time(spans: list) -> str:
     """The sentence giving the wall-clock time from the first run's creation (its marker) to the
-    last evaluation written, when every finished run records both; else nothing."""
+    last evaluation written, when every finished run records both (``span``: its marker's time and
+    its evaluations' times); else nothing."""
+    if not all(span and span[1] for span in spans):  # a finished run without an evaluation's time
+        return ""
     try:
-        began = min(datetime.strptime(span[0], _STAMP) for span in spans)
-        ended = max(datetime.strptime(span[1], _STAMP) for span in spans)
-    except (TypeError, ValueError, IndexError):  # a run without a marker's or an evaluation's time
+        began = min(datetime.strptime(created, _STAMP) for created, _ in spans)
+        ended = max(datetime.strptime(stamp, _STAMP) for _, evaluated in spans for stamp in evaluated)
+    except (TypeError, ValueError):  # a run without a marker's or an evaluation's time
         return ""
     utc = timezone.utc
     return (f" On the clock: {(ended - began).total_seconds() / 3600:.1f} h from the first run's creation "

@@ -76,9 +76,8 @@ def collect(out_dir: Path) -> tuple[dict, list[dict]]:
             current = current_evaluations(run_dir)  # read once: for the run's cost and its merged evaluation
             row["evaluation_seconds"] = sum(record.get("seconds") or 0.0 for _, record in current)
             row["devices"] = {record["device"] for _, record in current if record.get("device")}
-            # when the run was created and when its last evaluation was written: the reproduction's clock time
-            row["span"] = ((read_marker(run_dir) or {}).get("created"),
-                           max((str(record.get("created") or "") for _, record in current), default=None))
+            # when the run was created and when its evaluations were written: the reproduction's clock time
+            row["span"] = ((read_marker(run_dir) or {}).get("created"), [record.get("created") for _, record in current])
             if manifest["evaluation"]:
                 row["evaluation"] = merged_evaluation(run_dir, EvaluationSettings(**manifest["evaluation"]), current)
         row["metrics"] = read_metrics(run_dir / METRICS_FILE)
