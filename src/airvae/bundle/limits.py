@@ -16,9 +16,8 @@ MAX_BYTES = 8 << 30  # uncompressed: a paper-budget reproduction with every run'
 MAX_RATIO = 100  # uncompressed/compressed: deflate packs airvae's files (weights, JSON, PNG) under 10:1, bombs ~1000:1
 RATIO_FLOOR = 1 << 20  # files (and totals) below 1 MiB may compress further (a JSON of blanks) but fill no disk
 MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20  # parsed in memory: a paper-budget reproduction's manifest is well under 1 MB
-# Text entries are read whole into memory: each is capped (the largest airvae writes, a run's
-# per-example evaluation of 10,000 test images, is about 1 MB).
+# Text entries (manifests among them) are read whole into memory: each is capped (the largest airvae
+# writes, a run's per-example evaluation of 10,000 test images, is about 1 MB).
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".csv")
 MAX_TEXT_BYTES = 64 << 20
 # A run's entries that a bundle shares, by the run directory's own layout (airvae.runs); config.json

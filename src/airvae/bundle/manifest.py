@@ -11,13 +11,12 @@ from ..config import ConfigError
 from ..files import RunError, read_json
 from ..manifest import check_manifest, manifest_jobs, said
 from ..targets import figure3_dir
-from .limits import MANIFEST, MAX_MANIFEST_BYTES, refuse
+from .limits import MANIFEST, refuse
 
 
 def check_archived_manifest(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, archive: Path) -> None:
-    """A manifest inside an archive, checked before anything is extracted."""
-    if info.file_size > MAX_MANIFEST_BYTES:
-        raise refuse(archive, f"{info.filename} holds {info.file_size:,} bytes, more than {MAX_MANIFEST_BYTES:,}")
+    """A manifest inside an archive, checked before anything is extracted (its size was, with every
+    text entry's, by the bundle's members check: limits.MAX_TEXT_BYTES)."""
     try:
         manifest = json.loads(bundle.read(info).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
